@@ -1,0 +1,299 @@
+//! The agent registry: registering agents with a custodial key generated on
+//! the token, looking them up, and issuing their certificates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
+use p256::PublicKey;
+use serde::Serialize;
+
+use crate::attestation::pkcs11::{attest_custodial_key, from_stored, EvidenceSigner};
+use crate::attestation::{AttestationClaims, AttestationError};
+use crate::audit::AuditEvent;
+use crate::ca::csr::VerifiedCsr;
+use crate::ca::{AgentCertificateRequest, Authority, CaError, IssuedCertificate};
+use crate::identity::{AgentName, Scope};
+use crate::keys::KeyId;
+use crate::pool::{KeyPool, PoolError};
+use crate::store::{AgentRecord, Store, StoreError};
+
+pub const CUSTODIAL: &str = "custodial";
+pub const ACTIVE: &str = "active";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    #[error("agent {0} not found")]
+    NotFound(String),
+    #[error("agent {0} already exists")]
+    AlreadyExists(String),
+    #[error("agent {0} is {1}")]
+    NotActive(String, String),
+    #[error("at most {0} scopes per agent")]
+    TooManyScopes(usize),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Attestation(#[from] AttestationError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored agent record is malformed: {0}")]
+    Corrupt(String),
+}
+
+pub const MAX_SCOPES: usize = 64;
+
+/// An agent as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentView {
+    pub name: String,
+    pub spiffe_id: String,
+    pub custody: String,
+    pub key_id: Option<String>,
+    pub public_key_pem: Option<String>,
+    pub scopes: Vec<String>,
+    pub status: String,
+    pub attestation_digest: Option<String>,
+    pub created_at: String,
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+impl AgentView {
+    pub fn from_record(r: AgentRecord) -> Self {
+        let public_key_pem = r.public_key_der.as_deref().and_then(|der| {
+            PublicKey::from_public_key_der(der)
+                .ok()
+                .and_then(|k| k.to_public_key_pem(Default::default()).ok())
+        });
+        Self {
+            name: r.name,
+            spiffe_id: r.spiffe_id,
+            custody: r.custody,
+            key_id: r.key_id,
+            public_key_pem,
+            scopes: r.scopes,
+            status: r.status,
+            attestation_digest: r.attestation_digest,
+            created_at: rfc3339(r.created_at),
+        }
+    }
+}
+
+/// How the key of a new certificate is chosen.
+pub enum CertificateKey {
+    /// The agent's custodial key on the token.
+    Custodial,
+    /// A key the agent holds, presented in a verified CSR.
+    Csr(VerifiedCsr),
+}
+
+pub struct Registry {
+    pool: KeyPool,
+    store: Arc<dyn Store>,
+    authority: Arc<Authority>,
+    evidence_signer: EvidenceSigner,
+}
+
+impl Registry {
+    pub fn new(
+        pool: KeyPool,
+        store: Arc<dyn Store>,
+        authority: Arc<Authority>,
+        evidence_signer: EvidenceSigner,
+    ) -> Self {
+        Self {
+            pool,
+            store,
+            authority,
+            evidence_signer,
+        }
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// Registers an agent and generates its custodial key on the token. The
+    /// key is destroyed again if the agent cannot be recorded, so a failed
+    /// request leaves neither a row nor a key behind.
+    pub async fn create(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        scopes: Vec<Scope>,
+        policy_version: i64,
+    ) -> Result<AgentView, AgentError> {
+        if scopes.len() > MAX_SCOPES {
+            return Err(AgentError::TooManyScopes(MAX_SCOPES));
+        }
+        if self.store.agent(name.as_str()).await?.is_some() {
+            return Err(AgentError::AlreadyExists(name.to_string()));
+        }
+        let key = KeyId::random("agent");
+        let public_key = self.pool.generate(&key).await?;
+        let result = self
+            .record_new_agent(actor, name, scopes, &key, &public_key, policy_version)
+            .await;
+        if result.is_err() {
+            if let Err(e) = self.pool.destroy(&key).await {
+                tracing::error!(key = %key, error = %e, "could not remove the key of an agent that was not created");
+            }
+        }
+        result
+    }
+
+    async fn record_new_agent(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        scopes: Vec<Scope>,
+        key: &KeyId,
+        public_key: &PublicKey,
+        policy_version: i64,
+    ) -> Result<AgentView, AgentError> {
+        let attested =
+            attest_custodial_key(&self.pool, &self.evidence_signer, key, public_key).await?;
+        let evidence = &attested.evidence;
+        let public_key_der = public_key
+            .to_public_key_der()
+            .map_err(|e| AgentError::Corrupt(e.to_string()))?
+            .into_vec();
+        let record = AgentRecord {
+            name: name.to_string(),
+            spiffe_id: self.authority.trust_domain().agent_spiffe_id(name),
+            custody: CUSTODIAL.into(),
+            key_id: Some(key.to_string()),
+            public_key_der: Some(public_key_der),
+            attestation_digest: Some(evidence.digest.clone()),
+            scopes: scopes.into_iter().map(String::from).collect(),
+            status: ACTIVE.into(),
+            created_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+        };
+        let audit = AuditEvent::new(actor, "agent.create", name.as_str())
+            .with("key_id", key.to_string())
+            .with("custody", CUSTODIAL)
+            .with("scopes", record.scopes.clone())
+            .with("attestation_digest", evidence.digest.clone())
+            .with("policy_version", policy_version);
+        match self
+            .store
+            .insert_agent(&record, Some(evidence), &audit)
+            .await
+        {
+            Ok(()) => Ok(AgentView::from_record(record)),
+            Err(StoreError::Conflict(_)) => Err(AgentError::AlreadyExists(name.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn get(&self, name: &AgentName) -> Result<AgentRecord, AgentError> {
+        self.store
+            .agent(name.as_str())
+            .await?
+            .ok_or_else(|| AgentError::NotFound(name.to_string()))
+    }
+
+    pub async fn list(&self) -> Result<Vec<AgentView>, AgentError> {
+        Ok(self
+            .store
+            .agents()
+            .await?
+            .into_iter()
+            .map(AgentView::from_record)
+            .collect())
+    }
+
+    /// Issues a certificate for the agent's custodial key (with attestation
+    /// claims) or for a CSR key (without: keyward has no evidence for it).
+    pub async fn issue_certificate(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        key: CertificateKey,
+        ttl: Duration,
+        policy_version: i64,
+    ) -> Result<(IssuedCertificate, Option<String>), AgentError> {
+        let agent = self.get(name).await?;
+        if agent.status != ACTIVE {
+            return Err(AgentError::NotActive(agent.name, agent.status));
+        }
+        match key {
+            CertificateKey::Custodial => {
+                let key_id = agent
+                    .key_id
+                    .as_deref()
+                    .map(KeyId::parse)
+                    .transpose()
+                    .map_err(|e| AgentError::Corrupt(e.to_string()))?
+                    .ok_or_else(|| AgentError::Corrupt("agent has no custodial key".into()))?;
+                let public_key = agent
+                    .public_key_der
+                    .as_deref()
+                    .map(PublicKey::from_public_key_der)
+                    .transpose()
+                    .map_err(|e| AgentError::Corrupt(e.to_string()))?
+                    .ok_or_else(|| AgentError::Corrupt("agent has no public key".into()))?;
+                let digest = agent
+                    .attestation_digest
+                    .as_deref()
+                    .ok_or_else(|| AgentError::Corrupt("custodial key without evidence".into()))?;
+                let evidence =
+                    self.store.attestation(digest).await?.ok_or_else(|| {
+                        AgentError::Corrupt("attestation evidence missing".into())
+                    })?;
+                let attested = from_stored(evidence)?;
+                let claims = AttestationClaims::for_key(
+                    &attested,
+                    policy_version as u64,
+                    agent.scopes.clone(),
+                )?
+                .to_extension_value()?;
+                let digest = attested.evidence.digest.clone();
+                let request = AgentCertificateRequest {
+                    agent: name,
+                    key_id: Some(&key_id),
+                    subject_key: &public_key,
+                    ttl,
+                    claims: Some(claims),
+                    attestation_digest: Some(digest.clone()),
+                    new_evidence: None,
+                    policy_version,
+                };
+                let issued = self
+                    .authority
+                    .issue_agent_certificate(actor, request)
+                    .await?;
+                Ok((issued, Some(digest)))
+            }
+            CertificateKey::Csr(csr) => {
+                let request = AgentCertificateRequest {
+                    agent: name,
+                    key_id: None,
+                    subject_key: csr.public_key(),
+                    ttl,
+                    claims: None,
+                    attestation_digest: None,
+                    new_evidence: None,
+                    policy_version,
+                };
+                let issued = self
+                    .authority
+                    .issue_agent_certificate(actor, request)
+                    .await?;
+                Ok((issued, None))
+            }
+        }
+    }
+}

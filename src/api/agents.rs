@@ -1,0 +1,143 @@
+//! /v1/agents: register agents, read them, issue their certificates.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::Json;
+use super::AppState;
+use crate::agents::{AgentView, CertificateKey};
+use crate::ca::csr::VerifiedCsr;
+use crate::identity::{AgentName, Scope};
+use crate::policy::{authorize, Action, Caller};
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/agents", post(create_agent).get(list_agents))
+        .route("/v1/agents/{name}", get(get_agent))
+        .route("/v1/agents/{name}/certificates", post(issue_certificate))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAgent {
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+fn agent_name(raw: &str) -> Result<AgentName, ApiError> {
+    Ok(AgentName::parse(raw)?)
+}
+
+async fn create_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Json(body): Json<CreateAgent>,
+) -> Result<(StatusCode, Json<AgentView>), ApiError> {
+    let decision = authorize(&caller, Action::CreateAgent)?;
+    let name = agent_name(&body.name)?;
+    let scopes = body
+        .scopes
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let view = state
+        .registry
+        .create(&caller.audit_name(), &name, scopes, decision.policy_version)
+        .await?;
+    state.metrics.agents_created.inc();
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list_agents(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&caller, Action::ListAgents)?;
+    let agents = state.registry.list().await?;
+    Ok(Json(serde_json::json!({ "agents": agents })))
+}
+
+async fn get_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<AgentView>, ApiError> {
+    let name = agent_name(&name)?;
+    authorize(&caller, Action::ReadAgent(&name))?;
+    let record = state.registry.get(&name).await?;
+    Ok(Json(AgentView::from_record(record)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueCertificate {
+    ttl_seconds: Option<u64>,
+    csr_pem: Option<String>,
+}
+
+#[derive(Serialize)]
+struct IssuedCertificateView {
+    serial: String,
+    certificate_pem: String,
+    chain_pem: String,
+    not_before: String,
+    not_after: String,
+    /// Digest of the key's attestation evidence, fetchable at
+    /// /v1/attestations/{digest}; null for a CSR key keyward cannot vouch for.
+    attestation: Option<String>,
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+async fn issue_certificate(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(body): Json<IssueCertificate>,
+) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
+    let name = agent_name(&name)?;
+    let decision = authorize(&caller, Action::IssueCertificate(&name))?;
+    let authority = state.registry.authority();
+    let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
+    let key = match body.csr_pem.as_deref() {
+        Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
+        None => CertificateKey::Custodial,
+    };
+    let (issued, attestation) = state
+        .registry
+        .issue_certificate(
+            &caller.audit_name(),
+            &name,
+            key,
+            ttl,
+            decision.policy_version,
+        )
+        .await?;
+    state.metrics.certificates_issued.inc();
+    Ok((
+        StatusCode::CREATED,
+        Json(IssuedCertificateView {
+            serial: issued.serial,
+            certificate_pem: issued.pem,
+            chain_pem: authority.chain_pem().to_owned(),
+            not_before: rfc3339(issued.not_before),
+            not_after: rfc3339(issued.not_after),
+            attestation,
+        }),
+    ))
+}

@@ -1,0 +1,210 @@
+//! The one place where errors become HTTP answers:
+//! `{"error":{"code":"snake_case","message":"..."}}`.
+//!
+//! Client errors say what was wrong. Server errors say only that something
+//! failed; the detail goes to the log under the request's span, never to the
+//! client (it could name files, keys or tokens).
+
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::agents::AgentError;
+use crate::attestation::AttestationError;
+use crate::ca::CaError;
+use crate::identity::NameError;
+use crate::policy::PolicyError;
+use crate::pool::PoolError;
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn unauthenticated(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// A 500 whose detail is logged, not returned.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+
+    fn unavailable(code: &'static str, message: &str, retry_after: Duration) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            message: message.into(),
+            retry_after: Some(retry_after),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs().max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response.extensions_mut().insert(ErrorCode(self.code));
+        response
+    }
+}
+
+/// Attached to error responses so the metrics layer can count them by code.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::BytesRejection(_) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "request body is over 64 KiB",
+                )
+            }
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ),
+            JsonRejection::JsonDataError(e) => {
+                ApiError::bad_request("invalid_request", e.body_text())
+            }
+            other => ApiError::new(other.status(), "invalid_json", other.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::bad_request("invalid_path", r.body_text())
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        let code = match e {
+            NameError::InvalidAgentName => "invalid_agent_name",
+            NameError::InvalidScope => "invalid_scope",
+            NameError::InvalidTrustDomain => "invalid_trust_domain",
+        };
+        ApiError::bad_request(code, e.to_string())
+    }
+}
+
+impl From<PolicyError> for ApiError {
+    fn from(e: PolicyError) -> Self {
+        match e {
+            PolicyError::Forbidden { reason } => {
+                ApiError::new(StatusCode::FORBIDDEN, reason, "the caller may not do this")
+            }
+        }
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::QueueFull { retry_after } => ApiError::unavailable(
+                "key_queue_full",
+                "the key store is saturated; retry",
+                retry_after,
+            ),
+            PoolError::Unavailable { retry_after } => ApiError::unavailable(
+                "key_store_unavailable",
+                "the key store is unavailable",
+                retry_after,
+            ),
+            PoolError::DeadlineExceeded => ApiError::unavailable(
+                "key_store_timeout",
+                "the key store did not answer in time",
+                Duration::from_secs(1),
+            ),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<CaError> for ApiError {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::InvalidCsr(_) => ApiError::bad_request("invalid_csr", e.to_string()),
+            CaError::CsrSignature => ApiError::bad_request("csr_signature_invalid", e.to_string()),
+            CaError::UnsupportedKey(_) => ApiError::bad_request("unsupported_key", e.to_string()),
+            CaError::TtlOutOfRange { .. } => ApiError::bad_request("invalid_ttl", e.to_string()),
+            CaError::Pool(p) => p.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<AttestationError> for ApiError {
+    fn from(e: AttestationError) -> Self {
+        match e {
+            AttestationError::Pool(p) => p.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::NotFound(_) => ApiError::not_found("agent_not_found", e.to_string()),
+            AgentError::AlreadyExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "agent_exists", e.to_string())
+            }
+            AgentError::NotActive(..) => {
+                ApiError::new(StatusCode::FORBIDDEN, "agent_not_active", e.to_string())
+            }
+            AgentError::TooManyScopes(_) => ApiError::bad_request("too_many_scopes", e.to_string()),
+            AgentError::Ca(e) => e.into(),
+            AgentError::Attestation(e) => e.into(),
+            AgentError::Pool(e) => e.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! HTTP API v1 (axum). Only HTTP concerns live here: routes, extractors,
+//! JSON shapes and the mapping of errors to status codes. Decisions are made
+//! by `policy`, work is done by `agents`, `ca` and the pool.
+
+mod agents;
+pub mod error;
+pub mod extract;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+
+use crate::agents::Registry;
+use crate::policy::{authorize, Action, Caller};
+use crate::pool::KeyPool;
+use crate::store::Store;
+use crate::telemetry::{HttpLabels, Metrics};
+use error::{ApiError, ErrorCode};
+pub use extract::AdminTokens;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub store: Arc<dyn Store>,
+    pub pool: KeyPool,
+    pub admin_tokens: AdminTokens,
+    pub metrics: Metrics,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/ca/chain.pem", get(ca_chain))
+        .route("/v1/attestations/{digest}", get(attestation))
+        .merge(agents::router())
+        .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            count_errors,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(read_body_first))
+        .with_state(state)
+}
+
+async fn count_errors(State(state): State<Arc<AppState>>, response: Response) -> Response {
+    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        state
+            .metrics
+            .api_errors
+            .get_or_create(&HttpLabels {
+                code: (*code).to_owned(),
+            })
+            .inc();
+    }
+    response
+}
+
+/// Bodies declared larger than this are refused without reading them.
+const MAX_DRAINED_BODY_BYTES: usize = 1024 * 1024;
+
+/// Reads the whole request body before any handler or extractor runs, and
+/// answers 413 when it is over the limit.
+///
+/// Why read first: a server that answers (say, 401 from the caller check)
+/// while the client is still sending resets the HTTP/2 stream or the TCP
+/// connection, and the client sees a transport error instead of the answer.
+/// Bodies are at most 64 KiB, so buffering them costs little.
+async fn read_body_first(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "request body is over 64 KiB",
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > MAX_DRAINED_BODY_BYTES) {
+        return too_large().into_response();
+    }
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, MAX_DRAINED_BODY_BYTES).await {
+        Ok(bytes) if bytes.len() <= MAX_BODY_BYTES => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+        Ok(_) => too_large().into_response(),
+        Err(_) => ApiError::bad_request("unreadable_body", "the request body could not be read")
+            .into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no_such_endpoint", "no such endpoint")
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Ready when both the token (through the pool) and the database answer.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let limit = Duration::from_secs(2);
+    let token = tokio::time::timeout(limit, state.pool.ping()).await;
+    let database = tokio::time::timeout(limit, state.store.ping()).await;
+    let token_ok = matches!(token, Ok(Ok(())));
+    let database_ok = matches!(database, Ok(Ok(())));
+    let status = if token_ok && database_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
+        "token": if token_ok { "ok" } else { "unavailable" },
+        "database": if database_ok { "ok" } else { "unavailable" },
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>, _caller: AdminOnly) -> Response {
+    state
+        .metrics
+        .pool
+        .queue_depth
+        .set(state.pool.queue_depth() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn ca_chain(State(state): State<Arc<AppState>>) -> Response {
+    let chain = state.registry.authority().chain_pem().to_owned();
+    (
+        [(header::CONTENT_TYPE, "application/pem-certificate-chain")],
+        chain,
+    )
+        .into_response()
+}
+
+async fn attestation(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&caller, Action::ReadAttestation)?;
+    let valid = digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !valid {
+        return Err(ApiError::bad_request(
+            "invalid_digest",
+            "a digest is 64 lower-case hex digits",
+        ));
+    }
+    let record = state.store.attestation(&digest).await?.ok_or_else(|| {
+        ApiError::not_found("attestation_not_found", "no evidence with that digest")
+    })?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        record.evidence,
+    )
+        .into_response())
+}
+
+/// A caller that must be an admin.
+pub struct AdminOnly;
+
+impl FromRequestParts<Arc<AppState>> for AdminOnly {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        match Caller::from_request_parts(parts, state).await? {
+            Caller::Admin => Ok(AdminOnly),
+            Caller::Agent(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "admin_only",
+                "admins only",
+            )),
+        }
+    }
+}

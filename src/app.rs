@@ -1,0 +1,367 @@
+//! Wiring: key backend -> pool -> store -> CA -> API state, and the HTTPS
+//! listener.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use der::Decode;
+use der::Encode;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use p256::pkcs8::EncodePrivateKey;
+use rand::RngCore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+use crate::agents::Registry;
+use crate::api::{self, AdminTokens, AppState};
+use crate::attestation::pkcs11::EvidenceSigner;
+use crate::audit::AuditEvent;
+use crate::ca::Authority;
+use crate::config::Config;
+use crate::embedded::{private_dir, write_private_file};
+use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
+use crate::keys::{KeyBackend, KeyId};
+use crate::pool::KeyPool;
+use crate::store::{self, ServiceKeyRecord, Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// Lifetime of the HTTPS listener's certificate; renewed at half-life.
+const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Lifetime of the attestation key's certificate.
+const SERVICE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+
+/// A started keyward: everything the API needs, and the TLS identity.
+pub struct Keyward {
+    pub state: Arc<AppState>,
+    pub authority: Arc<Authority>,
+    pub tls: Arc<ServerIdentity>,
+}
+
+/// Opens the token, starts the pool, opens the database, and makes sure the
+/// CA, the attestation key and an admin token exist.
+pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Keyward> {
+    private_dir(&config.data_dir).context("creating the data directory")?;
+    let metrics = Metrics::new();
+    let backend: Arc<dyn KeyBackend> =
+        Arc::new(Pkcs11Backend::open(pkcs11).context("opening the PKCS#11 token")?);
+    let pool = KeyPool::start(backend, &config.pool, metrics.pool.clone())?;
+    let store = store::connect(&config.database_url)
+        .await
+        .context("opening the database")?;
+
+    let ca_record = match store.active_ca().await? {
+        Some(record) => record,
+        None => {
+            let record = Authority::create_root(&pool, config.ca_validity).await?;
+            let audit = AuditEvent::new("keyward", "ca.create", &record.key_id);
+            match store.install_ca(&record, false, &audit).await {
+                Ok(()) => {
+                    tracing::info!(key = %record.key_id, "created a new self-signed CA");
+                    record
+                }
+                Err(StoreError::Conflict(_)) => {
+                    // Another replica installed a CA first: use it, drop ours.
+                    let _ = pool.destroy(&KeyId::parse(&record.key_id)?).await;
+                    store
+                        .active_ca()
+                        .await?
+                        .context("the winning CA disappeared")?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let authority = Arc::new(
+        Authority::load(
+            pool.clone(),
+            store.clone(),
+            &ca_record,
+            config.trust_domain.clone(),
+            config.ttl,
+        )
+        .await
+        .context("loading the CA")?,
+    );
+    let evidence_signer =
+        ensure_service_key(&pool, store.as_ref(), &authority, "attestation").await?;
+    let admin_tokens = ensure_admin_token(store.as_ref(), &config.data_dir).await?;
+    write_trust_anchor(&config.data_dir, &authority)?;
+
+    let tls = Arc::new(ServerIdentity::issue(&authority, config).await?);
+    let registry = Arc::new(Registry::new(
+        pool.clone(),
+        store.clone(),
+        authority.clone(),
+        evidence_signer,
+    ));
+    let state = Arc::new(AppState {
+        registry,
+        store,
+        pool,
+        admin_tokens,
+        metrics,
+    });
+    Ok(Keyward {
+        state,
+        authority,
+        tls,
+    })
+}
+
+async fn ensure_service_key(
+    pool: &KeyPool,
+    store: &dyn Store,
+    authority: &Authority,
+    purpose: &str,
+) -> anyhow::Result<EvidenceSigner> {
+    if let Some(record) = store.service_key(purpose).await? {
+        return Ok(EvidenceSigner {
+            key: KeyId::parse(&record.key_id)?,
+            certificate_der: record.cert_der,
+        });
+    }
+    let key = KeyId::random(purpose);
+    let public_key = pool.generate(&key).await?;
+    let cert = authority
+        .issue_service_certificate(purpose, &public_key, SERVICE_CERT_LIFETIME)
+        .await?;
+    let record = ServiceKeyRecord {
+        purpose: purpose.into(),
+        key_id: key.to_string(),
+        cert_der: cert.to_der()?,
+        created_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+    };
+    let audit =
+        AuditEvent::new("keyward", "service_key.create", purpose).with("key_id", key.to_string());
+    match store.insert_service_key(&record, &audit).await {
+        Ok(()) => Ok(EvidenceSigner {
+            key,
+            certificate_der: record.cert_der,
+        }),
+        Err(StoreError::Conflict(_)) => {
+            let _ = pool.destroy(&key).await;
+            let record = store
+                .service_key(purpose)
+                .await?
+                .context("service key vanished")?;
+            Ok(EvidenceSigner {
+                key: KeyId::parse(&record.key_id)?,
+                certificate_der: record.cert_der,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// On first start, creates a random admin token, stores its hash and writes
+/// the token to `<data-dir>/admin.token` (0600). Later starts reuse it.
+async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Result<AdminTokens> {
+    let path = data_dir.join("admin.token");
+    if !path.exists() {
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let token = format!("kwa_{}", hex::encode(bytes));
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let audit = AuditEvent::new("keyward", "admin_token.create", "admin")
+            .with("token_sha256_prefix", hex::encode(&hash[..4]));
+        store.insert_admin_token(&hash, &audit).await?;
+        write_private_file(&path, token.as_bytes()).context("writing admin.token")?;
+    } else {
+        let token = crate::config::read_secret_file(&path)?;
+        let hash: [u8; 32] =
+            Sha256::digest(secrecy::ExposeSecret::expose_secret(&token).as_bytes()).into();
+        let known = store.admin_token_hashes().await?;
+        if !known.contains(&hash) {
+            // The file is the operator's; a fresh database learns its hash.
+            let audit = AuditEvent::new("keyward", "admin_token.import", "admin")
+                .with("token_sha256_prefix", hex::encode(&hash[..4]));
+            store.insert_admin_token(&hash, &audit).await?;
+        }
+    }
+    Ok(AdminTokens::new(store.admin_token_hashes().await?))
+}
+
+/// Writes the root of trust to `<data-dir>/ca.pem` for clients.
+fn write_trust_anchor(data_dir: &Path, authority: &Authority) -> anyhow::Result<()> {
+    let pem = authority.root_pem()?;
+    let path = data_dir.join("ca.pem");
+    let tmp = data_dir.join("ca.pem.tmp");
+    std::fs::write(&tmp, pem.as_bytes())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// The HTTPS listener's certificate: a key held in memory by rustls (never
+/// written to disk), certified by keyward's CA, replaced at half-life.
+pub struct ServerIdentity {
+    current: RwLock<Arc<CertifiedKey>>,
+    dns_names: Vec<String>,
+    ips: Vec<IpAddr>,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity")
+            .field("dns_names", &self.dns_names)
+            .finish()
+    }
+}
+
+impl ServerIdentity {
+    async fn issue(authority: &Authority, config: &Config) -> anyhow::Result<Self> {
+        let mut dns_names = vec!["localhost".to_owned()];
+        dns_names.extend(config.server_dns_names.iter().cloned());
+        let mut ips = vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        let listen_ip = config.listen.ip();
+        if !listen_ip.is_unspecified() && !ips.contains(&listen_ip) {
+            ips.push(listen_ip);
+        }
+        let key = certified_key(authority, &dns_names, &ips).await?;
+        Ok(Self {
+            current: RwLock::new(key),
+            dns_names,
+            ips,
+        })
+    }
+
+    /// Replaces the certificate before it expires; runs until the process ends.
+    pub async fn renew_forever(self: Arc<Self>, authority: Arc<Authority>) {
+        loop {
+            tokio::time::sleep(SERVER_CERT_LIFETIME / 2).await;
+            match certified_key(&authority, &self.dns_names, &self.ips).await {
+                Ok(key) => *self.current.write().unwrap_or_else(|p| p.into_inner()) = key,
+                Err(e) => tracing::error!(error = %e, "renewing the server certificate failed"),
+            }
+        }
+    }
+
+    pub fn rustls_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+impl ResolvesServerCert for ServerIdentity {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+async fn certified_key(
+    authority: &Authority,
+    dns_names: &[String],
+    ips: &[IpAddr],
+) -> anyhow::Result<Arc<CertifiedKey>> {
+    let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let cert = authority
+        .issue_server_certificate(&secret.public_key(), dns_names, ips, SERVER_CERT_LIFETIME)
+        .await?;
+    let pkcs8 = secret.to_pkcs8_der()?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
+    let signer = rustls::crypto::ring::sign::any_ecdsa_type(&key)?;
+    let mut chain = vec![CertificateDer::from(cert.to_der()?)];
+    for c in crate::ca::parse_pem_chain(authority.chain_pem())? {
+        chain.push(CertificateDer::from(c.to_der()?));
+    }
+    Ok(Arc::new(CertifiedKey::new(chain, signer)))
+}
+
+/// Serves the API over TLS on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    keyward: &Keyward,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(keyward.tls.rustls_config());
+    let app = api::router(keyward.state.clone());
+    tokio::spawn(keyward.tls.clone().renew_forever(keyward.authority.clone()));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service = TowerToHyperService::new(app);
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// `keyward ca csr`: a PKCS#10 request for the CA key.
+pub async fn ca_csr(keyward: &Keyward) -> anyhow::Result<String> {
+    Ok(keyward.authority.certificate_request().await?)
+}
+
+/// `keyward ca import`: makes an externally signed certificate for the CA
+/// key the issuing certificate.
+pub async fn ca_import(
+    keyward: &Keyward,
+    config: &Config,
+    cert_pem: &str,
+    chain_pem: &str,
+) -> anyhow::Result<()> {
+    let record = keyward.authority.import_signed(cert_pem, chain_pem)?;
+    let cert = crate::ca::Certificate::from_der(&record.cert_der)?;
+    let audit = AuditEvent::new("operator", "ca.import", &record.key_id)
+        .with("subject", cert.tbs_certificate.subject.to_string());
+    keyward
+        .state
+        .store
+        .install_ca(&record, true, &audit)
+        .await?;
+    let root = crate::ca::parse_pem_chain(&record.chain_pem)?
+        .last()
+        .context("empty chain")?
+        .to_pem_string()?;
+    std::fs::write(config.data_dir.join("ca.pem"), root)?;
+    Ok(())
+}

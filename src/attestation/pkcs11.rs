@@ -1,0 +1,146 @@
+//! Evidence for custodial keys in a PKCS#11 token: the token's own report of
+//! the key's attributes, read back right after generation, signed by
+//! keyward's attestation key (also on the token). The claims follow the
+//! spirit of draft-ietf-rats-pkix-key-attestation: which hardware, and that
+//! the key was generated there and can never leave it.
+//!
+//! Stored evidence is a JSON document:
+//!
+//! ```json
+//! { "format": "keyward-pkcs11-key-attributes-v1",
+//!   "statement_b64": "<base64url of the statement JSON>",
+//!   "signature_der_b64": "<base64url ECDSA P-256 SHA-256 over statement bytes>",
+//!   "signer_certificate_der_b64": "<base64url of the attestation key's certificate>" }
+//! ```
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use p256::PublicKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{AttestationError, AttestedKey, Verified};
+use crate::keys::{KeyAttributes, KeyId, TokenDescription};
+use crate::pool::KeyPool;
+use crate::store::AttestationRecord;
+
+pub const FORMAT: &str = "pkcs11-key-attributes";
+const DOCUMENT_FORMAT: &str = "keyward-pkcs11-key-attributes-v1";
+
+/// The attestation key and its certificate (issued by keyward's CA).
+#[derive(Clone, Debug)]
+pub struct EvidenceSigner {
+    pub key: KeyId,
+    pub certificate_der: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Statement {
+    pub key_id: String,
+    /// SHA-256 of the key's SubjectPublicKeyInfo, hex.
+    pub spki_sha256: String,
+    pub curve: String,
+    pub token: TokenDescription,
+    pub attributes: AttributeClaims,
+    pub observed_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttributeClaims {
+    pub local: bool,
+    pub sensitive: bool,
+    pub always_sensitive: bool,
+    pub extractable: bool,
+    pub never_extractable: bool,
+    pub sign: bool,
+    pub decrypt: bool,
+    pub derive: bool,
+    pub unwrap: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EvidenceDocument {
+    pub format: String,
+    pub statement_b64: String,
+    pub signature_der_b64: String,
+    pub signer_certificate_der_b64: String,
+}
+
+fn claims_of(a: &KeyAttributes) -> AttributeClaims {
+    AttributeClaims {
+        local: a.local,
+        sensitive: a.sensitive,
+        always_sensitive: a.always_sensitive,
+        extractable: a.extractable,
+        never_extractable: a.never_extractable,
+        sign: a.sign,
+        decrypt: a.decrypt,
+        derive: a.derive,
+        unwrap: a.unwrap,
+    }
+}
+
+/// Reads the key's attributes from the token, refuses a key that is not
+/// hardware-resident, and signs the statement with the attestation key.
+pub async fn attest_custodial_key(
+    pool: &KeyPool,
+    signer: &EvidenceSigner,
+    key: &KeyId,
+    public_key: &PublicKey,
+) -> Result<Verified<AttestedKey>, AttestationError> {
+    use p256::pkcs8::EncodePublicKey;
+
+    let attributes = pool.attributes(key).await?;
+    attributes
+        .check_hardware_resident()
+        .map_err(AttestationError::NotHardwareResident)?;
+    let spki = public_key
+        .to_public_key_der()
+        .map_err(|e| AttestationError::Malformed(e.to_string()))?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let statement = Statement {
+        key_id: key.to_string(),
+        spki_sha256: hex::encode(Sha256::digest(spki.as_bytes())),
+        curve: "P-256".into(),
+        token: attributes.token.clone(),
+        attributes: claims_of(&attributes),
+        observed_at: now,
+    };
+    let statement_bytes = serde_json::to_vec(&statement).expect("plain data serializes");
+    let digest: [u8; 32] = Sha256::digest(&statement_bytes).into();
+    let signature = pool.sign(&signer.key, digest).await?;
+    let document = EvidenceDocument {
+        format: DOCUMENT_FORMAT.into(),
+        statement_b64: B64.encode(&statement_bytes),
+        signature_der_b64: B64.encode(signature.to_der().as_bytes()),
+        signer_certificate_der_b64: B64.encode(&signer.certificate_der),
+    };
+    let evidence = serde_json::to_vec(&document).expect("plain data serializes");
+    Ok(Verified::new(AttestedKey {
+        format: FORMAT,
+        key_location: attributes.token.to_string(),
+        evidence: AttestationRecord {
+            digest: hex::encode(Sha256::digest(&evidence)),
+            format: FORMAT.into(),
+            evidence,
+            created_at: now,
+        },
+    }))
+}
+
+/// Re-reads stored evidence that keyward itself produced and stored (the
+/// store is trusted; this only recovers the token description).
+pub fn from_stored(record: AttestationRecord) -> Result<Verified<AttestedKey>, AttestationError> {
+    let document: EvidenceDocument = serde_json::from_slice(&record.evidence)
+        .map_err(|e| AttestationError::Malformed(e.to_string()))?;
+    let statement_bytes = B64
+        .decode(&document.statement_b64)
+        .map_err(|e| AttestationError::Malformed(e.to_string()))?;
+    let statement: Statement = serde_json::from_slice(&statement_bytes)
+        .map_err(|e| AttestationError::Malformed(e.to_string()))?;
+    Ok(Verified::new(AttestedKey {
+        format: FORMAT,
+        key_location: statement.token.to_string(),
+        evidence: record,
+    }))
+}

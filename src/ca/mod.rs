@@ -1,0 +1,422 @@
+//! keyward's certificate authority: certificate profiles, CSR checks and
+//! issuance. Every certificate is signed by the CA key on the token, through
+//! the pool; the certificate row and its audit event are written in one
+//! transaction before the certificate is handed out.
+
+pub mod cert;
+pub mod csr;
+pub mod profile;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use der::{Decode, Encode, EncodePem};
+use p256::PublicKey;
+use sha2::{Digest, Sha256};
+
+use crate::audit::AuditEvent;
+use crate::identity::{AgentName, TrustDomain};
+use crate::keys::KeyId;
+use crate::pool::{KeyPool, PoolError};
+use crate::store::{AttestationRecord, CaRecord, CertificateRecord, Store, StoreError};
+use cert::TbsCertificate;
+pub use cert::{parse_pem_chain, Certificate};
+use profile::{Kind, TbsRequest};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    #[error("invalid CSR: {0}")]
+    InvalidCsr(String),
+    #[error("the CSR's signature does not verify with its own key")]
+    CsrSignature,
+    #[error("unsupported key: {0} (only P-256 is accepted)")]
+    UnsupportedKey(String),
+    #[error("ttl_seconds must be between 1 and {max}")]
+    TtlOutOfRange { max: u64 },
+    #[error("the CA certificate does not match the CA key on the token")]
+    CaKeyMismatch,
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("encoding: {0}")]
+    Der(#[from] der::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Lifetime limits for agent certificates.
+#[derive(Clone, Copy, Debug)]
+pub struct TtlLimits {
+    pub default: Duration,
+    pub max: Duration,
+}
+
+impl Default for TtlLimits {
+    fn default() -> Self {
+        Self {
+            default: Duration::from_secs(900),
+            max: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl TtlLimits {
+    /// `None` means the default. Zero or above the maximum is an error, not
+    /// a silent clamp: a caller asking for more than it may have should know.
+    pub fn resolve(&self, requested: Option<u64>) -> Result<Duration, CaError> {
+        match requested {
+            None => Ok(self.default),
+            Some(secs) if secs == 0 || secs > self.max.as_secs() => Err(CaError::TtlOutOfRange {
+                max: self.max.as_secs(),
+            }),
+            Some(secs) => Ok(Duration::from_secs(secs)),
+        }
+    }
+}
+
+/// An issued certificate, as handed to the caller.
+#[derive(Clone, Debug)]
+pub struct IssuedCertificate {
+    pub serial: String,
+    pub der: Vec<u8>,
+    pub pem: String,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// What an agent certificate is for.
+pub struct AgentCertificateRequest<'a> {
+    pub agent: &'a AgentName,
+    /// The custodial key on the token, if the key is keyward's.
+    pub key_id: Option<&'a KeyId>,
+    pub subject_key: &'a PublicKey,
+    pub ttl: Duration,
+    /// DER of the attestation extension, if the key is attested.
+    pub claims: Option<Vec<u8>>,
+    pub attestation_digest: Option<String>,
+    /// Evidence not stored yet, written in the certificate's transaction.
+    pub new_evidence: Option<&'a AttestationRecord>,
+    pub policy_version: i64,
+}
+
+/// The issuing CA: its key on the token, its certificate and chain.
+pub struct Authority {
+    pool: KeyPool,
+    store: Arc<dyn Store>,
+    key: KeyId,
+    public_key: PublicKey,
+    certificate: Certificate,
+    /// PEM chain from the issuing certificate up to the root, root last.
+    chain_pem: String,
+    trust_domain: TrustDomain,
+    ttl: TtlLimits,
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Signs a TBSCertificate with `key` through the pool and assembles it.
+async fn sign_tbs(
+    pool: &KeyPool,
+    key: &KeyId,
+    tbs: TbsCertificate,
+) -> Result<Certificate, CaError> {
+    let digest: [u8; 32] = Sha256::digest(tbs.to_der()?).into();
+    let signature = pool.sign(key, digest).await?;
+    Ok(Certificate {
+        tbs_certificate: tbs,
+        signature_algorithm: profile::ecdsa_with_sha256(),
+        signature: profile::signature_bits(signature.to_der().as_bytes())?,
+    })
+}
+
+impl Authority {
+    /// Loads the active CA from the store and checks its key is on the token.
+    pub async fn load(
+        pool: KeyPool,
+        store: Arc<dyn Store>,
+        record: &CaRecord,
+        trust_domain: TrustDomain,
+        ttl: TtlLimits,
+    ) -> Result<Self, CaError> {
+        let key = KeyId::parse(&record.key_id)
+            .map_err(|_| CaError::Internal("stored CA key id is malformed".into()))?;
+        let certificate = Certificate::from_der(&record.cert_der)?;
+        let public_key = pool.public_key(&key).await?;
+        let cert_key = profile::p256_key_of(&certificate.tbs_certificate.subject_public_key_info)?;
+        if cert_key != public_key {
+            return Err(CaError::CaKeyMismatch);
+        }
+        Ok(Self {
+            pool,
+            store,
+            key,
+            public_key,
+            certificate,
+            chain_pem: record.chain_pem.clone(),
+            trust_domain,
+            ttl,
+        })
+    }
+
+    /// Generates a CA key on the token and a self-signed root certificate.
+    pub async fn create_root(pool: &KeyPool, validity: Duration) -> Result<CaRecord, CaError> {
+        let key = KeyId::random("ca");
+        let public_key = pool.generate(&key).await?;
+        let suffix: [u8; 4] = rand::random();
+        let name = profile::common_name(&format!("keyward CA {}", hex::encode(suffix)))?;
+        let now = SystemTime::now();
+        let tbs = profile::build_tbs(TbsRequest {
+            kind: Kind::RootCa,
+            subject: name.clone(),
+            subject_key: &public_key,
+            issuer: name,
+            issuer_key: &public_key,
+            not_before: now - profile::BACKDATE,
+            not_after: now + validity,
+        })?;
+        let cert = sign_tbs(pool, &key, tbs).await?;
+        Ok(CaRecord {
+            key_id: key.to_string(),
+            cert_der: cert.to_der()?,
+            chain_pem: cert.to_pem_string()?,
+            created_at: unix(now),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn ttl_limits(&self) -> TtlLimits {
+        self.ttl
+    }
+
+    pub fn key_id(&self) -> &KeyId {
+        &self.key
+    }
+
+    pub fn certificate(&self) -> &Certificate {
+        &self.certificate
+    }
+
+    /// The chain served to clients: issuing certificate first, root last.
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
+    }
+
+    /// The last certificate of the chain: what relying parties trust.
+    pub fn root_pem(&self) -> Result<String, CaError> {
+        let chain = parse_pem_chain(&self.chain_pem)?;
+        let root = chain
+            .last()
+            .ok_or_else(|| CaError::Internal("empty CA chain".into()))?;
+        root.to_pem_string()
+    }
+
+    fn not_after_cap(&self) -> SystemTime {
+        self.certificate
+            .tbs_certificate
+            .validity
+            .not_after
+            .to_system_time()
+    }
+
+    async fn issue(
+        &self,
+        kind: Kind<'_>,
+        subject_cn: &str,
+        subject_key: &PublicKey,
+        lifetime: Duration,
+    ) -> Result<Certificate, CaError> {
+        let now = SystemTime::now();
+        let not_after = (now + lifetime).min(self.not_after_cap());
+        let tbs = profile::build_tbs(TbsRequest {
+            kind,
+            subject: profile::common_name(subject_cn)?,
+            subject_key,
+            issuer: self.certificate.tbs_certificate.subject.clone(),
+            issuer_key: &self.public_key,
+            not_before: now - profile::BACKDATE,
+            not_after,
+        })?;
+        sign_tbs(&self.pool, &self.key, tbs).await
+    }
+
+    /// Issues an agent certificate and records it (with any new evidence
+    /// and an audit event) before returning it.
+    pub async fn issue_agent_certificate(
+        &self,
+        actor: &str,
+        request: AgentCertificateRequest<'_>,
+    ) -> Result<IssuedCertificate, CaError> {
+        let AgentCertificateRequest {
+            agent,
+            key_id,
+            subject_key,
+            ttl,
+            claims,
+            attestation_digest,
+            new_evidence,
+            policy_version,
+        } = request;
+        let spiffe_id = self.trust_domain.agent_spiffe_id(agent);
+        let kind = Kind::Agent {
+            spiffe_id: &spiffe_id,
+            attestation: claims,
+        };
+        let cert = self.issue(kind, agent.as_str(), subject_key, ttl).await?;
+        let issued = self.describe(&cert)?;
+        let spki_der = cert.tbs_certificate.subject_public_key_info.to_der()?;
+        let record = CertificateRecord {
+            serial: issued.serial.clone(),
+            agent_name: agent.to_string(),
+            key_id: key_id.map(|k| k.to_string()),
+            public_key_sha256: hex::encode(Sha256::digest(spki_der)),
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+            der: issued.der.clone(),
+            attestation_digest: attestation_digest.clone(),
+            policy_version,
+            created_at: unix(SystemTime::now()),
+        };
+        let audit = AuditEvent::new(actor, "certificate.issue", agent.as_str())
+            .with("serial", issued.serial.clone())
+            .with("not_after", issued.not_after)
+            .with("key_id", key_id.map(|k| k.to_string()))
+            .with("attestation_digest", attestation_digest)
+            .with("policy_version", policy_version);
+        self.store
+            .insert_certificate(&record, new_evidence, &audit)
+            .await?;
+        Ok(issued)
+    }
+
+    /// A certificate for keyward's own HTTPS listener (key held in memory by
+    /// the TLS stack; see SECURITY.md).
+    pub async fn issue_server_certificate(
+        &self,
+        key: &PublicKey,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        lifetime: Duration,
+    ) -> Result<Certificate, CaError> {
+        self.issue(
+            Kind::Server { dns_names, ips },
+            "keyward server",
+            key,
+            lifetime,
+        )
+        .await
+    }
+
+    /// A certificate for a key keyward signs its own statements with.
+    pub async fn issue_service_certificate(
+        &self,
+        purpose: &str,
+        key: &PublicKey,
+        lifetime: Duration,
+    ) -> Result<Certificate, CaError> {
+        self.issue(
+            Kind::ServiceSigner,
+            &format!("keyward {purpose}"),
+            key,
+            lifetime,
+        )
+        .await
+    }
+
+    fn describe(&self, cert: &Certificate) -> Result<IssuedCertificate, CaError> {
+        let validity = &cert.tbs_certificate.validity;
+        Ok(IssuedCertificate {
+            serial: cert.serial_hex(),
+            der: cert.to_der()?,
+            pem: cert.to_pem_string()?,
+            not_before: unix(validity.not_before.to_system_time()),
+            not_after: unix(validity.not_after.to_system_time()),
+        })
+    }
+
+    /// A PKCS#10 request for the CA key, for an external root to sign.
+    pub async fn certificate_request(&self) -> Result<String, CaError> {
+        use x509_cert::request::{CertReq, CertReqInfo, Version};
+        let info = CertReqInfo {
+            version: Version::V1,
+            subject: self.certificate.tbs_certificate.subject.clone(),
+            public_key: profile::spki_of(&self.public_key),
+            attributes: Default::default(),
+        };
+        let digest: [u8; 32] = Sha256::digest(info.to_der()?).into();
+        let signature = self.pool.sign(&self.key, digest).await?;
+        let csr = CertReq {
+            info,
+            algorithm: profile::ecdsa_with_sha256(),
+            signature: profile::signature_bits(signature.to_der().as_bytes())?,
+        };
+        Ok(csr.to_pem(der::pem::LineEnding::LF)?)
+    }
+
+    /// Checks an externally signed certificate for the CA key and its chain
+    /// (up to the external root), and returns the record that makes it the
+    /// issuing CA.
+    pub fn import_signed(&self, cert_pem: &str, chain_pem: &str) -> Result<CaRecord, CaError> {
+        let cert = Certificate::from_pem_str(cert_pem)?;
+        let key = profile::p256_key_of(&cert.tbs_certificate.subject_public_key_info)?;
+        if key != self.public_key {
+            return Err(CaError::CaKeyMismatch);
+        }
+        let chain = parse_pem_chain(chain_pem)?;
+        if chain.is_empty() {
+            return Err(CaError::Internal(
+                "the chain must contain at least the root".into(),
+            ));
+        }
+        let mut bundle = cert.to_pem_string()?;
+        for c in &chain {
+            bundle.push_str(&c.to_pem_string()?);
+        }
+        Ok(CaRecord {
+            key_id: self.key.to_string(),
+            cert_der: cert.to_der()?,
+            chain_pem: bundle,
+            created_at: unix(SystemTime::now()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_zero_or_above_max_is_refused_not_clamped() {
+        let limits = TtlLimits::default();
+        assert!(matches!(
+            limits.resolve(Some(0)),
+            Err(CaError::TtlOutOfRange { max: 3600 })
+        ));
+        assert!(matches!(
+            limits.resolve(Some(3601)),
+            Err(CaError::TtlOutOfRange { .. })
+        ));
+        assert_eq!(
+            limits.resolve(Some(3600)).unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(limits.resolve(None).unwrap(), Duration::from_secs(900));
+    }
+
+    #[test]
+    fn serials_are_sixteen_positive_bytes() {
+        for _ in 0..256 {
+            let serial = profile::random_serial();
+            let bytes = serial.as_bytes();
+            assert_eq!(bytes.len(), 16);
+            assert!(bytes[0] != 0 && bytes[0] < 0x80);
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The operator's HTTP client behind the CLI (`keyward agent ...`,
+//! `keyward cert ...`): HTTPS pinned to keyward's CA, admin token as bearer.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: SecretString,
+}
+
+/// Where to reach the server and how to trust and authenticate to it.
+pub struct ClientOptions {
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub data_dir: PathBuf,
+}
+
+impl Client {
+    pub fn new(options: &ClientOptions) -> anyhow::Result<Self> {
+        let ca_file = options
+            .ca_file
+            .clone()
+            .unwrap_or_else(|| options.data_dir.join("ca.pem"));
+        let ca_pem = std::fs::read(&ca_file)
+            .with_context(|| format!("reading the CA certificate {}", ca_file.display()))?;
+        let ca = reqwest::Certificate::from_pem(&ca_pem).context("parsing the CA certificate")?;
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .build()?;
+        let token = match std::env::var("KEYWARD_TOKEN") {
+            Ok(t) if options.token_file.is_none() => SecretString::from(t),
+            _ => {
+                let file = options
+                    .token_file
+                    .clone()
+                    .unwrap_or_else(|| options.data_dir.join("admin.token"));
+                read_token(&file)?
+            }
+        };
+        Ok(Self {
+            http,
+            base: options.url.trim_end_matches('/').to_owned(),
+            token,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.token.expose_secret());
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.context("contacting keyward")?;
+        let status = response.status();
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let code = value["error"]["code"].as_str().unwrap_or("unknown");
+            let message = value["error"]["message"].as_str().unwrap_or("");
+            bail!("{status}: {code}: {message}");
+        }
+        Ok(value)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+}
+
+fn read_token(path: &Path) -> anyhow::Result<SecretString> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the admin token from {}", path.display()))?;
+    Ok(SecretString::from(text.trim().to_owned()))
+}

@@ -1,0 +1,293 @@
+//! Configuration: an optional TOML file (see `hsm-config/`), command-line
+//! overrides, and embedded defaults that need no file at all.
+//!
+//! Secrets are never inline: a PIN comes from an environment variable or a
+//! file readable by the owner only, and is held as a `SecretString`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::ca::TtlLimits;
+use crate::identity::TrustDomain;
+use crate::keys::pkcs11::Pkcs11Config;
+use crate::pool::PoolConfig;
+
+pub const DEFAULT_DATA_DIR: &str = "./keyward-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+pub const DEFAULT_TRUST_DOMAIN: &str = "keyward.local";
+pub const EMBEDDED_TOKEN_LABEL: &str = "keyward";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The file as written; every field optional, unknown fields refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub trust_domain: Option<String>,
+    pub database_url: Option<String>,
+    pub keys: Option<KeysFile>,
+    #[serde(default)]
+    pub pool: PoolFile,
+    #[serde(default)]
+    pub certificates: CertificatesFile,
+    #[serde(default)]
+    pub server: ServerFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "backend", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum KeysFile {
+    /// SoftHSM2 token created and owned by keyward under the data directory.
+    EmbeddedSofthsm,
+    Pkcs11 {
+        module: PathBuf,
+        token_label: String,
+        user_pin_env: Option<String>,
+        user_pin_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    pub workers: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub queue_capacity: Option<usize>,
+    pub deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatesFile {
+    pub default_ttl_seconds: Option<u64>,
+    pub max_ttl_seconds: Option<u64>,
+    pub ca_validity_days: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    /// Extra DNS names for the HTTPS certificate (localhost is always there).
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+}
+
+/// Overrides from the command line; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub database_url: Option<String>,
+    pub pool_workers: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeysConfig {
+    EmbeddedSoftHsm,
+    Pkcs11(Pkcs11Config),
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: TrustDomain,
+    pub database_url: String,
+    pub keys: KeysConfig,
+    pub pool: PoolConfig,
+    pub ttl: TtlLimits,
+    pub ca_validity: Duration,
+    pub server_dns_names: Vec<String>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })
+    }
+
+    pub fn validate(self, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let data_dir = overrides
+            .data_dir
+            .clone()
+            .or(self.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let listen_text = overrides
+            .listen
+            .clone()
+            .or(self.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(format!(
+                "listen = {listen_text:?} is not an IP:port address"
+            ))
+        })?;
+        let trust_domain =
+            TrustDomain::parse(self.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN))
+                .map_err(|e| invalid(e.to_string()))?;
+        let database_url = match overrides.database_url.clone().or(self.database_url) {
+            Some(url) => url,
+            None => format!("sqlite://{}", data_dir.join("keyward.db").display()),
+        };
+        let keys = match self.keys.unwrap_or(KeysFile::EmbeddedSofthsm) {
+            KeysFile::EmbeddedSofthsm => KeysConfig::EmbeddedSoftHsm,
+            KeysFile::Pkcs11 {
+                module,
+                token_label,
+                user_pin_env,
+                user_pin_file,
+            } => {
+                let user_pin = match (user_pin_env, user_pin_file) {
+                    (Some(var), None) => SecretString::from(std::env::var(&var).map_err(|_| {
+                        invalid(format!("environment variable {var} (user PIN) is not set"))
+                    })?),
+                    (None, Some(file)) => read_secret_file(&file)?,
+                    _ => {
+                        return Err(invalid(
+                            "[keys] needs exactly one of user_pin_env or user_pin_file".into(),
+                        ))
+                    }
+                };
+                KeysConfig::Pkcs11(Pkcs11Config {
+                    module,
+                    token_label,
+                    user_pin,
+                })
+            }
+        };
+        let defaults = PoolConfig::default();
+        let pool = PoolConfig {
+            workers: overrides
+                .pool_workers
+                .or(self.pool.workers)
+                .unwrap_or(defaults.workers),
+            batch_size: self.pool.batch_size.unwrap_or(defaults.batch_size),
+            queue_capacity: self.pool.queue_capacity.unwrap_or(defaults.queue_capacity),
+            deadline: self
+                .pool
+                .deadline_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.deadline),
+        };
+        if pool.workers == 0 || pool.batch_size == 0 || pool.queue_capacity == 0 {
+            return Err(invalid(
+                "[pool] workers, batch_size and queue_capacity must be >= 1".into(),
+            ));
+        }
+        let ttl_defaults = TtlLimits::default();
+        let ttl = TtlLimits {
+            default: self
+                .certificates
+                .default_ttl_seconds
+                .map(Duration::from_secs)
+                .unwrap_or(ttl_defaults.default),
+            max: self
+                .certificates
+                .max_ttl_seconds
+                .map(Duration::from_secs)
+                .unwrap_or(ttl_defaults.max),
+        };
+        if ttl.default.is_zero() || ttl.default > ttl.max {
+            return Err(invalid(
+                "[certificates] needs 0 < default_ttl_seconds <= max_ttl_seconds".into(),
+            ));
+        }
+        let ca_validity =
+            Duration::from_secs(self.certificates.ca_validity_days.unwrap_or(3650) * 86_400);
+        Ok(Config {
+            data_dir,
+            listen,
+            trust_domain,
+            database_url,
+            keys,
+            pool,
+            ttl,
+            ca_validity,
+            server_dns_names: self.server.dns_names,
+        })
+    }
+}
+
+/// Reads a secret from a file that only its owner can read.
+pub fn read_secret_file(path: &Path) -> Result<SecretString, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "{} is readable by group or others; chmod 600 it",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(ConfigError::Invalid(format!("{} is empty", path.display())));
+    }
+    Ok(SecretString::from(secret.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_means_embedded_defaults() {
+        let c = ConfigFile::default()
+            .validate(&Overrides::default())
+            .unwrap();
+        assert!(matches!(c.keys, KeysConfig::EmbeddedSoftHsm));
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.database_url.starts_with("sqlite://"));
+        assert_eq!(c.ttl.max, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn an_inline_pin_is_not_a_config_option() {
+        let text = "[keys]\nbackend = \"pkcs11\"\nmodule = \"/x.so\"\ntoken_label = \"t\"\nuser_pin = \"1234\"\n";
+        assert!(toml::from_str::<ConfigFile>(text).is_err());
+    }
+
+    #[test]
+    fn a_world_readable_pin_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "1234").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_secret_file(&path).is_err());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_secret_file(&path).is_ok());
+    }
+}

@@ -1,0 +1,217 @@
+//! Key backends: where private keys live and the only code that talks to them.
+//!
+//! A backend hands out sessions; a session is owned by exactly one pool worker
+//! thread (PKCS#11 sessions must not be shared between threads), so the
+//! [`KeySession`] trait takes `&mut self` and is `Send` but not `Sync`.
+//! Nothing here knows about X.509: a backend generates P-256 keys, reports
+//! their public halves and the token's own account of them, and signs
+//! SHA-256 digests.
+
+pub mod pkcs11;
+pub mod soft;
+
+use std::fmt;
+
+use p256::ecdsa::Signature;
+use p256::PublicKey;
+use serde::{Deserialize, Serialize};
+
+/// Identifier of a key inside a backend (stored as CKA_ID and CKA_LABEL on a
+/// PKCS#11 token).
+///
+/// Invariant: 1 to 64 bytes of `[a-z0-9-]`, so it is safe in labels, logs
+/// and file names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct KeyId(String);
+
+impl KeyId {
+    /// A fresh identifier `<prefix>-<16 random hex digits>`.
+    pub fn random(prefix: &str) -> Self {
+        let suffix: [u8; 8] = rand::random();
+        Self::parse(&format!("{prefix}-{}", hex::encode(suffix)))
+            .expect("prefix is a KeyId-safe literal")
+    }
+
+    pub fn parse(s: &str) -> Result<Self, KeyError> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(KeyError::InvalidKeyId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for KeyId {
+    type Error = KeyError;
+    fn try_from(s: String) -> Result<Self, KeyError> {
+        Self::parse(&s)
+    }
+}
+
+impl From<KeyId> for String {
+    fn from(k: KeyId) -> String {
+        k.0
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which kind of hardware (or not) holds the keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Pkcs11,
+    /// In-memory keys for unit tests; refused by a production config.
+    Software,
+}
+
+/// The token's own description of itself, as reported by C_GetTokenInfo.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenDescription {
+    pub manufacturer: String,
+    pub model: String,
+    pub serial: String,
+    pub label: String,
+}
+
+impl fmt::Display for TokenDescription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} serial {} label {}",
+            self.manufacturer, self.model, self.serial, self.label
+        )
+    }
+}
+
+/// What the token says about a private key, read back after generation.
+///
+/// These are the claims a relying party cares about: the key was generated on
+/// the token (`local`), has always been sensitive and can never be exported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAttributes {
+    pub token: TokenDescription,
+    pub local: bool,
+    pub sensitive: bool,
+    pub always_sensitive: bool,
+    pub extractable: bool,
+    pub never_extractable: bool,
+    pub sign: bool,
+    pub decrypt: bool,
+    pub derive: bool,
+    pub unwrap: bool,
+}
+
+impl KeyAttributes {
+    /// The attributes every key keyward uses must have. Returns the name of
+    /// the first attribute that is wrong.
+    pub fn check_hardware_resident(&self) -> Result<(), &'static str> {
+        let expectations: [(&'static str, bool, bool); 9] = [
+            ("CKA_LOCAL", self.local, true),
+            ("CKA_SENSITIVE", self.sensitive, true),
+            ("CKA_ALWAYS_SENSITIVE", self.always_sensitive, true),
+            ("CKA_EXTRACTABLE", self.extractable, false),
+            ("CKA_NEVER_EXTRACTABLE", self.never_extractable, true),
+            ("CKA_SIGN", self.sign, true),
+            ("CKA_DECRYPT", self.decrypt, false),
+            ("CKA_DERIVE", self.derive, false),
+            ("CKA_UNWRAP", self.unwrap, false),
+        ];
+        for (name, actual, expected) in expectations {
+            if actual != expected {
+                return Err(name);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    #[error("key identifier is not of the form [a-z0-9-]{{1,64}}")]
+    InvalidKeyId,
+    #[error("key {0} not found on the token")]
+    NotFound(KeyId),
+    #[error("key {0} already exists on the token")]
+    AlreadyExists(KeyId),
+    #[error("key {key} is not hardware-resident: {attribute} has the wrong value")]
+    NotHardwareResident { key: KeyId, attribute: &'static str },
+    /// The session is gone (closed underneath us, or the login was lost);
+    /// opening a new session is expected to fix it.
+    #[error("token session lost during {function}: {detail}")]
+    SessionLost { function: String, detail: String },
+    /// The device or its connection failed; the module may need to be
+    /// finalized and initialized again before anything works.
+    #[error("token device failure during {function}: {detail}")]
+    DeviceFailure { function: String, detail: String },
+    #[error("token refused {function}: {detail}")]
+    Token { function: String, detail: String },
+    #[error("token returned malformed data: {0}")]
+    Malformed(String),
+    #[error("key backend configuration: {0}")]
+    Config(String),
+}
+
+impl KeyError {
+    /// Whether a fresh session (and perhaps a module re-initialization) may
+    /// cure this error, so the pool should reconnect rather than give up.
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            KeyError::SessionLost { .. } | KeyError::DeviceFailure { .. }
+        )
+    }
+}
+
+/// A key store that hands out sessions to pool workers.
+pub trait KeyBackend: Send + Sync + 'static {
+    fn kind(&self) -> BackendKind;
+
+    /// Opens a session that is logged in and ready to use.
+    fn open_session(&self) -> Result<Box<dyn KeySession>, KeyError>;
+
+    /// Brings the backend back after a device failure (for PKCS#11: finalize
+    /// and initialize the module again). `generation` is the value of
+    /// [`KeyBackend::generation`] the caller saw when its session failed; a
+    /// backend already recovered since then does nothing, so several workers
+    /// failing at once cause one re-initialization.
+    fn recover(&self, generation: u64) -> Result<(), KeyError>;
+
+    /// Increases by one on every successful [`KeyBackend::recover`].
+    fn generation(&self) -> u64;
+}
+
+/// One logged-in session on the key store. Owned by one thread at a time.
+pub trait KeySession: Send {
+    /// Generates a P-256 signing key on the token.
+    fn generate(&mut self, id: &KeyId) -> Result<PublicKey, KeyError>;
+
+    fn public_key(&mut self, id: &KeyId) -> Result<PublicKey, KeyError>;
+
+    /// Signs a SHA-256 digest with ECDSA. The returned signature is
+    /// normalized to low-S.
+    fn sign_digest(&mut self, id: &KeyId, digest: &[u8; 32]) -> Result<Signature, KeyError>;
+
+    /// Reads the token's own account of the key.
+    fn attributes(&mut self, id: &KeyId) -> Result<KeyAttributes, KeyError>;
+
+    /// Destroys the key (both halves) on the token.
+    fn destroy(&mut self, id: &KeyId) -> Result<(), KeyError>;
+
+    /// A cheap call that fails when the session or device is unusable.
+    fn ping(&mut self) -> Result<(), KeyError>;
+}

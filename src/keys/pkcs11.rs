@@ -1,0 +1,503 @@
+//! PKCS#11 key backend over cryptoki: SoftHSM2, YubiHSM 2, Luna, CloudHSM, or
+//! any other module.
+//!
+//! Sessions are opened once per pool worker and kept. The user login is a
+//! property of the whole application on the token (PKCS#11 §5.6), so a
+//! session logs in only if the application is not logged in yet and never
+//! calls `C_Logout`: logging out one session would log out every worker.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use p256::ecdsa::Signature;
+use p256::PublicKey;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{
+    BackendKind, KeyAttributes, KeyBackend, KeyError, KeyId, KeySession, TokenDescription,
+};
+
+/// DER of the namedCurve OID prime256v1 (1.2.840.10045.3.1.7), as CKA_EC_PARAMS.
+const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// Where the module is and which token to use.
+#[derive(Clone)]
+pub struct Pkcs11Config {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub user_pin: SecretString,
+}
+
+impl std::fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("user_pin", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Loads a PKCS#11 module and initializes it for multi-threaded use with the
+/// OS's locking primitives. A module that is already initialized in this
+/// process is accepted as is.
+pub fn load_module(path: &Path) -> Result<Pkcs11, KeyError> {
+    let ctx = Pkcs11::new(path)
+        .map_err(|e| KeyError::Config(format!("loading {}: {e}", path.display())))?;
+    initialize(&ctx)?;
+    Ok(ctx)
+}
+
+fn initialize(ctx: &Pkcs11) -> Result<(), KeyError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+/// Initializes a fresh token in the module's first free slot and sets its
+/// user PIN. Used only for the embedded SoftHSM2 default.
+pub fn init_token(
+    ctx: &Pkcs11,
+    label: &str,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<(), KeyError> {
+    if find_slot(ctx, label).is_ok() {
+        return Err(KeyError::Config(format!(
+            "a token labelled {label:?} already exists"
+        )));
+    }
+    let slots = ctx.get_slots_with_token().map_err(classify)?;
+    let free = slots
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).is_ok_and(|t| !t.token_initialized()))
+        .ok_or_else(|| KeyError::Config("no slot with an uninitialized token".into()))?;
+    let so = AuthPin::from(so_pin.expose_secret());
+    ctx.init_token(free, &so, label).map_err(classify)?;
+    // SoftHSM2 moves an initialized token to a new slot id: look it up again.
+    let slot = find_slot(ctx, label)?;
+    let session = ctx.open_rw_session(slot).map_err(classify)?;
+    session.login(UserType::So, Some(&so)).map_err(classify)?;
+    session
+        .init_pin(&AuthPin::from(user_pin.expose_secret()))
+        .map_err(classify)?;
+    // This session is the only one logged in as SO; logging it out is safe
+    // and leaves no SO login behind.
+    session.logout().map_err(classify)?;
+    Ok(())
+}
+
+fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, KeyError> {
+    let slots = ctx.get_slots_with_initialized_token().map_err(classify)?;
+    for slot in slots {
+        let info = ctx.get_token_info(slot).map_err(classify)?;
+        if info.label().trim_end() == label {
+            return Ok(slot);
+        }
+    }
+    Err(KeyError::Config(format!(
+        "no initialized token labelled {label:?}"
+    )))
+}
+
+fn token_description(ctx: &Pkcs11, slot: Slot) -> Result<TokenDescription, KeyError> {
+    let info = ctx.get_token_info(slot).map_err(classify)?;
+    Ok(TokenDescription {
+        manufacturer: info.manufacturer_id().trim_end().to_owned(),
+        model: info.model().trim_end().to_owned(),
+        serial: info.serial_number().trim_end().to_owned(),
+        label: info.label().trim_end().to_owned(),
+    })
+}
+
+/// Maps a cryptoki error to what the pool needs to know: retry on a new
+/// session, re-initialize the module, or give up.
+fn classify(e: CkError) -> KeyError {
+    match e {
+        CkError::Pkcs11(rv, function) => {
+            let function = format!("{function:?}");
+            let detail = format!("{rv:?}");
+            match rv {
+                RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::UserNotLoggedIn => KeyError::SessionLost { function, detail },
+                RvError::DeviceError
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::CryptokiNotInitialized
+                | RvError::GeneralError => KeyError::DeviceFailure { function, detail },
+                _ => KeyError::Token { function, detail },
+            }
+        }
+        other => KeyError::Token {
+            function: "cryptoki".into(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+struct Shared {
+    /// Invariant: initialized. Replaced (same library, re-initialized) by
+    /// `recover`; token calls hold the read side of `calls` so that
+    /// `C_Finalize` never runs while another thread is inside the module.
+    ctx: Pkcs11,
+    calls: RwLock<()>,
+    slot: RwLock<Slot>,
+    pin: SecretString,
+    token: TokenDescription,
+    label: String,
+    generation: AtomicU64,
+}
+
+/// A PKCS#11 token used as keyward's key store.
+pub struct Pkcs11Backend {
+    shared: Arc<Shared>,
+}
+
+impl Pkcs11Backend {
+    pub fn open(config: &Pkcs11Config) -> Result<Self, KeyError> {
+        let ctx = load_module(&config.module)?;
+        let slot = find_slot(&ctx, &config.token_label)?;
+        let token = token_description(&ctx, slot)?;
+        let backend = Self {
+            shared: Arc::new(Shared {
+                ctx,
+                calls: RwLock::new(()),
+                slot: RwLock::new(slot),
+                pin: config.user_pin.clone(),
+                token,
+                label: config.token_label.clone(),
+                generation: AtomicU64::new(0),
+            }),
+        };
+        // Fail at start-up on a wrong PIN rather than on the first request.
+        backend.open_pkcs11_session()?;
+        Ok(backend)
+    }
+
+    pub fn token(&self) -> &TokenDescription {
+        &self.shared.token
+    }
+
+    /// A new logged-in session with its own handle cache.
+    pub fn open_pkcs11_session(&self) -> Result<Pkcs11Session, KeyError> {
+        let shared = &self.shared;
+        let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        let slot = *shared.slot.read().unwrap_or_else(|p| p.into_inner());
+        let session = shared.ctx.open_rw_session(slot).map_err(classify)?;
+        let pin = AuthPin::from(shared.pin.expose_secret());
+        match session.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _)) => {
+                return Err(KeyError::Config(
+                    "the token refused the user PIN (incorrect or locked)".into(),
+                ))
+            }
+            Err(e) => return Err(classify(e)),
+        }
+        Ok(Pkcs11Session {
+            shared: Arc::clone(&self.shared),
+            session,
+            private_keys: HashMap::new(),
+        })
+    }
+}
+
+impl KeyBackend for Pkcs11Backend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Pkcs11
+    }
+
+    fn open_session(&self) -> Result<Box<dyn KeySession>, KeyError> {
+        Ok(Box::new(self.open_pkcs11_session()?))
+    }
+
+    fn recover(&self, generation: u64) -> Result<(), KeyError> {
+        let shared = &self.shared;
+        let _exclusive = shared.calls.write().unwrap_or_else(|p| p.into_inner());
+        if shared.generation.load(Ordering::Acquire) != generation {
+            return Ok(()); // another worker already re-initialized the module
+        }
+        // The module may already consider itself finalized; either way the
+        // next C_Initialize starts from a clean state.
+        let _ = shared.ctx.clone().finalize();
+        initialize(&shared.ctx)?;
+        let slot = find_slot(&shared.ctx, &shared.label)?;
+        *shared.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
+        shared.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+}
+
+/// One logged-in PKCS#11 session and its cache of private-key handles.
+pub struct Pkcs11Session {
+    shared: Arc<Shared>,
+    session: Session,
+    /// Object handles are stable for the life of the session, so each key is
+    /// looked up once (C_FindObjects halves the signing rate on SoftHSM2).
+    private_keys: HashMap<KeyId, ObjectHandle>,
+}
+
+impl Pkcs11Session {
+    fn find(&self, id: &KeyId, class: ObjectClass) -> Result<Option<ObjectHandle>, KeyError> {
+        let template = [
+            Attribute::Class(class),
+            Attribute::Id(id.as_str().as_bytes().to_vec()),
+        ];
+        let found = self.session.find_objects(&template).map_err(classify)?;
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            _ => Err(KeyError::Malformed(format!(
+                "several objects share the id {id}"
+            ))),
+        }
+    }
+
+    fn private_key(&mut self, id: &KeyId) -> Result<ObjectHandle, KeyError> {
+        if let Some(handle) = self.private_keys.get(id) {
+            return Ok(*handle);
+        }
+        let handle = self
+            .find(id, ObjectClass::PRIVATE_KEY)?
+            .ok_or_else(|| KeyError::NotFound(id.clone()))?;
+        self.private_keys.insert(id.clone(), handle);
+        Ok(handle)
+    }
+
+    /// Signs with the raw session, for the benchmark's `raw` mode.
+    pub fn sign_raw(&mut self, id: &KeyId, digest: &[u8; 32]) -> Result<Vec<u8>, KeyError> {
+        let key = self.private_key(id)?;
+        self.session
+            .sign(&Mechanism::Ecdsa, key, digest)
+            .map_err(classify)
+    }
+
+    fn read_attributes(&self, key: ObjectHandle) -> Result<KeyAttributes, KeyError> {
+        let wanted = [
+            AttributeType::Local,
+            AttributeType::Sensitive,
+            AttributeType::AlwaysSensitive,
+            AttributeType::Extractable,
+            AttributeType::NeverExtractable,
+            AttributeType::Sign,
+            AttributeType::Decrypt,
+            AttributeType::Derive,
+            AttributeType::Unwrap,
+        ];
+        let values = self
+            .session
+            .get_attributes(key, &wanted)
+            .map_err(classify)?;
+        let mut attrs = KeyAttributes {
+            token: self.shared.token.clone(),
+            local: false,
+            sensitive: false,
+            always_sensitive: false,
+            // Unknown means "not proven safe": start from the unsafe value.
+            extractable: true,
+            never_extractable: false,
+            sign: false,
+            decrypt: true,
+            derive: true,
+            unwrap: true,
+        };
+        for value in values {
+            match value {
+                Attribute::Local(v) => attrs.local = v,
+                Attribute::Sensitive(v) => attrs.sensitive = v,
+                Attribute::AlwaysSensitive(v) => attrs.always_sensitive = v,
+                Attribute::Extractable(v) => attrs.extractable = v,
+                Attribute::NeverExtractable(v) => attrs.never_extractable = v,
+                Attribute::Sign(v) => attrs.sign = v,
+                Attribute::Decrypt(v) => attrs.decrypt = v,
+                Attribute::Derive(v) => attrs.derive = v,
+                Attribute::Unwrap(v) => attrs.unwrap = v,
+                _ => {}
+            }
+        }
+        Ok(attrs)
+    }
+}
+
+fn parse_ec_point(raw: &[u8]) -> Result<PublicKey, KeyError> {
+    // CKA_EC_POINT is a DER OCTET STRING holding the SEC1 point; a few
+    // modules return the bare point instead.
+    let point = match raw {
+        [0x04, 0x41, rest @ ..] if rest.len() == 0x41 => rest,
+        _ => raw,
+    };
+    PublicKey::from_sec1_bytes(point)
+        .map_err(|_| KeyError::Malformed("CKA_EC_POINT is not a P-256 point".into()))
+}
+
+impl KeySession for Pkcs11Session {
+    fn generate(&mut self, id: &KeyId) -> Result<PublicKey, KeyError> {
+        let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        if self.find(id, ObjectClass::PRIVATE_KEY)?.is_some()
+            || self.find(id, ObjectClass::PUBLIC_KEY)?.is_some()
+        {
+            return Err(KeyError::AlreadyExists(id.clone()));
+        }
+        let id_bytes = id.as_str().as_bytes().to_vec();
+        let public_template = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Derive(false),
+            Attribute::Id(id_bytes.clone()),
+            Attribute::Label(id_bytes.clone()),
+        ];
+        // Every protective attribute is set explicitly: SoftHSM2's defaults
+        // (and some HSMs') would make the key extractable.
+        let private_template = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Sign(true),
+            Attribute::SignRecover(false),
+            Attribute::Decrypt(false),
+            Attribute::Derive(false),
+            Attribute::Unwrap(false),
+            Attribute::Copyable(false),
+            Attribute::Id(id_bytes.clone()),
+            Attribute::Label(id_bytes),
+        ];
+        let (public, private) = self
+            .session
+            .generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &public_template,
+                &private_template,
+            )
+            .map_err(classify)?;
+        let verdict = self
+            .read_attributes(private)
+            .map(|a| a.check_hardware_resident());
+        match verdict {
+            Ok(Ok(())) => {}
+            Ok(Err(attribute)) => {
+                let _ = self.session.destroy_object(private);
+                let _ = self.session.destroy_object(public);
+                return Err(KeyError::NotHardwareResident {
+                    key: id.clone(),
+                    attribute,
+                });
+            }
+            Err(e) => {
+                let _ = self.session.destroy_object(private);
+                let _ = self.session.destroy_object(public);
+                return Err(e);
+            }
+        }
+        let point = self
+            .session
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(classify)?;
+        let key = match point.as_slice() {
+            [Attribute::EcPoint(p)] => parse_ec_point(p)?,
+            _ => {
+                return Err(KeyError::Malformed(
+                    "no CKA_EC_POINT on the public key".into(),
+                ))
+            }
+        };
+        self.private_keys.insert(id.clone(), private);
+        Ok(key)
+    }
+
+    fn public_key(&mut self, id: &KeyId) -> Result<PublicKey, KeyError> {
+        let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        let public = self
+            .find(id, ObjectClass::PUBLIC_KEY)?
+            .ok_or_else(|| KeyError::NotFound(id.clone()))?;
+        let point = self
+            .session
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(classify)?;
+        match point.as_slice() {
+            [Attribute::EcPoint(p)] => parse_ec_point(p),
+            _ => Err(KeyError::Malformed(
+                "no CKA_EC_POINT on the public key".into(),
+            )),
+        }
+    }
+
+    fn sign_digest(&mut self, id: &KeyId, digest: &[u8; 32]) -> Result<Signature, KeyError> {
+        // A clone of the Arc, so the guard does not borrow `self`.
+        let shared = Arc::clone(&self.shared);
+        let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        let key = self.private_key(id)?;
+        // CKM_ECDSA over a digest computed here: SoftHSM2 does not offer
+        // CKM_ECDSA_SHA256, and hashing in process is cheaper anyway.
+        let raw = match self.session.sign(&Mechanism::Ecdsa, key, digest) {
+            Ok(raw) => raw,
+            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
+                // The key was destroyed (rotation) since it was cached.
+                self.private_keys.remove(id);
+                return Err(KeyError::NotFound(id.clone()));
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        let signature = Signature::from_slice(&raw)
+            .map_err(|_| KeyError::Malformed("C_Sign returned no P-256 (r, s) pair".into()))?;
+        Ok(signature.normalize_s().unwrap_or(signature))
+    }
+
+    fn attributes(&mut self, id: &KeyId) -> Result<KeyAttributes, KeyError> {
+        let shared = Arc::clone(&self.shared);
+        let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        let key = self.private_key(id)?;
+        self.read_attributes(key)
+    }
+
+    fn destroy(&mut self, id: &KeyId) -> Result<(), KeyError> {
+        let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        self.private_keys.remove(id);
+        let mut found = false;
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            if let Some(handle) = self.find(id, class)? {
+                self.session.destroy_object(handle).map_err(classify)?;
+                found = true;
+            }
+        }
+        if found {
+            Ok(())
+        } else {
+            Err(KeyError::NotFound(id.clone()))
+        }
+    }
+
+    fn ping(&mut self) -> Result<(), KeyError> {
+        let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        let info = self.session.get_session_info().map_err(classify)?;
+        match info.session_state() {
+            SessionState::RwUser | SessionState::RoUser => Ok(()),
+            _ => Err(KeyError::SessionLost {
+                function: format!("{:?}", Function::GetSessionInfo),
+                detail: "session is no longer logged in".into(),
+            }),
+        }
+    }
+}

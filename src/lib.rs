@@ -1,0 +1,39 @@
+//! keyward: hardware-backed keys, attested short-lived certificates and
+//! signing for AI agents.
+//!
+//! Module map (dependencies point downwards; see DESIGN.md):
+//!
+//! ```text
+//! api          HTTP only: routes, extractors, ApiError -> status codes
+//! policy       authorize(caller, action) -> decision under a policy version
+//! agents       the agent registry: custodial keys, certificate issuance
+//! ca           certificate profiles, CSR checks, signing through the pool
+//! attestation  evidence -> Verified<AttestedKey>
+//! pool         the batched key-operation pool: the only caller of `keys`
+//! keys         KeyBackend: PKCS#11 (and a software backend for unit tests)
+//! store        SQLite / PostgreSQL persistence, audit rows in the same tx
+//! audit        hash-chained audit events
+//! identity     AgentName, TrustDomain, Scope: checked names
+//! config, embedded, telemetry, app, client: wiring and operations
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod api;
+pub mod app;
+pub mod attestation;
+pub mod audit;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod embedded;
+pub mod error;
+pub mod identity;
+pub mod keys;
+pub mod policy;
+pub mod pool;
+pub mod store;
+pub mod telemetry;
+
+pub use error::Error;

@@ -1,0 +1,296 @@
+//! The `keyward` binary: a thin CLI over the library.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use keyward::client::{Client, ClientOptions};
+use keyward::config::{Config, ConfigFile, KeysConfig, Overrides};
+use keyward::keys::pkcs11::Pkcs11Config;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "Hardware-backed identities and certificates for AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the service (creates the embedded token, CA and database on first start).
+    Serve(ServerArgs),
+    /// Create the token, CA, database and admin token, then exit.
+    Init(ServerArgs),
+    /// Manage agents through a running server.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Certificates for agents, through a running server.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// The issuing CA (run on the keyward host, against its config).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// TOML configuration (see hsm-config/); without it, embedded defaults.
+    #[arg(long, env = "KEYWARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "KEYWARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:7443 (port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// sqlite://PATH or postgres://... (overrides the config file).
+    #[arg(long, env = "KEYWARD_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Pool worker threads (default: number of cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    #[arg(long, env = "KEYWARD_URL", default_value = "https://127.0.0.1:7443")]
+    url: String,
+    /// CA certificate to trust (default: <data-dir>/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// File holding the admin token (default: KEYWARD_TOKEN, then <data-dir>/admin.token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long, env = "KEYWARD_DATA_DIR", default_value = keyward::config::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Register an agent; its custodial key is generated on the token.
+    Create {
+        name: String,
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List agents.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue a certificate for an agent's custodial key, or for a CSR.
+    Issue {
+        name: String,
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Directory to write <name>.pem and chain.pem into.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a PKCS#10 request for the CA key, for an external root to sign.
+    Csr {
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Install the externally signed CA certificate and its chain (root last).
+    Import {
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        chain: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+fn load_config(args: &ServerArgs) -> anyhow::Result<Config> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let overrides = Overrides {
+        data_dir: args.data_dir.clone(),
+        listen: args.listen.clone(),
+        database_url: args.database_url.clone(),
+        pool_workers: args.workers,
+    };
+    Ok(file.validate(&overrides)?)
+}
+
+/// Resolves the key store; for the embedded token this sets SOFTHSM2_CONF,
+/// so it runs before the async runtime starts any thread.
+fn key_store(config: &Config) -> anyhow::Result<Pkcs11Config> {
+    match &config.keys {
+        KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(&config.data_dir),
+        KeysConfig::Pkcs11(p) => Ok(p.clone()),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            keyward::telemetry::init_logging(args.log_json);
+            let config = load_config(&args)?;
+            let pkcs11 = key_store(&config)?;
+            runtime()?.block_on(serve(config, pkcs11))
+        }
+        Command::Init(args) => {
+            keyward::telemetry::init_logging(args.log_json);
+            let config = load_config(&args)?;
+            let pkcs11 = key_store(&config)?;
+            runtime()?.block_on(async {
+                keyward::app::start(&config, &pkcs11).await?;
+                println!("initialized {}", config.data_dir.display());
+                Ok(())
+            })
+        }
+        Command::Ca(command) => {
+            let args = match &command {
+                CaCommand::Csr { server, .. } | CaCommand::Import { server, .. } => server.clone(),
+            };
+            keyward::telemetry::init_logging(args.log_json);
+            let config = load_config(&args)?;
+            let pkcs11 = key_store(&config)?;
+            runtime()?.block_on(async {
+                let kw = keyward::app::start(&config, &pkcs11).await?;
+                match command {
+                    CaCommand::Csr { out, .. } => {
+                        std::fs::write(&out, keyward::app::ca_csr(&kw).await?)?;
+                        println!("wrote {}", out.display());
+                    }
+                    CaCommand::Import { cert, chain, .. } => {
+                        let cert = std::fs::read_to_string(cert)?;
+                        let chain = std::fs::read_to_string(chain)?;
+                        keyward::app::ca_import(&kw, &config, &cert, &chain).await?;
+                        println!("installed the CA certificate; restart keyward to serve it");
+                    }
+                }
+                Ok(())
+            })
+        }
+        Command::Agent(command) => runtime()?.block_on(agent_command(command)),
+        Command::Cert(command) => runtime()?.block_on(cert_command(command)),
+    }
+}
+
+async fn serve(config: Config, pkcs11: Pkcs11Config) -> anyhow::Result<()> {
+    let kw = keyward::app::start(&config, &pkcs11).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    std::fs::write(config.data_dir.join("listen.addr"), addr.to_string())?;
+    tracing::info!(%addr, store = kw.state.store.backend_name(), "keyward listening (HTTPS)");
+    println!("keyward listening on https://{addr}");
+    keyward::app::serve(listener, &kw, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn client(args: &ClientArgs) -> anyhow::Result<Client> {
+    Client::new(&ClientOptions {
+        url: args.url.clone(),
+        ca_file: args.ca.clone(),
+        token_file: args.token_file.clone(),
+        data_dir: args.data_dir.clone(),
+    })
+}
+
+async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
+    let out = match command {
+        AgentCommand::Create {
+            name,
+            scopes,
+            client: args,
+        } => {
+            client(&args)?
+                .post("/v1/agents", json!({ "name": name, "scopes": scopes }))
+                .await?
+        }
+        AgentCommand::List { client: args } => client(&args)?.get("/v1/agents").await?,
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+async fn cert_command(command: CertCommand) -> anyhow::Result<()> {
+    match command {
+        CertCommand::Issue {
+            name,
+            csr,
+            ttl,
+            out,
+            client: args,
+        } => {
+            let mut body = json!({});
+            if let Some(ttl) = ttl {
+                body["ttl_seconds"] = json!(ttl);
+            }
+            if let Some(csr) = csr {
+                body["csr_pem"] = json!(std::fs::read_to_string(&csr)
+                    .with_context(|| format!("reading {}", csr.display()))?);
+            }
+            let issued = client(&args)?
+                .post(&format!("/v1/agents/{name}/certificates"), body)
+                .await?;
+            std::fs::create_dir_all(&out)?;
+            let cert_path = out.join(format!("{name}.pem"));
+            std::fs::write(
+                &cert_path,
+                issued["certificate_pem"].as_str().unwrap_or_default(),
+            )?;
+            std::fs::write(
+                out.join("chain.pem"),
+                issued["chain_pem"].as_str().unwrap_or_default(),
+            )?;
+            println!(
+                "serial {} valid until {}; wrote {}",
+                issued["serial"].as_str().unwrap_or("?"),
+                issued["not_after"].as_str().unwrap_or("?"),
+                cert_path.display()
+            );
+        }
+    }
+    Ok(())
+}

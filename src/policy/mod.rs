@@ -1,0 +1,111 @@
+//! Authorization: who may do what, decided in one place.
+//!
+//! Today there is one built-in policy (version 0): an admin may do
+//! everything; an agent may read its own record and get certificates for
+//! its own keys. Versioned policy files, roles and approvals extend this
+//! (see DESIGN.md); every decision already carries the version it was made
+//! under, and every certificate records it.
+
+use crate::identity::AgentName;
+
+/// The version of the built-in policy.
+pub const BUILTIN_POLICY_VERSION: i64 = 0;
+
+/// Who is calling, as proven by the API layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// An operator, authenticated by the admin token.
+    Admin,
+    /// An agent, authenticated by its own client certificate.
+    Agent(AgentName),
+}
+
+impl Caller {
+    /// How the caller is named in audit events.
+    pub fn audit_name(&self) -> String {
+        match self {
+            Caller::Admin => "admin".into(),
+            Caller::Agent(name) => format!("agent:{name}"),
+        }
+    }
+}
+
+/// What the caller wants to do.
+#[derive(Clone, Copy, Debug)]
+pub enum Action<'a> {
+    CreateAgent,
+    ListAgents,
+    ReadAgent(&'a AgentName),
+    IssueCertificate(&'a AgentName),
+    ReadAttestation,
+}
+
+/// Permission granted, under a policy version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub policy_version: i64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    /// `reason` is a machine-readable code.
+    #[error("forbidden: {reason}")]
+    Forbidden { reason: &'static str },
+}
+
+pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, PolicyError> {
+    let allowed = Decision {
+        policy_version: BUILTIN_POLICY_VERSION,
+    };
+    match (caller, action) {
+        (Caller::Admin, _) => Ok(allowed),
+        (Caller::Agent(me), Action::ReadAgent(target) | Action::IssueCertificate(target)) => {
+            if me == target {
+                Ok(allowed)
+            } else {
+                Err(PolicyError::Forbidden {
+                    reason: "other_agent",
+                })
+            }
+        }
+        (Caller::Agent(_), Action::ReadAttestation) => Ok(allowed),
+        (Caller::Agent(_), Action::CreateAgent | Action::ListAgents) => {
+            Err(PolicyError::Forbidden {
+                reason: "admin_only",
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(n: &str) -> AgentName {
+        AgentName::parse(n).unwrap()
+    }
+
+    #[test]
+    fn an_agent_acts_only_for_itself() {
+        let alice = Caller::Agent(agent("alice"));
+        assert!(authorize(&alice, Action::IssueCertificate(&agent("alice"))).is_ok());
+        assert_eq!(
+            authorize(&alice, Action::IssueCertificate(&agent("bob"))),
+            Err(PolicyError::Forbidden {
+                reason: "other_agent"
+            })
+        );
+        assert_eq!(
+            authorize(&alice, Action::CreateAgent),
+            Err(PolicyError::Forbidden {
+                reason: "admin_only"
+            })
+        );
+    }
+
+    #[test]
+    fn an_admin_may_do_everything_under_the_builtin_policy() {
+        let d = authorize(&Caller::Admin, Action::IssueCertificate(&agent("bob"))).unwrap();
+        assert_eq!(d.policy_version, BUILTIN_POLICY_VERSION);
+    }
+}

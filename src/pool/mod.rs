@@ -1,0 +1,512 @@
+//! The batched key-operation pool: the only path from keyward to its keys.
+//!
+//! `W` OS threads each own one logged-in session (token calls block, and a
+//! PKCS#11 session must stay on one thread). Requests wait in one bounded
+//! queue; a worker takes whatever is queued, up to `B` at once, and runs it
+//! back to back. It never waits for a batch to fill, so an idle pool adds no
+//! latency; under load, batching cuts the per-request hand-over cost.
+//!
+//! Failure handling: a request whose deadline passed is answered without
+//! touching the token; a lost session is reopened (and a failed device
+//! re-initialized) with back-off; repeated failures open a circuit breaker
+//! that answers at once until a probe connection succeeds.
+
+mod breaker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use p256::ecdsa::Signature;
+use p256::PublicKey;
+use tokio::sync::oneshot;
+
+pub use breaker::{Breaker, BreakerState};
+
+use crate::keys::{KeyAttributes, KeyBackend, KeyError, KeyId, KeySession};
+use crate::telemetry::PoolMetrics;
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Worker threads, each with its own session. Invariant: >= 1.
+    pub workers: usize,
+    /// Most requests a worker takes from the queue at once. Invariant: >= 1.
+    pub batch_size: usize,
+    /// Requests that may wait; one more is refused with `QueueFull`.
+    pub queue_capacity: usize,
+    /// How long a request may wait before it is answered `DeadlineExceeded`.
+    pub deadline: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            batch_size: 16,
+            queue_capacity: 4096,
+            deadline: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    #[error("the key-operation queue is full")]
+    QueueFull { retry_after: Duration },
+    #[error("the key store is unavailable")]
+    Unavailable { retry_after: Duration },
+    #[error("the request expired before it reached the key store")]
+    DeadlineExceeded,
+    #[error("the key pool has shut down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+enum KeyOp {
+    Sign { key: KeyId, digest: [u8; 32] },
+    Generate { key: KeyId },
+    PublicKey { key: KeyId },
+    Attributes { key: KeyId },
+    Destroy { key: KeyId },
+    Ping,
+}
+
+impl KeyOp {
+    fn name(&self) -> &'static str {
+        match self {
+            KeyOp::Sign { .. } => "sign",
+            KeyOp::Generate { .. } => "generate",
+            KeyOp::PublicKey { .. } => "public_key",
+            KeyOp::Attributes { .. } => "attributes",
+            KeyOp::Destroy { .. } => "destroy",
+            KeyOp::Ping => "ping",
+        }
+    }
+
+    /// Whether running the operation twice is harmless, so it may be retried
+    /// on a fresh session after a connection failure.
+    fn is_idempotent(&self) -> bool {
+        !matches!(self, KeyOp::Generate { .. } | KeyOp::Destroy { .. })
+    }
+}
+
+enum KeyOutput {
+    Signature(Signature),
+    PublicKey(PublicKey),
+    Attributes(KeyAttributes),
+    Done,
+}
+
+struct Job {
+    op: KeyOp,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<KeyOutput, PoolError>>,
+}
+
+struct Shared {
+    backend: Arc<dyn KeyBackend>,
+    breaker: Breaker,
+    metrics: PoolMetrics,
+    batch_size: usize,
+}
+
+/// Handle to the pool; cheap to clone. Workers stop when the last handle is
+/// dropped and the queue is drained.
+#[derive(Clone)]
+pub struct KeyPool {
+    queue: Sender<Job>,
+    shared: Arc<Shared>,
+    deadline: Duration,
+}
+
+impl KeyPool {
+    pub fn start(
+        backend: Arc<dyn KeyBackend>,
+        config: &PoolConfig,
+        metrics: PoolMetrics,
+    ) -> std::io::Result<Self> {
+        let (queue, receiver) = crossbeam_channel::bounded(config.queue_capacity.max(1));
+        let shared = Arc::new(Shared {
+            backend,
+            breaker: Breaker::new(),
+            metrics,
+            batch_size: config.batch_size.max(1),
+        });
+        for index in 0..config.workers.max(1) {
+            let shared = Arc::clone(&shared);
+            let receiver = receiver.clone();
+            // Detached: a worker exits once every handle (and so the
+            // sending side of the queue) is gone.
+            std::thread::Builder::new()
+                .name(format!("keyward-pool-{index}"))
+                .spawn(move || Worker::new(shared).run(receiver))?;
+        }
+        Ok(Self {
+            queue,
+            shared,
+            deadline: config.deadline,
+        })
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.shared.breaker.state()
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    async fn submit(&self, op: KeyOp, deadline: Duration) -> Result<KeyOutput, PoolError> {
+        if let BreakerState::Open(retry_after) = self.shared.breaker.state() {
+            self.shared.metrics.outcome(op.name(), "unavailable");
+            return Err(PoolError::Unavailable { retry_after });
+        }
+        let (reply, answer) = oneshot::channel();
+        let now = Instant::now();
+        let job = Job {
+            op,
+            enqueued: now,
+            deadline: now + deadline,
+            reply,
+        };
+        match self.queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                self.shared.metrics.outcome(job.op.name(), "queue_full");
+                return Err(PoolError::QueueFull {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(PoolError::ShuttingDown),
+        }
+        answer.await.map_err(|_| PoolError::ShuttingDown)?
+    }
+
+    /// Signs a SHA-256 digest with the key; the signature is low-S.
+    pub async fn sign(&self, key: &KeyId, digest: [u8; 32]) -> Result<Signature, PoolError> {
+        self.sign_within(key, digest, self.deadline).await
+    }
+
+    pub async fn sign_within(
+        &self,
+        key: &KeyId,
+        digest: [u8; 32],
+        deadline: Duration,
+    ) -> Result<Signature, PoolError> {
+        match self
+            .submit(
+                KeyOp::Sign {
+                    key: key.clone(),
+                    digest,
+                },
+                deadline,
+            )
+            .await?
+        {
+            KeyOutput::Signature(s) => Ok(s),
+            _ => unreachable!("a sign job is answered with a signature"),
+        }
+    }
+
+    /// Generates a P-256 signing key on the token.
+    pub async fn generate(&self, key: &KeyId) -> Result<PublicKey, PoolError> {
+        match self
+            .submit(KeyOp::Generate { key: key.clone() }, self.deadline * 5)
+            .await?
+        {
+            KeyOutput::PublicKey(k) => Ok(k),
+            _ => unreachable!("a generate job is answered with a public key"),
+        }
+    }
+
+    pub async fn public_key(&self, key: &KeyId) -> Result<PublicKey, PoolError> {
+        match self
+            .submit(KeyOp::PublicKey { key: key.clone() }, self.deadline)
+            .await?
+        {
+            KeyOutput::PublicKey(k) => Ok(k),
+            _ => unreachable!("a public-key job is answered with a public key"),
+        }
+    }
+
+    pub async fn attributes(&self, key: &KeyId) -> Result<KeyAttributes, PoolError> {
+        match self
+            .submit(KeyOp::Attributes { key: key.clone() }, self.deadline)
+            .await?
+        {
+            KeyOutput::Attributes(a) => Ok(a),
+            _ => unreachable!("an attributes job is answered with attributes"),
+        }
+    }
+
+    pub async fn destroy(&self, key: &KeyId) -> Result<(), PoolError> {
+        self.submit(KeyOp::Destroy { key: key.clone() }, self.deadline)
+            .await
+            .map(|_| ())
+    }
+
+    /// Succeeds when a worker can reach the token.
+    pub async fn ping(&self) -> Result<(), PoolError> {
+        self.submit(KeyOp::Ping, self.deadline).await.map(|_| ())
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    /// The session and the backend generation it was opened under.
+    session: Option<(Box<dyn KeySession>, u64)>,
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            session: None,
+        }
+    }
+
+    fn run(mut self, queue: Receiver<Job>) {
+        let mut batch = Vec::with_capacity(self.shared.batch_size);
+        // recv() fails only when every KeyPool handle is gone and the queue is
+        // empty: the pool is shutting down.
+        while let Ok(first) = queue.recv() {
+            batch.push(first);
+            while batch.len() < self.shared.batch_size {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let metrics = &self.shared.metrics;
+            metrics.batch_size.observe(batch.len() as f64);
+            metrics.queue_depth.set(queue.len() as i64);
+            for job in batch.drain(..) {
+                self.serve(job);
+            }
+        }
+    }
+
+    fn serve(&mut self, job: Job) {
+        let shared = Arc::clone(&self.shared);
+        let metrics = &shared.metrics;
+        let op_name = job.op.name();
+        if job.reply.is_closed() {
+            metrics.outcome(op_name, "abandoned");
+            return;
+        }
+        if Instant::now() >= job.deadline {
+            metrics.outcome(op_name, "deadline_exceeded");
+            let _ = job.reply.send(Err(PoolError::DeadlineExceeded));
+            return;
+        }
+        let result = self.execute(&job.op);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(PoolError::Unavailable { .. }) => "unavailable",
+            Err(_) => "error",
+        };
+        metrics.outcome(op_name, outcome);
+        if matches!(job.op, KeyOp::Sign { .. }) {
+            metrics
+                .sign_latency_seconds
+                .observe(job.enqueued.elapsed().as_secs_f64());
+        }
+        // The caller may have gone away; nobody is left to tell.
+        let _ = job.reply.send(result);
+    }
+
+    fn execute(&mut self, op: &KeyOp) -> Result<KeyOutput, PoolError> {
+        let attempts = if op.is_idempotent() { 2 } else { 1 };
+        let mut last_failure = None;
+        for _ in 0..attempts {
+            let (session, generation) = match self.connected_session() {
+                Ok(s) => s,
+                Err(e) => return Err(e),
+            };
+            match run_op(session, op) {
+                Ok(output) => {
+                    self.shared.breaker.record_success();
+                    self.shared.metrics.breaker_open.set(0);
+                    return Ok(output);
+                }
+                Err(e) if e.is_connection_failure() => {
+                    tracing::warn!(error = %e, "key store connection failed; reconnecting");
+                    self.session = None;
+                    if matches!(e, KeyError::DeviceFailure { .. }) {
+                        if let Err(err) = self.shared.backend.recover(generation) {
+                            tracing::warn!(error = %err, "re-initializing the key store failed");
+                        }
+                    }
+                    self.note_failure();
+                    last_failure = Some(e);
+                }
+                Err(e) => return Err(PoolError::Key(e)),
+            }
+        }
+        let retry_after = match self.shared.breaker.state() {
+            BreakerState::Open(d) => d,
+            _ => Duration::from_secs(1),
+        };
+        if let Some(e) = last_failure {
+            tracing::debug!(error = %e, "giving up on this request");
+        }
+        Err(PoolError::Unavailable { retry_after })
+    }
+
+    fn note_failure(&self) {
+        let backoff = self.shared.breaker.record_failure();
+        if matches!(self.shared.breaker.state(), BreakerState::Open(_)) {
+            self.shared.metrics.breaker_open.set(1);
+        }
+        self.shared.metrics.reconnects.inc();
+        // Back off on this worker too, so a dead token is not hammered.
+        std::thread::sleep(backoff.min(Duration::from_millis(200)));
+    }
+
+    fn connected_session(&mut self) -> Result<(&mut dyn KeySession, u64), PoolError> {
+        if self.session.is_none() {
+            if let BreakerState::Open(retry_after) = self.shared.breaker.state() {
+                return Err(PoolError::Unavailable { retry_after });
+            }
+            let generation = self.shared.backend.generation();
+            match self.shared.backend.open_session() {
+                Ok(session) => self.session = Some((session, generation)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "opening a key store session failed");
+                    if matches!(e, KeyError::DeviceFailure { .. }) {
+                        let _ = self.shared.backend.recover(generation);
+                    }
+                    self.note_failure();
+                    let retry_after = match self.shared.breaker.state() {
+                        BreakerState::Open(d) => d,
+                        _ => Duration::from_secs(1),
+                    };
+                    return Err(PoolError::Unavailable { retry_after });
+                }
+            }
+        }
+        let (session, generation) = self.session.as_mut().expect("connected just above");
+        Ok((session.as_mut(), *generation))
+    }
+}
+
+fn run_op(session: &mut dyn KeySession, op: &KeyOp) -> Result<KeyOutput, KeyError> {
+    Ok(match op {
+        KeyOp::Sign { key, digest } => KeyOutput::Signature(session.sign_digest(key, digest)?),
+        KeyOp::Generate { key } => KeyOutput::PublicKey(session.generate(key)?),
+        KeyOp::PublicKey { key } => KeyOutput::PublicKey(session.public_key(key)?),
+        KeyOp::Attributes { key } => KeyOutput::Attributes(session.attributes(key)?),
+        KeyOp::Destroy { key } => {
+            session.destroy(key)?;
+            KeyOutput::Done
+        }
+        KeyOp::Ping => {
+            session.ping()?;
+            KeyOutput::Done
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::soft::SoftwareBackend;
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    use p256::ecdsa::VerifyingKey;
+
+    fn pool(config: PoolConfig) -> KeyPool {
+        KeyPool::start(
+            Arc::new(SoftwareBackend::new()),
+            &config,
+            PoolMetrics::unregistered(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn signatures_from_many_tasks_all_verify() {
+        let pool = pool(PoolConfig {
+            workers: 2,
+            ..PoolConfig::default()
+        });
+        let key = KeyId::parse("k-1").unwrap();
+        let public = pool.generate(&key).await.unwrap();
+        let verifier = VerifyingKey::from(&public);
+        let mut tasks = Vec::new();
+        for i in 0..64u8 {
+            let (pool, key) = (pool.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let digest = [i; 32];
+                (digest, pool.sign(&key, digest).await.unwrap())
+            }));
+        }
+        for task in tasks {
+            let (digest, signature) = task.await.unwrap();
+            verifier.verify_prehash(&digest, &signature).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_request_never_reaches_the_token() {
+        let pool = pool(PoolConfig::default());
+        let key = KeyId::parse("k-2").unwrap();
+        pool.generate(&key).await.unwrap();
+        let result = pool.sign_within(&key, [0; 32], Duration::ZERO).await;
+        assert!(matches!(result, Err(PoolError::DeadlineExceeded)));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_refused_with_retry_after() {
+        let pool = pool(PoolConfig {
+            workers: 1,
+            queue_capacity: 1,
+            ..PoolConfig::default()
+        });
+        let key = KeyId::parse("k-3").unwrap();
+        pool.generate(&key).await.unwrap();
+        let results = futures_join_all((0..200).map(|_| pool.sign(&key, [7; 32])).collect()).await;
+        assert!(results
+            .iter()
+            .any(|r| matches!(r, Err(PoolError::QueueFull { .. }))));
+        assert!(results.iter().any(|r| r.is_ok()));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_is_a_key_error_not_an_outage() {
+        let pool = pool(PoolConfig::default());
+        let result = pool.sign(&KeyId::parse("missing").unwrap(), [0; 32]).await;
+        assert!(matches!(result, Err(PoolError::Key(KeyError::NotFound(_)))));
+        assert_eq!(pool.breaker_state(), BreakerState::Closed);
+    }
+
+    async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+        let mut out = Vec::new();
+        let pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+        // Poll all at once so they are queued together.
+        let mut pending: Vec<_> = pinned.into_iter().map(Some).collect();
+        std::future::poll_fn(|cx| {
+            let mut all_done = true;
+            for slot in pending.iter_mut() {
+                if let Some(f) = slot.as_mut() {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => {
+                            out.push(v);
+                            *slot = None;
+                        }
+                        std::task::Poll::Pending => all_done = false,
+                    }
+                }
+            }
+            if all_done {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        out
+    }
+}

@@ -1,0 +1,184 @@
+//! Persistence: one [`Store`] trait, implemented once for SQLite (the
+//! embedded default) and once for PostgreSQL (production, several replicas).
+//!
+//! Every write that changes security state appends its audit event in the
+//! same transaction, so there is never a change without its record, nor a
+//! record of a change that did not happen.
+
+mod sql;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::audit::{AuditEvent, AuditRecord};
+
+pub use sql::SqlStore;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRecord {
+    pub name: String,
+    pub spiffe_id: String,
+    /// `custodial` (key in keyward's token) or `agent-tpm`.
+    pub custody: String,
+    pub key_id: Option<String>,
+    pub public_key_der: Option<Vec<u8>>,
+    /// Digest of the key's attestation evidence (custodial keys).
+    pub attestation_digest: Option<String>,
+    pub scopes: Vec<String>,
+    /// `active`, `disabled` or `revoked`.
+    pub status: String,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// Lower-case hex of the serial number's bytes.
+    pub serial: String,
+    pub agent_name: String,
+    pub key_id: Option<String>,
+    pub public_key_sha256: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub der: Vec<u8>,
+    pub attestation_digest: Option<String>,
+    pub policy_version: i64,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttestationRecord {
+    /// Lower-case hex SHA-256 of `evidence`.
+    pub digest: String,
+    pub format: String,
+    pub evidence: Vec<u8>,
+    pub created_at: i64,
+}
+
+/// keyward's issuing CA: the key on the token and its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaRecord {
+    pub key_id: String,
+    pub cert_der: Vec<u8>,
+    /// The issuing certificate's chain up to its root, PEM, root last.
+    pub chain_pem: String,
+    pub created_at: i64,
+}
+
+/// A key keyward uses for itself (e.g. `attestation`), with its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceKeyRecord {
+    pub purpose: String,
+    pub key_id: String,
+    pub cert_der: Vec<u8>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrating the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is malformed: {0}")]
+    Corrupt(String),
+    #[error("unsupported database URL (expected sqlite:// or postgres://)")]
+    UnsupportedUrl,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `sqlite` or `postgres`.
+    fn backend_name(&self) -> &'static str;
+
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Stores a new agent, and the evidence for its key, with the audit event.
+    async fn insert_agent(
+        &self,
+        agent: &AgentRecord,
+        evidence: Option<&AttestationRecord>,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    async fn agent(&self, name: &str) -> Result<Option<AgentRecord>, StoreError>;
+    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Stores an issued certificate (and the evidence it points at) with its
+    /// audit event, in one transaction.
+    async fn insert_certificate(
+        &self,
+        certificate: &CertificateRecord,
+        evidence: Option<&AttestationRecord>,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;
+    async fn attestation(&self, digest: &str) -> Result<Option<AttestationRecord>, StoreError>;
+
+    async fn active_ca(&self) -> Result<Option<CaRecord>, StoreError>;
+    /// Makes `ca` the active issuing CA. Fails with `Conflict` when another
+    /// replica installed one first and `replace` is false.
+    async fn install_ca(
+        &self,
+        ca: &CaRecord,
+        replace: bool,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    async fn service_key(&self, purpose: &str) -> Result<Option<ServiceKeyRecord>, StoreError>;
+    async fn insert_service_key(
+        &self,
+        key: &ServiceKeyRecord,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    async fn insert_admin_token(
+        &self,
+        token_sha256: &[u8; 32],
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    async fn admin_token_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError>;
+
+    /// The audit trail from `after_seq` on, oldest first, at most `limit` rows.
+    async fn audit_records(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// Opens the database named by `url` and applies its migrations.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(Arc::new(SqlStore::new(pool, "sqlite")))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(Arc::new(SqlStore::new(pool, "postgres")))
+    } else {
+        Err(StoreError::UnsupportedUrl)
+    }
+}

@@ -1,0 +1,375 @@
+//! The one SQL implementation of [`Store`], compiled for SQLite and for
+//! PostgreSQL. The statements are portable (`$n` placeholders, `RETURNING`,
+//! integers as 64-bit, blobs as bytes); only the migrations differ.
+
+use async_trait::async_trait;
+use sqlx::{Pool, Postgres, Row, Sqlite, Transaction};
+
+use super::{
+    AgentRecord, AttestationRecord, CaRecord, CertificateRecord, ServiceKeyRecord, Store,
+    StoreError,
+};
+use crate::audit::{chain_hash, AuditEvent, AuditRecord};
+
+pub struct SqlStore<DB: sqlx::Database> {
+    pool: Pool<DB>,
+    name: &'static str,
+}
+
+impl<DB: sqlx::Database> SqlStore<DB> {
+    pub fn new(pool: Pool<DB>, name: &'static str) -> Self {
+        Self { pool, name }
+    }
+
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn unique_violation(e: sqlx::Error, what: &'static str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(what),
+        _ => StoreError::Database(e),
+    }
+}
+
+fn hash32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+}
+
+macro_rules! impl_store {
+    ($db:ty) => {
+        impl SqlStore<$db> {
+            /// Appends `event` to the audit chain inside `tx`. Updating the
+            /// head row first takes its write lock, which serializes appends
+            /// across connections and replicas.
+            async fn append_audit(
+                tx: &mut Transaction<'_, $db>,
+                event: &AuditEvent,
+            ) -> Result<(), StoreError> {
+                let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+                    .fetch_one(&mut **tx)
+                    .await?;
+                let seq: i64 = head.try_get("seq")?;
+                let prev = hash32(head.try_get("hash")?, "audit head hash")?;
+                let at = now();
+                let hash = chain_hash(&prev, seq, at, event);
+                sqlx::query(
+                    "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(seq)
+                .bind(at)
+                .bind(&event.actor)
+                .bind(&event.action)
+                .bind(&event.subject)
+                .bind(event.details.to_string())
+                .bind(prev.to_vec())
+                .bind(hash.to_vec())
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
+                    .bind(hash.to_vec())
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            async fn insert_evidence(
+                tx: &mut Transaction<'_, $db>,
+                evidence: Option<&AttestationRecord>,
+            ) -> Result<(), StoreError> {
+                if let Some(ev) = evidence {
+                    // The digest names the content, so an identical row may
+                    // already be there.
+                    sqlx::query(
+                        "INSERT INTO attestations (digest, format, evidence, created_at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (digest) DO NOTHING",
+                    )
+                    .bind(&ev.digest)
+                    .bind(&ev.format)
+                    .bind(&ev.evidence)
+                    .bind(ev.created_at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Ok(())
+            }
+
+            fn agent_from_row(row: &<$db as sqlx::Database>::Row) -> Result<AgentRecord, StoreError> {
+                let scopes: String = row.try_get("scopes")?;
+                Ok(AgentRecord {
+                    name: row.try_get("name")?,
+                    spiffe_id: row.try_get("spiffe_id")?,
+                    custody: row.try_get("custody")?,
+                    key_id: row.try_get("key_id")?,
+                    public_key_der: row.try_get("public_key_der")?,
+                    attestation_digest: row.try_get("attestation_digest")?,
+                    scopes: serde_json::from_str(&scopes)
+                        .map_err(|e| StoreError::Corrupt(format!("agent scopes: {e}")))?,
+                    status: row.try_get("status")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn certificate_from_row(
+                row: &<$db as sqlx::Database>::Row,
+            ) -> Result<CertificateRecord, StoreError> {
+                Ok(CertificateRecord {
+                    serial: row.try_get("serial")?,
+                    agent_name: row.try_get("agent_name")?,
+                    key_id: row.try_get("key_id")?,
+                    public_key_sha256: row.try_get("public_key_sha256")?,
+                    not_before: row.try_get("not_before")?,
+                    not_after: row.try_get("not_after")?,
+                    der: row.try_get("der")?,
+                    attestation_digest: row.try_get("attestation_digest")?,
+                    policy_version: row.try_get("policy_version")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+        }
+
+        #[async_trait]
+        impl Store for SqlStore<$db> {
+            fn backend_name(&self) -> &'static str {
+                self.name
+            }
+
+            async fn ping(&self) -> Result<(), StoreError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn insert_agent(
+                &self,
+                agent: &AgentRecord,
+                evidence: Option<&AttestationRecord>,
+                audit: &AuditEvent,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                Self::insert_evidence(&mut tx, evidence).await?;
+                sqlx::query(
+                    "INSERT INTO agents (name, spiffe_id, custody, key_id, public_key_der, attestation_digest,
+                        scopes, status, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(&agent.name)
+                .bind(&agent.spiffe_id)
+                .bind(&agent.custody)
+                .bind(&agent.key_id)
+                .bind(&agent.public_key_der)
+                .bind(&agent.attestation_digest)
+                .bind(serde_json::to_string(&agent.scopes).expect("strings serialize"))
+                .bind(&agent.status)
+                .bind(agent.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "agent"))?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn agent(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
+                let row = sqlx::query("SELECT * FROM agents WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(Self::agent_from_row).transpose()
+            }
+
+            async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+                let rows = sqlx::query("SELECT * FROM agents ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(Self::agent_from_row).collect()
+            }
+
+            async fn insert_certificate(
+                &self,
+                cert: &CertificateRecord,
+                evidence: Option<&AttestationRecord>,
+                audit: &AuditEvent,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                Self::insert_evidence(&mut tx, evidence).await?;
+                sqlx::query(
+                    "INSERT INTO certificates (serial, agent_name, key_id, public_key_sha256, not_before,
+                        not_after, der, attestation_digest, policy_version, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                )
+                .bind(&cert.serial)
+                .bind(&cert.agent_name)
+                .bind(&cert.key_id)
+                .bind(&cert.public_key_sha256)
+                .bind(cert.not_before)
+                .bind(cert.not_after)
+                .bind(&cert.der)
+                .bind(&cert.attestation_digest)
+                .bind(cert.policy_version)
+                .bind(cert.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "certificate serial"))?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
+                let row = sqlx::query("SELECT * FROM certificates WHERE serial = $1")
+                    .bind(serial)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(Self::certificate_from_row).transpose()
+            }
+
+            async fn attestation(&self, digest: &str) -> Result<Option<AttestationRecord>, StoreError> {
+                let row = sqlx::query("SELECT * FROM attestations WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| -> Result<_, StoreError> {
+                    Ok(AttestationRecord {
+                        digest: r.try_get("digest")?,
+                        format: r.try_get("format")?,
+                        evidence: r.try_get("evidence")?,
+                        created_at: r.try_get("created_at")?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn active_ca(&self) -> Result<Option<CaRecord>, StoreError> {
+                let row = sqlx::query("SELECT * FROM ca_certificates WHERE active = 1")
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| -> Result<_, StoreError> {
+                    Ok(CaRecord {
+                        key_id: r.try_get("key_id")?,
+                        cert_der: r.try_get("cert_der")?,
+                        chain_pem: r.try_get("chain_pem")?,
+                        created_at: r.try_get("created_at")?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn install_ca(&self, ca: &CaRecord, replace: bool, audit: &AuditEvent) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                if replace {
+                    sqlx::query("UPDATE ca_certificates SET active = 0 WHERE active = 1")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO ca_certificates (key_id, cert_der, chain_pem, active, created_at)
+                     VALUES ($1, $2, $3, 1, $4)",
+                )
+                .bind(&ca.key_id)
+                .bind(&ca.cert_der)
+                .bind(&ca.chain_pem)
+                .bind(ca.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "active CA"))?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn service_key(&self, purpose: &str) -> Result<Option<ServiceKeyRecord>, StoreError> {
+                let row = sqlx::query("SELECT * FROM service_keys WHERE purpose = $1")
+                    .bind(purpose)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| -> Result<_, StoreError> {
+                    Ok(ServiceKeyRecord {
+                        purpose: r.try_get("purpose")?,
+                        key_id: r.try_get("key_id")?,
+                        cert_der: r.try_get("cert_der")?,
+                        created_at: r.try_get("created_at")?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn insert_service_key(&self, key: &ServiceKeyRecord, audit: &AuditEvent) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                sqlx::query(
+                    "INSERT INTO service_keys (purpose, key_id, cert_der, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&key.purpose)
+                .bind(&key.key_id)
+                .bind(&key.cert_der)
+                .bind(key.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "service key"))?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn insert_admin_token(&self, token_sha256: &[u8; 32], audit: &AuditEvent) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                sqlx::query("INSERT INTO admin_tokens (token_sha256, created_at) VALUES ($1, $2)")
+                    .bind(token_sha256.to_vec())
+                    .bind(now())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| unique_violation(e, "admin token"))?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn admin_token_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+                let rows = sqlx::query("SELECT token_sha256 FROM admin_tokens")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|r| hash32(r.try_get("token_sha256")?, "admin token hash"))
+                    .collect()
+            }
+
+            async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT * FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(after_seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| -> Result<_, StoreError> {
+                        let details: String = r.try_get("details")?;
+                        Ok(AuditRecord {
+                            seq: r.try_get("seq")?,
+                            at: r.try_get("at")?,
+                            event: AuditEvent {
+                                actor: r.try_get("actor")?,
+                                action: r.try_get("action")?,
+                                subject: r.try_get("subject")?,
+                                details: serde_json::from_str(&details)
+                                    .map_err(|e| StoreError::Corrupt(format!("audit details: {e}")))?,
+                            },
+                            prev_hash: hash32(r.try_get("prev_hash")?, "audit prev_hash")?,
+                            hash: hash32(r.try_get("hash")?, "audit hash")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+impl_store!(Sqlite);
+impl_store!(Postgres);

@@ -1,0 +1,164 @@
+//! Logging and Prometheus metrics.
+//!
+//! Secrets never reach a log line: PINs and tokens are `SecretString` or
+//! hashes everywhere, and request bodies are not logged.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber; `RUST_LOG` overrides the level.
+pub fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialization (tests) is harmless: keep the first.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
+/// Metrics of the key-operation pool.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub queue_depth: Gauge,
+    pub batch_size: Histogram,
+    pub sign_latency_seconds: Histogram,
+    pub operations: Family<OutcomeLabels, Counter>,
+    pub breaker_open: Gauge,
+    pub reconnects: Counter,
+}
+
+impl PoolMetrics {
+    /// Metrics that are counted but not exported (unit tests, benchmarks).
+    pub fn unregistered() -> Self {
+        Self {
+            queue_depth: Gauge::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
+            sign_latency_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            operations: Family::default(),
+            breaker_open: Gauge::default(),
+            reconnects: Counter::default(),
+        }
+    }
+
+    pub fn outcome(&self, op: &'static str, outcome: &'static str) {
+        self.operations
+            .get_or_create(&OutcomeLabels { op, outcome })
+            .inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("keyward_pool");
+        r.register(
+            "queue_depth",
+            "Requests waiting for a pool worker",
+            self.queue_depth.clone(),
+        );
+        r.register(
+            "batch_size",
+            "Requests a worker took from the queue at once",
+            self.batch_size.clone(),
+        );
+        r.register(
+            "sign_latency_seconds",
+            "Time from enqueue to signature, per sign request",
+            self.sign_latency_seconds.clone(),
+        );
+        r.register(
+            "operations",
+            "Key operations by kind and outcome",
+            self.operations.clone(),
+        );
+        r.register(
+            "breaker_open",
+            "1 while the circuit breaker fails fast",
+            self.breaker_open.clone(),
+        );
+        r.register(
+            "reconnects",
+            "Session reopen attempts after connection failures",
+            self.reconnects.clone(),
+        );
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub code: String,
+}
+
+/// Every metric keyward exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub pool: PoolMetrics,
+    pub certificates_issued: Counter,
+    pub agents_created: Counter,
+    pub api_errors: Family<HttpLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let pool = PoolMetrics::unregistered();
+        pool.register(&mut registry);
+        let certificates_issued = Counter::default();
+        let agents_created = Counter::default();
+        let api_errors = Family::<HttpLabels, Counter>::default();
+        let r = registry.sub_registry_with_prefix("keyward");
+        r.register(
+            "certificates_issued",
+            "Certificates issued",
+            certificates_issued.clone(),
+        );
+        r.register(
+            "agents_created",
+            "Agents registered",
+            agents_created.clone(),
+        );
+        r.register(
+            "api_errors",
+            "API error answers by machine-readable code",
+            api_errors.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            pool,
+            certificates_issued,
+            agents_created,
+            api_errors,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
