@@ -322,10 +322,7 @@ impl Worker {
         let attempts = if op.is_idempotent() { 2 } else { 1 };
         let mut last_failure = None;
         for _ in 0..attempts {
-            let (session, generation) = match self.connected_session() {
-                Ok(s) => s,
-                Err(e) => return Err(e),
-            };
+            let (session, generation) = self.connected_session()?;
             match run_op(session, op) {
                 Ok(output) => {
                     self.shared.breaker.record_success();

@@ -1,0 +1,26 @@
+# Sourced by the scripts in this directory: installs the Debian/Ubuntu
+# packages keyward needs when they are missing (as root, or with sudo), or
+# stops with the exact command to run.
+
+ensure_packages() {
+  local missing=()
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local cmd="apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${missing[*]}"
+  echo "keyward: installing ${missing[*]}" >&2
+  if [ "$(id -u)" = 0 ]; then
+    sh -c "$cmd" >&2
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo sh -c "$cmd" >&2
+  else
+    echo "keyward: missing packages; run: sudo sh -c '$cmd'" >&2
+    exit 1
+  fi
+}
+
+# What the service needs at run time.
+RUNTIME_PACKAGES=(softhsm2 openssl ca-certificates)
+# What the test suite needs besides: independent PKCS#11 and X.509 tools.
+TEST_PACKAGES=(opensc postgresql-client)

@@ -1,0 +1,297 @@
+//! Test harness: a real keyward process on a real SoftHSM2 token (its own
+//! data directory and SOFTHSM2_CONF), on SQLite or on the real PostgreSQL
+//! server, driven over HTTPS.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The PostgreSQL server the suite uses; `.ci/run` requires it.
+pub fn postgres_admin_url() -> String {
+    std::env::var("KEYWARD_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// A database for one test: a SQLite file in the data directory, or a fresh
+/// PostgreSQL database dropped afterwards.
+pub struct TestDatabase {
+    pub url: String,
+    postgres_name: Option<String>,
+}
+
+impl TestDatabase {
+    pub async fn create(db: Db, data_dir: &Path) -> Self {
+        match db {
+            Db::Sqlite => Self {
+                url: format!("sqlite://{}", data_dir.join("keyward.db").display()),
+                postgres_name: None,
+            },
+            Db::Postgres => {
+                use sqlx::Connection;
+                let admin = postgres_admin_url();
+                let mut conn = sqlx::PgConnection::connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("PostgreSQL at {admin} is required for the PostgreSQL tests: {e}")
+                    });
+                let name = format!("keyward_test_{}", hex::encode(rand::random::<[u8; 6]>()));
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+                Self {
+                    url: format!("{base}/{name}"),
+                    postgres_name: Some(name),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some(name) = self.postgres_name.take() {
+            // Drop runs outside async context: use a throwaway runtime.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_admin_url()).await {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut conn)
+                                .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// A running `keyward serve` on its embedded SoftHSM2 token.
+pub struct Server {
+    pub data_dir: tempfile::TempDir,
+    pub url: String,
+    pub database: TestDatabase,
+    pub client: reqwest::Client,
+    pub admin_token: String,
+    child: Option<Child>,
+}
+
+pub fn keyward_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyward")
+}
+
+fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
+    let mut child = Command::new(keyward_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--database-url")
+        .arg(database_url)
+        .env_remove("SOFTHSM2_CONF")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting keyward");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading keyward's first line");
+    let addr = line
+        .trim()
+        .strip_prefix("keyward listening on ")
+        .unwrap_or_else(|| panic!("keyward did not start: {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
+impl Server {
+    pub async fn start(db: Db) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        let database = TestDatabase::create(db, data_dir.path()).await;
+        Self::start_in(data_dir, database).await
+    }
+
+    pub async fn start_in(data_dir: tempfile::TempDir, database: TestDatabase) -> Self {
+        let (child, url) = spawn(data_dir.path(), &database.url);
+        let ca = std::fs::read(data_dir.path().join("ca.pem")).unwrap();
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let admin_token = std::fs::read_to_string(data_dir.path().join("admin.token")).unwrap();
+        Self {
+            data_dir,
+            url,
+            database,
+            client,
+            admin_token,
+            child: Some(child),
+        }
+    }
+
+    /// Stops the process and starts it again on the same data and database.
+    pub async fn restart(mut self) -> Self {
+        self.stop();
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        let database = std::mem::replace(
+            &mut self.database,
+            TestDatabase {
+                url: String::new(),
+                postgres_name: None,
+            },
+        );
+        Self::start_in(data_dir, database).await
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.data_dir.path().join(name)
+    }
+
+    /// Sends a request with the admin token; returns status and JSON body.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.request(method, path, body, Some(&self.admin_token.clone()))
+            .await
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request reached keyward");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Opens the server's database directly, to check what was written.
+    pub async fn store(&self) -> std::sync::Arc<dyn keyward::store::Store> {
+        keyward::store::connect(&self.database.url).await.unwrap()
+    }
+
+    /// Rows in each table a request could write: (agents, certificates, audit events).
+    pub async fn row_counts(&self) -> (i64, i64, i64) {
+        use sqlx::Connection;
+        let sql = "SELECT (SELECT COUNT(*) FROM agents), (SELECT COUNT(*) FROM certificates), \
+                   (SELECT COUNT(*) FROM audit_events)";
+        if self.database.url.starts_with("sqlite") {
+            let mut c = sqlx::SqliteConnection::connect(&self.database.url)
+                .await
+                .unwrap();
+            sqlx::query_as(sql).fetch_one(&mut c).await.unwrap()
+        } else {
+            let mut c = sqlx::PgConnection::connect(&self.database.url)
+                .await
+                .unwrap();
+            sqlx::query_as(sql).fetch_one(&mut c).await.unwrap()
+        }
+    }
+
+    /// The private keys on the server's token, as the OpenSC `pkcs11-tool`
+    /// (an independent PKCS#11 client) lists them.
+    pub fn token_private_keys(&self) -> String {
+        let conf = self.path("softhsm/softhsm2.conf");
+        let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
+        let module = keyward::embedded::find_softhsm_module().unwrap();
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(module)
+            .args([
+                "--login",
+                "--pin",
+                pin.trim(),
+                "--list-objects",
+                "--type",
+                "privkey",
+            ])
+            .env("SOFTHSM2_CONF", conf)
+            .output()
+            .expect("pkcs11-tool (package opensc) is installed by the test command");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs a command, returning (success, stdout+stderr).
+pub fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("running a command");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Declares each listed test once for SQLite and once for PostgreSQL.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Db::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Db::Postgres).await
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,584 @@
+//! The foundation, end to end: a keyward process on a real SoftHSM2 token,
+//! on SQLite and on PostgreSQL, driven over HTTPS like an operator would.
+
+mod common;
+
+use std::process::Command;
+
+use common::{run, Db, Server};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::*;
+
+/// DER content octets of 2.25.223006243938400783658624436094198090111.
+fn attestation_oid() -> Vec<u8> {
+    keyward::ca::cert::oid_content(&[2, 25, 223_006_243_938_400_783_658_624_436_094_198_090_111])
+}
+
+async fn create_agent(server: &Server, name: &str) -> Value {
+    let (status, body) = server
+        .admin(
+            "POST",
+            "/v1/agents",
+            Some(json!({"name": name, "scopes": ["orders:read"]})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
+async fn issue(server: &Server, name: &str, body: Value) -> Value {
+    let (status, issued) = server
+        .admin(
+            "POST",
+            &format!("/v1/agents/{name}/certificates"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 201, "{issued}");
+    issued
+}
+
+fn write(dir: &std::path::Path, name: &str, contents: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+fn openssl_verify(server: &Server, issued: &Value) -> (bool, String) {
+    let dir = server.data_dir.path();
+    let leaf = write(dir, "leaf.pem", issued["certificate_pem"].as_str().unwrap());
+    let chain = write(dir, "chain.pem", issued["chain_pem"].as_str().unwrap());
+    run(Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(server.path("ca.pem"))
+        .arg("-untrusted")
+        .arg(chain)
+        .arg(leaf))
+}
+
+async fn a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token(db: Db) {
+    let server = Server::start(db).await;
+    let agent = create_agent(&server, "alpha").await;
+    assert_eq!(agent["spiffe_id"], "spiffe://keyward.local/agent/alpha");
+    assert!(agent["public_key_pem"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN PUBLIC KEY-----"));
+    let key_id = agent["key_id"].as_str().unwrap();
+
+    let listing = server.token_private_keys();
+    assert!(
+        listing.contains(&format!("label:      {key_id}")),
+        "{listing}"
+    );
+    // Every private key on the token, the CA's included: generated there,
+    // sensitive, never extractable, and good for signing only.
+    let keys: Vec<&str> = listing.split("Private Key Object").skip(1).collect();
+    assert!(keys.len() >= 3, "CA, attestation and agent keys: {listing}");
+    for key in keys {
+        assert!(
+            key.contains("Access:     sensitive, always sensitive, never extractable, local"),
+            "{key}"
+        );
+        assert!(key.lines().any(|l| l.trim() == "Usage:      sign"), "{key}");
+    }
+
+    let (status, listed) = server.admin("GET", "/v1/agents", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["agents"][0]["name"], "alpha");
+    let (status, fetched) = server.admin("GET", "/v1/agents/alpha", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(fetched["key_id"], agent["key_id"]);
+}
+
+async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
+    let server = Server::start(db).await;
+    let agent = create_agent(&server, "alpha").await;
+    let issued = issue(&server, "alpha", json!({"ttl_seconds": 600})).await;
+
+    let (ok, out) = openssl_verify(&server, &issued);
+    assert!(ok, "openssl verify: {out}");
+
+    let pem = issued["certificate_pem"].as_str().unwrap();
+    let (_, pem) = parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let serial = cert.raw_serial();
+    assert_eq!(serial.len(), 16);
+    assert!(serial[0] & 0x80 == 0 && serial[0] != 0);
+    assert_eq!(hex::encode(serial), issued["serial"]);
+    let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+    assert_eq!(lifetime, 630, "600 s TTL plus 30 s backdating");
+    assert_eq!(cert.subject().to_string(), "CN=alpha");
+
+    let bc = cert.basic_constraints().unwrap().unwrap();
+    assert!(bc.critical && !bc.value.ca);
+    let ku = cert.key_usage().unwrap().unwrap();
+    assert!(ku.critical && ku.value.digital_signature() && ku.value.flags == 1);
+    let eku = cert.extended_key_usage().unwrap().unwrap();
+    assert!(eku.value.client_auth && !eku.value.server_auth);
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(san.value.general_names.len(), 1);
+    assert!(matches!(san.value.general_names[0],
+        GeneralName::URI(uri) if uri == "spiffe://keyward.local/agent/alpha"));
+    assert!(cert
+        .get_extension_unique(&oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+        .unwrap()
+        .is_some());
+    assert!(cert
+        .get_extension_unique(&oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
+        .unwrap()
+        .is_some());
+
+    // The attestation extension: non-critical, naming the token and the
+    // digest of the evidence keyward serves.
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid.as_bytes() == attestation_oid().as_slice())
+        .expect("attestation extension");
+    assert!(!ext.critical);
+    use der::Decode;
+    let claims = keyward::attestation::AttestationClaims::from_der(ext.value).unwrap();
+    assert_eq!(claims.format, "pkcs11-key-attributes");
+    assert!(
+        claims.key_location.contains("SoftHSM"),
+        "{}",
+        claims.key_location
+    );
+    assert_eq!(claims.scopes, vec!["orders:read".to_owned()]);
+    let digest = hex::encode(claims.evidence_digest.as_bytes());
+    assert_eq!(issued["attestation"], digest.as_str());
+    assert_eq!(agent["attestation_digest"], digest.as_str());
+
+    let response = server
+        .client
+        .get(format!("{}/v1/attestations/{digest}", server.url))
+        .bearer_auth(&server.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let evidence = response.bytes().await.unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&evidence)),
+        digest,
+        "served evidence matches the digest"
+    );
+    let document: Value = serde_json::from_slice(&evidence).unwrap();
+    use base64::Engine;
+    let statement: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(document["statement_b64"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    for claim in ["local", "always_sensitive", "never_extractable", "sign"] {
+        assert_eq!(statement["attributes"][claim], true, "{claim}");
+    }
+    assert_eq!(statement["attributes"]["extractable"], false);
+    assert_eq!(statement["key_id"], agent["key_id"]);
+
+    // The certificate's key is the agent's custodial key.
+    let spki = cert.public_key().raw;
+    assert_eq!(
+        pem_body(agent["public_key_pem"].as_str().unwrap()),
+        spki,
+        "certificate carries the custodial key"
+    );
+}
+
+fn pem_body(pem: &str) -> Vec<u8> {
+    let (_, p) = parse_x509_pem(pem.as_bytes()).unwrap();
+    p.contents
+}
+
+async fn a_csr_certificate_carries_the_csr_key_and_keywards_names(db: Db) {
+    let server = Server::start(db).await;
+    create_agent(&server, "alpha").await;
+    let dir = server.data_dir.path();
+    let key = dir.join("own.key");
+    let csr = dir.join("own.csr");
+    assert!(
+        run(Command::new("openssl")
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out"
+            ])
+            .arg(&key))
+        .0
+    );
+    assert!(
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-subj",
+                "/CN=mallory",
+                "-addext",
+                "subjectAltName=URI:spiffe://evil/agent/x",
+                "-key"
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr))
+        .0
+    );
+    let issued = issue(
+        &server,
+        "alpha",
+        json!({"csr_pem": std::fs::read_to_string(&csr).unwrap(), "ttl_seconds": 300}),
+    )
+    .await;
+    assert!(
+        issued["attestation"].is_null(),
+        "keyward cannot vouch for a CSR key"
+    );
+    let (ok, out) = openssl_verify(&server, &issued);
+    assert!(ok, "{out}");
+    let leaf = write(
+        dir,
+        "csr-leaf.pem",
+        issued["certificate_pem"].as_str().unwrap(),
+    );
+    let (_, cert_key) = run(Command::new("openssl")
+        .args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(&leaf));
+    let (_, csr_key) = run(Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&key));
+    assert_eq!(cert_key, csr_key);
+    let (_, text) = run(Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&leaf));
+    assert!(
+        text.contains("URI:spiffe://keyward.local/agent/alpha"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("mallory") && !text.contains("spiffe://evil"),
+        "{text}"
+    );
+}
+
+/// Each bad request gets its 4xx and machine-readable code, and writes no
+/// row anywhere (agents, certificates, audit).
+async fn bad_input_is_refused_and_writes_nothing(db: Db) {
+    let server = Server::start(db).await;
+    create_agent(&server, "alpha").await;
+    let dir = server.data_dir.path();
+    let p384_key = dir.join("p384.key");
+    let p384_csr = dir.join("p384.csr");
+    assert!(
+        run(Command::new("openssl")
+            .args(["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out"])
+            .arg(&p384_key))
+        .0
+    );
+    assert!(
+        run(Command::new("openssl")
+            .args(["req", "-new", "-subj", "/CN=x", "-key"])
+            .arg(&p384_key)
+            .arg("-out")
+            .arg(&p384_csr))
+        .0
+    );
+    let p256_key = dir.join("p256.key");
+    let p256_csr = dir.join("p256.csr");
+    assert!(
+        run(Command::new("openssl")
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out"
+            ])
+            .arg(&p256_key))
+        .0
+    );
+    assert!(
+        run(Command::new("openssl")
+            .args(["req", "-new", "-subj", "/CN=x", "-key"])
+            .arg(&p256_key)
+            .arg("-out")
+            .arg(&p256_csr))
+        .0
+    );
+    let good_csr = std::fs::read_to_string(&p256_csr).unwrap();
+    // Same request, one signature byte flipped: the signature no longer verifies.
+    let tampered_csr = {
+        let (_, pem) = parse_x509_pem(good_csr.as_bytes()).unwrap();
+        let mut der = pem.contents.clone();
+        let last = der.len() - 1;
+        der[last] ^= 0x01;
+        pem_encode("CERTIFICATE REQUEST", &der)
+    };
+    let before = server.row_counts().await;
+
+    let cases: Vec<(&str, &str, Value, u16, &str)> = vec![
+        (
+            "unknown agent",
+            "/v1/agents/nobody/certificates",
+            json!({"ttl_seconds": 600}),
+            404,
+            "agent_not_found",
+        ),
+        (
+            "duplicate name",
+            "/v1/agents",
+            json!({"name": "alpha", "scopes": []}),
+            409,
+            "agent_exists",
+        ),
+        (
+            "invalid name",
+            "/v1/agents",
+            json!({"name": "Bad Name!", "scopes": []}),
+            400,
+            "invalid_agent_name",
+        ),
+        (
+            "name too long",
+            "/v1/agents",
+            json!({"name": "a".repeat(64)}),
+            400,
+            "invalid_agent_name",
+        ),
+        (
+            "invalid scope",
+            "/v1/agents",
+            json!({"name": "beta", "scopes": ["has space"]}),
+            400,
+            "invalid_scope",
+        ),
+        (
+            "unknown field",
+            "/v1/agents",
+            json!({"name": "beta", "role": "admin"}),
+            400,
+            "invalid_request",
+        ),
+        (
+            "ttl zero",
+            "/v1/agents/alpha/certificates",
+            json!({"ttl_seconds": 0}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "ttl above max",
+            "/v1/agents/alpha/certificates",
+            json!({"ttl_seconds": 3601}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "negative ttl",
+            "/v1/agents/alpha/certificates",
+            json!({"ttl_seconds": -5}),
+            400,
+            "invalid_request",
+        ),
+        (
+            "non-PEM CSR",
+            "/v1/agents/alpha/certificates",
+            json!({"csr_pem": "hello"}),
+            400,
+            "invalid_csr",
+        ),
+        (
+            "malformed CSR",
+            "/v1/agents/alpha/certificates",
+            json!({"csr_pem": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"}),
+            400,
+            "invalid_csr",
+        ),
+        (
+            "CSR signature",
+            "/v1/agents/alpha/certificates",
+            json!({"csr_pem": tampered_csr}),
+            400,
+            "csr_signature_invalid",
+        ),
+        (
+            "P-384 CSR",
+            "/v1/agents/alpha/certificates",
+            json!({"csr_pem": std::fs::read_to_string(&p384_csr).unwrap()}),
+            400,
+            "unsupported_key",
+        ),
+    ];
+    for (what, path, body, status, code) in cases {
+        let (got, answer) = server.admin("POST", path, Some(body)).await;
+        assert_eq!(got, status, "{what}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{what}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+    }
+
+    // A body over 64 KiB.
+    let big = json!({"name": "beta", "scopes": ["a".repeat(200_000)]});
+    let (status, answer) = server.admin("POST", "/v1/agents", Some(big)).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+    // Not JSON at all.
+    let response = server
+        .client
+        .post(format!("{}/v1/agents", server.url))
+        .bearer_auth(&server.admin_token)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+
+    // Missing and wrong admin tokens.
+    let body = json!({"name": "beta", "scopes": []});
+    let (status, answer) = server
+        .request("POST", "/v1/agents", Some(body.clone()), None)
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let (status, answer) = server
+        .request("POST", "/v1/agents", Some(body.clone()), Some("wrong"))
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("invalid_credentials"))
+    );
+    let almost = format!("{}x", server.admin_token.trim());
+    let (status, _) = server
+        .request("POST", "/v1/agents", Some(body), Some(&almost))
+        .await;
+    assert_eq!(status, 401);
+
+    assert_eq!(
+        server.row_counts().await,
+        before,
+        "a refused request wrote a row"
+    );
+    let listing = server.token_private_keys();
+    assert_eq!(
+        listing.matches("Private Key Object").count(),
+        3,
+        "a refused request left a key: {listing}"
+    );
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+async fn only_health_and_the_ca_answer_without_credentials(db: Db) {
+    let server = Server::start(db).await;
+    for path in ["/healthz", "/readyz", "/v1/ca/chain.pem"] {
+        let (status, _) = server.request("GET", path, None, None).await;
+        assert_eq!(status, 200, "{path}");
+    }
+    for path in [
+        "/v1/agents",
+        "/v1/agents/alpha",
+        "/metrics",
+        &format!("/v1/attestations/{}", "0".repeat(64)),
+    ] {
+        let (status, answer) = server.request("GET", path, None, None).await;
+        assert_eq!(status, 401, "{path}: {answer}");
+    }
+    let (_, chain) = server.request("GET", "/v1/ca/chain.pem", None, None).await;
+    let served = chain.as_str().unwrap().to_owned();
+    let anchor = std::fs::read_to_string(server.path("ca.pem")).unwrap();
+    assert!(
+        served.contains(anchor.trim()),
+        "the chain ends at the trust anchor in ca.pem"
+    );
+}
+
+async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
+    let server = Server::start(db).await;
+    let agent = create_agent(&server, "alpha").await;
+    let ca_before = std::fs::read_to_string(server.path("ca.pem")).unwrap();
+    let token_before = server.admin_token.clone();
+    let server = server.restart().await;
+    assert_eq!(
+        std::fs::read_to_string(server.path("ca.pem")).unwrap(),
+        ca_before
+    );
+    assert_eq!(server.admin_token, token_before);
+    let (status, fetched) = server.admin("GET", "/v1/agents/alpha", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(fetched["key_id"], agent["key_id"]);
+    let issued = issue(&server, "alpha", json!({})).await;
+    let (ok, out) = openssl_verify(&server, &issued);
+    assert!(ok, "{out}");
+    assert_eq!(
+        server
+            .token_private_keys()
+            .matches("Private Key Object")
+            .count(),
+        3
+    );
+}
+
+async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
+    let server = Server::start(db).await;
+    create_agent(&server, "alpha").await;
+    create_agent(&server, "beta").await;
+    let issued = issue(&server, "alpha", json!({"ttl_seconds": 60})).await;
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    keyward::audit::verify_chain(&records).unwrap();
+    let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "ca.create",
+            "service_key.create",
+            "admin_token.create",
+            "agent.create",
+            "agent.create",
+            "certificate.issue"
+        ]
+    );
+    let last = records.last().unwrap();
+    assert_eq!(last.event.details["serial"], issued["serial"]);
+    assert_eq!(last.event.details["policy_version"], 0);
+    // No secret reaches the audit trail.
+    let text =
+        serde_json::to_string(&records.iter().map(|r| &r.event).collect::<Vec<_>>()).unwrap();
+    let pin = std::fs::read_to_string(server.path("softhsm/user.pin")).unwrap();
+    assert!(!text.contains(server.admin_token.trim()) && !text.contains(pin.trim()));
+}
+
+on_both_databases!(
+    a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token,
+    a_custodial_certificate_verifies_and_follows_the_profile,
+    a_csr_certificate_carries_the_csr_key_and_keywards_names,
+    bad_input_is_refused_and_writes_nothing,
+    only_health_and_the_ca_answer_without_credentials,
+    a_restart_reuses_the_token_the_ca_and_the_database,
+    every_change_is_in_an_unbroken_audit_chain,
+);
