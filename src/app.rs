@@ -21,6 +21,8 @@ use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
+use crate::agents::signing::AgentSigner;
+use crate::agents::cache::AgentCache;
 use crate::agents::Registry;
 use crate::api::{self, AdminTokens, AppState};
 use crate::attestation::pkcs11::EvidenceSigner;
@@ -31,7 +33,7 @@ use crate::embedded::{private_dir, write_private_file};
 use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
 use crate::keys::{KeyBackend, KeyId};
 use crate::pool::KeyPool;
-use crate::store::{self, ServiceKeyRecord, Store, StoreError};
+use crate::store::{self, ServiceKeyRecord, SignatureLog, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// Lifetime of the HTTPS listener's certificate; renewed at half-life.
@@ -97,14 +99,19 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
     write_trust_anchor(&config.data_dir, &authority)?;
 
     let tls = Arc::new(ServerIdentity::issue(&authority, config).await?);
+    let agent_cache = Arc::new(AgentCache::default());
     let registry = Arc::new(Registry::new(
         pool.clone(),
         store.clone(),
         authority.clone(),
         evidence_signer,
+        agent_cache.clone(),
     ));
+    let signature_log = SignatureLog::start(store.clone());
+    let signer = Arc::new(AgentSigner::new(pool.clone(), store.clone(), signature_log, agent_cache));
     let state = Arc::new(AppState {
         registry,
+        signer,
         store,
         pool,
         admin_tokens,

@@ -24,6 +24,7 @@ pub mod api;
 pub mod app;
 pub mod attestation;
 pub mod audit;
+pub mod bench;
 pub mod ca;
 pub mod client;
 pub mod config;

@@ -37,6 +37,35 @@ enum Command {
     /// The issuing CA (run on the keyward host, against its config).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Signatures per second and latency: raw token, naive, pool, HTTP.
+    Sign {
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Concurrent callers (pool tasks, HTTP clients).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Pool workers and raw threads (default: number of cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Comma-separated modes.
+        #[arg(long, default_value = "raw,naive,pool,http,http-half", value_delimiter = ',')]
+        modes: Vec<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Use this config's PKCS#11 token instead of a fresh SoftHSM2 token.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -199,6 +228,32 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             })
+        }
+        Command::Bench(BenchCommand::Sign { seconds, concurrency, workers, batch_size, modes, json, config }) => {
+            let dir = tempfile::tempdir()?;
+            let pkcs11 = match config {
+                Some(path) => match ConfigFile::load(&path)?.validate(&Overrides::default())?.keys {
+                    KeysConfig::Pkcs11(p) => p,
+                    KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
+                },
+                None => keyward::embedded::prepare(dir.path())?,
+            };
+            let options = keyward::bench::BenchOptions {
+                seconds,
+                concurrency: concurrency.max(1),
+                workers: workers.unwrap_or_else(|| keyward::pool::PoolConfig::default().workers).max(1),
+                batch_size: batch_size.max(1),
+                modes,
+            };
+            let results = runtime()?.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?;
+            if json {
+                for r in &results {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print!("{}", keyward::bench::table(&results));
+            }
+            Ok(())
         }
         Command::Agent(command) => runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => runtime()?.block_on(cert_command(command)),

@@ -44,25 +44,37 @@ pub struct PoolMetrics {
     pub operations: Family<OutcomeLabels, Counter>,
     pub breaker_open: Gauge,
     pub reconnects: Counter,
+    /// The `{op="sign",outcome="ok"}` member of `operations`, resolved once:
+    /// the hot path then skips the family's label lookup.
+    signs_ok: Counter,
 }
 
 impl PoolMetrics {
     /// Metrics that are counted but not exported (unit tests, benchmarks).
     pub fn unregistered() -> Self {
+        let operations = Family::<OutcomeLabels, Counter>::default();
+        let signs_ok = operations
+            .get_or_create(&OutcomeLabels { op: "sign", outcome: "ok" })
+            .clone();
         Self {
             queue_depth: Gauge::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             sign_latency_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
-            operations: Family::default(),
+            operations,
             breaker_open: Gauge::default(),
             reconnects: Counter::default(),
+            signs_ok,
         }
     }
 
     pub fn outcome(&self, op: &'static str, outcome: &'static str) {
-        self.operations
-            .get_or_create(&OutcomeLabels { op, outcome })
-            .inc();
+        if op == "sign" && outcome == "ok" {
+            self.signs_ok.inc();
+        } else {
+            self.operations
+                .get_or_create(&OutcomeLabels { op, outcome })
+                .inc();
+        }
     }
 
     fn register(&self, registry: &mut Registry) {

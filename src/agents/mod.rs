@@ -8,6 +8,7 @@ use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
 use p256::PublicKey;
 use serde::Serialize;
 
+use crate::agents::cache::AgentCache;
 use crate::attestation::pkcs11::{attest_custodial_key, from_stored, EvidenceSigner};
 use crate::attestation::{AttestationClaims, AttestationError};
 use crate::audit::AuditEvent;
@@ -17,6 +18,9 @@ use crate::identity::{AgentName, Scope};
 use crate::keys::KeyId;
 use crate::pool::{KeyPool, PoolError};
 use crate::store::{AgentRecord, Store, StoreError};
+
+pub mod cache;
+pub mod signing;
 
 pub const CUSTODIAL: &str = "custodial";
 pub const ACTIVE: &str = "active";
@@ -30,6 +34,8 @@ pub enum AgentError {
     AlreadyExists(String),
     #[error("agent {0} is {1}")]
     NotActive(String, String),
+    #[error("agent {0} has no custodial key")]
+    NoCustodialKey(String),
     #[error("at most {0} scopes per agent")]
     TooManyScopes(usize),
     #[error(transparent)]
@@ -104,6 +110,7 @@ pub struct Registry {
     store: Arc<dyn Store>,
     authority: Arc<Authority>,
     evidence_signer: EvidenceSigner,
+    cache: Arc<AgentCache>,
 }
 
 impl Registry {
@@ -112,12 +119,14 @@ impl Registry {
         store: Arc<dyn Store>,
         authority: Arc<Authority>,
         evidence_signer: EvidenceSigner,
+        cache: Arc<AgentCache>,
     ) -> Self {
         Self {
             pool,
             store,
             authority,
             evidence_signer,
+            cache,
         }
     }
 
@@ -229,6 +238,8 @@ impl Registry {
         if agent.status != ACTIVE {
             return Err(AgentError::NotActive(agent.name, agent.status));
         }
+        // The signing path shows the newest certificate: let it see this one.
+        self.cache.invalidate(name);
         match key {
             CertificateKey::Custodial => {
                 let key_id = agent

@@ -200,6 +200,9 @@ impl From<AgentError> for ApiError {
             AgentError::NotActive(..) => {
                 ApiError::new(StatusCode::FORBIDDEN, "agent_not_active", e.to_string())
             }
+            AgentError::NoCustodialKey(_) => {
+                ApiError::new(StatusCode::CONFLICT, "no_custodial_key", e.to_string())
+            }
             AgentError::TooManyScopes(_) => ApiError::bad_request("too_many_scopes", e.to_string()),
             AgentError::Ca(e) => e.into(),
             AgentError::Attestation(e) => e.into(),

@@ -3,6 +3,7 @@
 //! by `policy`, work is done by `agents`, `ca` and the pool.
 
 mod agents;
+mod signing;
 pub mod error;
 pub mod extract;
 
@@ -16,6 +17,7 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::json;
 
+use crate::agents::signing::AgentSigner;
 use crate::agents::Registry;
 use crate::policy::{authorize, Action, Caller};
 use crate::pool::KeyPool;
@@ -29,6 +31,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
+    pub signer: Arc<AgentSigner>,
     pub store: Arc<dyn Store>,
     pub pool: KeyPool,
     pub admin_tokens: AdminTokens,
@@ -43,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/ca/chain.pem", get(ca_chain))
         .route("/v1/attestations/{digest}", get(attestation))
         .merge(agents::router())
+        .merge(signing::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
@@ -50,6 +54,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(read_body_first))
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
 
@@ -62,6 +67,23 @@ async fn count_errors(State(state): State<Arc<AppState>>, response: Response) ->
                 code: (*code).to_owned(),
             })
             .inc();
+    }
+    response
+}
+
+/// A random id per request: in the response's `x-request-id` header, the
+/// log span, and the records the request writes.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::debug_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
+    let mut response = next.run(request).instrument(span).await;
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
     }
     response
 }

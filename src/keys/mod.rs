@@ -11,6 +11,7 @@ pub mod pkcs11;
 pub mod soft;
 
 use std::fmt;
+use std::sync::Arc;
 
 use p256::ecdsa::Signature;
 use p256::PublicKey;
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 /// and file names.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct KeyId(String);
+pub struct KeyId(Arc<str>);
 
 impl KeyId {
     /// A fresh identifier `<prefix>-<16 random hex digits>`.
@@ -39,7 +40,8 @@ impl KeyId {
             && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
-            Ok(Self(s.to_owned()))
+            // Arc: ids are cloned into every pool request.
+            Ok(Self(Arc::from(s)))
         } else {
             Err(KeyError::InvalidKeyId)
         }
@@ -59,7 +61,7 @@ impl TryFrom<String> for KeyId {
 
 impl From<KeyId> for String {
     fn from(k: KeyId) -> String {
-        k.0
+        k.0.to_string()
     }
 }
 

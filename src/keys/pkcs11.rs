@@ -214,6 +214,33 @@ impl Pkcs11Backend {
     }
 }
 
+impl Pkcs11Backend {
+    /// What a naive service does for every signature: open a session, log
+    /// in, find the key, sign, log out, close. Kept only so the benchmark
+    /// can show what the pool saves; it logs out the whole application, so
+    /// nothing else may use the token meanwhile.
+    pub fn sign_naively(&self, id: &KeyId, digest: &[u8; 32]) -> Result<Vec<u8>, KeyError> {
+        let shared = &self.shared;
+        let slot = *shared.slot.read().unwrap_or_else(|p| p.into_inner());
+        let session = shared.ctx.open_rw_session(slot).map_err(classify)?;
+        let pin = AuthPin::from(shared.pin.expose_secret());
+        session.login(UserType::User, Some(&pin)).map_err(classify)?;
+        let template = [
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(id.as_str().as_bytes().to_vec()),
+        ];
+        let key = *session
+            .find_objects(&template)
+            .map_err(classify)?
+            .first()
+            .ok_or_else(|| KeyError::NotFound(id.clone()))?;
+        let signature = session.sign(&Mechanism::Ecdsa, key, digest).map_err(classify)?;
+        session.logout().map_err(classify)?;
+        session.close().map_err(classify)?;
+        Ok(signature)
+    }
+}
+
 impl KeyBackend for Pkcs11Backend {
     fn kind(&self) -> BackendKind {
         BackendKind::Pkcs11

@@ -37,7 +37,13 @@ pub enum Action<'a> {
     ListAgents,
     ReadAgent(&'a AgentName),
     IssueCertificate(&'a AgentName),
+    /// Sign with the agent's custodial key (raw digest or message).
+    Sign(&'a AgentName),
+    /// Sign an agent-to-agent message envelope as the agent.
+    SignMessage(&'a AgentName),
     ReadAttestation,
+    /// Check a signature or an envelope: anyone authenticated may.
+    Verify,
 }
 
 /// Permission granted, under a policy version.
@@ -59,7 +65,13 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
     };
     match (caller, action) {
         (Caller::Admin, _) => Ok(allowed),
-        (Caller::Agent(me), Action::ReadAgent(target) | Action::IssueCertificate(target)) => {
+        (
+            Caller::Agent(me),
+            Action::ReadAgent(target)
+            | Action::IssueCertificate(target)
+            | Action::Sign(target)
+            | Action::SignMessage(target),
+        ) => {
             if me == target {
                 Ok(allowed)
             } else {
@@ -68,7 +80,7 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
                 })
             }
         }
-        (Caller::Agent(_), Action::ReadAttestation) => Ok(allowed),
+        (Caller::Agent(_), Action::ReadAttestation | Action::Verify) => Ok(allowed),
         (Caller::Agent(_), Action::CreateAgent | Action::ListAgents) => {
             Err(PolicyError::Forbidden {
                 reason: "admin_only",

@@ -106,6 +106,8 @@ struct Job {
     reply: oneshot::Sender<Result<KeyOutput, PoolError>>,
 }
 
+type Answer = (oneshot::Sender<Result<KeyOutput, PoolError>>, Result<KeyOutput, PoolError>);
+
 struct Shared {
     backend: Arc<dyn KeyBackend>,
     breaker: Breaker,
@@ -270,6 +272,7 @@ impl Worker {
 
     fn run(mut self, queue: Receiver<Job>) {
         let mut batch = Vec::with_capacity(self.shared.batch_size);
+        let mut answers = Vec::with_capacity(self.shared.batch_size);
         // recv() fails only when every KeyPool handle is gone and the queue is
         // empty: the pool is shutting down.
         while let Ok(first) = queue.recv() {
@@ -284,23 +287,33 @@ impl Worker {
             metrics.batch_size.observe(batch.len() as f64);
             metrics.queue_depth.set(queue.len() as i64);
             for job in batch.drain(..) {
-                self.serve(job);
+                if let Some(answer) = self.serve(job) {
+                    answers.push(answer);
+                }
+            }
+            // Answer the whole batch at once: waking the waiting tasks is a
+            // cross-thread wake-up each, and the runtime coalesces wake-ups
+            // that arrive together. A lone request is a batch of one, so an
+            // idle pool adds no latency.
+            for (reply, result) in answers.drain(..) {
+                // The caller may have gone away; nobody is left to tell.
+                let _ = reply.send(result);
             }
         }
     }
 
-    fn serve(&mut self, job: Job) {
+    /// Runs one job; returns where and what to answer.
+    fn serve(&mut self, job: Job) -> Option<Answer> {
         let shared = Arc::clone(&self.shared);
         let metrics = &shared.metrics;
         let op_name = job.op.name();
         if job.reply.is_closed() {
             metrics.outcome(op_name, "abandoned");
-            return;
+            return None;
         }
         if Instant::now() >= job.deadline {
             metrics.outcome(op_name, "deadline_exceeded");
-            let _ = job.reply.send(Err(PoolError::DeadlineExceeded));
-            return;
+            return Some((job.reply, Err(PoolError::DeadlineExceeded)));
         }
         let result = self.execute(&job.op);
         let outcome = match &result {
@@ -310,12 +323,9 @@ impl Worker {
         };
         metrics.outcome(op_name, outcome);
         if matches!(job.op, KeyOp::Sign { .. }) {
-            metrics
-                .sign_latency_seconds
-                .observe(job.enqueued.elapsed().as_secs_f64());
+            metrics.sign_latency_seconds.observe(job.enqueued.elapsed().as_secs_f64());
         }
-        // The caller may have gone away; nobody is left to tell.
-        let _ = job.reply.send(result);
+        Some((job.reply, result))
     }
 
     fn execute(&mut self, op: &KeyOp) -> Result<KeyOutput, PoolError> {

@@ -5,6 +5,7 @@
 //! same transaction, so there is never a change without its record, nor a
 //! record of a change that did not happen.
 
+mod signature_log;
 mod sql;
 
 use std::str::FromStr;
@@ -17,6 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 use crate::audit::{AuditEvent, AuditRecord};
 
+pub use signature_log::SignatureLog;
 pub use sql::SqlStore;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +80,20 @@ pub struct ServiceKeyRecord {
     pub created_at: i64,
 }
 
+/// One signature made for an agent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SignatureRecord {
+    pub request_id: String,
+    pub agent_name: String,
+    pub key_id: String,
+    /// Hex SHA-256 of what was signed.
+    pub digest: String,
+    /// `sign` (raw digest or message) or `message` (an envelope).
+    pub purpose: String,
+    pub policy_version: i64,
+    pub signed_at_ms: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -93,6 +109,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported database URL (expected sqlite:// or postgres://)")]
     UnsupportedUrl,
+    /// A group commit failed; every request in the batch sees this.
+    #[error("writing a batch failed: {0}")]
+    BatchFailed(String),
+    #[error("the signature log has stopped")]
+    LogStopped,
 }
 
 #[async_trait]
@@ -146,6 +167,18 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     async fn admin_token_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError>;
+
+    /// The newest unexpired, unrevoked certificate of the key: its serial
+    /// and notAfter (unix seconds).
+    async fn newest_certificate_for_key(
+        &self,
+        key_id: &str,
+        now: i64,
+    ) -> Result<Option<(String, i64)>, StoreError>;
+
+    /// Writes a batch of signature records and one audit event covering
+    /// them (its details hold the SHA-256 of the batch), in one transaction.
+    async fn insert_signatures(&self, records: &[SignatureRecord]) -> Result<(), StoreError>;
 
     /// The audit trail from `after_seq` on, oldest first, at most `limit` rows.
     async fn audit_records(

@@ -3,11 +3,12 @@
 //! integers as 64-bit, blobs as bytes); only the migrations differ.
 
 use async_trait::async_trait;
-use sqlx::{Pool, Postgres, Row, Sqlite, Transaction};
+use sha2::{Digest, Sha256};
+use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
-    AgentRecord, AttestationRecord, CaRecord, CertificateRecord, ServiceKeyRecord, Store,
-    StoreError,
+    AgentRecord, AttestationRecord, CaRecord, CertificateRecord, ServiceKeyRecord,
+    SignatureRecord, Store, StoreError,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -52,7 +53,7 @@ macro_rules! impl_store {
             async fn append_audit(
                 tx: &mut Transaction<'_, $db>,
                 event: &AuditEvent,
-            ) -> Result<(), StoreError> {
+            ) -> Result<i64, StoreError> {
                 let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
                     .fetch_one(&mut **tx)
                     .await?;
@@ -78,7 +79,7 @@ macro_rules! impl_store {
                     .bind(hash.to_vec())
                     .execute(&mut **tx)
                     .await?;
-                Ok(())
+                Ok(seq)
             }
 
             async fn insert_evidence(
@@ -338,6 +339,58 @@ macro_rules! impl_store {
                 rows.iter()
                     .map(|r| hash32(r.try_get("token_sha256")?, "admin token hash"))
                     .collect()
+            }
+
+            async fn newest_certificate_for_key(
+                &self,
+                key_id: &str,
+                now: i64,
+            ) -> Result<Option<(String, i64)>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT serial, not_after FROM certificates
+                     WHERE key_id = $1 AND not_after > $2 AND revoked_at IS NULL
+                     ORDER BY not_after DESC LIMIT 1",
+                )
+                .bind(key_id)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row
+                    .map(|r| -> Result<_, sqlx::Error> { Ok((r.try_get("serial")?, r.try_get("not_after")?)) })
+                    .transpose()?)
+            }
+
+            async fn insert_signatures(&self, records: &[SignatureRecord]) -> Result<(), StoreError> {
+                if records.is_empty() {
+                    return Ok(());
+                }
+                let rows = serde_json::to_vec(records).expect("plain data serializes");
+                let event = AuditEvent::new("keyward", "signature.batch", "signatures")
+                    .with("count", records.len())
+                    .with("rows_sha256", hex::encode(Sha256::digest(&rows)));
+                let mut tx = self.pool.begin().await?;
+                let seq = Self::append_audit(&mut tx, &event).await?;
+                // One statement per chunk; 9 binds a row stays far below
+                // PostgreSQL's 65535-parameter limit.
+                for chunk in records.chunks(1000) {
+                    let mut insert = QueryBuilder::<$db>::new(
+                        "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, \
+                         policy_version, signed_at_ms, audit_seq) ",
+                    );
+                    insert.push_values(chunk, |mut row, r| {
+                        row.push_bind(&r.request_id)
+                            .push_bind(&r.agent_name)
+                            .push_bind(&r.key_id)
+                            .push_bind(&r.digest)
+                            .push_bind(&r.purpose)
+                            .push_bind(r.policy_version)
+                            .push_bind(r.signed_at_ms)
+                            .push_bind(seq);
+                    });
+                    insert.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn audit_records(&self, after_seq: i64, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {

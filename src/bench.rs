@@ -1,0 +1,406 @@
+//! `keyward bench sign`: signing throughput and latency, measured side by
+//! side in one run on the same token and key, so the ratios hold on a noisy
+//! shared machine even when the absolute numbers move.
+//!
+//! Modes: `raw` (C_Sign loops, one session per thread: the token's limit),
+//! `naive` (session + login + find + sign + logout + close per signature),
+//! `pool` (in-process submissions through the pool), `http` (the sign
+//! endpoint over HTTPS with keep-alive clients) and `http-half` (the same at
+//! half of `http`'s measured rate, for latency under moderate load).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, ConfigFile, Overrides};
+use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
+use crate::keys::{KeyBackend, KeyId};
+use crate::pool::{KeyPool, PoolConfig};
+use crate::telemetry::PoolMetrics;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub seconds: f64,
+    pub concurrency: usize,
+    pub workers: usize,
+    pub batch_size: usize,
+    pub modes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub mode: String,
+    pub ops: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub ratio_to_raw: Option<f64>,
+    pub workers: usize,
+    pub concurrency: usize,
+    pub errors: u64,
+}
+
+struct Sample {
+    ops: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Sample {
+    fn result(mut self, mode: &str, workers: usize, concurrency: usize) -> BenchResult {
+        self.latencies_us.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if self.latencies_us.is_empty() {
+                return 0;
+            }
+            let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+            self.latencies_us[i] as u64
+        };
+        let secs = self.elapsed.as_secs_f64();
+        BenchResult {
+            mode: mode.to_owned(),
+            ops: self.ops,
+            seconds: secs,
+            ops_per_sec: self.ops as f64 / secs,
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            ratio_to_raw: None,
+            workers,
+            concurrency,
+            errors: self.errors,
+        }
+    }
+}
+
+fn digest_for(i: u64) -> [u8; 32] {
+    Sha256::digest(i.to_be_bytes()).into()
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u32::MAX as u128) as u32
+}
+
+/// C_Sign in a loop on `workers` threads, each with its own session.
+fn raw(backend: &Arc<Pkcs11Backend>, key: &KeyId, workers: usize, run_for: Duration) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let deadline = start + run_for;
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let backend = backend.clone();
+            let key = key.clone();
+            std::thread::spawn(move || -> anyhow::Result<(u64, Vec<u32>)> {
+                let mut session = backend.open_pkcs11_session()?;
+                let mut latencies = Vec::with_capacity(64 * 1024);
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let digest = digest_for(i);
+                    let t = Instant::now();
+                    session.sign_raw(&key, &digest)?;
+                    latencies.push(micros(t.elapsed()));
+                    i += 1;
+                }
+                Ok((i, latencies))
+            })
+        })
+        .collect();
+    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    for t in threads {
+        let (ops, latencies) = t.join().map_err(|_| anyhow::anyhow!("raw worker panicked"))??;
+        sample.ops += ops;
+        sample.latencies_us.extend(latencies);
+    }
+    sample.elapsed = start.elapsed();
+    Ok(sample)
+}
+
+/// Open, log in, find, sign, log out, close: per signature, one thread.
+fn naive(backend: &Pkcs11Backend, key: &KeyId, run_for: Duration) -> anyhow::Result<Sample> {
+    let start = Instant::now();
+    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    while start.elapsed() < run_for {
+        let t = Instant::now();
+        backend.sign_naively(key, &digest_for(sample.ops))?;
+        sample.latencies_us.push(micros(t.elapsed()));
+        sample.ops += 1;
+    }
+    sample.elapsed = start.elapsed();
+    Ok(sample)
+}
+
+/// `concurrency` tasks submitting to the pool as fast as it answers.
+async fn pool(pool: &KeyPool, key: &KeyId, concurrency: usize, run_for: Duration) -> Sample {
+    let start = Instant::now();
+    let deadline = start + run_for;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|c| {
+            let (pool, key) = (pool.clone(), key.clone());
+            tokio::spawn(async move {
+                let (mut ops, mut errors, mut latencies) = (0u64, 0u64, Vec::with_capacity(16 * 1024));
+                let mut i = (c as u64) << 40;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match pool.sign(&key, digest_for(i)).await {
+                        Ok(_) => {
+                            ops += 1;
+                            latencies.push(micros(t.elapsed()));
+                        }
+                        Err(_) => errors += 1,
+                    }
+                    i += 1;
+                }
+                (ops, errors, latencies)
+            })
+        })
+        .collect();
+    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    for t in tasks {
+        if let Ok((ops, errors, latencies)) = t.await {
+            sample.ops += ops;
+            sample.errors += errors;
+            sample.latencies_us.extend(latencies);
+        }
+    }
+    sample.elapsed = start.elapsed();
+    sample
+}
+
+/// One HTTPS keep-alive connection: a bare hyper HTTP/1.1 client over
+/// rustls, so the benchmark spends as little CPU as possible on the client
+/// side of the shared machine.
+struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl Connection {
+    async fn open(addr: std::net::SocketAddr, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<Self> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self { sender })
+    }
+
+    async fn sign(&mut self, path: &str, token: &str, digest: &[u8; 32]) -> anyhow::Result<()> {
+        use http_body_util::BodyExt;
+        let body = format!(
+            "{{\"digest_sha256_b64\":\"{}\"}}",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        );
+        let request = hyper::Request::post(path)
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        response.into_body().collect().await?;
+        anyhow::ensure!(status.is_success(), "sign answered {status}");
+        Ok(())
+    }
+}
+
+/// `concurrency` HTTPS keep-alive clients, each on its own connection,
+/// calling the sign endpoint. With `per_client_rate`, each client paces
+/// itself to that many requests per second.
+async fn http(server: &BenchServer, run_for: Duration, per_client_rate: Option<f64>) -> anyhow::Result<Sample> {
+    let mut connections = Vec::new();
+    for _ in 0..server.concurrency {
+        connections.push(Connection::open(server.addr, server.tls.clone()).await?);
+    }
+    let clients = connections.len();
+    let start = Instant::now();
+    let deadline = start + run_for;
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .enumerate()
+        .map(|(c, mut connection)| {
+            let (path, token) = (server.path.clone(), server.token.clone());
+            tokio::spawn(async move {
+                let (mut ops, mut errors, mut latencies) = (0u64, 0u64, Vec::with_capacity(16 * 1024));
+                let interval = per_client_rate.map(|r| Duration::from_secs_f64(1.0 / r));
+                // Paced clients start evenly spread over one interval, so
+                // they do not fire in synchronized bursts.
+                let mut next = Instant::now() + interval.map_or(Duration::ZERO, |i| i * c as u32 / clients as u32);
+                let mut i = (c as u64) << 40;
+                while Instant::now() < deadline {
+                    if let Some(interval) = interval {
+                        tokio::time::sleep_until(next.into()).await;
+                        next += interval;
+                    }
+                    let t = Instant::now();
+                    match connection.sign(&path, &token, &digest_for(i)).await {
+                        Ok(()) => {
+                            ops += 1;
+                            latencies.push(micros(t.elapsed()));
+                        }
+                        Err(_) => errors += 1,
+                    }
+                    i += 1;
+                }
+                (ops, errors, latencies)
+            })
+        })
+        .collect();
+    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    for t in tasks {
+        if let Ok((ops, errors, latencies)) = t.await {
+            sample.ops += ops;
+            sample.errors += errors;
+            sample.latencies_us.extend(latencies);
+        }
+    }
+    sample.elapsed = start.elapsed();
+    Ok(sample)
+}
+
+/// A keyward server on the benchmark's token, in this process.
+struct BenchServer {
+    addr: std::net::SocketAddr,
+    path: String,
+    token: String,
+    tls: Arc<rustls::ClientConfig>,
+    concurrency: usize,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_server(
+    dir: &std::path::Path,
+    pkcs11: &Pkcs11Config,
+    options: &BenchOptions,
+) -> anyhow::Result<BenchServer> {
+    let data_dir = dir.join("server");
+    let config: Config = ConfigFile::default().validate(&Overrides {
+        data_dir: Some(data_dir.clone()),
+        listen: Some("127.0.0.1:0".into()),
+        database_url: None,
+        pool_workers: Some(options.workers),
+    })?;
+    let keyward = crate::app::start(&config, pkcs11).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = crate::app::serve(listener, &keyward, async {
+            let _ = stop.await;
+        })
+        .await;
+    });
+    let ca = std::fs::read(data_dir.join("ca.pem"))?;
+    let token = std::fs::read_to_string(data_dir.join("admin.token"))?.trim().to_owned();
+
+    // Register the agent with an ordinary client, then build the lean one.
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+        .build()?;
+    let created = client
+        .post(format!("https://{addr}/v1/agents"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "name": "bench", "scopes": [] }))
+        .send()
+        .await?;
+    anyhow::ensure!(created.status().is_success(), "creating the bench agent: {}", created.status());
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(BenchServer {
+        addr,
+        path: "/v1/agents/bench/sign".into(),
+        token,
+        tls: Arc::new(tls),
+        concurrency: options.concurrency,
+        _shutdown: shutdown,
+    })
+}
+
+/// Runs the benchmark on the token described by `pkcs11` (which must
+/// already be initialized); `dir` holds the HTTP mode's server state.
+pub async fn run(dir: &std::path::Path, pkcs11: &Pkcs11Config, options: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
+    let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
+    let key = KeyId::random("bench");
+    backend.open_pkcs11_session().map(|mut s| {
+        use crate::keys::KeySession;
+        s.generate(&key)
+    })??;
+    let run_for = Duration::from_secs_f64(options.seconds);
+    let wants = |m: &str| options.modes.iter().any(|x| x == m);
+    let (w, c) = (options.workers, options.concurrency);
+    let mut results = Vec::new();
+
+    if wants("raw") {
+        let b = backend.clone();
+        let k = key.clone();
+        let sample = tokio::task::spawn_blocking(move || raw(&b, &k, w, run_for)).await??;
+        results.push(sample.result("raw", w, w));
+    }
+    if wants("naive") {
+        let b = backend.clone();
+        let k = key.clone();
+        let sample = tokio::task::spawn_blocking(move || naive(&b, &k, run_for)).await??;
+        results.push(sample.result("naive", 1, 1));
+    }
+    if wants("pool") {
+        let config = PoolConfig { workers: w, batch_size: options.batch_size, ..PoolConfig::default() };
+        let dyn_backend: Arc<dyn KeyBackend> = backend.clone();
+        let pool_handle = KeyPool::start(dyn_backend, &config, PoolMetrics::unregistered())?;
+        results.push(pool(&pool_handle, &key, c, run_for).await.result("pool", w, c));
+    }
+    if wants("http") || wants("http-half") {
+        let server = start_server(dir, pkcs11, options).await?;
+        // Warm up (caches, allocator) outside the measurement.
+        http(&server, Duration::from_millis(300), None).await?;
+        let peak = http(&server, run_for, None).await?.result("http", w, c);
+        if wants("http-half") {
+            let rate = (peak.ops_per_sec / 2.0).max(1.0);
+            let half = http(&server, run_for, Some(rate / c as f64)).await?.result("http-half", w, c);
+            if wants("http") {
+                results.push(peak);
+            }
+            results.push(half);
+        } else {
+            results.push(peak);
+        }
+    }
+    let raw_rate = results.iter().find(|r| r.mode == "raw").map(|r| r.ops_per_sec);
+    for r in &mut results {
+        r.ratio_to_raw = raw_rate.map(|raw| r.ops_per_sec / raw);
+    }
+    Ok(results)
+}
+
+/// A table for people.
+pub fn table(results: &[BenchResult]) -> String {
+    let mut out = format!(
+        "{:<10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>7}\n",
+        "mode", "ops/s", "p50 us", "p99 us", "vs raw", "errors", "W/C"
+    );
+    for r in results {
+        out.push_str(&format!(
+            "{:<10} {:>10.0} {:>9} {:>9} {:>8} {:>8} {:>7}\n",
+            r.mode,
+            r.ops_per_sec,
+            r.p50_us,
+            r.p99_us,
+            r.ratio_to_raw.map_or("-".into(), |x| format!("{x:.2}")),
+            r.errors,
+            format!("{}/{}", r.workers, r.concurrency)
+        ));
+    }
+    out
+}
