@@ -21,8 +21,8 @@ use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
-use crate::agents::signing::AgentSigner;
 use crate::agents::cache::AgentCache;
+use crate::agents::signing::AgentSigner;
 use crate::agents::Registry;
 use crate::api::{self, AdminTokens, AppState};
 use crate::attestation::pkcs11::EvidenceSigner;
@@ -107,8 +107,15 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         evidence_signer,
         agent_cache.clone(),
     ));
-    let signature_log = SignatureLog::start(store.clone());
-    let signer = Arc::new(AgentSigner::new(pool.clone(), store.clone(), signature_log, agent_cache));
+    let signature_log = SignatureLog::start(&config.database_url)
+        .await
+        .context("starting the signature log")?;
+    let signer = Arc::new(AgentSigner::new(
+        pool.clone(),
+        store.clone(),
+        signature_log,
+        agent_cache,
+    ));
     let state = Arc::new(AppState {
         registry,
         signer,

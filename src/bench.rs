@@ -86,7 +86,12 @@ fn micros(d: Duration) -> u32 {
 }
 
 /// C_Sign in a loop on `workers` threads, each with its own session.
-fn raw(backend: &Arc<Pkcs11Backend>, key: &KeyId, workers: usize, run_for: Duration) -> anyhow::Result<Sample> {
+fn raw(
+    backend: &Arc<Pkcs11Backend>,
+    key: &KeyId,
+    workers: usize,
+    run_for: Duration,
+) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let deadline = start + run_for;
     let threads: Vec<_> = (0..workers)
@@ -108,9 +113,16 @@ fn raw(backend: &Arc<Pkcs11Backend>, key: &KeyId, workers: usize, run_for: Durat
             })
         })
         .collect();
-    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    let mut sample = Sample {
+        ops: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
     for t in threads {
-        let (ops, latencies) = t.join().map_err(|_| anyhow::anyhow!("raw worker panicked"))??;
+        let (ops, latencies) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("raw worker panicked"))??;
         sample.ops += ops;
         sample.latencies_us.extend(latencies);
     }
@@ -121,7 +133,12 @@ fn raw(backend: &Arc<Pkcs11Backend>, key: &KeyId, workers: usize, run_for: Durat
 /// Open, log in, find, sign, log out, close: per signature, one thread.
 fn naive(backend: &Pkcs11Backend, key: &KeyId, run_for: Duration) -> anyhow::Result<Sample> {
     let start = Instant::now();
-    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    let mut sample = Sample {
+        ops: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
     while start.elapsed() < run_for {
         let t = Instant::now();
         backend.sign_naively(key, &digest_for(sample.ops))?;
@@ -140,7 +157,8 @@ async fn pool(pool: &KeyPool, key: &KeyId, concurrency: usize, run_for: Duration
         .map(|c| {
             let (pool, key) = (pool.clone(), key.clone());
             tokio::spawn(async move {
-                let (mut ops, mut errors, mut latencies) = (0u64, 0u64, Vec::with_capacity(16 * 1024));
+                let (mut ops, mut errors, mut latencies) =
+                    (0u64, 0u64, Vec::with_capacity(16 * 1024));
                 let mut i = (c as u64) << 40;
                 while Instant::now() < deadline {
                     let t = Instant::now();
@@ -157,7 +175,12 @@ async fn pool(pool: &KeyPool, key: &KeyId, concurrency: usize, run_for: Duration
             })
         })
         .collect();
-    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    let mut sample = Sample {
+        ops: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
     for t in tasks {
         if let Ok((ops, errors, latencies)) = t.await {
             sample.ops += ops;
@@ -177,11 +200,16 @@ struct Connection {
 }
 
 impl Connection {
-    async fn open(addr: std::net::SocketAddr, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<Self> {
+    async fn open(
+        addr: std::net::SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
         let (sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(connection);
@@ -211,7 +239,11 @@ impl Connection {
 /// `concurrency` HTTPS keep-alive clients, each on its own connection,
 /// calling the sign endpoint. With `per_client_rate`, each client paces
 /// itself to that many requests per second.
-async fn http(server: &BenchServer, run_for: Duration, per_client_rate: Option<f64>) -> anyhow::Result<Sample> {
+async fn http(
+    server: &BenchServer,
+    run_for: Duration,
+    per_client_rate: Option<f64>,
+) -> anyhow::Result<Sample> {
     let mut connections = Vec::new();
     for _ in 0..server.concurrency {
         connections.push(Connection::open(server.addr, server.tls.clone()).await?);
@@ -225,11 +257,13 @@ async fn http(server: &BenchServer, run_for: Duration, per_client_rate: Option<f
         .map(|(c, mut connection)| {
             let (path, token) = (server.path.clone(), server.token.clone());
             tokio::spawn(async move {
-                let (mut ops, mut errors, mut latencies) = (0u64, 0u64, Vec::with_capacity(16 * 1024));
+                let (mut ops, mut errors, mut latencies) =
+                    (0u64, 0u64, Vec::with_capacity(16 * 1024));
                 let interval = per_client_rate.map(|r| Duration::from_secs_f64(1.0 / r));
                 // Paced clients start evenly spread over one interval, so
                 // they do not fire in synchronized bursts.
-                let mut next = Instant::now() + interval.map_or(Duration::ZERO, |i| i * c as u32 / clients as u32);
+                let mut next = Instant::now()
+                    + interval.map_or(Duration::ZERO, |i| i * c as u32 / clients as u32);
                 let mut i = (c as u64) << 40;
                 while Instant::now() < deadline {
                     if let Some(interval) = interval {
@@ -250,7 +284,12 @@ async fn http(server: &BenchServer, run_for: Duration, per_client_rate: Option<f
             })
         })
         .collect();
-    let mut sample = Sample { ops: 0, errors: 0, elapsed: Duration::ZERO, latencies_us: Vec::new() };
+    let mut sample = Sample {
+        ops: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
     for t in tasks {
         if let Ok((ops, errors, latencies)) = t.await {
             sample.ops += ops;
@@ -295,7 +334,9 @@ async fn start_server(
         .await;
     });
     let ca = std::fs::read(data_dir.join("ca.pem"))?;
-    let token = std::fs::read_to_string(data_dir.join("admin.token"))?.trim().to_owned();
+    let token = std::fs::read_to_string(data_dir.join("admin.token"))?
+        .trim()
+        .to_owned();
 
     // Register the agent with an ordinary client, then build the lean one.
     let client = reqwest::Client::builder()
@@ -309,16 +350,22 @@ async fn start_server(
         .json(&serde_json::json!({ "name": "bench", "scopes": [] }))
         .send()
         .await?;
-    anyhow::ensure!(created.status().is_success(), "creating the bench agent: {}", created.status());
+    anyhow::ensure!(
+        created.status().is_success(),
+        "creating the bench agent: {}",
+        created.status()
+    );
 
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
         roots.add(cert?)?;
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Ok(BenchServer {
         addr,
         path: "/v1/agents/bench/sign".into(),
@@ -331,7 +378,11 @@ async fn start_server(
 
 /// Runs the benchmark on the token described by `pkcs11` (which must
 /// already be initialized); `dir` holds the HTTP mode's server state.
-pub async fn run(dir: &std::path::Path, pkcs11: &Pkcs11Config, options: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
+pub async fn run(
+    dir: &std::path::Path,
+    pkcs11: &Pkcs11Config,
+    options: &BenchOptions,
+) -> anyhow::Result<Vec<BenchResult>> {
     let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
     let key = KeyId::random("bench");
     backend.open_pkcs11_session().map(|mut s| {
@@ -356,10 +407,18 @@ pub async fn run(dir: &std::path::Path, pkcs11: &Pkcs11Config, options: &BenchOp
         results.push(sample.result("naive", 1, 1));
     }
     if wants("pool") {
-        let config = PoolConfig { workers: w, batch_size: options.batch_size, ..PoolConfig::default() };
+        let config = PoolConfig {
+            workers: w,
+            batch_size: options.batch_size,
+            ..PoolConfig::default()
+        };
         let dyn_backend: Arc<dyn KeyBackend> = backend.clone();
         let pool_handle = KeyPool::start(dyn_backend, &config, PoolMetrics::unregistered())?;
-        results.push(pool(&pool_handle, &key, c, run_for).await.result("pool", w, c));
+        results.push(
+            pool(&pool_handle, &key, c, run_for)
+                .await
+                .result("pool", w, c),
+        );
     }
     if wants("http") || wants("http-half") {
         let server = start_server(dir, pkcs11, options).await?;
@@ -368,7 +427,10 @@ pub async fn run(dir: &std::path::Path, pkcs11: &Pkcs11Config, options: &BenchOp
         let peak = http(&server, run_for, None).await?.result("http", w, c);
         if wants("http-half") {
             let rate = (peak.ops_per_sec / 2.0).max(1.0);
-            let half = http(&server, run_for, Some(rate / c as f64)).await?.result("http-half", w, c);
+            let half =
+                http(&server, run_for, Some(rate / c as f64))
+                    .await?
+                    .result("http-half", w, c);
             if wants("http") {
                 results.push(peak);
             }
@@ -377,7 +439,10 @@ pub async fn run(dir: &std::path::Path, pkcs11: &Pkcs11Config, options: &BenchOp
             results.push(peak);
         }
     }
-    let raw_rate = results.iter().find(|r| r.mode == "raw").map(|r| r.ops_per_sec);
+    let raw_rate = results
+        .iter()
+        .find(|r| r.mode == "raw")
+        .map(|r| r.ops_per_sec);
     for r in &mut results {
         r.ratio_to_raw = raw_rate.map(|raw| r.ops_per_sec / raw);
     }

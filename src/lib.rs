@@ -7,6 +7,8 @@
 //! api          HTTP only: routes, extractors, ApiError -> status codes
 //! policy       authorize(caller, action) -> decision under a policy version
 //! agents       the agent registry: custodial keys, certificate issuance
+//! envelope     signed agent-to-agent messages: JWS ES256 with an x5c chain
+//! verify       ECDSA signature and certificate-chain verification
 //! ca           certificate profiles, CSR checks, signing through the pool
 //! attestation  evidence -> Verified<AttestedKey>
 //! pool         the batched key-operation pool: the only caller of `keys`
@@ -29,6 +31,7 @@ pub mod ca;
 pub mod client;
 pub mod config;
 pub mod embedded;
+pub mod envelope;
 pub mod error;
 pub mod identity;
 pub mod keys;
@@ -36,5 +39,6 @@ pub mod policy;
 pub mod pool;
 pub mod store;
 pub mod telemetry;
+pub mod verify;
 
 pub use error::Error;

@@ -57,7 +57,11 @@ enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
         /// Comma-separated modes.
-        #[arg(long, default_value = "raw,naive,pool,http,http-half", value_delimiter = ',')]
+        #[arg(
+            long,
+            default_value = "raw,naive,pool,http,http-half",
+            value_delimiter = ','
+        )]
         modes: Vec<String>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
@@ -229,10 +233,21 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Bench(BenchCommand::Sign { seconds, concurrency, workers, batch_size, modes, json, config }) => {
+        Command::Bench(BenchCommand::Sign {
+            seconds,
+            concurrency,
+            workers,
+            batch_size,
+            modes,
+            json,
+            config,
+        }) => {
             let dir = tempfile::tempdir()?;
             let pkcs11 = match config {
-                Some(path) => match ConfigFile::load(&path)?.validate(&Overrides::default())?.keys {
+                Some(path) => match ConfigFile::load(&path)?
+                    .validate(&Overrides::default())?
+                    .keys
+                {
                     KeysConfig::Pkcs11(p) => p,
                     KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
                 },
@@ -241,11 +256,14 @@ fn main() -> anyhow::Result<()> {
             let options = keyward::bench::BenchOptions {
                 seconds,
                 concurrency: concurrency.max(1),
-                workers: workers.unwrap_or_else(|| keyward::pool::PoolConfig::default().workers).max(1),
+                workers: workers
+                    .unwrap_or_else(|| keyward::pool::PoolConfig::default().workers)
+                    .max(1),
                 batch_size: batch_size.max(1),
                 modes,
             };
-            let results = runtime()?.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?;
+            let results =
+                runtime()?.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?;
             if json {
                 for r in &results {
                     println!("{}", serde_json::to_string(r)?);

@@ -54,7 +54,10 @@ impl PoolMetrics {
     pub fn unregistered() -> Self {
         let operations = Family::<OutcomeLabels, Counter>::default();
         let signs_ok = operations
-            .get_or_create(&OutcomeLabels { op: "sign", outcome: "ok" })
+            .get_or_create(&OutcomeLabels {
+                op: "sign",
+                outcome: "ok",
+            })
             .clone();
         Self {
             queue_depth: Gauge::default(),

@@ -49,6 +49,9 @@ impl AgentCache {
     }
 
     pub fn invalidate(&self, name: &AgentName) {
-        self.entries.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.entries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 }

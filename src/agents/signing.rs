@@ -52,7 +52,12 @@ impl AgentSigner {
         log: SignatureLog,
         cache: Arc<AgentCache>,
     ) -> Self {
-        Self { pool, store, log, cache }
+        Self {
+            pool,
+            store,
+            log,
+            cache,
+        }
     }
 
     /// What signing needs to know about the agent, from the cache or the
@@ -75,14 +80,23 @@ impl AgentSigner {
             .transpose()
             .map_err(|e| AgentError::Corrupt(e.to_string()))?;
         let newest = match &key_id {
-            Some(key) => self.store.newest_certificate_for_key(key.as_str(), now).await?,
+            Some(key) => {
+                self.store
+                    .newest_certificate_for_key(key.as_str(), now)
+                    .await?
+            }
             None => None,
         };
         let (certificate_serial, certificate_not_after) = match newest {
             Some((serial, not_after)) => (Some(serial), not_after),
             None => (None, 0),
         };
-        let view = SigningView { key_id, status: record.status, certificate_serial, certificate_not_after };
+        let view = SigningView {
+            key_id,
+            status: record.status,
+            certificate_serial,
+            certificate_not_after,
+        };
         Ok(self.cache.put(agent, view))
     }
 
@@ -99,7 +113,10 @@ impl AgentSigner {
         let now = time::OffsetDateTime::now_utc();
         let view = self.view(agent, now.unix_timestamp()).await?;
         if view.status != ACTIVE {
-            return Err(AgentError::NotActive(agent.to_string(), view.status.clone()));
+            return Err(AgentError::NotActive(
+                agent.to_string(),
+                view.status.clone(),
+            ));
         }
         let key_id = view
             .key_id
@@ -117,6 +134,10 @@ impl AgentSigner {
                 signed_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
             })
             .await?;
-        Ok(AgentSignature { signature, key_id, certificate_serial: view.certificate_serial.clone() })
+        Ok(AgentSignature {
+            signature,
+            key_id,
+            certificate_serial: view.certificate_serial.clone(),
+        })
     }
 }

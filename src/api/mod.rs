@@ -3,9 +3,9 @@
 //! by `policy`, work is done by `agents`, `ca` and the pool.
 
 mod agents;
-mod signing;
 pub mod error;
 pub mod extract;
+mod signing;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -47,9 +47,16 @@ impl SignInput {
     pub fn digest(&self) -> Result<[u8; 32], ApiError> {
         match (&self.message_b64, &self.digest_sha256_b64) {
             (Some(message), None) => Ok(Sha256::digest(decode_b64("message_b64", message)?).into()),
-            (None, Some(digest)) => decode_b64("digest_sha256_b64", digest)?.try_into().map_err(|_| {
-                ApiError::bad_request("invalid_digest", "digest_sha256_b64 must decode to 32 bytes")
-            }),
+            (None, Some(digest)) => {
+                decode_b64("digest_sha256_b64", digest)?
+                    .try_into()
+                    .map_err(|_| {
+                        ApiError::bad_request(
+                            "invalid_digest",
+                            "digest_sha256_b64 must decode to 32 bytes",
+                        )
+                    })
+            }
             _ => Err(ApiError::bad_request(
                 "invalid_request",
                 "give exactly one of message_b64 and digest_sha256_b64",
@@ -79,7 +86,13 @@ async fn sign(
     let digest = body.digest()?;
     let signed = state
         .signer
-        .sign(&name, digest, Purpose::Sign, &request_id.0, decision.policy_version)
+        .sign(
+            &name,
+            digest,
+            Purpose::Sign,
+            &request_id.0,
+            decision.policy_version,
+        )
         .await?;
     Ok(Json(SignResponse {
         signature_der_b64: b64().encode(signed.signature.to_der().as_bytes()),

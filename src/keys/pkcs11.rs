@@ -224,7 +224,9 @@ impl Pkcs11Backend {
         let slot = *shared.slot.read().unwrap_or_else(|p| p.into_inner());
         let session = shared.ctx.open_rw_session(slot).map_err(classify)?;
         let pin = AuthPin::from(shared.pin.expose_secret());
-        session.login(UserType::User, Some(&pin)).map_err(classify)?;
+        session
+            .login(UserType::User, Some(&pin))
+            .map_err(classify)?;
         let template = [
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::Id(id.as_str().as_bytes().to_vec()),
@@ -234,7 +236,9 @@ impl Pkcs11Backend {
             .map_err(classify)?
             .first()
             .ok_or_else(|| KeyError::NotFound(id.clone()))?;
-        let signature = session.sign(&Mechanism::Ecdsa, key, digest).map_err(classify)?;
+        let signature = session
+            .sign(&Mechanism::Ecdsa, key, digest)
+            .map_err(classify)?;
         session.logout().map_err(classify)?;
         session.close().map_err(classify)?;
         Ok(signature)

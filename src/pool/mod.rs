@@ -106,7 +106,10 @@ struct Job {
     reply: oneshot::Sender<Result<KeyOutput, PoolError>>,
 }
 
-type Answer = (oneshot::Sender<Result<KeyOutput, PoolError>>, Result<KeyOutput, PoolError>);
+type Answer = (
+    oneshot::Sender<Result<KeyOutput, PoolError>>,
+    Result<KeyOutput, PoolError>,
+);
 
 struct Shared {
     backend: Arc<dyn KeyBackend>,
@@ -323,7 +326,9 @@ impl Worker {
         };
         metrics.outcome(op_name, outcome);
         if matches!(job.op, KeyOp::Sign { .. }) {
-            metrics.sign_latency_seconds.observe(job.enqueued.elapsed().as_secs_f64());
+            metrics
+                .sign_latency_seconds
+                .observe(job.enqueued.elapsed().as_secs_f64());
         }
         Some((job.reply, result))
     }

@@ -94,6 +94,16 @@ pub struct SignatureRecord {
     pub signed_at_ms: i64,
 }
 
+/// The audit event that covers one batch of signature records: the SHA-256
+/// of the batch (as JSON) ties every row to the hash chain.
+pub fn signature_batch_event(records: &[SignatureRecord]) -> AuditEvent {
+    use sha2::{Digest, Sha256};
+    let rows = serde_json::to_vec(records).expect("plain data serializes");
+    AuditEvent::new("keyward", "signature.batch", "signatures")
+        .with("count", records.len())
+        .with("rows_sha256", hex::encode(Sha256::digest(&rows)))
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -190,6 +200,16 @@ pub trait Store: Send + Sync + 'static {
 
 /// Opens the database named by `url` and applies its migrations.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open(url, 16, true).await
+}
+
+/// Opens the database with at most `connections` connections, migrating it
+/// first when `migrate` is set.
+pub async fn open(
+    url: &str,
+    connections: u32,
+    migrate: bool,
+) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
@@ -198,18 +218,22 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
-            .max_connections(8)
+            .max_connections(connections.min(8))
             .connect_with(options)
             .await?;
-        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        if migrate {
+            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        }
         Ok(Arc::new(SqlStore::new(pool, "sqlite")))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        if migrate {
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        }
         Ok(Arc::new(SqlStore::new(pool, "postgres")))
     } else {
         Err(StoreError::UnsupportedUrl)

@@ -4,12 +4,23 @@
 //!
 //! A caller's `record` returns only after its row is durable; the sign
 //! handler answers only after that.
+//!
+//! The writer runs on a thread of its own with its own connection. On
+//! SQLite it drives the transaction itself through rusqlite: with sqlx every
+//! statement would be a round trip to sqlx's connection thread, and on a
+//! busy two-core machine each such hand-over waits for the scheduler, which
+//! made a commit take milliseconds. On PostgreSQL the statements are network
+//! round trips anyway; the writer uses sqlx on a runtime of its own, so it
+//! never waits behind the request runtime's connection tasks.
 
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{SignatureRecord, Store, StoreError};
+use super::{signature_batch_event, SignatureRecord, Store, StoreError};
+use crate::audit::chain_hash;
 
 /// Records per transaction at most.
 const MAX_BATCH: usize = 1024;
@@ -22,22 +33,72 @@ pub struct SignatureLog {
 }
 
 impl SignatureLog {
-    /// Starts the writer task on the current runtime.
-    pub fn start(store: Arc<dyn Store>) -> Self {
+    /// Starts the writer thread on its own connection to `database_url`
+    /// (already migrated).
+    pub async fn start(database_url: &str) -> Result<Self, StoreError> {
         let (queue, receiver) = mpsc::channel(8 * MAX_BATCH);
-        tokio::spawn(write_batches(store, receiver));
-        Self { queue }
+        let (ready, started) = oneshot::channel();
+        let url = database_url.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("keyward-sig-log".into())
+            .spawn(move || {
+                if url.starts_with("sqlite:") {
+                    match open_sqlite(&url) {
+                        Ok(conn) => {
+                            let _ = ready.send(Ok(()));
+                            write_sqlite_batches(conn, receiver);
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
+                    }
+                    return;
+                }
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err(StoreError::BatchFailed(e.to_string())));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match super::open(&url, 1, false).await {
+                        Ok(store) => {
+                            let _ = ready.send(Ok(()));
+                            write_batches(store, receiver).await;
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
+                    }
+                });
+            });
+        spawned.map_err(|e| StoreError::BatchFailed(e.to_string()))?;
+        started.await.map_err(|_| StoreError::LogStopped)??;
+        Ok(Self { queue })
     }
 
     /// Returns once the record is committed.
     pub async fn record(&self, record: SignatureRecord) -> Result<(), StoreError> {
         let (done, written) = oneshot::channel();
-        self.queue.send((record, done)).await.map_err(|_| StoreError::LogStopped)?;
+        self.queue
+            .send((record, done))
+            .await
+            .map_err(|_| StoreError::LogStopped)?;
         match written.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(StoreError::BatchFailed(message)),
             Err(_) => Err(StoreError::LogStopped),
         }
+    }
+}
+
+fn answer(batch: &mut Vec<Pending>, result: Result<(), String>) {
+    for (_, done) in batch.drain(..) {
+        let _ = done.send(result.clone());
     }
 }
 
@@ -49,8 +110,106 @@ async fn write_batches(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pendi
             tracing::error!(error = %e, rows = records.len(), "writing signature records failed");
             e.to_string()
         });
-        for (_, done) in batch.drain(..) {
-            let _ = done.send(result.clone());
+        answer(&mut batch, result);
+    }
+}
+
+fn sqlite_path(url: &str) -> Result<PathBuf, StoreError> {
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    Ok(options.get_filename().to_owned())
+}
+
+/// The same settings as the sqlx pool (`store::open`).
+fn open_sqlite(url: &str) -> Result<rusqlite::Connection, StoreError> {
+    let failed = |e: rusqlite::Error| StoreError::BatchFailed(e.to_string());
+    let conn = rusqlite::Connection::open(sqlite_path(url)?).map_err(failed)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(failed)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(failed)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(failed)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(failed)?;
+    Ok(conn)
+}
+
+fn write_sqlite_batches(mut conn: rusqlite::Connection, mut receiver: mpsc::Receiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = receiver.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let records: Vec<SignatureRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+        let result = insert_sqlite(&mut conn, &records).map_err(|e| {
+            tracing::error!(error = %e, rows = records.len(), "writing signature records failed");
+            e.to_string()
+        });
+        answer(&mut batch, result);
+    }
+}
+
+/// `Store::insert_signatures` for SQLite, in this thread. Keep the
+/// statements in step with `store/sql.rs`.
+fn insert_sqlite(
+    conn: &mut rusqlite::Connection,
+    records: &[SignatureRecord],
+) -> rusqlite::Result<()> {
+    use rusqlite::params;
+    let event = signature_batch_event(records);
+    // IMMEDIATE takes the write lock up front, as the sqlx path's first
+    // statement (the audit head update) does.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (seq, prev): (i64, Vec<u8>) = tx.query_row(
+        "UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    let prev: [u8; 32] = prev.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(1, "hash".into(), rusqlite::types::Type::Blob)
+    })?;
+    let at = time::OffsetDateTime::now_utc().unix_timestamp();
+    let hash = chain_hash(&prev, seq, at, &event);
+    tx.execute(
+        "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            seq,
+            at,
+            event.actor,
+            event.action,
+            event.subject,
+            event.details.to_string(),
+            prev,
+            hash
+        ],
+    )?;
+    tx.execute(
+        "UPDATE audit_head SET hash = ?1 WHERE id = 1",
+        params![hash],
+    )?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, policy_version,
+                signed_at_ms, audit_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for r in records {
+            insert.execute(params![
+                r.request_id,
+                r.agent_name,
+                r.key_id,
+                r.digest,
+                r.purpose,
+                r.policy_version,
+                r.signed_at_ms,
+                seq
+            ])?;
         }
     }
+    tx.commit()
 }

@@ -3,12 +3,11 @@
 //! integers as 64-bit, blobs as bytes); only the migrations differ.
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
-    AgentRecord, AttestationRecord, CaRecord, CertificateRecord, ServiceKeyRecord,
-    SignatureRecord, Store, StoreError,
+    AgentRecord, AttestationRecord, CaRecord, CertificateRecord, ServiceKeyRecord, SignatureRecord,
+    Store, StoreError,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -364,10 +363,7 @@ macro_rules! impl_store {
                 if records.is_empty() {
                     return Ok(());
                 }
-                let rows = serde_json::to_vec(records).expect("plain data serializes");
-                let event = AuditEvent::new("keyward", "signature.batch", "signatures")
-                    .with("count", records.len())
-                    .with("rows_sha256", hex::encode(Sha256::digest(&rows)));
+                let event = super::signature_batch_event(records);
                 let mut tx = self.pool.begin().await?;
                 let seq = Self::append_audit(&mut tx, &event).await?;
                 // One statement per chunk; 9 binds a row stays far below
