@@ -23,4 +23,4 @@ ensure_packages() {
 # What the service needs at run time.
 RUNTIME_PACKAGES=(softhsm2 openssl ca-certificates)
 # What the test suite needs besides: independent PKCS#11 and X.509 tools.
-TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules)
+TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-cryptography)

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::agents::cache::AgentCache;
 use crate::agents::signing::AgentSigner;
+use crate::agents::verification::Verifier;
 use crate::agents::Registry;
 use crate::api::{self, AdminTokens, AppState};
 use crate::attestation::pkcs11::EvidenceSigner;
@@ -113,12 +114,15 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
     let signer = Arc::new(AgentSigner::new(
         pool.clone(),
         store.clone(),
+        authority.clone(),
         signature_log,
         agent_cache,
     ));
+    let verifier = Arc::new(Verifier::new(store.clone(), authority.clone()));
     let state = Arc::new(AppState {
         registry,
         signer,
+        verifier,
         store,
         pool,
         admin_tokens,

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyward::agents::cache::AgentCache;
-use keyward::agents::signing::{AgentSigner, Purpose};
+use keyward::agents::signing::AgentSigner;
 use keyward::audit::AuditEvent;
-use keyward::identity::AgentName;
+use keyward::ca::{Authority, TtlLimits};
+use keyward::identity::{AgentName, TrustDomain};
 use keyward::keys::pkcs11::{load_module, Pkcs11Backend, Pkcs11Config};
 use keyward::keys::{KeyBackend, KeyId};
 use keyward::pool::{BreakerState, KeyPool, PoolConfig, PoolError};
@@ -86,9 +87,22 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
         .await
         .unwrap();
     let log = SignatureLog::start(&url).await.unwrap();
+    let ca = Authority::create_root(&pool, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let authority = Authority::load(
+        pool.clone(),
+        store.clone(),
+        &ca,
+        TrustDomain::parse("keyward.local").unwrap(),
+        TtlLimits::default(),
+    )
+    .await
+    .unwrap();
     let signer = Arc::new(AgentSigner::new(
         pool.clone(),
         store.clone(),
+        Arc::new(authority),
         log,
         Arc::new(AgentCache::default()),
     ));
@@ -100,7 +114,7 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
                 for i in 0..PER_TASK {
                     let d = digest(t, i);
                     let signed = signer
-                        .sign(&agent, d, Purpose::Sign, &format!("{t}-{i}"), 0)
+                        .sign(&agent, d, &format!("{t}-{i}"), 0)
                         .await
                         .unwrap();
                     // Every signature the pool hands out is checked: a wrong

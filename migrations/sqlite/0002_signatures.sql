@@ -8,6 +8,8 @@ CREATE TABLE signatures (
     key_id          TEXT NOT NULL,
     digest          TEXT NOT NULL,
     purpose         TEXT NOT NULL,
+    -- For envelopes: {"aud","intent","jti","exp"} as JSON; NULL otherwise.
+    message         TEXT,
     policy_version  INTEGER NOT NULL,
     signed_at_ms    INTEGER NOT NULL,
     audit_seq       INTEGER NOT NULL

@@ -21,6 +21,7 @@ use crate::store::{AgentRecord, Store, StoreError};
 
 pub mod cache;
 pub mod signing;
+pub mod verification;
 
 pub const CUSTODIAL: &str = "custodial";
 pub const ACTIVE: &str = "active";
@@ -36,6 +37,8 @@ pub enum AgentError {
     NotActive(String, String),
     #[error("agent {0} has no custodial key")]
     NoCustodialKey(String),
+    #[error("agent {0} has no valid certificate: issue one first")]
+    NoCertificate(String),
     #[error("at most {0} scopes per agent")]
     TooManyScopes(usize),
     #[error(transparent)]
@@ -44,6 +47,8 @@ pub enum AgentError {
     Attestation(#[from] AttestationError),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    #[error(transparent)]
+    Envelope(#[from] crate::envelope::EnvelopeError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("stored agent record is malformed: {0}")]

@@ -5,10 +5,14 @@
 
 use std::sync::Arc;
 
+use der::Decode;
 use p256::ecdsa::Signature;
 
 use super::cache::{AgentCache, SigningView};
 use super::{AgentError, ACTIVE};
+use crate::ca::cert::Certificate;
+use crate::ca::Authority;
+use crate::envelope::{self, Claims, Header};
 use crate::identity::AgentName;
 use crate::keys::KeyId;
 use crate::pool::KeyPool;
@@ -22,25 +26,49 @@ pub struct AgentSignature {
     pub certificate_serial: Option<String>,
 }
 
+/// A signed envelope (docs/envelope.md) and what it says.
+#[derive(Clone, Debug)]
+pub struct SignedMessage {
+    pub token: String,
+    pub claims: Claims,
+    pub certificate_serial: String,
+}
+
+/// What an agent asks to send: to whom, asking what, valid how long.
+pub struct MessageRequest<'a> {
+    /// The recipient's SPIFFE ID.
+    pub audience: &'a str,
+    pub intent: &'a str,
+    pub lifetime_secs: i64,
+}
+
 pub struct AgentSigner {
     pool: KeyPool,
     store: Arc<dyn Store>,
+    authority: Arc<Authority>,
     log: SignatureLog,
     cache: Arc<AgentCache>,
 }
 
 /// Why the signature is made, recorded with it.
-#[derive(Clone, Copy, Debug)]
-pub enum Purpose {
+enum Purpose<'a> {
     Sign,
-    Message,
+    /// An envelope, with what it says (JSON) for the record.
+    Message(&'a str),
 }
 
-impl Purpose {
-    fn as_str(self) -> &'static str {
+impl Purpose<'_> {
+    fn as_str(&self) -> &'static str {
         match self {
             Purpose::Sign => "sign",
-            Purpose::Message => "message",
+            Purpose::Message(_) => "message",
+        }
+    }
+
+    fn message(&self) -> Option<String> {
+        match self {
+            Purpose::Sign => None,
+            Purpose::Message(what) => Some((*what).to_owned()),
         }
     }
 }
@@ -49,12 +77,14 @@ impl AgentSigner {
     pub fn new(
         pool: KeyPool,
         store: Arc<dyn Store>,
+        authority: Arc<Authority>,
         log: SignatureLog,
         cache: Arc<AgentCache>,
     ) -> Self {
         Self {
             pool,
             store,
+            authority,
             log,
             cache,
         }
@@ -100,18 +130,13 @@ impl AgentSigner {
         Ok(self.cache.put(agent, view))
     }
 
-    /// Signs `digest` with the agent's custodial key and records it before
-    /// returning.
-    pub async fn sign(
+    /// The view of an agent that may sign now, and its custodial key.
+    async fn signing_agent(
         &self,
         agent: &AgentName,
-        digest: [u8; 32],
-        purpose: Purpose,
-        request_id: &str,
-        policy_version: i64,
-    ) -> Result<AgentSignature, AgentError> {
-        let now = time::OffsetDateTime::now_utc();
-        let view = self.view(agent, now.unix_timestamp()).await?;
+        now: i64,
+    ) -> Result<(Arc<SigningView>, KeyId), AgentError> {
+        let view = self.view(agent, now).await?;
         if view.status != ACTIVE {
             return Err(AgentError::NotActive(
                 agent.to_string(),
@@ -122,7 +147,21 @@ impl AgentSigner {
             .key_id
             .clone()
             .ok_or_else(|| AgentError::NoCustodialKey(agent.to_string()))?;
-        let signature = self.pool.sign(&key_id, digest).await?;
+        Ok((view, key_id))
+    }
+
+    /// Signs on the token and records the signature durably.
+    async fn sign_and_record(
+        &self,
+        agent: &AgentName,
+        key_id: &KeyId,
+        digest: [u8; 32],
+        purpose: Purpose<'_>,
+        request_id: &str,
+        policy_version: i64,
+    ) -> Result<Signature, AgentError> {
+        let signature = self.pool.sign(key_id, digest).await?;
+        let now = time::OffsetDateTime::now_utc();
         self.log
             .record(SignatureRecord {
                 request_id: request_id.to_owned(),
@@ -130,14 +169,100 @@ impl AgentSigner {
                 key_id: key_id.to_string(),
                 digest: hex::encode(digest),
                 purpose: purpose.as_str().to_owned(),
+                message: purpose.message(),
                 policy_version,
                 signed_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
             })
+            .await?;
+        Ok(signature)
+    }
+
+    /// Signs `digest` with the agent's custodial key and records it before
+    /// returning.
+    pub async fn sign(
+        &self,
+        agent: &AgentName,
+        digest: [u8; 32],
+        request_id: &str,
+        policy_version: i64,
+    ) -> Result<AgentSignature, AgentError> {
+        let now = time::OffsetDateTime::now_utc();
+        let (view, key_id) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let signature = self
+            .sign_and_record(
+                agent,
+                &key_id,
+                digest,
+                Purpose::Sign,
+                request_id,
+                policy_version,
+            )
             .await?;
         Ok(AgentSignature {
             signature,
             key_id,
             certificate_serial: view.certificate_serial.clone(),
+        })
+    }
+
+    /// Signs an envelope from `agent` with its custodial key. The envelope
+    /// carries the agent's newest certificate and keyward's chain, and
+    /// expires no later than that certificate, so that it verifies for its
+    /// whole lifetime.
+    pub async fn sign_message(
+        &self,
+        agent: &AgentName,
+        message: MessageRequest<'_>,
+        request_id: &str,
+        policy_version: i64,
+    ) -> Result<SignedMessage, AgentError> {
+        let now = time::OffsetDateTime::now_utc();
+        let (view, key_id) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let serial = view
+            .certificate_serial
+            .clone()
+            .ok_or_else(|| AgentError::NoCertificate(agent.to_string()))?;
+        let record =
+            self.store.certificate(&serial).await?.ok_or_else(|| {
+                AgentError::Corrupt(format!("certificate {serial} is not stored"))
+            })?;
+        let leaf =
+            Certificate::from_der(&record.der).map_err(|e| AgentError::Corrupt(e.to_string()))?;
+        let iat = now.unix_timestamp();
+        let lifetime = message
+            .lifetime_secs
+            .min(record.not_after.saturating_sub(iat));
+        if lifetime < 1 {
+            return Err(AgentError::NoCertificate(agent.to_string()));
+        }
+        let iss = self.authority.trust_domain().agent_spiffe_id(agent);
+        let claims = Claims::new(&iss, message.audience, message.intent, iat, lifetime)?;
+        let mut chain = Vec::with_capacity(1 + self.authority.chain().len());
+        chain.push(leaf);
+        chain.extend(self.authority.chain().iter().cloned());
+        let header = Header::new(&chain)?;
+        let input = envelope::signing_input(&header, &claims);
+        let what = serde_json::json!({
+            "aud": claims.aud(),
+            "intent": claims.intent(),
+            "jti": claims.jti(),
+            "exp": claims.exp(),
+        })
+        .to_string();
+        let signature = self
+            .sign_and_record(
+                agent,
+                &key_id,
+                envelope::signing_digest(&input),
+                Purpose::Message(&what),
+                request_id,
+                policy_version,
+            )
+            .await?;
+        Ok(SignedMessage {
+            token: envelope::assemble(&input, &signature.to_bytes().into()),
+            claims,
+            certificate_serial: serial,
         })
     }
 }

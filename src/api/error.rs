@@ -204,6 +204,10 @@ impl From<AgentError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "no_custodial_key", e.to_string())
             }
             AgentError::TooManyScopes(_) => ApiError::bad_request("too_many_scopes", e.to_string()),
+            AgentError::NoCertificate(_) => {
+                ApiError::new(StatusCode::CONFLICT, "no_certificate", e.to_string())
+            }
+            AgentError::Envelope(inner) => ApiError::bad_request(inner.reason(), inner.to_string()),
             AgentError::Ca(e) => e.into(),
             AgentError::Attestation(e) => e.into(),
             AgentError::Pool(e) => e.into(),

@@ -5,6 +5,7 @@
 mod agents;
 pub mod error;
 pub mod extract;
+mod messages;
 mod signing;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use axum::Router;
 use serde_json::json;
 
 use crate::agents::signing::AgentSigner;
+use crate::agents::verification::Verifier;
 use crate::agents::Registry;
 use crate::policy::{authorize, Action, Caller};
 use crate::pool::KeyPool;
@@ -32,6 +34,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub signer: Arc<AgentSigner>,
+    pub verifier: Arc<Verifier>,
     pub store: Arc<dyn Store>,
     pub pool: KeyPool,
     pub admin_tokens: AdminTokens,
@@ -47,6 +50,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/attestations/{digest}", get(attestation))
         .merge(agents::router())
         .merge(signing::router())
+        .merge(messages::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),

@@ -12,7 +12,6 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::extract::Json;
 use super::{AppState, RequestId};
-use crate::agents::signing::Purpose;
 use crate::identity::AgentName;
 use crate::policy::{authorize, Action, Caller};
 
@@ -45,23 +44,32 @@ pub struct SignInput {
 
 impl SignInput {
     pub fn digest(&self) -> Result<[u8; 32], ApiError> {
-        match (&self.message_b64, &self.digest_sha256_b64) {
-            (Some(message), None) => Ok(Sha256::digest(decode_b64("message_b64", message)?).into()),
-            (None, Some(digest)) => {
-                decode_b64("digest_sha256_b64", digest)?
-                    .try_into()
-                    .map_err(|_| {
-                        ApiError::bad_request(
-                            "invalid_digest",
-                            "digest_sha256_b64 must decode to 32 bytes",
-                        )
-                    })
-            }
-            _ => Err(ApiError::bad_request(
-                "invalid_request",
-                "give exactly one of message_b64 and digest_sha256_b64",
-            )),
-        }
+        digest_of(
+            self.message_b64.as_deref(),
+            self.digest_sha256_b64.as_deref(),
+        )
+    }
+}
+
+/// The SHA-256 digest of exactly one of a message and a given digest.
+pub fn digest_of(
+    message_b64: Option<&str>,
+    digest_b64: Option<&str>,
+) -> Result<[u8; 32], ApiError> {
+    match (message_b64, digest_b64) {
+        (Some(message), None) => Ok(Sha256::digest(decode_b64("message_b64", message)?).into()),
+        (None, Some(digest)) => decode_b64("digest_sha256_b64", digest)?
+            .try_into()
+            .map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_digest",
+                    "digest_sha256_b64 must decode to 32 bytes",
+                )
+            }),
+        _ => Err(ApiError::bad_request(
+            "invalid_request",
+            "give exactly one of message_b64 and digest_sha256_b64",
+        )),
     }
 }
 
@@ -86,13 +94,7 @@ async fn sign(
     let digest = body.digest()?;
     let signed = state
         .signer
-        .sign(
-            &name,
-            digest,
-            Purpose::Sign,
-            &request_id.0,
-            decision.policy_version,
-        )
+        .sign(&name, digest, &request_id.0, decision.policy_version)
         .await?;
     Ok(Json(SignResponse {
         signature_der_b64: b64().encode(signed.signature.to_der().as_bytes()),

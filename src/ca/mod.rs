@@ -110,6 +110,8 @@ pub struct Authority {
     certificate: Certificate,
     /// PEM chain from the issuing certificate up to the root, root last.
     chain_pem: String,
+    /// `chain_pem`, decoded.
+    chain: Vec<Certificate>,
     trust_domain: TrustDomain,
     ttl: TtlLimits,
 }
@@ -151,6 +153,10 @@ impl Authority {
         if cert_key != public_key {
             return Err(CaError::CaKeyMismatch);
         }
+        let chain = parse_pem_chain(&record.chain_pem)?;
+        if chain.is_empty() {
+            return Err(CaError::Internal("empty CA chain".into()));
+        }
         Ok(Self {
             pool,
             store,
@@ -158,6 +164,7 @@ impl Authority {
             public_key,
             certificate,
             chain_pem: record.chain_pem.clone(),
+            chain,
             trust_domain,
             ttl,
         })
@@ -209,13 +216,24 @@ impl Authority {
         &self.chain_pem
     }
 
+    /// The chain decoded: issuing certificate first, root last; never empty.
+    pub fn chain(&self) -> &[Certificate] {
+        &self.chain
+    }
+
     /// The last certificate of the chain: what relying parties trust.
+    pub fn root(&self) -> &Certificate {
+        // `load` refuses an empty chain.
+        &self.chain[self.chain.len() - 1]
+    }
+
+    /// The certificates between an agent's certificate and the root.
+    pub fn intermediates(&self) -> &[Certificate] {
+        &self.chain[..self.chain.len() - 1]
+    }
+
     pub fn root_pem(&self) -> Result<String, CaError> {
-        let chain = parse_pem_chain(&self.chain_pem)?;
-        let root = chain
-            .last()
-            .ok_or_else(|| CaError::Internal("empty CA chain".into()))?;
-        root.to_pem_string()
+        self.root().to_pem_string()
     }
 
     fn not_after_cap(&self) -> SystemTime {
@@ -283,6 +301,7 @@ impl Authority {
             attestation_digest: attestation_digest.clone(),
             policy_version,
             created_at: unix(SystemTime::now()),
+            revoked_at: None,
         };
         let audit = AuditEvent::new(actor, "certificate.issue", agent.as_str())
             .with("serial", issued.serial.clone())

@@ -50,6 +50,8 @@ pub struct CertificateRecord {
     pub attestation_digest: Option<String>,
     pub policy_version: i64,
     pub created_at: i64,
+    /// Unix seconds of revocation; `None` while the certificate stands.
+    pub revoked_at: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +92,10 @@ pub struct SignatureRecord {
     pub digest: String,
     /// `sign` (raw digest or message) or `message` (an envelope).
     pub purpose: String,
+    /// For an envelope, what it says besides the signer: `{"aud","intent",
+    /// "jti","exp"}` as JSON, so the audit trail shows who asked whom for
+    /// what. `None` for raw signatures, whose content keyward never sees.
+    pub message: Option<String>,
     pub policy_version: i64,
     pub signed_at_ms: i64,
 }
@@ -185,6 +191,16 @@ pub trait Store: Send + Sync + 'static {
         key_id: &str,
         now: i64,
     ) -> Result<Option<(String, i64)>, StoreError>;
+
+    /// The agent's certificates that were within their validity at `at`
+    /// (unix seconds), newest first, at most `limit`. Revoked ones are
+    /// included: the caller decides what revocation means for it.
+    async fn certificates_of_agent_at(
+        &self,
+        agent: &str,
+        at: i64,
+        limit: i64,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
 
     /// Writes a batch of signature records and one audit event covering
     /// them (its details hold the SHA-256 of the batch), in one transaction.

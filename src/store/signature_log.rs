@@ -194,9 +194,9 @@ fn insert_sqlite(
     )?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, policy_version,
-                signed_at_ms, audit_seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, message,
+                policy_version, signed_at_ms, audit_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
         for r in records {
             insert.execute(params![
@@ -205,6 +205,7 @@ fn insert_sqlite(
                 r.key_id,
                 r.digest,
                 r.purpose,
+                r.message,
                 r.policy_version,
                 r.signed_at_ms,
                 seq

@@ -132,6 +132,7 @@ macro_rules! impl_store {
                     attestation_digest: row.try_get("attestation_digest")?,
                     policy_version: row.try_get("policy_version")?,
                     created_at: row.try_get("created_at")?,
+                    revoked_at: row.try_get("revoked_at")?,
                 })
             }
         }
@@ -359,6 +360,25 @@ macro_rules! impl_store {
                     .transpose()?)
             }
 
+            async fn certificates_of_agent_at(
+                &self,
+                agent: &str,
+                at: i64,
+                limit: i64,
+            ) -> Result<Vec<CertificateRecord>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT * FROM certificates
+                     WHERE agent_name = $1 AND not_before <= $2 AND not_after >= $2
+                     ORDER BY not_after DESC LIMIT $3",
+                )
+                .bind(agent)
+                .bind(at)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(Self::certificate_from_row).collect()
+            }
+
             async fn insert_signatures(&self, records: &[SignatureRecord]) -> Result<(), StoreError> {
                 if records.is_empty() {
                     return Ok(());
@@ -371,7 +391,7 @@ macro_rules! impl_store {
                 for chunk in records.chunks(1000) {
                     let mut insert = QueryBuilder::<$db>::new(
                         "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, \
-                         policy_version, signed_at_ms, audit_seq) ",
+                         message, policy_version, signed_at_ms, audit_seq) ",
                     );
                     insert.push_values(chunk, |mut row, r| {
                         row.push_bind(&r.request_id)
@@ -379,6 +399,7 @@ macro_rules! impl_store {
                             .push_bind(&r.key_id)
                             .push_bind(&r.digest)
                             .push_bind(&r.purpose)
+                            .push_bind(&r.message)
                             .push_bind(r.policy_version)
                             .push_bind(r.signed_at_ms)
                             .push_bind(seq);

@@ -230,6 +230,33 @@ impl Server {
         }
     }
 
+    /// Runs one statement on the server's database, as another replica or
+    /// an operator with database access would; returns the first column of
+    /// the first row as an integer when the statement is a query.
+    pub async fn sql(&self, sql: &str) -> Option<i64> {
+        use sqlx::{Connection, Row};
+        let row = if self.database.url.starts_with("sqlite") {
+            let mut c = sqlx::SqliteConnection::connect(&self.database.url)
+                .await
+                .unwrap();
+            sqlx::query(sql)
+                .fetch_optional(&mut c)
+                .await
+                .unwrap()
+                .map(|r| r.get::<i64, _>(0))
+        } else {
+            let mut c = sqlx::PgConnection::connect(&self.database.url)
+                .await
+                .unwrap();
+            sqlx::query(sql)
+                .fetch_optional(&mut c)
+                .await
+                .unwrap()
+                .map(|r| r.get::<i64, _>(0))
+        };
+        row
+    }
+
     /// The private keys on the server's token, as the OpenSC `pkcs11-tool`
     /// (an independent PKCS#11 client) lists them.
     pub fn token_private_keys(&self) -> String {

@@ -1,0 +1,292 @@
+//! Verification and signed messages:
+//! `POST /v1/verify`, `POST /v1/agents/{name}/messages` and
+//! `POST /v1/messages/verify`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Extension, Router};
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::Json;
+use super::signing::{decode_b64, digest_of};
+use super::{AppState, RequestId};
+use crate::agents::signing::MessageRequest;
+use crate::agents::verification::{Signer, Verdict};
+use crate::ca::parse_pem_chain;
+use crate::envelope::{self, MAX_LIFETIME_SECS};
+use crate::identity::AgentName;
+use crate::policy::{authorize, Action, Caller};
+
+/// Envelope lifetime when the caller does not ask for one.
+const DEFAULT_MESSAGE_TTL_SECS: i64 = 60;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/verify", post(verify_signature))
+        .route("/v1/agents/{name}/messages", post(sign_message))
+        .route("/v1/messages/verify", post(verify_message))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyInput {
+    certificate_pem: Option<String>,
+    agent: Option<String>,
+    message_b64: Option<String>,
+    digest_sha256_b64: Option<String>,
+    signature_b64: String,
+    /// RFC 3339; validity is judged at this instant. Default: now.
+    at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct VerifyOutput {
+    valid: bool,
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificate_serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spiffe_id: Option<String>,
+}
+
+fn instant(at: Option<&str>) -> Result<SystemTime, ApiError> {
+    let Some(text) = at else {
+        return Ok(SystemTime::now());
+    };
+    let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| ApiError::bad_request("invalid_time", "at is not an RFC 3339 time"))?;
+    let seconds = parsed.unix_timestamp();
+    let offset = Duration::from_secs(seconds.unsigned_abs());
+    Ok(if seconds >= 0 {
+        UNIX_EPOCH + offset
+    } else {
+        UNIX_EPOCH - offset
+    })
+}
+
+async fn verify_signature(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Json(body): Json<VerifyInput>,
+) -> Result<Json<VerifyOutput>, ApiError> {
+    authorize(&caller, Action::Verify)?;
+    let digest = digest_of(
+        body.message_b64.as_deref(),
+        body.digest_sha256_b64.as_deref(),
+    )?;
+    let signature = decode_b64("signature_b64", &body.signature_b64)?;
+    let at = instant(body.at.as_deref())?;
+    let chain;
+    let name;
+    let signer = match (&body.certificate_pem, &body.agent) {
+        (Some(pem), None) => {
+            chain = parse_pem_chain(pem).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_certificate",
+                    "certificate_pem is not one or more PEM certificates",
+                )
+            })?;
+            if chain.is_empty() {
+                return Err(ApiError::bad_request(
+                    "invalid_certificate",
+                    "certificate_pem holds no certificate",
+                ));
+            }
+            Signer::Certificate(&chain)
+        }
+        (None, Some(agent)) => {
+            name = AgentName::parse(agent)?;
+            Signer::Agent(&name)
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "give exactly one of certificate_pem and agent",
+            ))
+        }
+    };
+    let verdict = state
+        .verifier
+        .verify_signature(signer, &digest, &signature, at)
+        .await?;
+    Ok(Json(match verdict {
+        Verdict::Valid(cert) => VerifyOutput {
+            valid: true,
+            reason: None,
+            certificate_serial: Some(cert.serial),
+            spiffe_id: cert.spiffe_id,
+        },
+        Verdict::Invalid { reason } => VerifyOutput {
+            valid: false,
+            reason: Some(reason),
+            certificate_serial: None,
+            spiffe_id: None,
+        },
+    }))
+}
+
+/// The recipient: a SPIFFE ID, or the name of an agent of this keyward.
+fn audience(
+    state: &AppState,
+    audience: Option<&str>,
+    to: Option<&str>,
+) -> Result<String, ApiError> {
+    match (audience, to) {
+        (Some(id), None) if crate::verify::is_spiffe_id(id) => Ok(id.to_owned()),
+        (Some(_), None) => Err(ApiError::bad_request(
+            "invalid_audience",
+            "audience is not a SPIFFE ID",
+        )),
+        (None, Some(agent)) => {
+            let agent = AgentName::parse(agent)?;
+            Ok(state
+                .registry
+                .authority()
+                .trust_domain()
+                .agent_spiffe_id(&agent))
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_request",
+            "give exactly one of audience (a SPIFFE ID) and to (an agent name)",
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageInput {
+    audience: Option<String>,
+    to: Option<String>,
+    intent: String,
+    ttl_seconds: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct MessageOutput {
+    token: String,
+    iss: String,
+    aud: String,
+    iat: i64,
+    exp: i64,
+    jti: String,
+    intent: String,
+    certificate_serial: String,
+}
+
+async fn sign_message(
+    State(state): State<Arc<AppState>>,
+    Extension(request_id): Extension<RequestId>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(body): Json<MessageInput>,
+) -> Result<(StatusCode, Json<MessageOutput>), ApiError> {
+    let name = AgentName::parse(&name)?;
+    let decision = authorize(&caller, Action::SignMessage(&name))?;
+    let audience = audience(&state, body.audience.as_deref(), body.to.as_deref())?;
+    let lifetime_secs = body.ttl_seconds.unwrap_or(DEFAULT_MESSAGE_TTL_SECS);
+    if !(1..=MAX_LIFETIME_SECS).contains(&lifetime_secs) {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            format!("ttl_seconds must be 1 to {MAX_LIFETIME_SECS}"),
+        ));
+    }
+    let signed = state
+        .signer
+        .sign_message(
+            &name,
+            MessageRequest {
+                audience: &audience,
+                intent: &body.intent,
+                lifetime_secs,
+            },
+            &request_id.0,
+            decision.policy_version,
+        )
+        .await?;
+    let claims = signed.claims;
+    Ok((
+        StatusCode::CREATED,
+        Json(MessageOutput {
+            token: signed.token,
+            iss: claims.iss().to_owned(),
+            aud: claims.aud().to_owned(),
+            iat: claims.iat(),
+            exp: claims.exp(),
+            jti: claims.jti().to_owned(),
+            intent: claims.intent().to_owned(),
+            certificate_serial: signed.certificate_serial,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageVerifyInput {
+    token: String,
+    /// Who the verifier is: a SPIFFE ID, or `to` with an agent name.
+    audience: Option<String>,
+    to: Option<String>,
+}
+
+#[derive(Serialize)]
+struct MessageVerifyOutput {
+    valid: bool,
+    reason: Option<&'static str>,
+    #[serde(flatten)]
+    message: Option<VerifiedClaims>,
+}
+
+#[derive(Serialize)]
+struct VerifiedClaims {
+    iss: String,
+    aud: String,
+    iat: i64,
+    exp: i64,
+    jti: String,
+    intent: String,
+    signer_serial: String,
+}
+
+async fn verify_message(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Json(body): Json<MessageVerifyInput>,
+) -> Result<Json<MessageVerifyOutput>, ApiError> {
+    authorize(&caller, Action::Verify)?;
+    let audience = audience(&state, body.audience.as_deref(), body.to.as_deref())?;
+    if body.token.len() > envelope::MAX_TOKEN_LEN {
+        return Err(ApiError::bad_request(
+            "invalid_token",
+            "token is longer than 32 KiB",
+        ));
+    }
+    let verdict = state
+        .verifier
+        .verify_message(&body.token, &audience)
+        .await?;
+    Ok(Json(match verdict {
+        Verdict::Valid(m) => MessageVerifyOutput {
+            valid: true,
+            reason: None,
+            message: Some(VerifiedClaims {
+                iss: m.iss().to_owned(),
+                aud: m.aud().to_owned(),
+                iat: m.iat(),
+                exp: m.exp(),
+                jti: m.jti().to_owned(),
+                intent: m.intent().to_owned(),
+                signer_serial: m.signer_serial().to_owned(),
+            }),
+        },
+        Verdict::Invalid { reason } => MessageVerifyOutput {
+            valid: false,
+            reason: Some(reason),
+            message: None,
+        },
+    }))
+}
