@@ -138,18 +138,23 @@ fn write_sqlite_batches(mut conn: rusqlite::Connection, mut receiver: mpsc::Rece
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+        drain(&mut receiver, &mut batch);
         let records: Vec<SignatureRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
         let result = insert_sqlite(&mut conn, &records).map_err(|e| {
             tracing::error!(error = %e, rows = records.len(), "writing signature records failed");
             e.to_string()
         });
         answer(&mut batch, result);
+    }
+}
+
+/// Moves what is waiting into `batch`, up to `MAX_BATCH`, without blocking.
+fn drain(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(p) => batch.push(p),
+            Err(_) => break,
+        }
     }
 }
 
@@ -164,34 +169,30 @@ fn insert_sqlite(
     // IMMEDIATE takes the write lock up front, as the sqlx path's first
     // statement (the audit head update) does.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (seq, prev): (i64, Vec<u8>) = tx.query_row(
-        "UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash",
-        [],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
+    let (seq, prev): (i64, Vec<u8>) = tx
+        .prepare_cached("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
     let prev: [u8; 32] = prev.try_into().map_err(|_| {
         rusqlite::Error::InvalidColumnType(1, "hash".into(), rusqlite::types::Type::Blob)
     })?;
     let at = time::OffsetDateTime::now_utc().unix_timestamp();
     let hash = chain_hash(&prev, seq, at, &event);
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            seq,
-            at,
-            event.actor,
-            event.action,
-            event.subject,
-            event.details.to_string(),
-            prev,
-            hash
-        ],
-    )?;
-    tx.execute(
-        "UPDATE audit_head SET hash = ?1 WHERE id = 1",
-        params![hash],
-    )?;
+    )?
+    .execute(params![
+        seq,
+        at,
+        event.actor,
+        event.action,
+        event.subject,
+        event.details.to_string(),
+        prev,
+        hash
+    ])?;
+    tx.prepare_cached("UPDATE audit_head SET hash = ?1 WHERE id = 1")?
+        .execute(params![hash])?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, message,
