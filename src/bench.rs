@@ -2,6 +2,11 @@
 //! side in one run on the same token and key, so the ratios hold on a noisy
 //! shared machine even when the absolute numbers move.
 //!
+//! The modes (but `naive`, see `run`) run interleaved: the run is cut into
+//! rounds, and each round gives every mode an equal slice, so a change in the machine's load
+//! during the run (other tenants, frequency scaling) falls on all modes
+//! alike instead of on whichever ran at the time.
+//!
 //! Modes: `raw` (C_Sign loops, one session per thread: the token's limit),
 //! `naive` (session + login + find + sign + logout + close per signature),
 //! `pool` (in-process submissions through the pool), `http` (the sign
@@ -52,6 +57,26 @@ struct Sample {
 }
 
 impl Sample {
+    fn empty() -> Self {
+        Sample {
+            ops: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, other: Sample) {
+        self.ops += other.ops;
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
     fn result(mut self, mode: &str, workers: usize, concurrency: usize) -> BenchResult {
         self.latencies_us.sort_unstable();
         let pct = |p: f64| -> u64 {
@@ -389,55 +414,85 @@ pub async fn run(
         use crate::keys::KeySession;
         s.generate(&key)
     })??;
-    let run_for = Duration::from_secs_f64(options.seconds);
     let wants = |m: &str| options.modes.iter().any(|x| x == m);
     let (w, c) = (options.workers, options.concurrency);
-    let mut results = Vec::new();
+    // Slices of at least half a second, at most five rounds.
+    let rounds = ((options.seconds / 0.5) as u32).clamp(1, 5);
+    let slice = Duration::from_secs_f64(options.seconds / f64::from(rounds));
 
-    if wants("raw") {
-        let b = backend.clone();
-        let k = key.clone();
-        let sample = tokio::task::spawn_blocking(move || raw(&b, &k, w, run_for)).await??;
-        results.push(sample.result("raw", w, w));
-    }
+    // Naive runs alone, before anything else holds a session: its C_Logout
+    // would log out every session of this process (PKCS#11 login state is
+    // per application), and its C_Login fails while another is logged in.
+    let mut naive_s = Sample::empty();
     if wants("naive") {
-        let b = backend.clone();
-        let k = key.clone();
-        let sample = tokio::task::spawn_blocking(move || naive(&b, &k, run_for)).await??;
-        results.push(sample.result("naive", 1, 1));
+        let (b, k) = (backend.clone(), key.clone());
+        let run_for = Duration::from_secs_f64(options.seconds);
+        naive_s = tokio::task::spawn_blocking(move || naive(&b, &k, run_for)).await??;
     }
-    if wants("pool") {
+
+    let pool_handle = if wants("pool") {
         let config = PoolConfig {
             workers: w,
             batch_size: options.batch_size,
             ..PoolConfig::default()
         };
         let dyn_backend: Arc<dyn KeyBackend> = backend.clone();
-        let pool_handle = KeyPool::start(dyn_backend, &config, PoolMetrics::unregistered())?;
-        results.push(
-            pool(&pool_handle, &key, c, run_for)
-                .await
-                .result("pool", w, c),
-        );
-    }
-    if wants("http") || wants("http-half") {
+        Some(KeyPool::start(
+            dyn_backend,
+            &config,
+            PoolMetrics::unregistered(),
+        )?)
+    } else {
+        None
+    };
+    let server = if wants("http") || wants("http-half") {
         let server = start_server(dir, pkcs11, options).await?;
         // Warm up (caches, allocator) outside the measurement.
         http(&server, Duration::from_millis(300), None).await?;
-        let peak = http(&server, run_for, None).await?.result("http", w, c);
-        if wants("http-half") {
-            let rate = (peak.ops_per_sec / 2.0).max(1.0);
-            let half =
-                http(&server, run_for, Some(rate / c as f64))
-                    .await?
-                    .result("http-half", w, c);
-            if wants("http") {
-                results.push(peak);
-            }
-            results.push(half);
-        } else {
-            results.push(peak);
+        Some(server)
+    } else {
+        None
+    };
+
+    let (mut raw_s, mut pool_s, mut http_s, mut half_s) = (
+        Sample::empty(),
+        Sample::empty(),
+        Sample::empty(),
+        Sample::empty(),
+    );
+    for _ in 0..rounds {
+        if wants("raw") {
+            let (b, k) = (backend.clone(), key.clone());
+            raw_s.add(tokio::task::spawn_blocking(move || raw(&b, &k, w, slice)).await??);
         }
+        if let Some(pool_handle) = &pool_handle {
+            pool_s.add(pool(pool_handle, &key, c, slice).await);
+        }
+        if let Some(server) = &server {
+            // The peak is needed for http-half's rate even if not reported.
+            http_s.add(http(server, slice, None).await?);
+            if wants("http-half") {
+                let rate = (http_s.rate() / 2.0).max(1.0);
+                half_s.add(http(server, slice, Some(rate / c as f64)).await?);
+            }
+        }
+    }
+
+    let mut results = Vec::new();
+    if wants("raw") {
+        results.push(raw_s.result("raw", w, w));
+    }
+    if wants("naive") {
+        results.push(naive_s.result("naive", 1, 1));
+    }
+    if pool_handle.is_some() {
+        results.push(pool_s.result("pool", w, c));
+    }
+    if wants("http") {
+        results.push(http_s.result("http", w, c));
+    }
+    if wants("http-half") {
+        results.push(half_s.result("http-half", w, c));
     }
     let raw_rate = results
         .iter()

@@ -192,7 +192,7 @@ fn close_all_sessions(module: &Path, label: &str) {
 }
 
 /// What a load run saw.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct LoadReport {
     ok_before: u64,
     ok_after_recovery: u64,
@@ -277,6 +277,8 @@ async fn closing_every_session_under_load_is_survived_without_a_restart() {
         move || close_all_sessions(&module, "keyward"),
     )
     .await;
+    // Shown with --no-capture: the figures for the record.
+    eprintln!("{report:?}; reconnects {}", metrics.reconnects.get());
     assert!(
         metrics.reconnects.get() > 0,
         "the fault reached the pool's sessions"
@@ -373,6 +375,8 @@ async fn a_network_hsm_whose_connection_drops_is_reinitialized_and_recovers() {
         move || fault.drop_connections(),
     )
     .await;
+    // Shown with --no-capture: the figures for the record.
+    eprintln!("{report:?}; reconnects {}", metrics.reconnects.get());
     assert!(
         metrics.reconnects.get() > 0,
         "the dropped connection reached the pool"
