@@ -28,12 +28,14 @@ use crate::agents::Registry;
 use crate::api::{self, AdminTokens, AppState};
 use crate::attestation::pkcs11::EvidenceSigner;
 use crate::audit::AuditEvent;
+use crate::ca::status::StatusPublisher;
 use crate::ca::Authority;
 use crate::config::Config;
 use crate::embedded::{private_dir, write_private_file};
 use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
 use crate::keys::{KeyBackend, KeyId};
 use crate::pool::KeyPool;
+use crate::revocation::RevocationSet;
 use crate::store::{self, ServiceKeyRecord, SignatureLog, Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -92,7 +94,8 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
             config.ttl,
         )
         .await
-        .context("loading the CA")?,
+        .context("loading the CA")?
+        .with_public_url(config.public_url.clone()),
     );
     let evidence_signer =
         ensure_service_key(&pool, store.as_ref(), &authority, "attestation").await?;
@@ -101,12 +104,17 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
 
     let tls = Arc::new(ServerIdentity::issue(&authority, config).await?);
     let agent_cache = Arc::new(AgentCache::default());
+    let revocations = RevocationSet::load(store.clone(), metrics.revocation.clone())
+        .await
+        .context("loading the revocation set")?;
+    revocations.watch(&config.database_url);
     let registry = Arc::new(Registry::new(
         pool.clone(),
         store.clone(),
         authority.clone(),
         evidence_signer,
         agent_cache.clone(),
+        revocations.clone(),
     ));
     let signature_log = SignatureLog::start(&config.database_url)
         .await
@@ -117,12 +125,19 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         authority.clone(),
         signature_log,
         agent_cache,
+        revocations.clone(),
     ));
     let verifier = Arc::new(Verifier::new(store.clone(), authority.clone()));
+    let status = Arc::new(StatusPublisher::new(
+        authority.clone(),
+        store.clone(),
+        revocations.clone(),
+    ));
     let state = Arc::new(AppState {
         registry,
         signer,
         verifier,
+        status,
         store,
         pool,
         admin_tokens,

@@ -88,6 +88,11 @@ pub struct ServerFile {
     /// Extra DNS names for the HTTPS certificate (localhost is always there).
     #[serde(default)]
     pub dns_names: Vec<String>,
+    /// The base URL relying parties reach keyward at, e.g.
+    /// `https://keyward.example:7443`; certificates point at
+    /// `<public_url>/v1/crl` and `<public_url>/v1/ocsp`. Default:
+    /// `https://<listen address>`.
+    pub public_url: Option<String>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -117,6 +122,29 @@ pub struct Config {
     pub ttl: TtlLimits,
     pub ca_validity: Duration,
     pub server_dns_names: Vec<String>,
+    /// See `ServerFile::public_url`; `None` until `serve` knows its address.
+    pub public_url: Option<String>,
+}
+
+/// An `http(s)://host[:port]` base with no path, query or fragment, so
+/// that the URLs built on it are what the operator expects.
+fn check_public_url(url: &str) -> Result<String, String> {
+    let trimmed = url.trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .ok_or_else(|| format!("server.public_url = {url:?} is not an http(s) URL"))?;
+    let ok = !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    if ok {
+        Ok(trimmed.to_owned())
+    } else {
+        Err(format!(
+            "server.public_url = {url:?} must be scheme://host[:port] only"
+        ))
+    }
 }
 
 impl ConfigFile {
@@ -230,6 +258,10 @@ impl ConfigFile {
             ttl,
             ca_validity,
             server_dns_names: self.server.dns_names,
+            public_url: match self.server.public_url {
+                Some(url) => Some(check_public_url(&url).map_err(invalid)?),
+                None => None,
+            },
         })
     }
 }

@@ -11,6 +11,7 @@
 //! verify       ECDSA signature and certificate-chain verification
 //! ca           certificate profiles, CSR checks, signing through the pool
 //! attestation  evidence -> Verified<AttestedKey>
+//! revocation   the in-memory revocation set, kept current on every replica
 //! pool         the batched key-operation pool: the only caller of `keys`
 //! keys         KeyBackend: PKCS#11 (and a software backend for unit tests)
 //! store        SQLite / PostgreSQL persistence, audit rows in the same tx
@@ -37,6 +38,7 @@ pub mod identity;
 pub mod keys;
 pub mod policy;
 pub mod pool;
+pub mod revocation;
 pub mod store;
 pub mod telemetry;
 pub mod verify;

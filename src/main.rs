@@ -37,12 +37,36 @@ enum Command {
     /// The issuing CA (run on the keyward host, against its config).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Revoke a certificate or an agent (with all its certificates).
+    #[command(subcommand)]
+    Revoke(RevokeCommand),
     /// Signed agent-to-agent messages (docs/envelope.md).
     #[command(subcommand)]
     Msg(MsgCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum RevokeCommand {
+    /// Revoke one certificate by its serial (hex).
+    Cert {
+        serial: String,
+        /// RFC 5280 reason: keyCompromise, superseded, cessationOfOperation, ...
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke an agent: all its unexpired certificates, and its key may sign no more.
+    Agent {
+        name: String,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// The recipient of a message: a SPIFFE ID or an agent of this keyward.
@@ -325,6 +349,36 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(command) => runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => runtime()?.block_on(cert_command(command)),
+        Command::Revoke(command) => runtime()?.block_on(async {
+            let out = match command {
+                RevokeCommand::Cert {
+                    serial,
+                    reason,
+                    client: args,
+                } => {
+                    client(&args)?
+                        .post(
+                            &format!("/v1/certificates/{serial}/revoke"),
+                            json!({ "reason": reason }),
+                        )
+                        .await?
+                }
+                RevokeCommand::Agent {
+                    name,
+                    reason,
+                    client: args,
+                } => {
+                    client(&args)?
+                        .post(
+                            &format!("/v1/agents/{name}/revoke"),
+                            json!({ "reason": reason }),
+                        )
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }),
         Command::Msg(command) => {
             let valid = runtime()?.block_on(msg_command(command))?;
             if !valid {
@@ -407,12 +461,17 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
     }
 }
 
-async fn serve(config: Config, pkcs11: Pkcs11Config) -> anyhow::Result<()> {
-    let kw = keyward::app::start(&config, &pkcs11).await?;
+async fn serve(mut config: Config, pkcs11: Pkcs11Config) -> anyhow::Result<()> {
+    // Bound first, so that with port 0 the certificates' CRL and OCSP
+    // pointers name the port actually in use.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    if config.public_url.is_none() {
+        config.public_url = Some(format!("https://{addr}"));
+    }
+    let kw = keyward::app::start(&config, &pkcs11).await?;
     std::fs::write(config.data_dir.join("listen.addr"), addr.to_string())?;
     tracing::info!(%addr, store = kw.state.store.backend_name(), "keyward listening (HTTPS)");
     println!("keyward listening on https://{addr}");

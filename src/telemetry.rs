@@ -120,11 +120,51 @@ pub struct HttpLabels {
     pub code: String,
 }
 
+/// Metrics of revocation: how fast a revocation made elsewhere is enforced
+/// here ("time to revoke"), and how often the set is reloaded.
+#[derive(Clone)]
+pub struct RevocationMetrics {
+    pub propagation_seconds: Histogram,
+    pub reloads: Counter,
+    pub revocations: Counter,
+}
+
+impl RevocationMetrics {
+    pub fn unregistered() -> Self {
+        Self {
+            // 1 ms to ~16 s.
+            propagation_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            reloads: Counter::default(),
+            revocations: Counter::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("keyward_revocation");
+        r.register(
+            "propagation_seconds",
+            "From a revocation's commit on another replica to its enforcement here",
+            self.propagation_seconds.clone(),
+        );
+        r.register(
+            "reloads",
+            "Reloads of the in-memory revocation set",
+            self.reloads.clone(),
+        );
+        r.register(
+            "revocations",
+            "Revocations, suspensions and resumptions made by this replica",
+            self.revocations.clone(),
+        );
+    }
+}
+
 /// Every metric keyward exports.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
     pub pool: PoolMetrics,
+    pub revocation: RevocationMetrics,
     pub certificates_issued: Counter,
     pub agents_created: Counter,
     pub api_errors: Family<HttpLabels, Counter>,
@@ -135,6 +175,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let pool = PoolMetrics::unregistered();
         pool.register(&mut registry);
+        let revocation = RevocationMetrics::unregistered();
+        revocation.register(&mut registry);
         let certificates_issued = Counter::default();
         let agents_created = Counter::default();
         let api_errors = Family::<HttpLabels, Counter>::default();
@@ -157,6 +199,7 @@ impl Metrics {
         Self {
             registry: Arc::new(registry),
             pool,
+            revocation,
             certificates_issued,
             agents_created,
             api_errors,

@@ -18,8 +18,9 @@ use keyward::identity::{AgentName, TrustDomain};
 use keyward::keys::pkcs11::{load_module, Pkcs11Backend, Pkcs11Config};
 use keyward::keys::{KeyBackend, KeyId};
 use keyward::pool::{BreakerState, KeyPool, PoolConfig, PoolError};
+use keyward::revocation::RevocationSet;
 use keyward::store::{AgentRecord, SignatureLog};
-use keyward::telemetry::PoolMetrics;
+use keyward::telemetry::{PoolMetrics, RevocationMetrics};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::VerifyingKey;
 use sha2::{Digest, Sha256};
@@ -105,6 +106,9 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
         Arc::new(authority),
         log,
         Arc::new(AgentCache::default()),
+        RevocationSet::load(store.clone(), RevocationMetrics::unregistered())
+            .await
+            .unwrap(),
     ));
 
     let tasks: Vec<_> = (0..TASKS)

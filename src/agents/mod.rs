@@ -12,12 +12,16 @@ use crate::agents::cache::AgentCache;
 use crate::attestation::pkcs11::{attest_custodial_key, from_stored, EvidenceSigner};
 use crate::attestation::{AttestationClaims, AttestationError};
 use crate::audit::AuditEvent;
+use crate::ca::crl::RevocationReason;
 use crate::ca::csr::VerifiedCsr;
 use crate::ca::{AgentCertificateRequest, Authority, CaError, IssuedCertificate};
 use crate::identity::{AgentName, Scope};
 use crate::keys::KeyId;
 use crate::pool::{KeyPool, PoolError};
-use crate::store::{AgentRecord, Store, StoreError};
+use crate::revocation::RevocationSet;
+use crate::store::{
+    AgentRecord, AgentStatusChange, AgentTransition, CertificateRevocation, Store, StoreError,
+};
 
 pub mod cache;
 pub mod signing;
@@ -37,6 +41,8 @@ pub enum AgentError {
     NotActive(String, String),
     #[error("agent {0} has no custodial key")]
     NoCustodialKey(String),
+    #[error("certificateHold is set by suspending the agent (POST /v1/agents/{{name}}/suspend)")]
+    HoldIsForSuspension,
     #[error("agent {0} has no valid certificate: issue one first")]
     NoCertificate(String),
     #[error("at most {0} scopes per agent")]
@@ -116,6 +122,15 @@ pub struct Registry {
     authority: Arc<Authority>,
     evidence_signer: EvidenceSigner,
     cache: Arc<AgentCache>,
+    revocations: Arc<RevocationSet>,
+}
+
+/// What to do to an agent's standing.
+#[derive(Clone, Copy, Debug)]
+pub enum StatusChange {
+    Revoke(RevocationReason),
+    Suspend,
+    Resume,
 }
 
 impl Registry {
@@ -125,6 +140,7 @@ impl Registry {
         authority: Arc<Authority>,
         evidence_signer: EvidenceSigner,
         cache: Arc<AgentCache>,
+        revocations: Arc<RevocationSet>,
     ) -> Self {
         Self {
             pool,
@@ -132,7 +148,71 @@ impl Registry {
             authority,
             evidence_signer,
             cache,
+            revocations,
         }
+    }
+
+    pub fn revocations(&self) -> &RevocationSet {
+        &self.revocations
+    }
+
+    /// Revokes one certificate. `certificateHold` is not a reason here:
+    /// holds belong to an agent's suspension, which can be lifted.
+    pub async fn revoke_certificate(
+        &self,
+        actor: &str,
+        serial: &str,
+        reason: RevocationReason,
+    ) -> Result<CertificateRevocation, AgentError> {
+        if reason == RevocationReason::CertificateHold {
+            return Err(AgentError::HoldIsForSuspension);
+        }
+        let at = time::OffsetDateTime::now_utc().unix_timestamp();
+        let audit =
+            AuditEvent::new(actor, "certificate.revoke", serial).with("reason", reason.as_str());
+        let outcome = self
+            .store
+            .revoke_certificate(serial, reason.as_str(), at, &audit)
+            .await?;
+        if outcome == CertificateRevocation::Revoked {
+            self.revocations.changed_here().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Revokes, suspends or resumes an agent with all its certificates.
+    /// When this returns, this replica refuses (or again accepts) the agent.
+    pub async fn change_status(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        change: StatusChange,
+    ) -> Result<AgentStatusChange, AgentError> {
+        let (transition, action, reason) = match change {
+            StatusChange::Revoke(reason) => (
+                AgentTransition::Revoke {
+                    reason: reason.as_str(),
+                },
+                "agent.revoke",
+                Some(reason.as_str()),
+            ),
+            StatusChange::Suspend => (AgentTransition::Suspend, "agent.suspend", None),
+            StatusChange::Resume => (AgentTransition::Resume, "agent.resume", None),
+        };
+        let mut audit = AuditEvent::new(actor, action, name.as_str());
+        if let Some(reason) = reason {
+            audit = audit.with("reason", reason);
+        }
+        let at = time::OffsetDateTime::now_utc().unix_timestamp();
+        let outcome = self
+            .store
+            .change_agent_status(name.as_str(), transition, at, &audit)
+            .await?;
+        if let AgentStatusChange::Changed { .. } = outcome {
+            self.revocations.changed_here().await?;
+            self.cache.invalidate(name);
+        }
+        Ok(outcome)
     }
 
     pub fn authority(&self) -> &Authority {

@@ -16,6 +16,7 @@ use crate::envelope::{self, Claims, Header};
 use crate::identity::AgentName;
 use crate::keys::KeyId;
 use crate::pool::KeyPool;
+use crate::revocation::RevocationSet;
 use crate::store::{SignatureLog, SignatureRecord, Store};
 
 /// A signature made for an agent.
@@ -48,6 +49,7 @@ pub struct AgentSigner {
     authority: Arc<Authority>,
     log: SignatureLog,
     cache: Arc<AgentCache>,
+    revocations: Arc<RevocationSet>,
 }
 
 /// Why the signature is made, recorded with it.
@@ -80,6 +82,7 @@ impl AgentSigner {
         authority: Arc<Authority>,
         log: SignatureLog,
         cache: Arc<AgentCache>,
+        revocations: Arc<RevocationSet>,
     ) -> Self {
         Self {
             pool,
@@ -87,6 +90,7 @@ impl AgentSigner {
             authority,
             log,
             cache,
+            revocations,
         }
     }
 
@@ -136,6 +140,11 @@ impl AgentSigner {
         agent: &AgentName,
         now: i64,
     ) -> Result<(Arc<SigningView>, KeyId), AgentError> {
+        // The revocation set first: it is current within a second on every
+        // replica, where the cached view may be a second old.
+        if let Some(status) = self.revocations.inactive_status(agent.as_str()) {
+            return Err(AgentError::NotActive(agent.to_string(), status));
+        }
         let view = self.view(agent, now).await?;
         if view.status != ACTIVE {
             return Err(AgentError::NotActive(
@@ -201,7 +210,10 @@ impl AgentSigner {
         Ok(AgentSignature {
             signature,
             key_id,
-            certificate_serial: view.certificate_serial.clone(),
+            certificate_serial: view
+                .certificate_serial
+                .clone()
+                .filter(|serial| self.revocations.certificate(serial).is_none()),
         })
     }
 
@@ -221,6 +233,7 @@ impl AgentSigner {
         let serial = view
             .certificate_serial
             .clone()
+            .filter(|serial| self.revocations.certificate(serial).is_none())
             .ok_or_else(|| AgentError::NoCertificate(agent.to_string()))?;
         let record =
             self.store.certificate(&serial).await?.ok_or_else(|| {

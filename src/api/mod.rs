@@ -6,7 +6,9 @@ mod agents;
 pub mod error;
 pub mod extract;
 mod messages;
+mod revocation;
 mod signing;
+mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +37,7 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub signer: Arc<AgentSigner>,
     pub verifier: Arc<Verifier>,
+    pub status: Arc<crate::ca::status::StatusPublisher>,
     pub store: Arc<dyn Store>,
     pub pool: KeyPool,
     pub admin_tokens: AdminTokens,
@@ -51,6 +54,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(agents::router())
         .merge(signing::router())
         .merge(messages::router())
+        .merge(revocation::router())
+        .merge(status::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),

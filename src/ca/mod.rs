@@ -4,8 +4,11 @@
 //! transaction before the certificate is handed out.
 
 pub mod cert;
+pub mod crl;
 pub mod csr;
+pub mod ocsp;
 pub mod profile;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -114,6 +117,8 @@ pub struct Authority {
     chain: Vec<Certificate>,
     trust_domain: TrustDomain,
     ttl: TtlLimits,
+    /// Base URL for the CRL and OCSP pointers in issued certificates.
+    public_url: Option<String>,
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -167,6 +172,7 @@ impl Authority {
             chain,
             trust_domain,
             ttl,
+            public_url: None,
         })
     }
 
@@ -193,6 +199,17 @@ impl Authority {
             chain_pem: cert.to_pem_string()?,
             created_at: unix(now),
         })
+    }
+
+    /// Signs a digest with the CA key (CRLs, OCSP responses).
+    pub async fn sign_digest(&self, digest: [u8; 32]) -> Result<p256::ecdsa::Signature, CaError> {
+        Ok(self.pool.sign(&self.key, digest).await?)
+    }
+
+    /// Issued certificates will point at `<url>/v1/crl` and `<url>/v1/ocsp`.
+    pub fn with_public_url(mut self, url: Option<String>) -> Self {
+        self.public_url = url;
+        self
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -253,7 +270,7 @@ impl Authority {
     ) -> Result<Certificate, CaError> {
         let now = SystemTime::now();
         let not_after = (now + lifetime).min(self.not_after_cap());
-        let tbs = profile::build_tbs(TbsRequest {
+        let mut tbs = profile::build_tbs(TbsRequest {
             kind,
             subject: profile::common_name(subject_cn)?,
             subject_key,
@@ -262,6 +279,9 @@ impl Authority {
             not_before: now - profile::BACKDATE,
             not_after,
         })?;
+        if let (Some(url), Some(extensions)) = (&self.public_url, &mut tbs.extensions) {
+            extensions.extend(profile::revocation_pointers(url)?);
+        }
         sign_tbs(&self.pool, &self.key, tbs).await
     }
 
@@ -302,6 +322,7 @@ impl Authority {
             policy_version,
             created_at: unix(SystemTime::now()),
             revoked_at: None,
+            revocation_reason: None,
         };
         let audit = AuditEvent::new(actor, "certificate.issue", agent.as_str())
             .with("serial", issued.serial.clone())

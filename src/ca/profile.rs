@@ -231,6 +231,35 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
     })
 }
 
+/// Where relying parties check a certificate's revocation: the CRL
+/// distribution point `<base>/v1/crl` and the OCSP responder `<base>/v1/ocsp`
+/// (in the authority information access extension), both non-critical.
+pub fn revocation_pointers(base_url: &str) -> Result<Vec<Extension>, CaError> {
+    use x509_cert::ext::pkix::crl::dp::DistributionPoint;
+    use x509_cert::ext::pkix::name::DistributionPointName;
+    use x509_cert::ext::pkix::{
+        AccessDescription, AuthorityInfoAccessSyntax, CrlDistributionPoints,
+    };
+    let uri = |path: &str| -> Result<GeneralName, CaError> {
+        Ok(GeneralName::UniformResourceIdentifier(Ia5String::new(
+            &format!("{base_url}{path}"),
+        )?))
+    };
+    let crl = CrlDistributionPoints(vec![DistributionPoint {
+        distribution_point: Some(DistributionPointName::FullName(vec![uri("/v1/crl")?])),
+        reasons: None,
+        crl_issuer: None,
+    }]);
+    let ocsp = AuthorityInfoAccessSyntax(vec![AccessDescription {
+        access_method: const_oid::db::rfc5280::ID_AD_OCSP,
+        access_location: uri("/v1/ocsp")?,
+    }]);
+    Ok(vec![
+        Extension::typed(false, &crl)?,
+        Extension::typed(false, &ocsp)?,
+    ])
+}
+
 /// Wraps DER (r, s) as the certificate's signature BIT STRING.
 pub fn signature_bits(der: &[u8]) -> Result<BitString, CaError> {
     BitString::from_bytes(der).map_err(CaError::from)

@@ -44,6 +44,8 @@ pub enum Action<'a> {
     ReadAttestation,
     /// Check a signature or an envelope: anyone authenticated may.
     Verify,
+    /// Revoke a certificate, or revoke, suspend or resume an agent.
+    Revoke,
 }
 
 /// Permission granted, under a policy version.
@@ -81,7 +83,7 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
             }
         }
         (Caller::Agent(_), Action::ReadAttestation | Action::Verify) => Ok(allowed),
-        (Caller::Agent(_), Action::CreateAgent | Action::ListAgents) => {
+        (Caller::Agent(_), Action::CreateAgent | Action::ListAgents | Action::Revoke) => {
             Err(PolicyError::Forbidden {
                 reason: "admin_only",
             })

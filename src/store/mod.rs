@@ -19,7 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use crate::audit::{AuditEvent, AuditRecord};
 
 pub use signature_log::SignatureLog;
-pub use sql::SqlStore;
+pub use sql::{SqlStore, REVOCATION_CHANNEL};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRecord {
@@ -52,6 +52,8 @@ pub struct CertificateRecord {
     pub created_at: i64,
     /// Unix seconds of revocation; `None` while the certificate stands.
     pub revoked_at: Option<i64>,
+    /// RFC 5280 reason name, with `revoked_at`.
+    pub revocation_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +100,66 @@ pub struct SignatureRecord {
     pub message: Option<String>,
     pub policy_version: i64,
     pub signed_at_ms: i64,
+}
+
+/// A revoked certificate that has not expired: what the CRL lists and the
+/// revocation set holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedCertificate {
+    pub serial: String,
+    pub agent_name: String,
+    pub revoked_at: i64,
+    /// RFC 5280 reason name, e.g. `keyCompromise`.
+    pub reason: String,
+    pub not_after: i64,
+}
+
+/// Everything the in-memory revocation set is built from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RevocationSnapshot {
+    pub certificates: Vec<RevokedCertificate>,
+    /// Agents whose status is not `active`, with that status.
+    pub inactive_agents: Vec<(String, String)>,
+}
+
+/// What revoking one certificate did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertificateRevocation {
+    NotFound,
+    Revoked,
+    /// It was revoked before (for a reason other than certificateHold):
+    /// nothing was written.
+    AlreadyRevoked {
+        revoked_at: i64,
+        reason: String,
+    },
+}
+
+/// A change of an agent's standing, with what it does to its certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentTransition<'a> {
+    /// Permanently: every unexpired certificate is revoked for `reason`.
+    Revoke { reason: &'a str },
+    /// Reversibly: unexpired certificates are put on certificateHold.
+    Suspend,
+    /// Lifts a suspension: the holds are removed.
+    Resume,
+}
+
+/// What an agent transition did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentStatusChange {
+    NotFound,
+    /// Already in the target state: nothing was written.
+    Unchanged,
+    /// The serials whose revocation state changed.
+    Changed {
+        serials: Vec<String>,
+    },
+    /// Not allowed from the current status (e.g. resuming a revoked agent).
+    Refused {
+        status: String,
+    },
 }
 
 /// The audit event that covers one batch of signature records: the SHA-256
@@ -201,6 +263,34 @@ pub trait Store: Send + Sync + 'static {
         at: i64,
         limit: i64,
     ) -> Result<Vec<CertificateRecord>, StoreError>;
+
+    /// Revokes one certificate at `at` (unix seconds) with its audit event,
+    /// in one transaction that also tells other replicas. A certificate on
+    /// certificateHold is revoked for good by this.
+    async fn revoke_certificate(
+        &self,
+        serial: &str,
+        reason: &str,
+        at: i64,
+        audit: &AuditEvent,
+    ) -> Result<CertificateRevocation, StoreError>;
+
+    /// Moves an agent to revoked, suspended or (back to) active, with its
+    /// certificates, in one transaction with its audit event (to which the
+    /// affected serials are added).
+    async fn change_agent_status(
+        &self,
+        name: &str,
+        transition: AgentTransition<'_>,
+        at: i64,
+        audit: &AuditEvent,
+    ) -> Result<AgentStatusChange, StoreError>;
+
+    /// Revoked, unexpired certificates (at `now`) and inactive agents.
+    async fn revocation_snapshot(&self, now: i64) -> Result<RevocationSnapshot, StoreError>;
+
+    /// The next CRL number: monotonic across replicas.
+    async fn next_crl_number(&self) -> Result<i64, StoreError>;
 
     /// Writes a batch of signature records and one audit event covering
     /// them (its details hold the SHA-256 of the batch), in one transaction.

@@ -6,8 +6,9 @@ use async_trait::async_trait;
 use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
-    AgentRecord, AttestationRecord, CaRecord, CertificateRecord, ServiceKeyRecord, SignatureRecord,
-    Store, StoreError,
+    AgentRecord, AgentStatusChange, AgentTransition, AttestationRecord, CaRecord,
+    CertificateRecord, CertificateRevocation, RevocationSnapshot, RevokedCertificate,
+    ServiceKeyRecord, SignatureRecord, Store, StoreError,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -41,6 +42,43 @@ fn hash32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
     bytes
         .try_into()
         .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+}
+
+/// The PostgreSQL channel on which a committed revocation is announced to
+/// every replica; the payload is the revocation time in unix milliseconds.
+pub const REVOCATION_CHANNEL: &str = "keyward_revocation";
+
+/// The reason a suspension puts on an agent's certificates.
+const HOLD: &str = "certificateHold";
+
+impl SqlStore<Sqlite> {
+    /// SQLite has one process: its revocation set is updated directly.
+    async fn announce_revocation(
+        _tx: &mut Transaction<'_, Sqlite>,
+        _at_ms: i64,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl SqlStore<Postgres> {
+    /// Queued in the transaction: delivered to listeners at commit, never
+    /// for a revocation that rolled back.
+    async fn announce_revocation(
+        tx: &mut Transaction<'_, Postgres>,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(REVOCATION_CHANNEL)
+            .bind(at_ms.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 macro_rules! impl_store {
@@ -133,6 +171,7 @@ macro_rules! impl_store {
                     policy_version: row.try_get("policy_version")?,
                     created_at: row.try_get("created_at")?,
                     revoked_at: row.try_get("revoked_at")?,
+                    revocation_reason: row.try_get("revocation_reason")?,
                 })
             }
         }
@@ -377,6 +416,174 @@ macro_rules! impl_store {
                 .fetch_all(&self.pool)
                 .await?;
                 rows.iter().map(Self::certificate_from_row).collect()
+            }
+
+            async fn revoke_certificate(
+                &self,
+                serial: &str,
+                reason: &str,
+                at: i64,
+                audit: &AuditEvent,
+            ) -> Result<CertificateRevocation, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let row = sqlx::query(
+                    "SELECT revoked_at, revocation_reason FROM certificates WHERE serial = $1",
+                )
+                .bind(serial)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(CertificateRevocation::NotFound);
+                };
+                let revoked_at: Option<i64> = row.try_get("revoked_at")?;
+                let previous: Option<String> = row.try_get("revocation_reason")?;
+                if let (Some(revoked_at), Some(previous)) = (revoked_at, &previous) {
+                    if previous != HOLD {
+                        return Ok(CertificateRevocation::AlreadyRevoked {
+                            revoked_at,
+                            reason: previous.clone(),
+                        });
+                    }
+                }
+                Self::append_audit(&mut tx, audit).await?;
+                sqlx::query(
+                    "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 WHERE serial = $3",
+                )
+                .bind(at)
+                .bind(reason)
+                .bind(serial)
+                .execute(&mut *tx)
+                .await?;
+                Self::announce_revocation(&mut tx, now_ms()).await?;
+                tx.commit().await?;
+                Ok(CertificateRevocation::Revoked)
+            }
+
+            async fn change_agent_status(
+                &self,
+                name: &str,
+                transition: AgentTransition<'_>,
+                at: i64,
+                audit: &AuditEvent,
+            ) -> Result<AgentStatusChange, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                // Taking the row lock first serializes concurrent changes
+                // to one agent (PostgreSQL; SQLite has one writer anyway).
+                let row = sqlx::query("UPDATE agents SET status = status WHERE name = $1 RETURNING status")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else {
+                    return Ok(AgentStatusChange::NotFound);
+                };
+                let status: String = row.try_get("status")?;
+                let (target, certificates) = match (transition, status.as_str()) {
+                    (AgentTransition::Revoke { .. }, "revoked")
+                    | (AgentTransition::Suspend, "suspended")
+                    | (AgentTransition::Resume, "active") => {
+                        return Ok(AgentStatusChange::Unchanged)
+                    }
+                    (AgentTransition::Suspend | AgentTransition::Resume, "revoked")
+                    | (AgentTransition::Resume, _) if status != "suspended" => {
+                        return Ok(AgentStatusChange::Refused { status })
+                    }
+                    (AgentTransition::Revoke { reason }, _) => (
+                        "revoked",
+                        sqlx::query(
+                            "UPDATE certificates SET revoked_at = $1, revocation_reason = $2
+                             WHERE agent_name = $3 AND not_after > $1
+                               AND (revoked_at IS NULL OR revocation_reason = $4)
+                             RETURNING serial",
+                        )
+                        .bind(at)
+                        .bind(reason)
+                        .bind(name)
+                        .bind(HOLD)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                    ),
+                    (AgentTransition::Suspend, _) => (
+                        "suspended",
+                        sqlx::query(
+                            "UPDATE certificates SET revoked_at = $1, revocation_reason = $2
+                             WHERE agent_name = $3 AND not_after > $1 AND revoked_at IS NULL
+                             RETURNING serial",
+                        )
+                        .bind(at)
+                        .bind(HOLD)
+                        .bind(name)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                    ),
+                    (AgentTransition::Resume, _) => (
+                        "active",
+                        sqlx::query(
+                            "UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL
+                             WHERE agent_name = $1 AND revocation_reason = $2
+                             RETURNING serial",
+                        )
+                        .bind(name)
+                        .bind(HOLD)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                    ),
+                };
+                let serials = certificates
+                    .iter()
+                    .map(|r| r.try_get::<String, _>("serial"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let event = audit.clone().with("serials", serials.clone());
+                Self::append_audit(&mut tx, &event).await?;
+                sqlx::query("UPDATE agents SET status = $1 WHERE name = $2")
+                    .bind(target)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                Self::announce_revocation(&mut tx, now_ms()).await?;
+                tx.commit().await?;
+                Ok(AgentStatusChange::Changed { serials })
+            }
+
+            async fn revocation_snapshot(&self, now: i64) -> Result<RevocationSnapshot, StoreError> {
+                let certificates = sqlx::query(
+                    "SELECT serial, agent_name, revoked_at, revocation_reason, not_after
+                     FROM certificates WHERE revoked_at IS NOT NULL AND not_after > $1
+                     ORDER BY serial",
+                )
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| -> Result<_, StoreError> {
+                    Ok(RevokedCertificate {
+                        serial: r.try_get("serial")?,
+                        agent_name: r.try_get("agent_name")?,
+                        revoked_at: r.try_get("revoked_at")?,
+                        reason: r.try_get::<Option<String>, _>("revocation_reason")?
+                            .unwrap_or_else(|| "unspecified".into()),
+                        not_after: r.try_get("not_after")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+                let inactive_agents = sqlx::query(
+                    "SELECT name, status FROM agents WHERE status <> 'active' ORDER BY name",
+                )
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| -> Result<_, StoreError> { Ok((r.try_get("name")?, r.try_get("status")?)) })
+                .collect::<Result<Vec<_>, _>>()?;
+                Ok(RevocationSnapshot {
+                    certificates,
+                    inactive_agents,
+                })
+            }
+
+            async fn next_crl_number(&self) -> Result<i64, StoreError> {
+                let row = sqlx::query("UPDATE crl_state SET number = number + 1 WHERE id = 1 RETURNING number")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get("number")?)
             }
 
             async fn insert_signatures(&self, records: &[SignatureRecord]) -> Result<(), StoreError> {

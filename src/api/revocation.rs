@@ -1,0 +1,214 @@
+//! Revocation: `POST /v1/certificates/{serial}/revoke`,
+//! `POST /v1/agents/{name}/revoke|suspend|resume`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::Json;
+use super::AppState;
+use crate::agents::StatusChange;
+use crate::ca::crl::RevocationReason;
+use crate::identity::AgentName;
+use crate::policy::{authorize, Action, Caller};
+use crate::store::{AgentStatusChange, CertificateRevocation};
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/certificates/{serial}/revoke", post(revoke_certificate))
+        .route("/v1/agents/{name}/revoke", post(revoke_agent))
+        .route("/v1/agents/{name}/suspend", post(suspend_agent))
+        .route("/v1/agents/{name}/resume", post(resume_agent))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeInput {
+    reason: String,
+}
+
+fn reason(text: &str) -> Result<RevocationReason, ApiError> {
+    RevocationReason::parse(text).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_reason",
+            "reason is not an RFC 5280 CRLReason name (e.g. keyCompromise, superseded, \
+             cessationOfOperation)",
+        )
+    })
+}
+
+/// keyward's serials are 16 bytes, written as lower-case hex; any case is
+/// accepted. Anything else cannot be one of ours.
+fn serial(text: &str) -> Result<String, ApiError> {
+    let ok = !text.is_empty() && text.len() <= 40 && text.bytes().all(|b| b.is_ascii_hexdigit());
+    if ok {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_serial",
+            "a serial is up to 40 hex digits",
+        ))
+    }
+}
+
+#[derive(Serialize)]
+struct CertificateRevoked {
+    serial: String,
+    reason: String,
+    revoked_at: i64,
+    /// True when it had been revoked before; nothing was changed.
+    already_revoked: bool,
+}
+
+async fn revoke_certificate(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(serial_text): Path<String>,
+    Json(body): Json<RevokeInput>,
+) -> Result<Json<CertificateRevoked>, ApiError> {
+    authorize(&caller, Action::Revoke)?;
+    let serial = serial(&serial_text)?;
+    let reason = reason(&body.reason)?;
+    let outcome = state
+        .registry
+        .revoke_certificate(&caller.audit_name(), &serial, reason)
+        .await?;
+    match outcome {
+        CertificateRevocation::NotFound => Err(ApiError::not_found(
+            "certificate_not_found",
+            "keyward issued no certificate with that serial",
+        )),
+        CertificateRevocation::AlreadyRevoked { revoked_at, reason } => {
+            Ok(Json(CertificateRevoked {
+                serial,
+                reason,
+                revoked_at,
+                already_revoked: true,
+            }))
+        }
+        CertificateRevocation::Revoked => {
+            let revoked = state.registry.revocations().certificate(&serial);
+            Ok(Json(CertificateRevoked {
+                serial,
+                reason: reason.as_str().to_owned(),
+                revoked_at: revoked.map_or_else(
+                    || time::OffsetDateTime::now_utc().unix_timestamp(),
+                    |r| r.revoked_at,
+                ),
+                already_revoked: false,
+            }))
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AgentStatus {
+    name: String,
+    status: &'static str,
+    /// False when the agent was already in this state.
+    changed: bool,
+    /// Certificates whose revocation state this call changed.
+    serials: Vec<String>,
+}
+
+async fn change(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    change: StatusChange,
+    status: &'static str,
+) -> Result<Json<AgentStatus>, ApiError> {
+    authorize(caller, Action::Revoke)?;
+    let name = AgentName::parse(name)?;
+    let outcome = state
+        .registry
+        .change_status(&caller.audit_name(), &name, change)
+        .await?;
+    match outcome {
+        AgentStatusChange::NotFound => Err(ApiError::not_found(
+            "agent_not_found",
+            format!("agent {name} not found"),
+        )),
+        AgentStatusChange::Refused { status: current } => Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "agent_revoked",
+            format!("agent {name} is {current}: a revoked agent stays revoked"),
+        )),
+        AgentStatusChange::Unchanged => Ok(Json(AgentStatus {
+            name: name.to_string(),
+            status,
+            changed: false,
+            serials: Vec::new(),
+        })),
+        AgentStatusChange::Changed { serials } => Ok(Json(AgentStatus {
+            name: name.to_string(),
+            status,
+            changed: true,
+            serials,
+        })),
+    }
+}
+
+async fn revoke_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(body): Json<RevokeInput>,
+) -> Result<Json<AgentStatus>, ApiError> {
+    authorize(&caller, Action::Revoke)?;
+    let reason = reason(&body.reason)?;
+    if reason == RevocationReason::CertificateHold {
+        return Err(ApiError::bad_request(
+            "invalid_reason",
+            "certificateHold is set by POST /v1/agents/{name}/suspend",
+        ));
+    }
+    change(
+        &state,
+        &caller,
+        &name,
+        StatusChange::Revoke(reason),
+        "revoked",
+    )
+    .await
+}
+
+/// Suspend and resume take no parameters: an empty body or `{}`.
+fn no_parameters(body: &Bytes) -> Result<(), ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Empty {}
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    serde_json::from_slice::<Empty>(body)
+        .map(|_| ())
+        .map_err(|_| ApiError::bad_request("invalid_request", "this call takes no parameters"))
+}
+
+async fn suspend_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<AgentStatus>, ApiError> {
+    authorize(&caller, Action::Revoke)?;
+    no_parameters(&body)?;
+    change(&state, &caller, &name, StatusChange::Suspend, "suspended").await
+}
+
+async fn resume_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<AgentStatus>, ApiError> {
+    authorize(&caller, Action::Revoke)?;
+    no_parameters(&body)?;
+    change(&state, &caller, &name, StatusChange::Resume, "active").await
+}

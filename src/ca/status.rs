@@ -1,0 +1,185 @@
+//! Publishing revocation status: the CRL and the OCSP responder, both
+//! signed by the CA key on the token, through the pool.
+//!
+//! Both read the database, not the in-memory set: a relying party asks
+//! rarely compared with signing, and the answer must hold even on a replica
+//! whose set is a moment behind. The set's generation only tells the CRL
+//! cache when to rebuild.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use super::crl::{self, CrlRequest, RevocationReason, RevokedEntry};
+use super::ocsp::{self, CertStatus, ResponseStatus, SingleResponseInfo};
+use super::{Authority, CaError};
+use crate::revocation::RevocationSet;
+use crate::store::Store;
+
+/// How long a CRL is valid (its nextUpdate).
+pub const CRL_LIFETIME: Duration = Duration::from_secs(600);
+/// A CRL is rebuilt this long before its nextUpdate, so that a relying
+/// party never fetches one that is about to lapse.
+const CRL_REFRESH_MARGIN: Duration = Duration::from_secs(120);
+/// How long an OCSP answer is valid (its nextUpdate).
+pub const OCSP_LIFETIME: Duration = Duration::from_secs(300);
+
+struct PublishedCrl {
+    der: Arc<Vec<u8>>,
+    generation: u64,
+    next_update: SystemTime,
+}
+
+pub struct StatusPublisher {
+    authority: Arc<Authority>,
+    store: Arc<dyn Store>,
+    revocations: Arc<RevocationSet>,
+    /// Held while a CRL is built, so concurrent requests wait for one
+    /// build instead of each signing their own.
+    crl: tokio::sync::Mutex<Option<PublishedCrl>>,
+}
+
+fn at_unix(seconds: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64)
+}
+
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    at_unix(
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+    )
+}
+
+impl StatusPublisher {
+    pub fn new(
+        authority: Arc<Authority>,
+        store: Arc<dyn Store>,
+        revocations: Arc<RevocationSet>,
+    ) -> Self {
+        Self {
+            authority,
+            store,
+            revocations,
+            crl: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current CRL (DER): rebuilt when the revocation set has changed
+    /// since the last one, or when that one nears its nextUpdate.
+    pub async fn crl(&self) -> Result<Arc<Vec<u8>>, CaError> {
+        let mut published = self.crl.lock().await;
+        let now = whole_seconds(SystemTime::now());
+        let generation = self.revocations.generation();
+        if let Some(current) = published.as_ref() {
+            if current.generation == generation && now + CRL_REFRESH_MARGIN < current.next_update {
+                return Ok(current.der.clone());
+            }
+        }
+        let unix_now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let snapshot = self.store.revocation_snapshot(unix_now).await?;
+        let entries = snapshot
+            .certificates
+            .iter()
+            .map(|c| {
+                Ok(RevokedEntry {
+                    serial: hex::decode(&c.serial)
+                        .map_err(|_| CaError::Internal(format!("stored serial {:?}", c.serial)))?,
+                    revoked_at: at_unix(c.revoked_at),
+                    reason: RevocationReason::parse(&c.reason)
+                        .unwrap_or(RevocationReason::Unspecified),
+                })
+            })
+            .collect::<Result<Vec<_>, CaError>>()?;
+        let number = self.store.next_crl_number().await?;
+        let next_update = now + CRL_LIFETIME;
+        let tbs = crl::tbs_cert_list(&CrlRequest {
+            issuer: self.authority.certificate(),
+            entries: &entries,
+            crl_number: number as u64,
+            this_update: now,
+            next_update,
+        })?;
+        let signature = self
+            .authority
+            .sign_digest(Sha256::digest(&tbs).into())
+            .await?;
+        let der = Arc::new(crl::assemble(&tbs, signature.to_der().as_bytes())?);
+        *published = Some(PublishedCrl {
+            der: der.clone(),
+            generation,
+            next_update,
+        });
+        Ok(der)
+    }
+
+    /// Answers an OCSP request (DER) with an OCSP response (DER). Never an
+    /// error: what goes wrong is said in the response status, as RFC 6960
+    /// requires.
+    pub async fn ocsp(&self, request_der: &[u8]) -> Vec<u8> {
+        match self.try_ocsp(request_der).await {
+            Ok(response) => response,
+            Err(status) => ocsp::error_response(status),
+        }
+    }
+
+    async fn try_ocsp(&self, request_der: &[u8]) -> Result<Vec<u8>, ResponseStatus> {
+        let request =
+            ocsp::parse_request(request_der).map_err(|_| ResponseStatus::MalformedRequest)?;
+        let issuer = self.authority.certificate();
+        // keyward answers only for its own CA (RFC 6960 §2.3).
+        if request.cert_ids.iter().any(|id| !id.matches_issuer(issuer)) {
+            return Err(ResponseStatus::Unauthorized);
+        }
+        let now = whole_seconds(SystemTime::now());
+        let mut statuses = Vec::with_capacity(request.cert_ids.len());
+        for id in &request.cert_ids {
+            let record = self
+                .store
+                .certificate(&hex::encode(&id.serial))
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "OCSP status lookup failed");
+                    ResponseStatus::TryLater
+                })?;
+            statuses.push(match record {
+                None => CertStatus::Unknown,
+                Some(record) => match (record.revoked_at, &record.revocation_reason) {
+                    (Some(at), reason) => CertStatus::Revoked {
+                        at: at_unix(at),
+                        reason: reason.as_deref().and_then(RevocationReason::parse),
+                    },
+                    (None, _) => CertStatus::Good,
+                },
+            });
+        }
+        let responses: Vec<SingleResponseInfo> = request
+            .cert_ids
+            .iter()
+            .zip(statuses)
+            .map(|(cert_id, status)| SingleResponseInfo {
+                cert_id,
+                status,
+                this_update: now,
+                next_update: now + OCSP_LIFETIME,
+            })
+            .collect();
+        let internal = |e: CaError| {
+            tracing::warn!(error = %e, "building an OCSP response failed");
+            ResponseStatus::InternalError
+        };
+        let data = ocsp::response_data(issuer, &responses, now, request.nonce.as_deref())
+            .map_err(internal)?;
+        let signature = self
+            .authority
+            .sign_digest(Sha256::digest(&data).into())
+            .await
+            .map_err(|e| match e {
+                CaError::Pool(_) => ResponseStatus::TryLater,
+                other => internal(other),
+            })?;
+        ocsp::assemble_basic(&data, signature.to_der().as_bytes(), &[]).map_err(internal)
+    }
+}
