@@ -190,8 +190,27 @@ impl Server {
         body: Option<Value>,
         token: Option<&str>,
     ) -> (u16, Value) {
+        self.request_at(&self.url, method, path, body, token).await
+    }
+
+    /// A second keyward process on the same token, data directory and
+    /// database: another replica, as production runs them.
+    pub fn spawn_replica(&self) -> Replica {
+        let (child, url) = spawn(self.data_dir.path(), &self.database.url);
+        Replica { child, url }
+    }
+
+    /// Sends a request to `base` (this server or a replica of it).
+    pub async fn request_at(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.client.request(method, format!("{}{path}", self.url));
+        let mut request = self.client.request(method, format!("{base}{path}"));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -283,6 +302,19 @@ impl Server {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// Another keyward process sharing a `Server`'s token and database.
+pub struct Replica {
+    child: Child,
+    pub url: String,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
