@@ -133,11 +133,16 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         store.clone(),
         revocations.clone(),
     ));
+    let hooks = crate::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
+        .context("building the hook client")?;
+    hooks.start();
     let state = Arc::new(AppState {
         registry,
         signer,
         verifier,
         status,
+        hooks,
+        hook_allowed_hosts: config.hook_allowed_hosts.clone(),
         store,
         pool,
         admin_tokens,

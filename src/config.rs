@@ -50,7 +50,20 @@ pub struct ConfigFile {
     pub certificates: CertificatesFile,
     #[serde(default)]
     pub server: ServerFile,
+    #[serde(default)]
+    pub hooks: HooksFile,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksFile {
+    /// Hosts that revocation hooks may be registered for (exact names or
+    /// IP addresses). Default: loopback only.
+    pub allowed_hosts: Option<Vec<String>>,
+}
+
+/// Hosts hooks may point at when the config names none.
+pub const DEFAULT_HOOK_HOSTS: [&str; 3] = ["127.0.0.1", "localhost", "[::1]"];
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "backend", rename_all = "kebab-case", deny_unknown_fields)]
@@ -124,6 +137,7 @@ pub struct Config {
     pub server_dns_names: Vec<String>,
     /// See `ServerFile::public_url`; `None` until `serve` knows its address.
     pub public_url: Option<String>,
+    pub hook_allowed_hosts: Vec<String>,
 }
 
 /// An `http(s)://host[:port]` base with no path, query or fragment, so
@@ -258,6 +272,10 @@ impl ConfigFile {
             ttl,
             ca_validity,
             server_dns_names: self.server.dns_names,
+            hook_allowed_hosts: self
+                .hooks
+                .allowed_hosts
+                .unwrap_or_else(|| DEFAULT_HOOK_HOSTS.iter().map(|h| (*h).to_owned()).collect()),
             public_url: match self.server.public_url {
                 Some(url) => Some(check_public_url(&url).map_err(invalid)?),
                 None => None,

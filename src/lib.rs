@@ -12,6 +12,7 @@
 //! ca           certificate profiles, CSR checks, signing through the pool
 //! attestation  evidence -> Verified<AttestedKey>
 //! revocation   the in-memory revocation set, kept current on every replica
+//! hooks        signed revocation events delivered from a durable outbox
 //! pool         the batched key-operation pool: the only caller of `keys`
 //! keys         KeyBackend: PKCS#11 (and a software backend for unit tests)
 //! store        SQLite / PostgreSQL persistence, audit rows in the same tx
@@ -34,6 +35,7 @@ pub mod config;
 pub mod embedded;
 pub mod envelope;
 pub mod error;
+pub mod hooks;
 pub mod identity;
 pub mod keys;
 pub mod policy;

@@ -120,6 +120,43 @@ pub struct HttpLabels {
     pub code: String,
 }
 
+/// Metrics of revocation hook deliveries.
+#[derive(Clone)]
+pub struct HookMetrics {
+    pub delivered: Counter,
+    pub failed: Counter,
+    pub pending: Gauge,
+}
+
+impl HookMetrics {
+    pub fn unregistered() -> Self {
+        Self {
+            delivered: Counter::default(),
+            failed: Counter::default(),
+            pending: Gauge::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("keyward_hook");
+        r.register(
+            "deliveries",
+            "Hook events delivered (2xx)",
+            self.delivered.clone(),
+        );
+        r.register(
+            "failures",
+            "Hook delivery attempts that failed (retried with backoff)",
+            self.failed.clone(),
+        );
+        r.register(
+            "pending",
+            "Hook events not yet delivered, all replicas",
+            self.pending.clone(),
+        );
+    }
+}
+
 /// Metrics of revocation: how fast a revocation made elsewhere is enforced
 /// here ("time to revoke"), and how often the set is reloaded.
 #[derive(Clone)]
@@ -165,6 +202,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     pub pool: PoolMetrics,
     pub revocation: RevocationMetrics,
+    pub hooks: HookMetrics,
     pub certificates_issued: Counter,
     pub agents_created: Counter,
     pub api_errors: Family<HttpLabels, Counter>,
@@ -177,6 +215,8 @@ impl Metrics {
         pool.register(&mut registry);
         let revocation = RevocationMetrics::unregistered();
         revocation.register(&mut registry);
+        let hooks = HookMetrics::unregistered();
+        hooks.register(&mut registry);
         let certificates_issued = Counter::default();
         let agents_created = Counter::default();
         let api_errors = Family::<HttpLabels, Counter>::default();
@@ -200,6 +240,7 @@ impl Metrics {
             registry: Arc::new(registry),
             pool,
             revocation,
+            hooks,
             certificates_issued,
             agents_created,
             api_errors,

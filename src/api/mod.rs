@@ -5,6 +5,7 @@
 mod agents;
 pub mod error;
 pub mod extract;
+mod hooks;
 mod messages;
 mod revocation;
 mod signing;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub signer: Arc<AgentSigner>,
     pub verifier: Arc<Verifier>,
     pub status: Arc<crate::ca::status::StatusPublisher>,
+    pub hooks: Arc<crate::hooks::Deliverer>,
+    pub hook_allowed_hosts: Vec<String>,
     pub store: Arc<dyn Store>,
     pub pool: KeyPool,
     pub admin_tokens: AdminTokens,
@@ -56,6 +59,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(messages::router())
         .merge(revocation::router())
         .merge(status::router())
+        .merge(hooks::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),

@@ -92,6 +92,7 @@ async fn revoke_certificate(
             }))
         }
         CertificateRevocation::Revoked => {
+            state.hooks.wake();
             let revoked = state.registry.revocations().certificate(&serial);
             Ok(Json(CertificateRevoked {
                 serial,
@@ -145,12 +146,15 @@ async fn change(
             changed: false,
             serials: Vec::new(),
         })),
-        AgentStatusChange::Changed { serials } => Ok(Json(AgentStatus {
-            name: name.to_string(),
-            status,
-            changed: true,
-            serials,
-        })),
+        AgentStatusChange::Changed { serials } => {
+            state.hooks.wake();
+            Ok(Json(AgentStatus {
+                name: name.to_string(),
+                status,
+                changed: true,
+                serials,
+            }))
+        }
     }
 }
 

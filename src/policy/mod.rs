@@ -46,6 +46,8 @@ pub enum Action<'a> {
     Verify,
     /// Revoke a certificate, or revoke, suspend or resume an agent.
     Revoke,
+    /// Register, list or remove revocation hooks.
+    ManageHooks,
 }
 
 /// Permission granted, under a policy version.
@@ -83,11 +85,12 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
             }
         }
         (Caller::Agent(_), Action::ReadAttestation | Action::Verify) => Ok(allowed),
-        (Caller::Agent(_), Action::CreateAgent | Action::ListAgents | Action::Revoke) => {
-            Err(PolicyError::Forbidden {
-                reason: "admin_only",
-            })
-        }
+        (
+            Caller::Agent(_),
+            Action::CreateAgent | Action::ListAgents | Action::Revoke | Action::ManageHooks,
+        ) => Err(PolicyError::Forbidden {
+            reason: "admin_only",
+        }),
     }
 }
 

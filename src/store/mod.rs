@@ -162,6 +162,26 @@ pub enum AgentStatusChange {
     },
 }
 
+/// A registered revocation hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookRecord {
+    pub id: i64,
+    pub url: String,
+    /// The HMAC key receivers verify with. Never logged or audited.
+    pub secret: String,
+    pub active: bool,
+    pub created_at: i64,
+}
+
+/// One event due for one hook, leased to this replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookDelivery {
+    pub id: i64,
+    pub hook_id: i64,
+    pub event: String,
+    pub attempts: i64,
+}
+
 /// The audit event that covers one batch of signature records: the SHA-256
 /// of the batch (as JSON) ties every row to the hash chain.
 pub fn signature_batch_event(records: &[SignatureRecord]) -> AuditEvent {
@@ -289,12 +309,44 @@ pub trait Store: Send + Sync + 'static {
     /// Revoked, unexpired certificates (at `now`) and inactive agents.
     async fn revocation_snapshot(&self, now: i64) -> Result<RevocationSnapshot, StoreError>;
 
+    /// Registers a hook; `Conflict` when the URL is registered already.
+    async fn insert_hook(
+        &self,
+        url: &str,
+        secret: &str,
+        audit: &AuditEvent,
+    ) -> Result<HookRecord, StoreError>;
+    async fn hooks(&self) -> Result<Vec<HookRecord>, StoreError>;
+    /// Stops deliveries to a hook; false when there is no such active hook.
+    async fn deactivate_hook(&self, id: i64, audit: &AuditEvent) -> Result<bool, StoreError>;
+    /// Leases, until `now + lease_secs`, the oldest undelivered event of
+    /// each active hook that is due and not leased: one per hook, so each
+    /// hook receives its events in order.
+    async fn lease_hook_deliveries(
+        &self,
+        now: i64,
+        lease_secs: i64,
+    ) -> Result<Vec<HookDelivery>, StoreError>;
+    async fn hook_delivered(&self, id: i64, at: i64) -> Result<(), StoreError>;
+    /// Records a failed attempt and when to try again.
+    async fn hook_failed(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        error: &str,
+    ) -> Result<(), StoreError>;
+    /// Undelivered events (all hooks).
+    async fn pending_hook_deliveries(&self) -> Result<i64, StoreError>;
+
     /// The next CRL number: monotonic across replicas.
     async fn next_crl_number(&self) -> Result<i64, StoreError>;
 
     /// Writes a batch of signature records and one audit event covering
     /// them (its details hold the SHA-256 of the batch), in one transaction.
     async fn insert_signatures(&self, records: &[SignatureRecord]) -> Result<(), StoreError>;
+
+    /// Appends an event that records no other change (e.g. a failing hook).
+    async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
     /// The audit trail from `after_seq` on, oldest first, at most `limit` rows.
     async fn audit_records(

@@ -7,8 +7,8 @@ use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, AttestationRecord, CaRecord,
-    CertificateRecord, CertificateRevocation, RevocationSnapshot, RevokedCertificate,
-    ServiceKeyRecord, SignatureRecord, Store, StoreError,
+    CertificateRecord, CertificateRevocation, HookDelivery, HookRecord, RevocationSnapshot,
+    RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store, StoreError,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -81,9 +81,53 @@ fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// What hooks receive: the audit event of the change, with an id receivers
+/// can deduplicate on (delivery is at least once).
+fn hook_event(event: &AuditEvent, agent: &str, at: i64) -> String {
+    serde_json::json!({
+        "event_id": hex::encode(rand::random::<[u8; 16]>()),
+        "type": event.action,
+        "agent": agent,
+        "subject": event.subject,
+        "at": at,
+        "details": event.details,
+    })
+    .to_string()
+}
+
 macro_rules! impl_store {
     ($db:ty) => {
         impl SqlStore<$db> {
+            /// Puts the event in every active hook's outbox, in the
+            /// transaction of the change itself.
+            async fn enqueue_hook_event(
+                tx: &mut Transaction<'_, $db>,
+                event: &AuditEvent,
+                agent: &str,
+                at: i64,
+            ) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO hook_deliveries (hook_id, agent_name, event, created_at, next_attempt_at)
+                     SELECT id, $1, $2, $3, $3 FROM hooks WHERE active = 1",
+                )
+                .bind(agent)
+                .bind(hook_event(event, agent, at))
+                .bind(at)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            fn hook_from_row(row: &<$db as sqlx::Database>::Row) -> Result<HookRecord, StoreError> {
+                Ok(HookRecord {
+                    id: row.try_get("id")?,
+                    url: row.try_get("url")?,
+                    secret: row.try_get("secret")?,
+                    active: row.try_get::<i64, _>("active")? == 1,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
             /// Appends `event` to the audit chain inside `tx`. Updating the
             /// head row first takes its write lock, which serializes appends
             /// across connections and replicas.
@@ -427,7 +471,7 @@ macro_rules! impl_store {
             ) -> Result<CertificateRevocation, StoreError> {
                 let mut tx = self.pool.begin().await?;
                 let row = sqlx::query(
-                    "SELECT revoked_at, revocation_reason FROM certificates WHERE serial = $1",
+                    "SELECT agent_name, revoked_at, revocation_reason FROM certificates WHERE serial = $1",
                 )
                 .bind(serial)
                 .fetch_optional(&mut *tx)
@@ -435,6 +479,7 @@ macro_rules! impl_store {
                 let Some(row) = row else {
                     return Ok(CertificateRevocation::NotFound);
                 };
+                let agent: String = row.try_get("agent_name")?;
                 let revoked_at: Option<i64> = row.try_get("revoked_at")?;
                 let previous: Option<String> = row.try_get("revocation_reason")?;
                 if let (Some(revoked_at), Some(previous)) = (revoked_at, &previous) {
@@ -454,6 +499,7 @@ macro_rules! impl_store {
                 .bind(serial)
                 .execute(&mut *tx)
                 .await?;
+                Self::enqueue_hook_event(&mut tx, audit, &agent, at).await?;
                 Self::announce_revocation(&mut tx, now_ms()).await?;
                 tx.commit().await?;
                 Ok(CertificateRevocation::Revoked)
@@ -534,6 +580,7 @@ macro_rules! impl_store {
                     .collect::<Result<Vec<_>, _>>()?;
                 let event = audit.clone().with("serials", serials.clone());
                 Self::append_audit(&mut tx, &event).await?;
+                Self::enqueue_hook_event(&mut tx, &event, name, at).await?;
                 sqlx::query("UPDATE agents SET status = $1 WHERE name = $2")
                     .bind(target)
                     .bind(name)
@@ -577,6 +624,135 @@ macro_rules! impl_store {
                     certificates,
                     inactive_agents,
                 })
+            }
+
+            async fn insert_hook(
+                &self,
+                url: &str,
+                secret: &str,
+                audit: &AuditEvent,
+            ) -> Result<HookRecord, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                let row = sqlx::query(
+                    "INSERT INTO hooks (url, secret, active, created_at) VALUES ($1, $2, 1, $3)
+                     RETURNING *",
+                )
+                .bind(url)
+                .bind(secret)
+                .bind(now())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "hook"))?;
+                let hook = Self::hook_from_row(&row)?;
+                tx.commit().await?;
+                Ok(hook)
+            }
+
+            async fn hooks(&self) -> Result<Vec<HookRecord>, StoreError> {
+                sqlx::query("SELECT * FROM hooks WHERE active = 1 ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(Self::hook_from_row)
+                    .collect()
+            }
+
+            async fn deactivate_hook(&self, id: i64, audit: &AuditEvent) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let changed = sqlx::query("UPDATE hooks SET active = 0 WHERE id = $1 AND active = 1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if changed == 0 {
+                    return Ok(false);
+                }
+                Self::append_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn lease_hook_deliveries(
+                &self,
+                now: i64,
+                lease_secs: i64,
+            ) -> Result<Vec<HookDelivery>, StoreError> {
+                // The oldest undelivered row per hook, and only if it is
+                // due and free: a later event never overtakes an earlier
+                // one that is waiting for a retry.
+                let rows = sqlx::query(
+                    "UPDATE hook_deliveries SET lease_until = $1 + $2
+                     WHERE id IN (
+                         SELECT MIN(d.id) FROM hook_deliveries d JOIN hooks h ON h.id = d.hook_id
+                         WHERE d.delivered_at IS NULL AND h.active = 1
+                         GROUP BY d.hook_id)
+                       AND next_attempt_at <= $1
+                       AND (lease_until IS NULL OR lease_until < $1)
+                     RETURNING id, hook_id, event, attempts",
+                )
+                .bind(now)
+                .bind(lease_secs)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| -> Result<_, StoreError> {
+                        Ok(HookDelivery {
+                            id: r.try_get("id")?,
+                            hook_id: r.try_get("hook_id")?,
+                            event: r.try_get("event")?,
+                            attempts: r.try_get("attempts")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn hook_delivered(&self, id: i64, at: i64) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE hook_deliveries SET delivered_at = $1, attempts = attempts + 1,
+                         lease_until = NULL, last_error = NULL
+                     WHERE id = $2",
+                )
+                .bind(at)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn hook_failed(
+                &self,
+                id: i64,
+                next_attempt_at: i64,
+                error: &str,
+            ) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE hook_deliveries SET attempts = attempts + 1, next_attempt_at = $1,
+                         lease_until = NULL, last_error = $2
+                     WHERE id = $3",
+                )
+                .bind(next_attempt_at)
+                .bind(error)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn pending_hook_deliveries(&self) -> Result<i64, StoreError> {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS pending FROM hook_deliveries WHERE delivered_at IS NULL",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(row.try_get("pending")?)
+            }
+
+            async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, event).await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn next_crl_number(&self) -> Result<i64, StoreError> {
