@@ -19,8 +19,12 @@ use crate::audit::AuditEvent;
 use crate::store::{HookDelivery, HookRecord, Store, StoreError};
 use crate::telemetry::HookMetrics;
 
-/// How long one replica owns a delivery attempt before another may try.
-const LEASE_SECS: i64 = 30;
+/// The system trust store for https hooks.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// How long one replica owns a delivery attempt before another may try:
+/// three request timeouts. It is also how long an event waits after a
+/// replica died in the middle of sending it.
+const LEASE_SECS: i64 = 15;
 /// How often the outbox is polled when nothing wakes the deliverer.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Per request.
@@ -97,8 +101,15 @@ pub struct Deliverer {
 
 impl Deliverer {
     pub fn new(store: Arc<dyn Store>, metrics: HookMetrics) -> Result<Arc<Self>, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
+        let mut builder = reqwest::Client::builder().use_rustls_tls();
+        // https hooks are checked against the system's trust store (Debian's
+        // ca-certificates, a runtime package).
+        if let Ok(bundle) = std::fs::read(SYSTEM_ROOTS) {
+            for root in reqwest::Certificate::from_pem_bundle(&bundle).unwrap_or_default() {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let http = builder
             .timeout(TIMEOUT)
             // A hook answers; it does not send keyward elsewhere.
             .redirect(reqwest::redirect::Policy::none())

@@ -228,6 +228,20 @@ async fn an_undelivered_event_survives_a_restart_and_is_delivered(db: Db) {
         .await;
     assert_eq!(status, 200);
     let refused = receiver.wait_for(1).await;
+    // Until the refusal is on record: a process killed in the middle of a
+    // send leaves its lease to expire first (LEASE_SECS), a slower path.
+    let start = Instant::now();
+    while server
+        .sql("SELECT COUNT(*) FROM hook_deliveries WHERE attempts >= 1 AND lease_until IS NULL")
+        .await
+        != Some(1)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the failed attempt was not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // keyward stops with the event undelivered, and starts again.
     let server = server.restart().await;
