@@ -36,6 +36,9 @@ use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
 use crate::keys::{KeyBackend, KeyId};
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
+
+/// How often retired keys past their retention are looked for.
+const RETIRED_KEY_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::store::{self, ServiceKeyRecord, SignatureLog, Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -133,6 +136,19 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         store.clone(),
         revocations.clone(),
     ));
+    let janitor = Arc::downgrade(&registry);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RETIRED_KEY_SWEEP);
+        loop {
+            tick.tick().await;
+            let Some(registry) = janitor.upgrade() else {
+                return;
+            };
+            if let Err(e) = registry.destroy_retired_keys().await {
+                tracing::warn!(error = %e, "destroying retired keys failed");
+            }
+        }
+    });
     let hooks = crate::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
         .context("building the hook client")?;
     hooks.start();

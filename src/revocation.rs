@@ -33,6 +33,7 @@ struct State {
     certificates: HashMap<String, Revoked>,
     /// Agents that may not act, with their status.
     inactive_agents: HashMap<String, String>,
+    retired_keys: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -52,6 +53,7 @@ impl State {
                 })
                 .collect(),
             inactive_agents: snapshot.inactive_agents.into_iter().collect(),
+            retired_keys: snapshot.retired_keys.into_iter().collect(),
         }
     }
 }
@@ -94,6 +96,7 @@ impl RevocationSet {
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if state.certificates != fresh.certificates
             || state.inactive_agents != fresh.inactive_agents
+            || state.retired_keys != fresh.retired_keys
         {
             self.generation.fetch_add(1, Ordering::SeqCst);
         }
@@ -105,6 +108,11 @@ impl RevocationSet {
     /// The agent's status when it is not `active`; `None` when it may act.
     pub fn inactive_status(&self, agent: &str) -> Option<String> {
         self.state().inactive_agents.get(agent).cloned()
+    }
+
+    /// Whether a rotation retired this key (it is nobody's current key).
+    pub fn key_retired(&self, key_id: &str) -> bool {
+        self.state().retired_keys.contains(key_id)
     }
 
     /// The certificate's revocation, if it is revoked (or on hold).

@@ -118,7 +118,7 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
                 for i in 0..PER_TASK {
                     let d = digest(t, i);
                     let signed = signer
-                        .sign(&agent, d, &format!("{t}-{i}"), 0)
+                        .sign(&agent, d, &format!("{t}-{i}"), 0, None)
                         .await
                         .unwrap();
                     // Every signature the pool hands out is checked: a wrong

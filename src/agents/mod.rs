@@ -20,7 +20,8 @@ use crate::keys::KeyId;
 use crate::pool::{KeyPool, PoolError};
 use crate::revocation::RevocationSet;
 use crate::store::{
-    AgentRecord, AgentStatusChange, AgentTransition, CertificateRevocation, Store, StoreError,
+    AgentRecord, AgentStatusChange, AgentTransition, CertificateRevocation, KeyRotation,
+    KeyRotationOutcome, Store, StoreError,
 };
 
 pub mod cache;
@@ -43,6 +44,8 @@ pub enum AgentError {
     NoCustodialKey(String),
     #[error("certificateHold is set by suspending the agent (POST /v1/agents/{{name}}/suspend)")]
     HoldIsForSuspension,
+    #[error("key {0} is retired: it signs only during its grace period, when named")]
+    KeyRetired(String),
     #[error("agent {0} has no valid certificate: issue one first")]
     NoCertificate(String),
     #[error("at most {0} scopes per agent")]
@@ -123,6 +126,25 @@ pub struct Registry {
     evidence_signer: EvidenceSigner,
     cache: Arc<AgentCache>,
     revocations: Arc<RevocationSet>,
+}
+
+/// How to rotate an agent's key.
+#[derive(Clone, Copy, Debug)]
+pub struct Rotation {
+    pub reason: RevocationReason,
+    /// How long the old key may still sign, when named.
+    pub grace: Duration,
+    /// When the old key is destroyed on the token.
+    pub retention: Duration,
+    /// Lifetime of the certificate issued for the new key.
+    pub certificate_ttl: Duration,
+}
+
+/// What a rotation produced.
+pub struct RotatedKey {
+    pub old_key_id: String,
+    pub new_key_id: String,
+    pub certificate: IssuedCertificate,
 }
 
 /// What to do to an agent's standing.
@@ -217,6 +239,125 @@ impl Registry {
 
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// Replaces the agent's custodial key: a new key generated and attested
+    /// on the token becomes current, the old key's certificates are revoked
+    /// for `rotation.reason`, the old key may still sign (when named) until
+    /// the grace period ends and is destroyed on the token after the
+    /// retention window. Then a certificate is issued for the new key.
+    pub async fn rotate_key(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        rotation: Rotation,
+        policy_version: i64,
+    ) -> Result<RotatedKey, AgentError> {
+        let key = KeyId::random("agent");
+        let public_key = self.pool.generate(&key).await?;
+        let outcome = self
+            .record_rotation(actor, name, &key, &public_key, &rotation)
+            .await;
+        let old_key_id = match outcome {
+            Ok(KeyRotationOutcome::Rotated { old_key_id, .. }) => old_key_id,
+            other => {
+                if let Err(e) = self.pool.destroy(&key).await {
+                    tracing::error!(key = %key, error = %e, "could not remove the key of a rotation that did not happen");
+                }
+                return Err(match other {
+                    Ok(KeyRotationOutcome::Refused { status }) => {
+                        AgentError::NotActive(name.to_string(), status)
+                    }
+                    Ok(_) => AgentError::NotFound(name.to_string()),
+                    Err(e) => e,
+                });
+            }
+        };
+        self.revocations.changed_here().await?;
+        self.cache.invalidate(name);
+        let (certificate, _) = self
+            .issue_certificate(
+                actor,
+                name,
+                CertificateKey::Custodial,
+                rotation.certificate_ttl,
+                policy_version,
+            )
+            .await?;
+        Ok(RotatedKey {
+            old_key_id,
+            new_key_id: key.to_string(),
+            certificate,
+        })
+    }
+
+    async fn record_rotation(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        key: &KeyId,
+        public_key: &PublicKey,
+        rotation: &Rotation,
+    ) -> Result<KeyRotationOutcome, AgentError> {
+        let attested =
+            attest_custodial_key(&self.pool, &self.evidence_signer, key, public_key).await?;
+        let public_key_der = public_key
+            .to_public_key_der()
+            .map_err(|e| AgentError::Corrupt(e.to_string()))?
+            .into_vec();
+        let at = time::OffsetDateTime::now_utc().unix_timestamp();
+        let grace = rotation.grace.as_secs() as i64;
+        let retention = rotation.retention.as_secs() as i64;
+        let audit = AuditEvent::new(actor, "agent.rotate_key", name.as_str())
+            .with("new_key_id", key.to_string())
+            .with("reason", rotation.reason.as_str())
+            .with("grace_seconds", grace)
+            .with("retention_seconds", retention);
+        Ok(self
+            .store
+            .rotate_agent_key(
+                name.as_str(),
+                &KeyRotation {
+                    new_key_id: key.as_str(),
+                    new_public_key_der: &public_key_der,
+                    new_evidence: &attested.evidence,
+                    reason: rotation.reason.as_str(),
+                    at,
+                    sign_until: at + grace,
+                    destroy_after: at + retention,
+                },
+                &audit,
+            )
+            .await?)
+    }
+
+    /// Destroys, on the token, retired keys whose retention has ended.
+    /// Every replica runs this; the first to destroy a key records it.
+    pub async fn destroy_retired_keys(&self) -> Result<usize, AgentError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let due = self.store.retired_keys_due(now).await?;
+        let mut destroyed = 0;
+        for retired in due {
+            let key =
+                KeyId::parse(&retired.key_id).map_err(|e| AgentError::Corrupt(e.to_string()))?;
+            match self.pool.destroy(&key).await {
+                Ok(()) => {}
+                // Another replica destroyed it between our query and now.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "destroying a retired key failed");
+                    continue;
+                }
+            }
+            let audit = AuditEvent::new("keyward", "key.destroy", &retired.key_id)
+                .with("agent", retired.agent_name.clone())
+                .with("retired_at", retired.retired_at);
+            self.store
+                .mark_key_destroyed(&retired.key_id, now, &audit)
+                .await?;
+            destroyed += 1;
+        }
+        Ok(destroyed)
     }
 
     /// Registers an agent and generates its custodial key on the token. The

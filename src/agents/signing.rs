@@ -145,7 +145,16 @@ impl AgentSigner {
         if let Some(status) = self.revocations.inactive_status(agent.as_str()) {
             return Err(AgentError::NotActive(agent.to_string(), status));
         }
-        let view = self.view(agent, now).await?;
+        let mut view = self.view(agent, now).await?;
+        // Rotated on another replica since this entry was cached.
+        if view
+            .key_id
+            .as_ref()
+            .is_some_and(|key| self.revocations.key_retired(key.as_str()))
+        {
+            self.cache.invalidate(agent);
+            view = self.view(agent, now).await?;
+        }
         if view.status != ACTIVE {
             return Err(AgentError::NotActive(
                 agent.to_string(),
@@ -187,20 +196,34 @@ impl AgentSigner {
     }
 
     /// Signs `digest` with the agent's custodial key and records it before
-    /// returning.
+    /// returning. With `key_id`, that key must be the current one or a
+    /// retired one still within its grace period.
     pub async fn sign(
         &self,
         agent: &AgentName,
         digest: [u8; 32],
         request_id: &str,
         policy_version: i64,
+        key_id: Option<&str>,
     ) -> Result<AgentSignature, AgentError> {
         let now = time::OffsetDateTime::now_utc();
-        let (view, key_id) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let (view, current) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let (key, certificate_serial) = match key_id {
+            Some(requested) if requested != current.as_str() => (
+                self.retired_key_in_grace(agent, requested, now).await?,
+                None,
+            ),
+            _ => (
+                current,
+                view.certificate_serial
+                    .clone()
+                    .filter(|serial| self.revocations.certificate(serial).is_none()),
+            ),
+        };
         let signature = self
             .sign_and_record(
                 agent,
-                &key_id,
+                &key,
                 digest,
                 Purpose::Sign,
                 request_id,
@@ -209,12 +232,29 @@ impl AgentSigner {
             .await?;
         Ok(AgentSignature {
             signature,
-            key_id,
-            certificate_serial: view
-                .certificate_serial
-                .clone()
-                .filter(|serial| self.revocations.certificate(serial).is_none()),
+            key_id: key,
+            certificate_serial,
         })
+    }
+
+    /// A key the agent rotated away from, if it may still sign now.
+    async fn retired_key_in_grace(
+        &self,
+        agent: &AgentName,
+        key_id: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<KeyId, AgentError> {
+        let retired = self.store.retired_key(key_id).await?;
+        match retired {
+            Some(r)
+                if r.agent_name == agent.as_str()
+                    && r.destroyed_at.is_none()
+                    && now.unix_timestamp() < r.sign_until =>
+            {
+                KeyId::parse(&r.key_id).map_err(|e| AgentError::Corrupt(e.to_string()))
+            }
+            _ => Err(AgentError::KeyRetired(key_id.to_owned())),
+        }
     }
 
     /// Signs an envelope from `agent` with its custodial key. The envelope

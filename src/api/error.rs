@@ -204,6 +204,9 @@ impl From<AgentError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "no_custodial_key", e.to_string())
             }
             AgentError::TooManyScopes(_) => ApiError::bad_request("too_many_scopes", e.to_string()),
+            AgentError::KeyRetired(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "key_retired", e.to_string())
+            }
             AgentError::HoldIsForSuspension => {
                 ApiError::bad_request("invalid_reason", e.to_string())
             }

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::error::ApiError;
 use super::extract::Json;
 use super::AppState;
-use crate::agents::StatusChange;
+use std::time::Duration;
+
+use crate::agents::{Rotation, StatusChange};
 use crate::ca::crl::RevocationReason;
 use crate::identity::AgentName;
 use crate::policy::{authorize, Action, Caller};
@@ -24,6 +26,112 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/agents/{name}/revoke", post(revoke_agent))
         .route("/v1/agents/{name}/suspend", post(suspend_agent))
         .route("/v1/agents/{name}/resume", post(resume_agent))
+        .route("/v1/agents/{name}/rotate-key", post(rotate_key))
+}
+
+/// Grace period by default: long enough for relying parties to pick up
+/// the new certificate.
+const DEFAULT_GRACE_SECS: u64 = 300;
+/// Retention by default: the old key stays on the token a day.
+const DEFAULT_RETENTION_SECS: u64 = 86_400;
+const MAX_RETENTION_SECS: u64 = 30 * 86_400;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateInput {
+    /// For the old key's certificates; default `superseded`.
+    reason: Option<String>,
+    grace_seconds: Option<u64>,
+    retention_seconds: Option<u64>,
+    /// Lifetime of the new key's certificate.
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Rotated {
+    name: String,
+    old_key_id: String,
+    new_key_id: String,
+    /// Until when the old key signs (when named by `key_id`).
+    old_key_signs_until: i64,
+    /// When the old key is destroyed on the token.
+    old_key_destroyed_after: i64,
+    serial: String,
+    certificate_pem: String,
+    chain_pem: String,
+    not_after: i64,
+}
+
+async fn rotate_key(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(body): Json<RotateInput>,
+) -> Result<(axum::http::StatusCode, Json<Rotated>), ApiError> {
+    let decision = authorize(&caller, Action::Revoke)?;
+    let name = AgentName::parse(&name)?;
+    let reason = match body.reason.as_deref() {
+        Some(text) => reason(text)?,
+        None => RevocationReason::Superseded,
+    };
+    if reason == RevocationReason::CertificateHold {
+        return Err(ApiError::bad_request(
+            "invalid_reason",
+            "certificateHold does not retire a key",
+        ));
+    }
+    // A compromised key signs nothing more, whatever was asked.
+    let grace = match (reason, body.grace_seconds) {
+        (RevocationReason::KeyCompromise, Some(g)) if g > 0 => {
+            return Err(ApiError::bad_request(
+                "invalid_grace",
+                "a key rotated for keyCompromise has no grace period",
+            ))
+        }
+        (RevocationReason::KeyCompromise, _) => 0,
+        (_, requested) => requested.unwrap_or(DEFAULT_GRACE_SECS),
+    };
+    let retention = body.retention_seconds.unwrap_or(DEFAULT_RETENTION_SECS);
+    if retention > MAX_RETENTION_SECS || grace > retention {
+        return Err(ApiError::bad_request(
+            "invalid_retention",
+            format!(
+                "retention_seconds must be at most {MAX_RETENTION_SECS} and not below grace_seconds"
+            ),
+        ));
+    }
+    let authority = state.registry.authority();
+    let certificate_ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
+    let rotated = state
+        .registry
+        .rotate_key(
+            &caller.audit_name(),
+            &name,
+            Rotation {
+                reason,
+                grace: Duration::from_secs(grace),
+                retention: Duration::from_secs(retention),
+                certificate_ttl,
+            },
+            decision.policy_version,
+        )
+        .await?;
+    state.hooks.wake();
+    let at = time::OffsetDateTime::now_utc().unix_timestamp();
+    Ok((
+        axum::http::StatusCode::OK,
+        Json(Rotated {
+            name: name.to_string(),
+            old_key_id: rotated.old_key_id,
+            new_key_id: rotated.new_key_id,
+            old_key_signs_until: at + grace as i64,
+            old_key_destroyed_after: at + retention as i64,
+            serial: rotated.certificate.serial,
+            certificate_pem: rotated.certificate.pem,
+            chain_pem: authority.chain_pem().to_owned(),
+            not_after: rotated.certificate.not_after,
+        }),
+    ))
 }
 
 #[derive(Deserialize)]

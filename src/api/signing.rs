@@ -40,6 +40,8 @@ pub fn decode_b64(field: &'static str, value: &str) -> Result<Vec<u8>, ApiError>
 pub struct SignInput {
     pub message_b64: Option<String>,
     pub digest_sha256_b64: Option<String>,
+    /// A retired key within its grace period; default the current key.
+    pub key_id: Option<String>,
 }
 
 impl SignInput {
@@ -94,7 +96,13 @@ async fn sign(
     let digest = body.digest()?;
     let signed = state
         .signer
-        .sign(&name, digest, &request_id.0, decision.policy_version)
+        .sign(
+            &name,
+            digest,
+            &request_id.0,
+            decision.policy_version,
+            body.key_id.as_deref(),
+        )
         .await?;
     Ok(Json(SignResponse {
         signature_der_b64: b64().encode(signed.signature.to_der().as_bytes()),

@@ -64,6 +64,13 @@ pub enum PoolError {
     Key(#[from] KeyError),
 }
 
+impl PoolError {
+    /// The key is not on the token.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, PoolError::Key(KeyError::NotFound(_)))
+    }
+}
+
 enum KeyOp {
     Sign { key: KeyId, digest: [u8; 32] },
     Generate { key: KeyId },

@@ -120,6 +120,9 @@ pub struct RevocationSnapshot {
     pub certificates: Vec<RevokedCertificate>,
     /// Agents whose status is not `active`, with that status.
     pub inactive_agents: Vec<(String, String)>,
+    /// Keys retired by a rotation and still on the token: never an
+    /// agent's current key, whatever a cache says.
+    pub retired_keys: Vec<String>,
 }
 
 /// What revoking one certificate did.
@@ -160,6 +163,46 @@ pub enum AgentStatusChange {
     Refused {
         status: String,
     },
+}
+
+/// A rotation of an agent's custodial key, as the store records it.
+#[derive(Clone, Debug)]
+pub struct KeyRotation<'a> {
+    pub new_key_id: &'a str,
+    pub new_public_key_der: &'a [u8],
+    pub new_evidence: &'a AttestationRecord,
+    /// RFC 5280 reason for the old key's certificates.
+    pub reason: &'a str,
+    pub at: i64,
+    pub sign_until: i64,
+    pub destroy_after: i64,
+}
+
+/// What a rotation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyRotationOutcome {
+    NotFound,
+    /// Only an active agent with a custodial key can rotate it.
+    Refused {
+        status: String,
+    },
+    Rotated {
+        old_key_id: String,
+        revoked_serials: Vec<String>,
+    },
+}
+
+/// A key retired by a rotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetiredKey {
+    pub key_id: String,
+    pub agent_name: String,
+    pub public_key_der: Vec<u8>,
+    pub reason: String,
+    pub retired_at: i64,
+    pub sign_until: i64,
+    pub destroy_after: i64,
+    pub destroyed_at: Option<i64>,
 }
 
 /// A registered revocation hook.
@@ -308,6 +351,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// Revoked, unexpired certificates (at `now`) and inactive agents.
     async fn revocation_snapshot(&self, now: i64) -> Result<RevocationSnapshot, StoreError>;
+
+    /// Makes a new key the agent's custodial key, retires the old one and
+    /// revokes the old key's unexpired certificates, with the new key's
+    /// evidence and the audit event, in one transaction.
+    async fn rotate_agent_key(
+        &self,
+        name: &str,
+        rotation: &KeyRotation<'_>,
+        audit: &AuditEvent,
+    ) -> Result<KeyRotationOutcome, StoreError>;
+    async fn retired_key(&self, key_id: &str) -> Result<Option<RetiredKey>, StoreError>;
+    /// Retired keys past their retention and not yet destroyed.
+    async fn retired_keys_due(&self, now: i64) -> Result<Vec<RetiredKey>, StoreError>;
+    async fn mark_key_destroyed(
+        &self,
+        key_id: &str,
+        at: i64,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
 
     /// Registers a hook; `Conflict` when the URL is registered already.
     async fn insert_hook(

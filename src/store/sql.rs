@@ -7,8 +7,9 @@ use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, AttestationRecord, CaRecord,
-    CertificateRecord, CertificateRevocation, HookDelivery, HookRecord, RevocationSnapshot,
-    RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store, StoreError,
+    CertificateRecord, CertificateRevocation, HookDelivery, HookRecord, KeyRotation,
+    KeyRotationOutcome, RetiredKey, RevocationSnapshot, RevokedCertificate, ServiceKeyRecord,
+    SignatureRecord, Store, StoreError,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -116,6 +117,19 @@ macro_rules! impl_store {
                 .execute(&mut **tx)
                 .await?;
                 Ok(())
+            }
+
+            fn retired_key_from_row(row: &<$db as sqlx::Database>::Row) -> Result<RetiredKey, StoreError> {
+                Ok(RetiredKey {
+                    key_id: row.try_get("key_id")?,
+                    agent_name: row.try_get("agent_name")?,
+                    public_key_der: row.try_get("public_key_der")?,
+                    reason: row.try_get("reason")?,
+                    retired_at: row.try_get("retired_at")?,
+                    sign_until: row.try_get("sign_until")?,
+                    destroy_after: row.try_get("destroy_after")?,
+                    destroyed_at: row.try_get("destroyed_at")?,
+                })
             }
 
             fn hook_from_row(row: &<$db as sqlx::Database>::Row) -> Result<HookRecord, StoreError> {
@@ -620,10 +634,142 @@ macro_rules! impl_store {
                 .iter()
                 .map(|r| -> Result<_, StoreError> { Ok((r.try_get("name")?, r.try_get("status")?)) })
                 .collect::<Result<Vec<_>, _>>()?;
+                let retired_keys = sqlx::query(
+                    "SELECT key_id FROM retired_keys WHERE destroyed_at IS NULL ORDER BY key_id",
+                )
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("key_id"))
+                .collect::<Result<Vec<_>, _>>()?;
                 Ok(RevocationSnapshot {
                     certificates,
                     inactive_agents,
+                    retired_keys,
                 })
+            }
+
+            async fn rotate_agent_key(
+                &self,
+                name: &str,
+                rotation: &KeyRotation<'_>,
+                audit: &AuditEvent,
+            ) -> Result<KeyRotationOutcome, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let row = sqlx::query(
+                    "UPDATE agents SET status = status WHERE name = $1
+                     RETURNING status, key_id, public_key_der",
+                )
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(KeyRotationOutcome::NotFound);
+                };
+                let status: String = row.try_get("status")?;
+                let old_key: Option<String> = row.try_get("key_id")?;
+                let old_public: Option<Vec<u8>> = row.try_get("public_key_der")?;
+                let (Some(old_key), Some(old_public), "active") =
+                    (old_key, old_public, status.as_str())
+                else {
+                    return Ok(KeyRotationOutcome::Refused { status });
+                };
+                let revoked = sqlx::query(
+                    "UPDATE certificates SET revoked_at = $1, revocation_reason = $2
+                     WHERE key_id = $3 AND not_after > $1 AND revoked_at IS NULL
+                     RETURNING serial",
+                )
+                .bind(rotation.at)
+                .bind(rotation.reason)
+                .bind(&old_key)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("serial"))
+                .collect::<Result<Vec<_>, _>>()?;
+                let event = audit
+                    .clone()
+                    .with("old_key_id", old_key.clone())
+                    .with("revoked_serials", revoked.clone());
+                Self::append_audit(&mut tx, &event).await?;
+                Self::insert_evidence(&mut tx, Some(rotation.new_evidence)).await?;
+                sqlx::query(
+                    "INSERT INTO retired_keys (key_id, agent_name, public_key_der, reason, retired_at,
+                         sign_until, destroy_after)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&old_key)
+                .bind(name)
+                .bind(old_public)
+                .bind(rotation.reason)
+                .bind(rotation.at)
+                .bind(rotation.sign_until)
+                .bind(rotation.destroy_after)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE agents SET key_id = $1, public_key_der = $2, attestation_digest = $3
+                     WHERE name = $4",
+                )
+                .bind(rotation.new_key_id)
+                .bind(rotation.new_public_key_der)
+                .bind(&rotation.new_evidence.digest)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+                Self::enqueue_hook_event(&mut tx, &event, name, rotation.at).await?;
+                Self::announce_revocation(&mut tx, now_ms()).await?;
+                tx.commit().await?;
+                Ok(KeyRotationOutcome::Rotated {
+                    old_key_id: old_key,
+                    revoked_serials: revoked,
+                })
+            }
+
+            async fn retired_key(&self, key_id: &str) -> Result<Option<RetiredKey>, StoreError> {
+                sqlx::query("SELECT * FROM retired_keys WHERE key_id = $1")
+                    .bind(key_id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(Self::retired_key_from_row)
+                    .transpose()
+            }
+
+            async fn retired_keys_due(&self, now: i64) -> Result<Vec<RetiredKey>, StoreError> {
+                sqlx::query(
+                    "SELECT * FROM retired_keys WHERE destroyed_at IS NULL AND destroy_after <= $1
+                     ORDER BY destroy_after LIMIT 100",
+                )
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(Self::retired_key_from_row)
+                .collect()
+            }
+
+            async fn mark_key_destroyed(
+                &self,
+                key_id: &str,
+                at: i64,
+                audit: &AuditEvent,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let changed = sqlx::query(
+                    "UPDATE retired_keys SET destroyed_at = $1 WHERE key_id = $2 AND destroyed_at IS NULL",
+                )
+                .bind(at)
+                .bind(key_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                // Another replica recorded it first: one audit event only.
+                if changed == 1 {
+                    Self::append_audit(&mut tx, audit).await?;
+                    tx.commit().await?;
+                }
+                Ok(())
             }
 
             async fn insert_hook(

@@ -1,0 +1,297 @@
+//! Custodial key rotation end to end: a keyward process on a real SoftHSM2
+//! token, on SQLite and PostgreSQL; the token inspected with pkcs11-tool.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use common::{Db, Server};
+use serde_json::{json, Value};
+
+async fn agent_with_certificate(server: &Server, name: &str) -> (Value, Value) {
+    let (status, agent) = server
+        .admin(
+            "POST",
+            "/v1/agents",
+            Some(json!({"name": name, "scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let (status, issued) = server
+        .admin(
+            "POST",
+            &format!("/v1/agents/{name}/certificates"),
+            Some(json!({"ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{issued}");
+    (agent, issued)
+}
+
+fn message() -> String {
+    B64.encode(b"rotate me")
+}
+
+async fn sign(server: &Server, name: &str, key_id: Option<&str>) -> (u16, Value) {
+    let mut body = json!({"message_b64": message()});
+    if let Some(key) = key_id {
+        body["key_id"] = json!(key);
+    }
+    server
+        .admin("POST", &format!("/v1/agents/{name}/sign"), Some(body))
+        .await
+}
+
+/// What /v1/verify says of `signature` against `certificate_pem` now.
+async fn verdict(server: &Server, certificate_pem: &Value, signature: &Value) -> Value {
+    let (status, verdict) = server
+        .admin(
+            "POST",
+            "/v1/verify",
+            Some(json!({
+                "certificate_pem": certificate_pem,
+                "message_b64": message(),
+                "signature_b64": signature,
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{verdict}");
+    verdict
+}
+
+fn on_token(server: &Server, key_id: &str) -> bool {
+    server
+        .token_private_keys()
+        .contains(&format!("label:      {key_id}"))
+}
+
+async fn a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retention(db: Db) {
+    let server = Server::start(db).await;
+    let (agent, old_cert) = agent_with_certificate(&server, "alpha").await;
+    let old_key = agent["key_id"].as_str().unwrap().to_owned();
+
+    let (status, rotated) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/rotate-key",
+            Some(json!({"reason": "superseded", "grace_seconds": 2, "retention_seconds": 4})),
+        )
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(rotated["old_key_id"], old_key);
+    let new_key = rotated["new_key_id"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, old_key);
+    assert!(on_token(&server, &new_key) && on_token(&server, &old_key));
+
+    // The current key signs by default, under the new certificate.
+    let (status, signed) = sign(&server, "alpha", None).await;
+    assert_eq!(status, 200, "{signed}");
+    assert_eq!(signed["key_id"], new_key);
+    assert_eq!(signed["certificate_serial"], rotated["serial"]);
+    let checked = verdict(
+        &server,
+        &rotated["certificate_pem"],
+        &signed["signature_der_b64"],
+    )
+    .await;
+    assert_eq!(checked["valid"], true, "{checked}");
+
+    // The old key, named, signs during its grace; its certificate is
+    // revoked, so the signature no longer verifies as keyward's.
+    let (status, by_old) = sign(&server, "alpha", Some(&old_key)).await;
+    assert_eq!(status, 200, "{by_old}");
+    assert_eq!(by_old["key_id"], old_key);
+    assert!(by_old["certificate_serial"].is_null());
+    let checked = verdict(
+        &server,
+        &old_cert["certificate_pem"],
+        &by_old["signature_der_b64"],
+    )
+    .await;
+    assert_eq!(checked["reason"], "revoked", "{checked}");
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (status, refused) = sign(&server, "alpha", Some(&old_key)).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (403, Some("key_retired"))
+    );
+
+    // After retention the old key is gone from the token; the new one stays.
+    let start = Instant::now();
+    while on_token(&server, &old_key) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the retired key is still on the token"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(on_token(&server, &new_key));
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    keyward::audit::verify_chain(&records).unwrap();
+    let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
+    assert!(actions.contains(&"agent.rotate_key"), "{actions:?}");
+    let destroyed: Vec<_> = records
+        .iter()
+        .filter(|r| r.event.action == "key.destroy")
+        .collect();
+    assert_eq!(destroyed.len(), 1);
+    assert_eq!(destroyed[0].event.subject, old_key);
+}
+
+async fn a_key_rotated_for_compromise_signs_nothing_more(db: Db) {
+    let server = Server::start(db).await;
+    let (agent, _) = agent_with_certificate(&server, "alpha").await;
+    let old_key = agent["key_id"].as_str().unwrap();
+    let (status, answer) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/rotate-key",
+            Some(json!({"reason": "keyCompromise", "grace_seconds": 60})),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_grace"))
+    );
+    let (status, rotated) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/rotate-key",
+            Some(json!({"reason": "keyCompromise"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let (status, refused) = sign(&server, "alpha", Some(old_key)).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (403, Some("key_retired"))
+    );
+    let (status, _) = sign(&server, "alpha", None).await;
+    assert_eq!(status, 200);
+    // A key that was never this agent's is refused the same way.
+    let (status, _) = sign(&server, "alpha", Some("agent-0000")).await;
+    assert_eq!(status, 403);
+}
+
+async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
+    let server = Server::start(db).await;
+    agent_with_certificate(&server, "alpha").await;
+    agent_with_certificate(&server, "gone").await;
+    server
+        .admin(
+            "POST",
+            "/v1/agents/gone/revoke",
+            Some(json!({"reason": "cessationOfOperation"})),
+        )
+        .await;
+    let keys_before = server
+        .token_private_keys()
+        .matches("Private Key Object")
+        .count();
+    let rows_before = server.row_counts().await;
+    let cases = [
+        ("alpha", json!({"reason": "whim"}), 400, "invalid_reason"),
+        (
+            "alpha",
+            json!({"reason": "certificateHold"}),
+            400,
+            "invalid_reason",
+        ),
+        (
+            "alpha",
+            json!({"retention_seconds": 99_999_999}),
+            400,
+            "invalid_retention",
+        ),
+        (
+            "alpha",
+            json!({"grace_seconds": 10, "retention_seconds": 5}),
+            400,
+            "invalid_retention",
+        ),
+        ("alpha", json!({"ttl_seconds": 0}), 400, "invalid_ttl"),
+        ("alpha", json!({"grace": 1}), 400, "invalid_request"),
+        ("nobody", json!({}), 404, "agent_not_found"),
+        ("gone", json!({}), 403, "agent_not_active"),
+    ];
+    for (agent, body, status, code) in cases {
+        let (got, answer) = server
+            .admin(
+                "POST",
+                &format!("/v1/agents/{agent}/rotate-key"),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{agent} {body}: {answer}"
+        );
+    }
+    assert_eq!(server.row_counts().await, rows_before);
+    assert_eq!(
+        server
+            .token_private_keys()
+            .matches("Private Key Object")
+            .count(),
+        keys_before,
+        "a refused rotation left a key on the token"
+    );
+}
+
+/// Two replicas on one token and PostgreSQL database: after a rotation on
+/// one, the other stops using the old key at once, though its agent cache
+/// (1 s) still named it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_replica_stops_using_a_rotated_key_at_once() {
+    let server = Server::start(Db::Postgres).await;
+    let (agent, _) = agent_with_certificate(&server, "alpha").await;
+    let old_key = agent["key_id"].as_str().unwrap().to_owned();
+    let replica = server.spawn_replica();
+    let token = server.admin_token.clone();
+    let sign_on_replica = || {
+        server.request_at(
+            &replica.url,
+            "POST",
+            "/v1/agents/alpha/sign",
+            Some(json!({"message_b64": message()})),
+            Some(&token),
+        )
+    };
+    let (status, before) = sign_on_replica().await;
+    assert_eq!(
+        (status, before["key_id"].as_str()),
+        (200, Some(old_key.as_str()))
+    );
+    let (status, rotated) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/rotate-key",
+            Some(json!({"reason": "keyCompromise"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let rotated_at = Instant::now();
+    loop {
+        let (status, signed) = sign_on_replica().await;
+        assert_eq!(status, 200, "{signed}");
+        if signed["key_id"] == rotated["new_key_id"] {
+            break;
+        }
+        assert_eq!(signed["key_id"], old_key);
+        assert!(
+            rotated_at.elapsed() < Duration::from_millis(300),
+            "the replica still signed with the compromised key after {:?}",
+            rotated_at.elapsed()
+        );
+    }
+}
+
+on_both_databases!(
+    a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retention,
+    a_key_rotated_for_compromise_signs_nothing_more,
+    bad_rotations_are_refused_and_leave_no_key_behind,
+);
