@@ -39,7 +39,7 @@ use crate::revocation::RevocationSet;
 
 /// How often retired keys past their retention are looked for.
 const RETIRED_KEY_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
-use crate::store::{self, ServiceKeyRecord, SignatureLog, Store, StoreError};
+use crate::store::{self, CaRecord, ServiceKeyRecord, SignatureLog, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// Lifetime of the HTTPS listener's certificate; renewed at half-life.
@@ -98,7 +98,10 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         )
         .await
         .context("loading the CA")?
-        .with_public_url(config.public_url.clone()),
+        .with_public_url(config.public_url.clone())
+        .with_previous(&previous_cas(store.as_ref(), config).await?)
+        .await
+        .context("loading the previous CAs")?,
     );
     let evidence_signer =
         ensure_service_key(&pool, store.as_ref(), &authority, "attestation").await?;
@@ -245,8 +248,41 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
 }
 
 /// Writes the root of trust to `<data-dir>/ca.pem` for clients.
+/// The CAs replaced recently enough that certificates they issued may still
+/// be valid: retired within the longest certificate lifetime (plus the
+/// backdating of notBefore).
+async fn previous_cas(store: &dyn Store, config: &Config) -> anyhow::Result<Vec<CaRecord>> {
+    let overlap = config.ttl.max + crate::ca::profile::BACKDATE + Duration::from_secs(60);
+    let since = time::OffsetDateTime::now_utc().unix_timestamp() - overlap.as_secs() as i64;
+    Ok(store.previous_cas(since).await?)
+}
+
+/// `keyward ca rotate`: a new self-signed root on the token becomes the
+/// issuing CA; the current one stays trusted, and answers OCSP, for what it
+/// issued until that has expired. Replicas pick it up when restarted.
+pub async fn ca_rotate(keyward: &Keyward, config: &Config) -> anyhow::Result<String> {
+    let record = Authority::create_root(&keyward.state.pool, config.ca_validity).await?;
+    let audit = AuditEvent::new("operator", "ca.rotate", &record.key_id)
+        .with("previous_key_id", keyward.authority.key_id().to_string());
+    keyward
+        .state
+        .store
+        .install_ca(&record, true, &audit)
+        .await?;
+    // ca.pem gains the new root now, so clients can trust both before the
+    // restart that makes the new CA active.
+    let mut bundle = keyward.authority.trust_bundle_pem()?;
+    bundle.push_str(&crate::ca::Certificate::from_der(&record.cert_der)?.to_pem_string()?);
+    let path = config.data_dir.join("ca.pem");
+    let tmp = config.data_dir.join("ca.pem.tmp");
+    std::fs::write(&tmp, bundle.as_bytes())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(record.key_id)
+}
+
 fn write_trust_anchor(data_dir: &Path, authority: &Authority) -> anyhow::Result<()> {
-    let pem = authority.root_pem()?;
+    // Every root in use: during a CA rotation's overlap, old and new.
+    let pem = authority.trust_bundle_pem()?;
     let path = data_dir.join("ca.pem");
     let tmp = data_dir.join("ca.pem.tmp");
     std::fs::write(&tmp, pem.as_bytes())?;

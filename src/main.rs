@@ -224,6 +224,12 @@ enum CaCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Replace the issuing CA with a new self-signed root on the token; the
+    /// current CA stays trusted for what it issued. Restart keyward after.
+    Rotate {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Install the externally signed CA certificate and its chain (root last).
     Import {
         #[arg(long)]
@@ -285,7 +291,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Ca(command) => {
             let args = match &command {
-                CaCommand::Csr { server, .. } | CaCommand::Import { server, .. } => server.clone(),
+                CaCommand::Csr { server, .. }
+                | CaCommand::Import { server, .. }
+                | CaCommand::Rotate { server } => server.clone(),
             };
             keyward::telemetry::init_logging(args.log_json);
             let config = load_config(&args)?;
@@ -296,6 +304,12 @@ fn main() -> anyhow::Result<()> {
                     CaCommand::Csr { out, .. } => {
                         std::fs::write(&out, keyward::app::ca_csr(&kw).await?)?;
                         println!("wrote {}", out.display());
+                    }
+                    CaCommand::Rotate { .. } => {
+                        let key = keyward::app::ca_rotate(&kw, &config).await?;
+                        println!(
+                            "new CA key {key} is the issuing CA from the next start; ca.pem holds both roots"
+                        );
                     }
                     CaCommand::Import { cert, chain, .. } => {
                         let cert = std::fs::read_to_string(cert)?;

@@ -242,6 +242,102 @@ async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
     );
 }
 
+fn pem_count(text: &str) -> usize {
+    text.matches("-----BEGIN CERTIFICATE-----").count()
+}
+
+/// CA rotation: `keyward ca rotate` while keyward is stopped, then a
+/// restart. The new CA issues; the old one still vouches, and answers OCSP,
+/// for what it issued.
+async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
+    let mut server = Server::start(db).await;
+    let (_, old_cert) = agent_with_certificate(&server, "alpha").await;
+    let (status, old_signed) = sign(&server, "alpha", None).await;
+    assert_eq!(status, 200);
+    let old_root = std::fs::read_to_string(server.path("ca.pem")).unwrap();
+    assert_eq!(pem_count(&old_root), 1);
+
+    server.stop();
+    let (ok, out) = common::run(
+        std::process::Command::new(common::keyward_bin())
+            .args(["ca", "rotate", "--data-dir"])
+            .arg(server.data_dir.path())
+            .arg("--database-url")
+            .arg(&server.database.url)
+            .env_remove("SOFTHSM2_CONF"),
+    );
+    assert!(ok, "keyward ca rotate: {out}");
+    let server = server.restart().await;
+
+    let (status, bundle) = server.request("GET", "/v1/trust-bundle", None, None).await;
+    assert_eq!(status, 200);
+    let bundle = bundle.as_str().unwrap().to_owned();
+    assert_eq!(pem_count(&bundle), 2, "{bundle}");
+    assert!(bundle.contains(old_root.trim()));
+    let (_, chain) = server.request("GET", "/v1/ca/chain.pem", None, None).await;
+    assert_eq!(pem_count(chain.as_str().unwrap()), 2);
+
+    let (status, new_cert) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/certificates",
+            Some(json!({"ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{new_cert}");
+    let dir = server.data_dir.path();
+    std::fs::write(dir.join("bundle.pem"), &bundle).unwrap();
+    std::fs::write(dir.join("old-root.pem"), &old_root).unwrap();
+    for (name, cert) in [("old.pem", &old_cert), ("new.pem", &new_cert)] {
+        std::fs::write(dir.join(name), cert["certificate_pem"].as_str().unwrap()).unwrap();
+        let (ok, out) = common::run(
+            std::process::Command::new("openssl")
+                .args(["verify", "-CAfile"])
+                .arg(dir.join("bundle.pem"))
+                .arg(dir.join(name)),
+        );
+        assert!(ok, "{name} against the trust bundle: {out}");
+    }
+    let issuer = |name: &str| {
+        common::run(
+            std::process::Command::new("openssl")
+                .args(["x509", "-noout", "-issuer", "-in"])
+                .arg(dir.join(name)),
+        )
+        .1
+    };
+    assert_ne!(issuer("old.pem"), issuer("new.pem"), "the new CA issues");
+
+    // The old certificate and what its key signed still verify.
+    let checked = verdict(
+        &server,
+        &old_cert["certificate_pem"],
+        &old_signed["signature_der_b64"],
+    )
+    .await;
+    assert_eq!(checked["valid"], true, "{checked}");
+    // The old CA answers OCSP for its certificate, with its own key.
+    let (ok, out) = common::run(
+        std::process::Command::new("openssl")
+            .arg("ocsp")
+            .arg("-issuer")
+            .arg(dir.join("old-root.pem"))
+            .arg("-CAfile")
+            .arg(dir.join("old-root.pem"))
+            .arg("-cert")
+            .arg(dir.join("old.pem"))
+            .arg("-url")
+            .arg(format!("{}/v1/ocsp", server.url)),
+    );
+    assert!(
+        ok && out.contains("Response verify OK") && out.contains("old.pem: good"),
+        "{out}"
+    );
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    keyward::audit::verify_chain(&records).unwrap();
+    assert!(records.iter().any(|r| r.event.action == "ca.rotate"));
+}
+
 /// Two replicas on one token and PostgreSQL database: after a rotation on
 /// one, the other stops using the old key at once, though its agent cache
 /// (1 s) still named it.
@@ -291,6 +387,7 @@ async fn the_other_replica_stops_using_a_rotated_key_at_once() {
 }
 
 on_both_databases!(
+    a_rotated_ca_keeps_validating_what_it_issued,
     a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retention,
     a_key_rotated_for_compromise_signs_nothing_more,
     bad_rotations_are_refused_and_leave_no_key_behind,

@@ -14,3 +14,8 @@ CREATE TABLE retired_keys (
     destroyed_at    BIGINT
 );
 CREATE INDEX retired_keys_due ON retired_keys (destroy_after) WHERE destroyed_at IS NULL;
+
+-- CA rotation: when a new issuing CA becomes active, the previous one keeps
+-- validating (and answering OCSP for) the certificates it issued until they
+-- have expired; retired_at says since when it is no longer active.
+ALTER TABLE ca_certificates ADD COLUMN retired_at BIGINT;

@@ -49,7 +49,10 @@ pub struct SignerCertificate {
 
 pub struct Verifier {
     store: Arc<dyn Store>,
-    authority: Arc<Authority>,
+    /// keyward's roots: the active CA's and, during a rotation, previous ones.
+    anchors: Vec<Certificate>,
+    /// Every non-root certificate of those chains.
+    intermediates: Vec<Certificate>,
     replay: ReplayCache,
 }
 
@@ -62,14 +65,15 @@ impl Verifier {
     pub fn new(store: Arc<dyn Store>, authority: Arc<Authority>) -> Self {
         Self {
             store,
-            authority,
+            anchors: authority.roots(),
+            intermediates: authority.all_intermediates(),
             replay: ReplayCache::new(ReplayCache::DEFAULT_CAPACITY),
         }
     }
 
-    /// The root of keyward's chain: what every verification here ends at.
+    /// keyward's roots: what every verification here ends at.
     fn anchors(&self) -> &[Certificate] {
-        std::slice::from_ref(self.authority.root())
+        &self.anchors
     }
 
     /// The chain of `leaf` to keyward's root at `at`, with keyward's own
@@ -80,7 +84,7 @@ impl Verifier {
         offered: &[Certificate],
         at: SystemTime,
     ) -> Result<VerifiedLeaf, verify::VerifyError> {
-        let mut intermediates = self.authority.intermediates().to_vec();
+        let mut intermediates = self.intermediates.clone();
         intermediates.extend(offered.iter().cloned());
         verify::verify_chain(leaf, &intermediates, self.anchors(), at)
     }

@@ -53,6 +53,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/ca/chain.pem", get(ca_chain))
+        .route("/v1/trust-bundle", get(trust_bundle))
         .route("/v1/attestations/{digest}", get(attestation))
         .merge(agents::router())
         .merge(signing::router())
@@ -189,13 +190,34 @@ async fn metrics(State(state): State<Arc<AppState>>, _caller: AdminOnly) -> Resp
         .into_response()
 }
 
-async fn ca_chain(State(state): State<Arc<AppState>>) -> Response {
-    let chain = state.registry.authority().chain_pem().to_owned();
-    (
+/// The issuing chain, root last, then any previous CA's root still in its
+/// overlap.
+async fn ca_chain(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let chain = state
+        .registry
+        .authority()
+        .published_chain_pem()
+        .map_err(ApiError::internal)?;
+    Ok((
         [(header::CONTENT_TYPE, "application/pem-certificate-chain")],
         chain,
     )
-        .into_response()
+        .into_response())
+}
+
+/// Every root to trust now: the active CA's and, during a CA rotation's
+/// overlap, the previous ones'.
+async fn trust_bundle(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let bundle = state
+        .registry
+        .authority()
+        .trust_bundle_pem()
+        .map_err(ApiError::internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/pem-certificate-chain")],
+        bundle,
+    )
+        .into_response())
 }
 
 async fn attestation(

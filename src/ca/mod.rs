@@ -119,6 +119,18 @@ pub struct Authority {
     ttl: TtlLimits,
     /// Base URL for the CRL and OCSP pointers in issued certificates.
     public_url: Option<String>,
+    /// CAs that were active before this one and may still have valid
+    /// certificates out there (CA rotation's overlap).
+    previous: Vec<PreviousCa>,
+}
+
+/// An issuing CA replaced by a rotation: it still validates, and answers
+/// OCSP for, what it issued, but issues nothing more.
+pub struct PreviousCa {
+    pub key: KeyId,
+    pub certificate: Certificate,
+    /// Its chain, issuing certificate first, root last.
+    pub chain: Vec<Certificate>,
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -173,6 +185,7 @@ impl Authority {
             trust_domain,
             ttl,
             public_url: None,
+            previous: Vec::new(),
         })
     }
 
@@ -204,6 +217,101 @@ impl Authority {
     /// Signs a digest with the CA key (CRLs, OCSP responses).
     pub async fn sign_digest(&self, digest: [u8; 32]) -> Result<p256::ecdsa::Signature, CaError> {
         Ok(self.pool.sign(&self.key, digest).await?)
+    }
+
+    /// Adds the CAs this one replaced, after checking each key is still on
+    /// the token (it signs their OCSP answers).
+    pub async fn with_previous(mut self, records: &[CaRecord]) -> Result<Self, CaError> {
+        for record in records {
+            let key = KeyId::parse(&record.key_id)
+                .map_err(|_| CaError::Internal("stored CA key id is malformed".into()))?;
+            let certificate = Certificate::from_der(&record.cert_der)?;
+            let on_token = self.pool.public_key(&key).await?;
+            if profile::p256_key_of(&certificate.tbs_certificate.subject_public_key_info)?
+                != on_token
+            {
+                return Err(CaError::CaKeyMismatch);
+            }
+            let chain = parse_pem_chain(&record.chain_pem)?;
+            self.previous.push(PreviousCa {
+                key,
+                certificate,
+                chain,
+            });
+        }
+        Ok(self)
+    }
+
+    pub fn previous(&self) -> &[PreviousCa] {
+        &self.previous
+    }
+
+    /// Every root a relying party should trust now: the active CA's and,
+    /// during a rotation's overlap, the previous ones'. No duplicates.
+    pub fn roots(&self) -> Vec<Certificate> {
+        let mut roots = vec![self.root().clone()];
+        for previous in &self.previous {
+            if let Some(root) = previous.chain.last() {
+                if !roots.contains(root) {
+                    roots.push(root.clone());
+                }
+            }
+        }
+        roots
+    }
+
+    /// Every non-root certificate of the active and previous chains.
+    pub fn all_intermediates(&self) -> Vec<Certificate> {
+        let mut all = self.intermediates().to_vec();
+        for previous in &self.previous {
+            let below_root = previous.chain.len().saturating_sub(1);
+            for cert in &previous.chain[..below_root] {
+                if !all.contains(cert) {
+                    all.push(cert.clone());
+                }
+            }
+        }
+        all
+    }
+
+    /// The roots as PEM: the trust bundle.
+    pub fn trust_bundle_pem(&self) -> Result<String, CaError> {
+        self.roots().iter().map(|c| c.to_pem_string()).collect()
+    }
+
+    /// The active chain, then the previous CAs' roots: what
+    /// `/v1/ca/chain.pem` serves.
+    pub fn published_chain_pem(&self) -> Result<String, CaError> {
+        let mut pem = self.chain_pem.clone();
+        let active_root = self.root();
+        for root in self.roots().iter().filter(|r| *r != active_root) {
+            pem.push_str(&root.to_pem_string()?);
+        }
+        Ok(pem)
+    }
+
+    /// The issuing certificate and key that answer for `matches`: the
+    /// active CA or a previous one.
+    pub fn issuer_matching(
+        &self,
+        matches: impl Fn(&Certificate) -> bool,
+    ) -> Option<(&Certificate, &KeyId)> {
+        if matches(&self.certificate) {
+            return Some((&self.certificate, &self.key));
+        }
+        self.previous
+            .iter()
+            .find(|p| matches(&p.certificate))
+            .map(|p| (&p.certificate, &p.key))
+    }
+
+    /// Signs a digest with the given CA key (an active or previous one).
+    pub async fn sign_digest_with(
+        &self,
+        key: &KeyId,
+        digest: [u8; 32],
+    ) -> Result<p256::ecdsa::Signature, CaError> {
+        Ok(self.pool.sign(key, digest).await?)
     }
 
     /// Issued certificates will point at `<url>/v1/crl` and `<url>/v1/ocsp`.

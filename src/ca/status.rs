@@ -128,11 +128,12 @@ impl StatusPublisher {
     async fn try_ocsp(&self, request_der: &[u8]) -> Result<Vec<u8>, ResponseStatus> {
         let request =
             ocsp::parse_request(request_der).map_err(|_| ResponseStatus::MalformedRequest)?;
-        let issuer = self.authority.certificate();
-        // keyward answers only for its own CA (RFC 6960 §2.3).
-        if request.cert_ids.iter().any(|id| !id.matches_issuer(issuer)) {
-            return Err(ResponseStatus::Unauthorized);
-        }
+        // keyward answers only for its own CAs (RFC 6960 §2.3): the active
+        // one or one it replaced, and one per request.
+        let (issuer, issuer_key) = self
+            .authority
+            .issuer_matching(|ca| request.cert_ids.iter().all(|id| id.matches_issuer(ca)))
+            .ok_or(ResponseStatus::Unauthorized)?;
         let now = whole_seconds(SystemTime::now());
         let mut statuses = Vec::with_capacity(request.cert_ids.len());
         for id in &request.cert_ids {
@@ -174,7 +175,7 @@ impl StatusPublisher {
             .map_err(internal)?;
         let signature = self
             .authority
-            .sign_digest(Sha256::digest(&data).into())
+            .sign_digest_with(issuer_key, Sha256::digest(&data).into())
             .await
             .map_err(|e| match e {
                 CaError::Pool(_) => ResponseStatus::TryLater,

@@ -286,6 +286,9 @@ pub trait Store: Send + Sync + 'static {
     async fn attestation(&self, digest: &str) -> Result<Option<AttestationRecord>, StoreError>;
 
     async fn active_ca(&self) -> Result<Option<CaRecord>, StoreError>;
+    /// Issuing CAs that stopped being active at or after `retired_since`
+    /// (unix seconds), newest first.
+    async fn previous_cas(&self, retired_since: i64) -> Result<Vec<CaRecord>, StoreError>;
     /// Makes `ca` the active issuing CA. Fails with `Conflict` when another
     /// replica installed one first and `replace` is false.
     async fn install_ca(

@@ -360,11 +360,32 @@ macro_rules! impl_store {
                 .transpose()
             }
 
+            async fn previous_cas(&self, retired_since: i64) -> Result<Vec<CaRecord>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT * FROM ca_certificates WHERE active = 0 AND retired_at >= $1
+                     ORDER BY retired_at DESC",
+                )
+                .bind(retired_since)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| -> Result<_, StoreError> {
+                        Ok(CaRecord {
+                            key_id: r.try_get("key_id")?,
+                            cert_der: r.try_get("cert_der")?,
+                            chain_pem: r.try_get("chain_pem")?,
+                            created_at: r.try_get("created_at")?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn install_ca(&self, ca: &CaRecord, replace: bool, audit: &AuditEvent) -> Result<(), StoreError> {
                 let mut tx = self.pool.begin().await?;
                 Self::append_audit(&mut tx, audit).await?;
                 if replace {
-                    sqlx::query("UPDATE ca_certificates SET active = 0 WHERE active = 1")
+                    sqlx::query("UPDATE ca_certificates SET active = 0, retired_at = $1 WHERE active = 1")
+                        .bind(now())
                         .execute(&mut *tx)
                         .await?;
                 }
