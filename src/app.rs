@@ -98,7 +98,12 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         )
         .await
         .context("loading the CA")?
-        .with_public_url(config.public_url.clone())
+        .with_public_url(
+            config
+                .status_url
+                .clone()
+                .or_else(|| config.public_url.clone()),
+        )
         .with_previous(&previous_cas(store.as_ref(), config).await?)
         .await
         .context("loading the previous CAs")?,

@@ -106,6 +106,12 @@ pub struct ServerFile {
     /// `<public_url>/v1/crl` and `<public_url>/v1/ocsp`. Default:
     /// `https://<listen address>`.
     pub public_url: Option<String>,
+    /// A second listener, plain HTTP, serving only `/v1/crl` and
+    /// `/v1/ocsp` (both answers are signed), as public CAs run them: relying
+    /// parties then need no TLS to check revocation. When set, certificates
+    /// point there (`status_url`, default `http://<status_listen>`).
+    pub status_listen: Option<String>,
+    pub status_url: Option<String>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -137,6 +143,9 @@ pub struct Config {
     pub server_dns_names: Vec<String>,
     /// See `ServerFile::public_url`; `None` until `serve` knows its address.
     pub public_url: Option<String>,
+    /// See `ServerFile::status_listen` and `status_url`.
+    pub status_listen: Option<SocketAddr>,
+    pub status_url: Option<String>,
     pub hook_allowed_hosts: Vec<String>,
 }
 
@@ -272,6 +281,18 @@ impl ConfigFile {
             ttl,
             ca_validity,
             server_dns_names: self.server.dns_names,
+            status_listen: match &self.server.status_listen {
+                Some(text) => Some(text.parse().map_err(|_| {
+                    invalid(format!(
+                        "server.status_listen = {text:?} is not an IP:port address"
+                    ))
+                })?),
+                None => None,
+            },
+            status_url: match self.server.status_url {
+                Some(url) => Some(check_public_url(&url).map_err(invalid)?),
+                None => None,
+            },
             hook_allowed_hosts: self
                 .hooks
                 .allowed_hosts

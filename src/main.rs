@@ -485,7 +485,30 @@ async fn serve(mut config: Config, pkcs11: Pkcs11Config) -> anyhow::Result<()> {
     if config.public_url.is_none() {
         config.public_url = Some(format!("https://{addr}"));
     }
+    let status_listener = match config.status_listen {
+        Some(status_addr) => {
+            let listener = tokio::net::TcpListener::bind(status_addr)
+                .await
+                .with_context(|| format!("binding {status_addr}"))?;
+            if config.status_url.is_none() {
+                config.status_url = Some(format!("http://{}", listener.local_addr()?));
+            }
+            Some(listener)
+        }
+        None => None,
+    };
     let kw = keyward::app::start(&config, &pkcs11).await?;
+    if let Some(listener) = status_listener {
+        let status_addr = listener.local_addr()?;
+        std::fs::write(config.data_dir.join("status.addr"), status_addr.to_string())?;
+        let app = keyward::api::status_router(kw.state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the status listener stopped");
+            }
+        });
+        tracing::info!(%status_addr, "CRL and OCSP over plain HTTP");
+    }
     std::fs::write(config.data_dir.join("listen.addr"), addr.to_string())?;
     tracing::info!(%addr, store = kw.state.store.backend_name(), "keyward listening (HTTPS)");
     println!("keyward listening on https://{addr}");

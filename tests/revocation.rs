@@ -540,7 +540,59 @@ async fn a_revocation_on_one_replica_is_enforced_by_the_other_within_a_second() 
     assert!(observed >= Some(1), "{metrics}");
 }
 
+/// With `server.status_listen`, CRL and OCSP are also served over plain
+/// HTTP, and certificates point there; nothing else is.
+async fn crl_and_ocsp_can_be_served_over_plain_http(db: Db) {
+    let server = Server::start_with_config(db, "[server]\nstatus_listen = \"127.0.0.1:0\"\n").await;
+    let status = std::fs::read_to_string(server.path("status.addr")).unwrap();
+    let base = format!("http://{}", status.trim());
+    let issued = agent_with_certificate(&server, "plain").await;
+    let leaf = write(
+        &server,
+        "leaf.pem",
+        issued["certificate_pem"].as_str().unwrap().as_bytes(),
+    );
+    let (_, uri) = run(Command::new("openssl")
+        .args(["x509", "-noout", "-ocsp_uri", "-in"])
+        .arg(&leaf));
+    assert_eq!(uri.trim(), format!("{base}/v1/ocsp"));
+    let (_, text) = run(Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "crlDistributionPoints", "-in"])
+        .arg(&leaf));
+    assert!(text.contains(&format!("{base}/v1/crl")), "{text}");
+    server
+        .admin(
+            "POST",
+            "/v1/agents/plain/revoke",
+            Some(json!({"reason": "keyCompromise"})),
+        )
+        .await;
+    let (ok, out) = run(Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(server.path("ca.pem"))
+        .arg("-CAfile")
+        .arg(server.path("ca.pem"))
+        .arg("-cert")
+        .arg(&leaf)
+        .arg("-url")
+        .arg(format!("{base}/v1/ocsp")));
+    assert!(
+        ok && out.contains("leaf.pem: revoked") && out.contains("Response verify OK"),
+        "{out}"
+    );
+    let plain = reqwest::Client::new();
+    let crl = plain.get(format!("{base}/v1/crl")).send().await.unwrap();
+    assert_eq!(crl.status(), 200);
+    assert_eq!(crl.headers()["content-type"], "application/pkix-crl");
+    for path in ["/v1/agents", "/healthz", "/v1/ca/chain.pem"] {
+        let answer = plain.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), 404, "{path} over plain HTTP");
+    }
+}
+
 on_both_databases!(
+    crl_and_ocsp_can_be_served_over_plain_http,
     a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_revoked,
     one_certificate_can_be_revoked_alone,
     a_suspension_holds_the_agent_and_resuming_releases_it,

@@ -47,6 +47,15 @@ pub struct AppState {
     pub metrics: Metrics,
 }
 
+/// Only `/v1/crl` and `/v1/ocsp`: the plain-HTTP status listener.
+pub fn status_router(state: Arc<AppState>) -> Router {
+    status::router()
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(read_body_first))
+        .with_state(state)
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))

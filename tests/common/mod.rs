@@ -99,8 +99,13 @@ pub fn keyward_bin() -> &'static str {
 }
 
 fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
-    let mut child = Command::new(keyward_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
+    let config = data_dir.join("config.toml");
+    let mut command = Command::new(keyward_bin());
+    command.args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"]);
+    if config.exists() {
+        command.arg("--config").arg(&config);
+    }
+    let mut child = command
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--database-url")
@@ -127,6 +132,14 @@ fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
 impl Server {
     pub async fn start(db: Db) -> Self {
         let data_dir = tempfile::tempdir().unwrap();
+        let database = TestDatabase::create(db, data_dir.path()).await;
+        Self::start_in(data_dir, database).await
+    }
+
+    /// A server whose `config.toml` (in its data directory) is `config`.
+    pub async fn start_with_config(db: Db, config: &str) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        std::fs::write(data_dir.path().join("config.toml"), config).unwrap();
         let database = TestDatabase::create(db, data_dir.path()).await;
         Self::start_in(data_dir, database).await
     }
