@@ -128,32 +128,12 @@ async fn register(server: &Server, url: &str) -> String {
     hook["secret"].as_str().unwrap().to_owned()
 }
 
-async fn agent_with_certificate(server: &Server, name: &str) -> Value {
-    let (status, body) = server
-        .admin(
-            "POST",
-            "/v1/agents",
-            Some(json!({"name": name, "scopes": []})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, issued) = server
-        .admin(
-            "POST",
-            &format!("/v1/agents/{name}/certificates"),
-            Some(json!({"ttl_seconds": 600})),
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
-    issued
-}
-
 async fn a_hook_receives_every_change_signed_and_in_order(db: Db) {
     let server = Server::start(db).await;
     let receiver = Receiver::start().await;
     let secret = register(&server, &receiver.url).await;
-    let first = agent_with_certificate(&server, "alpha").await;
-    agent_with_certificate(&server, "beta").await;
+    let first = common::certified_agent(&server, "alpha").await;
+    common::certified_agent(&server, "beta").await;
 
     let steps = [
         (
@@ -218,7 +198,7 @@ async fn an_undelivered_event_survives_a_restart_and_is_delivered(db: Db) {
     let receiver = Receiver::start().await;
     receiver.answer.store(503, Ordering::SeqCst);
     let secret = register(&server, &receiver.url).await;
-    agent_with_certificate(&server, "alpha").await;
+    common::certified_agent(&server, "alpha").await;
     let (status, _) = server
         .admin(
             "POST",

@@ -13,30 +13,6 @@ use base64::Engine;
 use common::{run, Db, Server};
 use serde_json::{json, Value};
 
-async fn agent_with_certificate(server: &Server, name: &str) -> Value {
-    let (status, body) = server
-        .admin(
-            "POST",
-            "/v1/agents",
-            Some(json!({"name": name, "scopes": []})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    issue(server, name).await
-}
-
-async fn issue(server: &Server, name: &str) -> Value {
-    let (status, issued) = server
-        .admin(
-            "POST",
-            &format!("/v1/agents/{name}/certificates"),
-            Some(json!({"ttl_seconds": 600})),
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
-    issued
-}
-
 fn write(server: &Server, name: &str, contents: &[u8]) -> PathBuf {
     let path = server.path(name);
     std::fs::write(&path, contents).unwrap();
@@ -119,7 +95,7 @@ async fn audit_actions(server: &Server) -> Vec<String> {
 
 async fn a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_revoked(db: Db) {
     let server = Server::start(db).await;
-    let issued = agent_with_certificate(&server, "victim").await;
+    let issued = common::certified_agent(&server, "victim").await;
     let leaf = write(
         &server,
         "leaf.pem",
@@ -214,8 +190,8 @@ async fn a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_re
 
 async fn one_certificate_can_be_revoked_alone(db: Db) {
     let server = Server::start(db).await;
-    let first = agent_with_certificate(&server, "alpha").await;
-    let second = issue(&server, "alpha").await;
+    let first = common::certified_agent(&server, "alpha").await;
+    let second = common::issue_certificate(&server, "alpha").await;
     let (status, revoked) = server
         .admin(
             "POST",
@@ -266,7 +242,7 @@ async fn one_certificate_can_be_revoked_alone(db: Db) {
 
 async fn a_suspension_holds_the_agent_and_resuming_releases_it(db: Db) {
     let server = Server::start(db).await;
-    let issued = agent_with_certificate(&server, "paused").await;
+    let issued = common::certified_agent(&server, "paused").await;
     let leaf = write(
         &server,
         "leaf.pem",
@@ -342,7 +318,7 @@ async fn post_ocsp(server: &Server, body: Vec<u8>, content_type: &str) -> (u16, 
 
 async fn bad_revocation_requests_are_refused_and_write_nothing(db: Db) {
     let server = Server::start(db).await;
-    let issued = agent_with_certificate(&server, "alpha").await;
+    let issued = common::certified_agent(&server, "alpha").await;
     let serial = issued["serial"].as_str().unwrap();
     let before = server.row_counts().await;
     let cases = [
@@ -487,7 +463,7 @@ async fn bad_revocation_requests_are_refused_and_write_nothing(db: Db) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_on_one_replica_is_enforced_by_the_other_within_a_second() {
     let server = Server::start(Db::Postgres).await;
-    agent_with_certificate(&server, "roamer").await;
+    common::certified_agent(&server, "roamer").await;
     let replica = server.spawn_replica();
     let token = server.admin_token.clone();
     let sign_on_replica = || {
@@ -546,7 +522,7 @@ async fn crl_and_ocsp_can_be_served_over_plain_http(db: Db) {
     let server = Server::start_with_config(db, "[server]\nstatus_listen = \"127.0.0.1:0\"\n").await;
     let status = std::fs::read_to_string(server.path("status.addr")).unwrap();
     let base = format!("http://{}", status.trim());
-    let issued = agent_with_certificate(&server, "plain").await;
+    let issued = common::certified_agent(&server, "plain").await;
     let leaf = write(
         &server,
         "leaf.pem",

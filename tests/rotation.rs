@@ -10,26 +10,6 @@ use base64::Engine;
 use common::{Db, Server};
 use serde_json::{json, Value};
 
-async fn agent_with_certificate(server: &Server, name: &str) -> (Value, Value) {
-    let (status, agent) = server
-        .admin(
-            "POST",
-            "/v1/agents",
-            Some(json!({"name": name, "scopes": []})),
-        )
-        .await;
-    assert_eq!(status, 201, "{agent}");
-    let (status, issued) = server
-        .admin(
-            "POST",
-            &format!("/v1/agents/{name}/certificates"),
-            Some(json!({"ttl_seconds": 600})),
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
-    (agent, issued)
-}
-
 fn message() -> String {
     B64.encode(b"rotate me")
 }
@@ -69,7 +49,10 @@ fn on_token(server: &Server, key_id: &str) -> bool {
 
 async fn a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retention(db: Db) {
     let server = Server::start(db).await;
-    let (agent, old_cert) = agent_with_certificate(&server, "alpha").await;
+    let (agent, old_cert) = (
+        common::register_agent(&server, "alpha").await,
+        common::issue_certificate(&server, "alpha").await,
+    );
     let old_key = agent["key_id"].as_str().unwrap().to_owned();
 
     let (status, rotated) = server
@@ -143,7 +126,10 @@ async fn a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retent
 
 async fn a_key_rotated_for_compromise_signs_nothing_more(db: Db) {
     let server = Server::start(db).await;
-    let (agent, _) = agent_with_certificate(&server, "alpha").await;
+    let (agent, _) = (
+        common::register_agent(&server, "alpha").await,
+        common::issue_certificate(&server, "alpha").await,
+    );
     let old_key = agent["key_id"].as_str().unwrap();
     let (status, answer) = server
         .admin(
@@ -178,8 +164,8 @@ async fn a_key_rotated_for_compromise_signs_nothing_more(db: Db) {
 
 async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
     let server = Server::start(db).await;
-    agent_with_certificate(&server, "alpha").await;
-    agent_with_certificate(&server, "gone").await;
+    common::certified_agent(&server, "alpha").await;
+    common::certified_agent(&server, "gone").await;
     server
         .admin(
             "POST",
@@ -251,7 +237,10 @@ fn pem_count(text: &str) -> usize {
 /// for what it issued.
 async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
     let mut server = Server::start(db).await;
-    let (_, old_cert) = agent_with_certificate(&server, "alpha").await;
+    let (_, old_cert) = (
+        common::register_agent(&server, "alpha").await,
+        common::issue_certificate(&server, "alpha").await,
+    );
     let (status, old_signed) = sign(&server, "alpha", None).await;
     assert_eq!(status, 200);
     let old_root = std::fs::read_to_string(server.path("ca.pem")).unwrap();
@@ -344,7 +333,10 @@ async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_other_replica_stops_using_a_rotated_key_at_once() {
     let server = Server::start(Db::Postgres).await;
-    let (agent, _) = agent_with_certificate(&server, "alpha").await;
+    let (agent, _) = (
+        common::register_agent(&server, "alpha").await,
+        common::issue_certificate(&server, "alpha").await,
+    );
     let old_key = agent["key_id"].as_str().unwrap().to_owned();
     let replica = server.spawn_replica();
     let token = server.admin_token.clone();

@@ -17,26 +17,6 @@ use p256::pkcs8::DecodePublicKey;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-async fn agent_with_certificate(server: &Server, name: &str) -> Value {
-    let (status, body) = server
-        .admin(
-            "POST",
-            "/v1/agents",
-            Some(json!({"name": name, "scopes": []})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, issued) = server
-        .admin(
-            "POST",
-            &format!("/v1/agents/{name}/certificates"),
-            Some(json!({"ttl_seconds": 600})),
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
-    issued
-}
-
 async fn signature_rows(server: &Server) -> i64 {
     server.sql("SELECT COUNT(*) FROM signatures").await.unwrap()
 }
@@ -49,7 +29,7 @@ fn write(server: &Server, name: &str, contents: &[u8]) -> std::path::PathBuf {
 
 async fn a_signature_from_the_api_verifies_independently_and_is_recorded(db: Db) {
     let server = Server::start(db).await;
-    let issued = agent_with_certificate(&server, "payer").await;
+    let issued = common::certified_agent(&server, "payer").await;
     let message = b"pay 10 to bob";
     let (status, signed) = server
         .admin(
@@ -136,7 +116,7 @@ async fn a_signature_from_the_api_verifies_independently_and_is_recorded(db: Db)
 
 async fn bad_sign_requests_are_refused_and_record_nothing(db: Db) {
     let server = Server::start(db).await;
-    agent_with_certificate(&server, "payer").await;
+    common::certified_agent(&server, "payer").await;
     let digest = B64.encode([7u8; 32]);
     let cases = [
         ("payer", json!({}), 400, "invalid_request"),
@@ -205,7 +185,7 @@ async fn bad_sign_requests_are_refused_and_record_nothing(db: Db) {
 
 async fn a_disabled_agent_may_not_sign(db: Db) {
     let server = Server::start(db).await;
-    agent_with_certificate(&server, "payer").await;
+    common::certified_agent(&server, "payer").await;
     let sign = json!({"message_b64": "aGk="});
     let (status, _) = server
         .admin("POST", "/v1/agents/payer/sign", Some(sign.clone()))
@@ -262,7 +242,7 @@ fn impostor(server: &Server) -> (std::path::PathBuf, String) {
 
 async fn verify_accepts_keywards_signatures_and_says_why_it_refuses_others(db: Db) {
     let server = Server::start(db).await;
-    let issued = agent_with_certificate(&server, "payer").await;
+    let issued = common::certified_agent(&server, "payer").await;
     let certificate_pem = issued["certificate_pem"].as_str().unwrap();
     let message = B64.encode(b"pay 10 to bob");
     let (_, signed) = server
@@ -420,8 +400,8 @@ fn python_verifier() -> String {
 
 async fn messages_are_signed_as_the_agent_and_accepted_once_by_their_recipient(db: Db) {
     let server = Server::start(db).await;
-    let issued = agent_with_certificate(&server, "alice").await;
-    agent_with_certificate(&server, "bob").await;
+    let issued = common::certified_agent(&server, "alice").await;
+    common::certified_agent(&server, "bob").await;
     let bob = "spiffe://keyward.local/agent/bob";
     let (status, message) = server
         .admin(
@@ -540,7 +520,7 @@ async fn messages_are_signed_as_the_agent_and_accepted_once_by_their_recipient(d
 
 async fn bad_message_requests_are_refused_and_record_nothing(db: Db) {
     let server = Server::start(db).await;
-    agent_with_certificate(&server, "alice").await;
+    common::certified_agent(&server, "alice").await;
     let (status, _) = server
         .admin(
             "POST",
@@ -674,7 +654,7 @@ async fn bad_message_requests_are_refused_and_record_nothing(db: Db) {
 
 async fn the_cli_signs_and_verifies_messages(db: Db) {
     let server = Server::start(db).await;
-    agent_with_certificate(&server, "alice").await;
+    common::certified_agent(&server, "alice").await;
     let client_args = |cmd: &mut Command| {
         cmd.arg("--url")
             .arg(&server.url)

@@ -119,6 +119,15 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            fn ca_from_row(row: &<$db as sqlx::Database>::Row) -> Result<CaRecord, StoreError> {
+                Ok(CaRecord {
+                    key_id: row.try_get("key_id")?,
+                    cert_der: row.try_get("cert_der")?,
+                    chain_pem: row.try_get("chain_pem")?,
+                    created_at: row.try_get("created_at")?,
+                })
+            }
+
             fn retired_key_from_row(row: &<$db as sqlx::Database>::Row) -> Result<RetiredKey, StoreError> {
                 Ok(RetiredKey {
                     key_id: row.try_get("key_id")?,
@@ -349,15 +358,7 @@ macro_rules! impl_store {
                 let row = sqlx::query("SELECT * FROM ca_certificates WHERE active = 1")
                     .fetch_optional(&self.pool)
                     .await?;
-                row.map(|r| -> Result<_, StoreError> {
-                    Ok(CaRecord {
-                        key_id: r.try_get("key_id")?,
-                        cert_der: r.try_get("cert_der")?,
-                        chain_pem: r.try_get("chain_pem")?,
-                        created_at: r.try_get("created_at")?,
-                    })
-                })
-                .transpose()
+                row.as_ref().map(Self::ca_from_row).transpose()
             }
 
             async fn previous_cas(&self, retired_since: i64) -> Result<Vec<CaRecord>, StoreError> {
@@ -368,16 +369,7 @@ macro_rules! impl_store {
                 .bind(retired_since)
                 .fetch_all(&self.pool)
                 .await?;
-                rows.iter()
-                    .map(|r| -> Result<_, StoreError> {
-                        Ok(CaRecord {
-                            key_id: r.try_get("key_id")?,
-                            cert_der: r.try_get("cert_der")?,
-                            chain_pem: r.try_get("chain_pem")?,
-                            created_at: r.try_get("created_at")?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map(Self::ca_from_row).collect()
             }
 
             async fn install_ca(&self, ca: &CaRecord, replace: bool, audit: &AuditEvent) -> Result<(), StoreError> {

@@ -337,6 +337,39 @@ impl Drop for Server {
     }
 }
 
+/// Registers an agent (custodial key on the token, no scopes) as an admin;
+/// its JSON.
+pub async fn register_agent(server: &Server, name: &str) -> Value {
+    let (status, agent) = server
+        .admin(
+            "POST",
+            "/v1/agents",
+            Some(serde_json::json!({"name": name, "scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    agent
+}
+
+/// Issues a 600 s certificate for the agent's custodial key; its JSON.
+pub async fn issue_certificate(server: &Server, name: &str) -> Value {
+    let (status, issued) = server
+        .admin(
+            "POST",
+            &format!("/v1/agents/{name}/certificates"),
+            Some(serde_json::json!({"ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(status, 201, "{issued}");
+    issued
+}
+
+/// An agent with a certificate: the certificate's JSON.
+pub async fn certified_agent(server: &Server, name: &str) -> Value {
+    register_agent(server, name).await;
+    issue_certificate(server, name).await
+}
+
 /// Runs a command, returning (success, stdout+stderr).
 pub fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("running a command");
