@@ -36,6 +36,7 @@ use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
 use crate::keys::{KeyBackend, KeyId};
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
+use tower::Layer;
 
 /// How often retired keys past their retention are looked for.
 const RETIRED_KEY_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
@@ -342,16 +343,31 @@ impl ServerIdentity {
         }
     }
 
-    pub fn rustls_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_cert_resolver(self.clone());
+    /// TLS with an optional client certificate: one that is presented must
+    /// chain to one of `roots` (keyward's CAs), or the handshake fails;
+    /// which agent it names is decided per connection by
+    /// `api::extract::identify_client`.
+    pub fn rustls_config(
+        self: &Arc<Self>,
+        roots: &[crate::ca::Certificate],
+    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut trusted = rustls::RootCertStore::empty();
+        for root in roots {
+            trusted.add(rustls::pki_types::CertificateDer::from(root.to_der()?))?;
+        }
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(trusted),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(clients)
+            .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Arc::new(config)
+        Ok(Arc::new(config))
     }
 }
 
@@ -391,7 +407,9 @@ pub async fn serve(
     keyward: &Keyward,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(keyward.tls.rustls_config());
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(keyward.tls.rustls_config(&keyward.authority.roots())?);
+    let identify = api::extract::ClientIdentifier::new(&keyward.authority);
     let app = api::router(keyward.state.clone());
     tokio::spawn(keyward.tls.clone().renew_forever(keyward.authority.clone()));
     tokio::pin!(shutdown);
@@ -410,6 +428,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let identify = identify.clone();
         tokio::spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -420,7 +439,10 @@ pub async fn serve(
                     }
                     Err(_) => return,
                 };
-            let service = TowerToHyperService::new(app);
+            // The client certificate names the caller for the whole
+            // connection: checked once here, not on every request.
+            let peer = identify.identify(tls.get_ref().1.peer_certificates());
+            let service = TowerToHyperService::new(axum::Extension(peer).layer(app));
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
                 .await

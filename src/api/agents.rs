@@ -9,7 +9,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::Json;
+use super::extract::{Json, Unparsed};
 use super::AppState;
 use crate::agents::{AgentView, CertificateKey};
 use crate::ca::csr::VerifiedCsr;
@@ -38,9 +38,10 @@ fn agent_name(raw: &str) -> Result<AgentName, ApiError> {
 async fn create_agent(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Json(body): Json<CreateAgent>,
+    body: Unparsed<CreateAgent>,
 ) -> Result<(StatusCode, Json<AgentView>), ApiError> {
     let decision = authorize(&caller, Action::CreateAgent)?;
+    let body = body.parse()?;
     let name = agent_name(&body.name)?;
     let scopes = body
         .scopes
@@ -83,18 +84,18 @@ struct IssueCertificate {
 }
 
 #[derive(Serialize)]
-struct IssuedCertificateView {
-    serial: String,
-    certificate_pem: String,
-    chain_pem: String,
-    not_before: String,
-    not_after: String,
+pub(super) struct IssuedCertificateView {
+    pub serial: String,
+    pub certificate_pem: String,
+    pub chain_pem: String,
+    pub not_before: String,
+    pub not_after: String,
     /// Digest of the key's attestation evidence, fetchable at
     /// /v1/attestations/{digest}; null for a CSR key keyward cannot vouch for.
-    attestation: Option<String>,
+    pub attestation: Option<String>,
 }
 
-fn rfc3339(unix: i64) -> String {
+pub(super) fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
         .and_then(|t| {
@@ -108,10 +109,11 @@ async fn issue_certificate(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(body): Json<IssueCertificate>,
+    body: Unparsed<IssueCertificate>,
 ) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
     let name = agent_name(&name)?;
     let decision = authorize(&caller, Action::IssueCertificate(&name))?;
+    let body = body.parse()?;
     let authority = state.registry.authority();
     let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
     let key = match body.csr_pem.as_deref() {

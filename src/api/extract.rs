@@ -10,6 +10,8 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::ca::{Authority, Certificate};
+use crate::identity::{AgentName, TrustDomain};
 use crate::policy::Caller;
 
 /// `axum::Json` whose rejections are [`ApiError`]s.
@@ -20,6 +22,62 @@ pub struct Json<T>(pub T);
 impl<T: serde::Serialize> axum::response::IntoResponse for Json<T> {
     fn into_response(self) -> axum::response::Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+/// A JSON body read but not yet parsed: handlers parse it after the caller
+/// has been authorized, so that a caller who may not make the request is
+/// told so (403) rather than what is wrong with its body (400).
+pub struct Unparsed<T> {
+    is_json: bool,
+    bytes: axum::body::Bytes,
+    target: std::marker::PhantomData<T>,
+}
+
+impl<S: Send + Sync, T> FromRequest<S> for Unparsed<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = request
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| {
+                let v = v.trim();
+                v.eq_ignore_ascii_case("application/json")
+                    || (v.starts_with("application/") && v.ends_with("+json"))
+            });
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|_| {
+                ApiError::bad_request("unreadable_body", "the request body could not be read")
+            })?;
+        Ok(Self {
+            is_json,
+            bytes,
+            target: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Unparsed<T> {
+    /// The body as `T`, with the same errors as [`Json`].
+    pub fn parse(self) -> Result<T, ApiError> {
+        if !self.is_json {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send Content-Type: application/json",
+            ));
+        }
+        serde_json::from_slice(&self.bytes).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::bad_request(
+                "invalid_request",
+                format!("the JSON body does not fit this request: {e}"),
+            ),
+            _ => ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}")),
+        })
     }
 }
 
@@ -46,6 +104,87 @@ impl AdminTokens {
     }
 }
 
+/// Who the connection's client certificate says the caller is, decided
+/// once per connection. rustls has already refused a certificate that does
+/// not chain to keyward's CAs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerIdentity {
+    /// No client certificate.
+    None,
+    /// An agent certificate of this trust domain.
+    Agent {
+        name: AgentName,
+        serial: String,
+        /// Unix seconds; a long-lived connection outlives its certificate.
+        not_after: i64,
+    },
+    /// A certificate keyward's CA issued that names no agent of this trust
+    /// domain (a server certificate, another trust domain's ID).
+    NotAnAgent,
+}
+
+/// Turns a verified client certificate into a [`PeerIdentity`].
+#[derive(Clone)]
+pub struct ClientIdentifier {
+    anchors: Arc<Vec<Certificate>>,
+    intermediates: Arc<Vec<Certificate>>,
+    trust_domain: TrustDomain,
+}
+
+impl ClientIdentifier {
+    pub fn new(authority: &Authority) -> Self {
+        Self {
+            anchors: Arc::new(authority.roots()),
+            intermediates: Arc::new(authority.all_intermediates()),
+            trust_domain: authority.trust_domain().clone(),
+        }
+    }
+
+    /// Checks the leaf again with keyward's own rules (exactly one SPIFFE
+    /// URI SAN, not a CA, digitalSignature), which the TLS library does not
+    /// know, and reads the agent's name from it.
+    pub fn identify(
+        &self,
+        chain: Option<&[rustls::pki_types::CertificateDer<'_>]>,
+    ) -> PeerIdentity {
+        use der::Decode;
+        let Some(leaf) = chain.and_then(|c| c.first()) else {
+            return PeerIdentity::None;
+        };
+        let Ok(leaf) = Certificate::from_der(leaf.as_ref()) else {
+            return PeerIdentity::NotAnAgent;
+        };
+        let verified = crate::verify::verify_chain(
+            &leaf,
+            &self.intermediates,
+            &self.anchors,
+            std::time::SystemTime::now(),
+        );
+        let Ok(verified) = verified else {
+            return PeerIdentity::NotAnAgent;
+        };
+        // The name is the last segment, and the whole ID must be exactly
+        // what this trust domain would give that agent.
+        let name = verified.spiffe_id().and_then(|id| {
+            let name = AgentName::parse(id.rsplit('/').next()?).ok()?;
+            (self.trust_domain.agent_spiffe_id(&name) == id).then_some(name)
+        });
+        match name {
+            Some(name) => PeerIdentity::Agent {
+                name,
+                serial: verified.serial_hex().to_owned(),
+                not_after: verified
+                    .not_after()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64),
+            },
+            None => PeerIdentity::NotAnAgent,
+        }
+    }
+}
+
+/// The caller: the admin token when one is sent, else the agent named by
+/// the connection's client certificate (not revoked, not expired).
 impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
@@ -54,10 +193,36 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
         let Some(value) = parts.headers.get(AUTHORIZATION) else {
-            return Err(ApiError::unauthenticated(
-                "unauthenticated",
-                "send Authorization: Bearer <admin token>",
-            ));
+            let peer = parts.extensions.get::<PeerIdentity>().cloned();
+            return match peer {
+                Some(PeerIdentity::Agent {
+                    name,
+                    serial,
+                    not_after,
+                }) => {
+                    if state.registry.revocations().certificate(&serial).is_some() {
+                        return Err(ApiError::unauthenticated(
+                            "certificate_revoked",
+                            "the client certificate is revoked",
+                        ));
+                    }
+                    if time::OffsetDateTime::now_utc().unix_timestamp() >= not_after {
+                        return Err(ApiError::unauthenticated(
+                            "certificate_expired",
+                            "the client certificate has expired: reconnect with a renewed one",
+                        ));
+                    }
+                    Ok(Caller::Agent(name))
+                }
+                Some(PeerIdentity::NotAnAgent) => Err(ApiError::unauthenticated(
+                    "not_an_agent_certificate",
+                    "the client certificate names no agent of this trust domain",
+                )),
+                Some(PeerIdentity::None) | None => Err(ApiError::unauthenticated(
+                    "unauthenticated",
+                    "present an agent client certificate or Authorization: Bearer <admin token>",
+                )),
+            };
         };
         let token = value
             .to_str()

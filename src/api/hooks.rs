@@ -9,7 +9,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::Json;
+use super::extract::{Json, Unparsed};
 use super::AppState;
 use crate::audit::AuditEvent;
 use crate::hooks::{check_url, new_secret};
@@ -41,9 +41,10 @@ struct HookOutput {
 async fn register(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Json(body): Json<HookInput>,
+    body: Unparsed<HookInput>,
 ) -> Result<(StatusCode, Json<HookOutput>), ApiError> {
     authorize(&caller, Action::ManageHooks)?;
+    let body = body.parse()?;
     let url = check_url(&body.url, &state.hook_allowed_hosts)
         .map_err(|e| ApiError::bad_request("invalid_hook_url", e.to_string()))?;
     let secret = new_secret();

@@ -12,7 +12,7 @@ use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::Json;
+use super::extract::{Json, Unparsed};
 use super::signing::{decode_b64, digest_of};
 use super::{AppState, RequestId};
 use crate::agents::signing::MessageRequest;
@@ -72,9 +72,10 @@ fn instant(at: Option<&str>) -> Result<SystemTime, ApiError> {
 async fn verify_signature(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Json(body): Json<VerifyInput>,
+    body: Unparsed<VerifyInput>,
 ) -> Result<Json<VerifyOutput>, ApiError> {
     authorize(&caller, Action::Verify)?;
+    let body = body.parse()?;
     let digest = digest_of(
         body.message_b64.as_deref(),
         body.digest_sha256_b64.as_deref(),
@@ -183,10 +184,11 @@ async fn sign_message(
     Extension(request_id): Extension<RequestId>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(body): Json<MessageInput>,
+    body: Unparsed<MessageInput>,
 ) -> Result<(StatusCode, Json<MessageOutput>), ApiError> {
     let name = AgentName::parse(&name)?;
     let decision = authorize(&caller, Action::SignMessage(&name))?;
+    let body = body.parse()?;
     let audience = audience(&state, body.audience.as_deref(), body.to.as_deref())?;
     let lifetime_secs = body.ttl_seconds.unwrap_or(DEFAULT_MESSAGE_TTL_SECS);
     if !(1..=MAX_LIFETIME_SECS).contains(&lifetime_secs) {
@@ -255,9 +257,10 @@ struct VerifiedClaims {
 async fn verify_message(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Json(body): Json<MessageVerifyInput>,
+    body: Unparsed<MessageVerifyInput>,
 ) -> Result<Json<MessageVerifyOutput>, ApiError> {
     authorize(&caller, Action::Verify)?;
+    let body = body.parse()?;
     let audience = audience(&state, body.audience.as_deref(), body.to.as_deref())?;
     if body.token.len() > envelope::MAX_TOKEN_LEN {
         return Err(ApiError::bad_request(

@@ -3,6 +3,7 @@
 //! by `policy`, work is done by `agents`, `ca` and the pool.
 
 mod agents;
+mod enrollment;
 pub mod error;
 pub mod extract;
 mod hooks;
@@ -70,6 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(revocation::router())
         .merge(status::router())
         .merge(hooks::router())
+        .merge(enrollment::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),

@@ -10,7 +10,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::Json;
+use super::extract::{Json, Unparsed};
 use super::AppState;
 use std::time::Duration;
 
@@ -66,9 +66,10 @@ async fn rotate_key(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(body): Json<RotateInput>,
+    body: Unparsed<RotateInput>,
 ) -> Result<(axum::http::StatusCode, Json<Rotated>), ApiError> {
     let decision = authorize(&caller, Action::Revoke)?;
+    let body = body.parse()?;
     let name = AgentName::parse(&name)?;
     let reason = match body.reason.as_deref() {
         Some(text) => reason(text)?,
@@ -177,9 +178,10 @@ async fn revoke_certificate(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(serial_text): Path<String>,
-    Json(body): Json<RevokeInput>,
+    body: Unparsed<RevokeInput>,
 ) -> Result<Json<CertificateRevoked>, ApiError> {
     authorize(&caller, Action::Revoke)?;
+    let body = body.parse()?;
     let serial = serial(&serial_text)?;
     let reason = reason(&body.reason)?;
     let outcome = state
@@ -270,9 +272,10 @@ async fn revoke_agent(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(body): Json<RevokeInput>,
+    body: Unparsed<RevokeInput>,
 ) -> Result<Json<AgentStatus>, ApiError> {
     authorize(&caller, Action::Revoke)?;
+    let body = body.parse()?;
     let reason = reason(&body.reason)?;
     if reason == RevocationReason::CertificateHold {
         return Err(ApiError::bad_request(

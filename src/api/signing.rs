@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use super::extract::Json;
+use super::extract::{Json, Unparsed};
 use super::{AppState, RequestId};
 use crate::identity::AgentName;
 use crate::policy::{authorize, Action, Caller};
@@ -89,10 +89,11 @@ async fn sign(
     Extension(request_id): Extension<RequestId>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(body): Json<SignInput>,
+    body: Unparsed<SignInput>,
 ) -> Result<Json<SignResponse>, ApiError> {
     let name = AgentName::parse(&name)?;
     let decision = authorize(&caller, Action::Sign(&name))?;
+    let body = body.parse()?;
     let digest = body.digest()?;
     let signed = state
         .signer

@@ -48,6 +48,8 @@ pub enum Action<'a> {
     Revoke,
     /// Register, list or remove revocation hooks.
     ManageHooks,
+    /// Issue an enrollment token for an agent's client credential.
+    CreateEnrollmentToken,
 }
 
 /// Permission granted, under a policy version.
@@ -87,7 +89,11 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
         (Caller::Agent(_), Action::ReadAttestation | Action::Verify) => Ok(allowed),
         (
             Caller::Agent(_),
-            Action::CreateAgent | Action::ListAgents | Action::Revoke | Action::ManageHooks,
+            Action::CreateAgent
+            | Action::ListAgents
+            | Action::Revoke
+            | Action::ManageHooks
+            | Action::CreateEnrollmentToken,
         ) => Err(PolicyError::Forbidden {
             reason: "admin_only",
         }),

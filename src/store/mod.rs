@@ -374,6 +374,24 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
 
+    /// Stores an enrollment token's hash for `agent`, with its audit event.
+    async fn insert_enrollment_token(
+        &self,
+        token_sha256: &[u8; 32],
+        agent: &str,
+        expires_at: i64,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Spends a token: the agent it was for, if it exists, is unused and
+    /// has not expired at `now`. Atomic: of two concurrent redemptions at
+    /// most one gets the agent.
+    async fn redeem_enrollment_token(
+        &self,
+        token_sha256: &[u8; 32],
+        now: i64,
+        audit: &AuditEvent,
+    ) -> Result<Option<String>, StoreError>;
+
     /// Registers a hook; `Conflict` when the URL is registered already.
     async fn insert_hook(
         &self,

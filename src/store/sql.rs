@@ -785,6 +785,54 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            async fn insert_enrollment_token(
+                &self,
+                token_sha256: &[u8; 32],
+                agent: &str,
+                expires_at: i64,
+                audit: &AuditEvent,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                sqlx::query(
+                    "INSERT INTO enrollment_tokens (token_sha256, agent_name, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(token_sha256.to_vec())
+                .bind(agent)
+                .bind(now())
+                .bind(expires_at)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn redeem_enrollment_token(
+                &self,
+                token_sha256: &[u8; 32],
+                now: i64,
+                audit: &AuditEvent,
+            ) -> Result<Option<String>, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let row = sqlx::query(
+                    "UPDATE enrollment_tokens SET used_at = $1
+                     WHERE token_sha256 = $2 AND used_at IS NULL AND expires_at > $1
+                     RETURNING agent_name",
+                )
+                .bind(now)
+                .bind(token_sha256.to_vec())
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                let agent: String = row.try_get("agent_name")?;
+                Self::append_audit(&mut tx, &audit.clone().with("agent", agent.clone())).await?;
+                tx.commit().await?;
+                Ok(Some(agent))
+            }
+
             async fn insert_hook(
                 &self,
                 url: &str,
