@@ -1,0 +1,353 @@
+//! Agents on the wire: enrollment with a single-use token, then mutual TLS
+//! with the agent's own key (held by the agent, as OpenSSL makes it here),
+//! against a keyward process on a real SoftHSM2 token, on SQLite and
+//! PostgreSQL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use common::{run, Db, Server};
+use serde_json::{json, Value};
+
+/// A P-256 key and a CSR for it, made by OpenSSL in `dir`.
+fn key_and_csr(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let (ok, out) = run(Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-subj", &format!("/CN={name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    assert!(ok, "{out}");
+    (key, std::fs::read_to_string(csr).unwrap())
+}
+
+async fn enrollment_token(server: &Server, agent: &str) -> String {
+    let (status, token) = server
+        .admin(
+            "POST",
+            &format!("/v1/agents/{agent}/enrollment-tokens"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    token["token"].as_str().unwrap().to_owned()
+}
+
+/// `POST /v1/enroll` with no credential but the token.
+async fn enroll(server: &Server, token: &str, csr: &str) -> (u16, Value) {
+    server
+        .request(
+            "POST",
+            "/v1/enroll",
+            Some(json!({"token": token, "csr_pem": csr})),
+            None,
+        )
+        .await
+}
+
+/// An HTTPS client presenting `certificate_pem` with `key`.
+fn mtls_client(server: &Server, certificate_pem: &str, key: &Path) -> reqwest::Client {
+    let mut identity = certificate_pem.as_bytes().to_vec();
+    identity.extend(std::fs::read(key).unwrap());
+    let ca = std::fs::read(server.path("ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn post(client: &reqwest::Client, server: &Server, path: &str, body: Value) -> (u16, Value) {
+    let response = client
+        .post(format!("{}{path}", server.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("reached keyward");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn sign_body() -> Value {
+    json!({"message_b64": B64.encode(b"hello")})
+}
+
+/// Enrolls `name`: its key file and certificate JSON.
+async fn enrolled(server: &Server, name: &str) -> (PathBuf, Value) {
+    common::register_agent(server, name).await;
+    let token = enrollment_token(server, name).await;
+    let (key, csr) = key_and_csr(server.data_dir.path(), name);
+    let (status, issued) = enroll(server, &token, &csr).await;
+    assert_eq!(status, 201, "{issued}");
+    (key, issued)
+}
+
+async fn an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other(db: Db) {
+    let server = Server::start(db).await;
+    let (alice_key, alice_cert) = enrolled(&server, "alice").await;
+    common::register_agent(&server, "bob").await;
+    let alice = mtls_client(
+        &server,
+        alice_cert["certificate_pem"].as_str().unwrap(),
+        &alice_key,
+    );
+
+    let (status, signed) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(status, 200, "{signed}");
+    // The signature is made with alice's custodial key on the token, not
+    // with her TLS key: two different keys.
+    let (_, record) = server.admin("GET", "/v1/agents/alice", None).await;
+    assert_eq!(signed["key_id"], record["key_id"]);
+
+    for (path, body, code) in [
+        ("/v1/agents/bob/sign", sign_body(), "other_agent"),
+        ("/v1/agents/bob/certificates", json!({}), "other_agent"),
+        (
+            "/v1/agents",
+            json!({"name": "mallory", "scopes": []}),
+            "admin_only",
+        ),
+        (
+            "/v1/agents/bob/revoke",
+            json!({"reason": "keyCompromise"}),
+            "admin_only",
+        ),
+        (
+            "/v1/agents/alice/enrollment-tokens",
+            json!({}),
+            "admin_only",
+        ),
+        (
+            "/v1/hooks",
+            json!({"url": "http://127.0.0.1/x"}),
+            "admin_only",
+        ),
+    ] {
+        let (status, answer) = post(&alice, &server, path, body).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (403, Some(code)),
+            "{path}: {answer}"
+        );
+    }
+    let response = alice
+        .get(format!("{}/v1/agents", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    // Her own record she may read.
+    let response = alice
+        .get(format!("{}/v1/agents/alice", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Renewal over mTLS with a new key; the admin token is not an agent.
+    let (new_key, new_csr) = key_and_csr(server.data_dir.path(), "alice-next");
+    let (status, renewed) = post(&alice, &server, "/v1/renew", json!({"csr_pem": new_csr})).await;
+    assert_eq!(status, 201, "{renewed}");
+    let next = mtls_client(
+        &server,
+        renewed["certificate_pem"].as_str().unwrap(),
+        &new_key,
+    );
+    let (status, _) = post(&next, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(status, 200);
+    let (status, answer) = server
+        .admin("POST", "/v1/renew", Some(json!({"csr_pem": new_csr})))
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (403, Some("agent_only"))
+    );
+
+    // A revoked client certificate no longer authenticates.
+    let (status, _) = server
+        .admin(
+            "POST",
+            &format!(
+                "/v1/certificates/{}/revoke",
+                alice_cert["serial"].as_str().unwrap()
+            ),
+            Some(json!({"reason": "superseded"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, answer) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("certificate_revoked"))
+    );
+    let (status, _) = post(&next, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(status, 200, "the renewed certificate still stands");
+}
+
+async fn forged_and_foreign_certificates_get_no_identity(db: Db) {
+    let server = Server::start(db).await;
+    let (alice_key, alice_cert) = enrolled(&server, "alice").await;
+    let dir = server.data_dir.path();
+    // Self-signed, same key, same SPIFFE ID: refused in the handshake.
+    let forged = dir.join("forged.pem");
+    let (ok, out) = run(Command::new("openssl")
+        .args(["req", "-x509", "-new", "-key"])
+        .arg(&alice_key)
+        .args(["-subj", "/CN=alice", "-days", "1"])
+        .args([
+            "-addext",
+            "subjectAltName=URI:spiffe://keyward.local/agent/alice",
+        ])
+        .arg("-out")
+        .arg(&forged));
+    assert!(ok, "{out}");
+    let forger = mtls_client(
+        &server,
+        &std::fs::read_to_string(&forged).unwrap(),
+        &alice_key,
+    );
+    let outcome = forger
+        .post(format!("{}/v1/agents/alice/sign", server.url))
+        .json(&sign_body())
+        .send()
+        .await;
+    match outcome {
+        Err(_) => {}
+        Ok(response) => assert_eq!(response.status(), 401, "a forged certificate was accepted"),
+    }
+    // alice's certificate with bob's name in the path is still alice.
+    let alice = mtls_client(
+        &server,
+        alice_cert["certificate_pem"].as_str().unwrap(),
+        &alice_key,
+    );
+    common::register_agent(&server, "bob").await;
+    let (status, _) = post(&alice, &server, "/v1/agents/bob/sign", sign_body()).await;
+    assert_eq!(status, 403);
+    // No credential at all.
+    let (status, answer) = server
+        .request("POST", "/v1/agents/alice/sign", Some(sign_body()), None)
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+}
+
+async fn enrollment_tokens_work_once_and_not_after_they_expire(db: Db) {
+    let server = Server::start(db).await;
+    common::register_agent(&server, "alice").await;
+    let dir = server.data_dir.path();
+    let (_, csr) = key_and_csr(dir, "alice");
+
+    let token = enrollment_token(&server, "alice").await;
+    // A bad CSR is refused without spending the token.
+    let (status, answer) = enroll(&server, &token, "not a CSR").await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_csr"))
+    );
+    let (status, _) = enroll(&server, &token, &csr).await;
+    assert_eq!(status, 201);
+    let (status, answer) = enroll(&server, &token, &csr).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("invalid_enrollment_token")),
+        "reused"
+    );
+
+    let (status, short) = server
+        .admin(
+            "POST",
+            "/v1/agents/alice/enrollment-tokens",
+            Some(json!({"ttl_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, _) = enroll(&server, short["token"].as_str().unwrap(), &csr).await;
+    assert_eq!(status, 401, "expired");
+    let (status, _) = enroll(&server, "kwe_0000", &csr).await;
+    assert_eq!(status, 401, "unknown");
+
+    let before = server.row_counts().await;
+    for (path, body, status, code) in [
+        (
+            "/v1/agents/nobody/enrollment-tokens",
+            json!({}),
+            404,
+            "agent_not_found",
+        ),
+        (
+            "/v1/agents/alice/enrollment-tokens",
+            json!({"ttl_seconds": 0}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "/v1/agents/alice/enrollment-tokens",
+            json!({"ttl_seconds": 999_999}),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "/v1/agents/alice/enrollment-tokens",
+            json!({"uses": 2}),
+            400,
+            "invalid_request",
+        ),
+    ] {
+        let (got, answer) = server.admin("POST", path, Some(body.clone())).await;
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+    }
+    let (status, answer) = server
+        .request("POST", "/v1/enroll", Some(json!({"token": token})), None)
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    assert_eq!(server.row_counts().await, before);
+    // What is stored is the token's SHA-256, not the token.
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    let literal = if server.database.url.starts_with("sqlite") {
+        format!("X'{hash}'")
+    } else {
+        format!("decode('{hash}', 'hex')")
+    };
+    let stored = server
+        .sql(&format!(
+            "SELECT COUNT(*) FROM enrollment_tokens WHERE token_sha256 = {literal}"
+        ))
+        .await;
+    assert_eq!(stored, Some(1));
+}
+
+on_both_databases!(
+    an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other,
+    forged_and_foreign_certificates_get_no_identity,
+    enrollment_tokens_work_once_and_not_after_they_expire,
+);
