@@ -161,12 +161,17 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
     let hooks = crate::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
         .context("building the hook client")?;
     hooks.start();
+    let policy = crate::policy::engine::PolicyEngine::load(store.clone(), signer.clone())
+        .await
+        .context("loading the policy")?;
+    policy.watch();
     let state = Arc::new(AppState {
         registry,
         signer,
         verifier,
         status,
         hooks,
+        policy,
         hook_allowed_hosts: config.hook_allowed_hosts.clone(),
         store,
         pool,

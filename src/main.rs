@@ -40,12 +40,49 @@ enum Command {
     /// Revoke a certificate or an agent (with all its certificates).
     #[command(subcommand)]
     Revoke(RevokeCommand),
+    /// The versioned policy: roles, what they grant, and their limits.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Signed agent-to-agent messages (docs/envelope.md).
     #[command(subcommand)]
     Msg(MsgCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check a policy file and make it the next version.
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every version: number, author, time, content hash, origin.
+    History {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One version's content.
+    Show {
+        version: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// What changed from version A to version B.
+    Diff {
+        a: i64,
+        b: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make an earlier version's content the next version.
+    Rollback {
+        version: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -363,6 +400,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(command) => runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => runtime()?.block_on(cert_command(command)),
+        Command::Policy(command) => runtime()?.block_on(policy_command(command)),
         Command::Revoke(command) => runtime()?.block_on(async {
             let out = match command {
                 RevokeCommand::Cert {
@@ -401,6 +439,75 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Apply { file, client: args } => {
+            let content = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let applied = client(&args)?
+                .post("/v1/policies", json!({ "content": content }))
+                .await?;
+            println!(
+                "policy version {} in force (sha256 {})",
+                applied["version"], applied["content_sha256"]
+            );
+        }
+        PolicyCommand::History { client: args } => {
+            let history = client(&args)?.get("/v1/policies").await?;
+            for v in history.as_array().into_iter().flatten() {
+                println!(
+                    "{:>4} {} {} {} {}{}",
+                    v["version"],
+                    v["created_at"],
+                    v["author"].as_str().unwrap_or(""),
+                    &v["content_sha256"].as_str().unwrap_or("")
+                        [..12.min(v["content_sha256"].as_str().unwrap_or("").len())],
+                    v["source"].as_str().unwrap_or(""),
+                    if v["in_force"] == json!(true) {
+                        "  (in force)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        PolicyCommand::Show {
+            version,
+            client: args,
+        } => {
+            let v = client(&args)?
+                .get(&format!("/v1/policies/{version}"))
+                .await?;
+            print!("{}", v["content"].as_str().unwrap_or(""));
+        }
+        PolicyCommand::Diff { a, b, client: args } => {
+            let c = client(&args)?;
+            let old = c.get(&format!("/v1/policies/{a}")).await?;
+            let new = c.get(&format!("/v1/policies/{b}")).await?;
+            print!(
+                "{}",
+                keyward::policy::diff_lines(
+                    old["content"].as_str().unwrap_or(""),
+                    new["content"].as_str().unwrap_or("")
+                )
+            );
+        }
+        PolicyCommand::Rollback {
+            version,
+            client: args,
+        } => {
+            let applied = client(&args)?
+                .post("/v1/policies/rollback", json!({ "version": version }))
+                .await?;
+            println!(
+                "policy version {} (the content of version {version}) in force",
+                applied["version"]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs a `msg` command; false when a verified message was refused.

@@ -5,99 +5,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{run, Db, Server};
+use common::{enroll, enrolled, enrollment_token, key_and_csr, mtls_client, post, run, Db, Server};
 use serde_json::{json, Value};
-
-/// A P-256 key and a CSR for it, made by OpenSSL in `dir`.
-fn key_and_csr(dir: &Path, name: &str) -> (PathBuf, String) {
-    let key = dir.join(format!("{name}.key"));
-    let csr = dir.join(format!("{name}.csr"));
-    let (ok, out) = run(Command::new("openssl")
-        .args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-subj", &format!("/CN={name}")])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr));
-    assert!(ok, "{out}");
-    (key, std::fs::read_to_string(csr).unwrap())
-}
-
-async fn enrollment_token(server: &Server, agent: &str) -> String {
-    let (status, token) = server
-        .admin(
-            "POST",
-            &format!("/v1/agents/{agent}/enrollment-tokens"),
-            Some(json!({})),
-        )
-        .await;
-    assert_eq!(status, 201, "{token}");
-    token["token"].as_str().unwrap().to_owned()
-}
-
-/// `POST /v1/enroll` with no credential but the token.
-async fn enroll(server: &Server, token: &str, csr: &str) -> (u16, Value) {
-    server
-        .request(
-            "POST",
-            "/v1/enroll",
-            Some(json!({"token": token, "csr_pem": csr})),
-            None,
-        )
-        .await
-}
-
-/// An HTTPS client presenting `certificate_pem` with `key`.
-fn mtls_client(server: &Server, certificate_pem: &str, key: &Path) -> reqwest::Client {
-    let mut identity = certificate_pem.as_bytes().to_vec();
-    identity.extend(std::fs::read(key).unwrap());
-    let ca = std::fs::read(server.path("ca.pem")).unwrap();
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .identity(reqwest::Identity::from_pem(&identity).unwrap())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
-async fn post(client: &reqwest::Client, server: &Server, path: &str, body: Value) -> (u16, Value) {
-    let response = client
-        .post(format!("{}{path}", server.url))
-        .json(&body)
-        .send()
-        .await
-        .expect("reached keyward");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 fn sign_body() -> Value {
     json!({"message_b64": B64.encode(b"hello")})
-}
-
-/// Enrolls `name`: its key file and certificate JSON.
-async fn enrolled(server: &Server, name: &str) -> (PathBuf, Value) {
-    common::register_agent(server, name).await;
-    let token = enrollment_token(server, name).await;
-    let (key, csr) = key_and_csr(server.data_dir.path(), name);
-    let (status, issued) = enroll(server, &token, &csr).await;
-    assert_eq!(status, 201, "{issued}");
-    (key, issued)
 }
 
 async fn an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other(db: Db) {

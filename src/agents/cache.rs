@@ -19,6 +19,8 @@ pub const TTL: Duration = Duration::from_secs(1);
 pub struct SigningView {
     pub key_id: Option<KeyId>,
     pub status: String,
+    /// The agent's scopes: its roles under the policy.
+    pub scopes: Vec<String>,
     pub certificate_serial: Option<String>,
     /// Unix seconds after which `certificate_serial` is expired.
     pub certificate_not_after: i64,

@@ -128,10 +128,18 @@ impl AgentSigner {
         let view = SigningView {
             key_id,
             status: record.status,
+            scopes: record.scopes,
             certificate_serial,
             certificate_not_after,
         };
         Ok(self.cache.put(agent, view))
+    }
+
+    /// The agent's scopes (its roles under the policy), from the same
+    /// short-lived cache as the signing path.
+    pub async fn scopes(&self, agent: &AgentName) -> Result<Vec<String>, AgentError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        Ok(self.view(agent, now).await?.scopes.clone())
     }
 
     /// The view of an agent that may sign now, and its custodial key.

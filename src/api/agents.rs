@@ -14,6 +14,7 @@ use super::AppState;
 use crate::agents::{AgentView, CertificateKey};
 use crate::ca::csr::VerifiedCsr;
 use crate::identity::{AgentName, Scope};
+use crate::policy::engine::AgentRequest;
 use crate::policy::{authorize, Action, Caller};
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -112,10 +113,29 @@ async fn issue_certificate(
     body: Unparsed<IssueCertificate>,
 ) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
     let name = agent_name(&name)?;
-    let decision = authorize(&caller, Action::IssueCertificate(&name))?;
+    authorize(&caller, Action::IssueCertificate(&name))?;
     let body = body.parse()?;
+    let decision = state
+        .policy
+        .permit(&caller, &name, AgentRequest::IssueCertificate)
+        .await?;
     let authority = state.registry.authority();
     let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
+    // The policy may cap it further: a default above the cap is lowered,
+    // an explicit request above it refused.
+    let ttl = match decision.max_ttl {
+        Some(max) if ttl > max && body.ttl_seconds.is_none() => max,
+        Some(max) if ttl > max => {
+            return Err(ApiError::bad_request(
+                "invalid_ttl",
+                format!(
+                    "the policy allows this agent certificates of at most {} s",
+                    max.as_secs()
+                ),
+            ))
+        }
+        _ => ttl,
+    };
     let key = match body.csr_pem.as_deref() {
         Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
         None => CertificateKey::Custodial,

@@ -135,6 +135,20 @@ impl From<PolicyError> for ApiError {
             PolicyError::Forbidden { reason } => {
                 ApiError::new(StatusCode::FORBIDDEN, reason, "the caller may not do this")
             }
+            PolicyError::Denied {
+                reason,
+                policy_version,
+            } => ApiError::new(
+                StatusCode::FORBIDDEN,
+                reason,
+                format!("not allowed under policy version {policy_version}"),
+            ),
+            PolicyError::RateLimited { retry_after } => ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: "rate_limited",
+                message: "this agent's rate limit is reached".into(),
+                retry_after: Some(retry_after),
+            },
         }
     }
 }

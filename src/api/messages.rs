@@ -20,6 +20,7 @@ use crate::agents::verification::{Signer, Verdict};
 use crate::ca::parse_pem_chain;
 use crate::envelope::{self, MAX_LIFETIME_SECS};
 use crate::identity::AgentName;
+use crate::policy::engine::AgentRequest;
 use crate::policy::{authorize, Action, Caller};
 
 /// Envelope lifetime when the caller does not ask for one.
@@ -187,8 +188,18 @@ async fn sign_message(
     body: Unparsed<MessageInput>,
 ) -> Result<(StatusCode, Json<MessageOutput>), ApiError> {
     let name = AgentName::parse(&name)?;
-    let decision = authorize(&caller, Action::SignMessage(&name))?;
+    authorize(&caller, Action::SignMessage(&name))?;
     let body = body.parse()?;
+    let decision = state
+        .policy
+        .permit(
+            &caller,
+            &name,
+            AgentRequest::Message {
+                intent: &body.intent,
+            },
+        )
+        .await?;
     let audience = audience(&state, body.audience.as_deref(), body.to.as_deref())?;
     let lifetime_secs = body.ttl_seconds.unwrap_or(DEFAULT_MESSAGE_TTL_SECS);
     if !(1..=MAX_LIFETIME_SECS).contains(&lifetime_secs) {

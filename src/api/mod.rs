@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 mod hooks;
 mod messages;
+mod policies;
 mod revocation;
 mod signing;
 mod status;
@@ -41,6 +42,7 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     pub status: Arc<crate::ca::status::StatusPublisher>,
     pub hooks: Arc<crate::hooks::Deliverer>,
+    pub policy: Arc<crate::policy::engine::PolicyEngine>,
     pub hook_allowed_hosts: Vec<String>,
     pub store: Arc<dyn Store>,
     pub pool: KeyPool,
@@ -72,6 +74,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(status::router())
         .merge(hooks::router())
         .merge(enrollment::router())
+        .merge(policies::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),

@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::{AppState, RequestId};
 use crate::identity::AgentName;
+use crate::policy::engine::AgentRequest;
 use crate::policy::{authorize, Action, Caller};
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -92,8 +93,12 @@ async fn sign(
     body: Unparsed<SignInput>,
 ) -> Result<Json<SignResponse>, ApiError> {
     let name = AgentName::parse(&name)?;
-    let decision = authorize(&caller, Action::Sign(&name))?;
+    authorize(&caller, Action::Sign(&name))?;
     let body = body.parse()?;
+    let decision = state
+        .policy
+        .permit(&caller, &name, AgentRequest::Sign)
+        .await?;
     let digest = body.digest()?;
     let signed = state
         .signer

@@ -6,6 +6,9 @@
 //! (see DESIGN.md); every decision already carries the version it was made
 //! under, and every certificate records it.
 
+pub mod document;
+pub mod engine;
+
 use crate::identity::AgentName;
 
 /// The version of the built-in policy.
@@ -50,6 +53,8 @@ pub enum Action<'a> {
     ManageHooks,
     /// Issue an enrollment token for an agent's client credential.
     CreateEnrollmentToken,
+    /// Apply, read or roll back the policy.
+    ManagePolicy,
 }
 
 /// Permission granted, under a policy version.
@@ -63,6 +68,46 @@ pub enum PolicyError {
     /// `reason` is a machine-readable code.
     #[error("forbidden: {reason}")]
     Forbidden { reason: &'static str },
+    /// The policy in force does not grant it.
+    #[error("denied by policy version {policy_version}: {reason}")]
+    Denied {
+        reason: &'static str,
+        policy_version: i64,
+    },
+    #[error("rate limit reached; retry in {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
+}
+
+/// A line diff of two policy versions: `-` removed, `+` added, ` ` kept
+/// (longest common subsequence; policies are small).
+pub fn diff_lines(old: &str, new: &str) -> String {
+    let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    // lcs[i][j]: length of the LCS of a[i..] and b[j..].
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, String::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out.push_str(&format!("  {}\n", a[i]));
+            i += 1;
+            j += 1;
+        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push_str(&format!("+ {}\n", b[j]));
+            j += 1;
+        } else {
+            out.push_str(&format!("- {}\n", a[i]));
+            i += 1;
+        }
+    }
+    out
 }
 
 pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, PolicyError> {
@@ -93,7 +138,8 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
             | Action::ListAgents
             | Action::Revoke
             | Action::ManageHooks
-            | Action::CreateEnrollmentToken,
+            | Action::CreateEnrollmentToken
+            | Action::ManagePolicy,
         ) => Err(PolicyError::Forbidden {
             reason: "admin_only",
         }),
@@ -124,6 +170,13 @@ mod tests {
                 reason: "admin_only"
             })
         );
+    }
+
+    #[test]
+    fn a_diff_shows_what_was_removed_and_added() {
+        let d = diff_lines("a\nb\nc\n", "a\nc\nd\n");
+        assert_eq!(d, "  a\n- b\n  c\n+ d\n");
+        assert_eq!(diff_lines("", "x"), "+ x\n");
     }
 
     #[test]

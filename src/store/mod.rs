@@ -205,6 +205,17 @@ pub struct RetiredKey {
     pub destroyed_at: Option<i64>,
 }
 
+/// One version of the policy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PolicyRecord {
+    pub version: i64,
+    pub content: String,
+    pub content_sha256: String,
+    pub author: String,
+    pub source: String,
+    pub created_at: i64,
+}
+
 /// A registered revocation hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HookRecord {
@@ -373,6 +384,22 @@ pub trait Store: Send + Sync + 'static {
         at: i64,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
+
+    /// Stores `content` as the next policy version (the highest so far plus
+    /// one) with its audit event; `Conflict` if another writer took that
+    /// number first.
+    async fn insert_policy(
+        &self,
+        content: &str,
+        author: &str,
+        source: &str,
+        audit: &AuditEvent,
+    ) -> Result<PolicyRecord, StoreError>;
+    /// The version in force: 0 when none was ever applied.
+    async fn latest_policy_version(&self) -> Result<i64, StoreError>;
+    async fn policy(&self, version: i64) -> Result<Option<PolicyRecord>, StoreError>;
+    /// Every version, oldest first.
+    async fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
 
     /// Stores an enrollment token's hash for `agent`, with its audit event.
     async fn insert_enrollment_token(

@@ -8,8 +8,8 @@ use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, AttestationRecord, CaRecord,
     CertificateRecord, CertificateRevocation, HookDelivery, HookRecord, KeyRotation,
-    KeyRotationOutcome, RetiredKey, RevocationSnapshot, RevokedCertificate, ServiceKeyRecord,
-    SignatureRecord, Store, StoreError,
+    KeyRotationOutcome, PolicyRecord, RetiredKey, RevocationSnapshot, RevokedCertificate,
+    ServiceKeyRecord, SignatureRecord, Store, StoreError,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -138,6 +138,17 @@ macro_rules! impl_store {
                     sign_until: row.try_get("sign_until")?,
                     destroy_after: row.try_get("destroy_after")?,
                     destroyed_at: row.try_get("destroyed_at")?,
+                })
+            }
+
+            fn policy_from_row(row: &<$db as sqlx::Database>::Row) -> Result<PolicyRecord, StoreError> {
+                Ok(PolicyRecord {
+                    version: row.try_get("version")?,
+                    content: row.try_get("content")?,
+                    content_sha256: row.try_get("content_sha256")?,
+                    author: row.try_get("author")?,
+                    source: row.try_get("source")?,
+                    created_at: row.try_get("created_at")?,
                 })
             }
 
@@ -783,6 +794,76 @@ macro_rules! impl_store {
                     tx.commit().await?;
                 }
                 Ok(())
+            }
+
+            async fn insert_policy(
+                &self,
+                content: &str,
+                author: &str,
+                source: &str,
+                audit: &AuditEvent,
+            ) -> Result<PolicyRecord, StoreError> {
+                use sha2::Digest;
+                let mut tx = self.pool.begin().await?;
+                let latest: Option<i64> = sqlx::query("SELECT MAX(version) AS latest FROM policies")
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("latest")?;
+                let record = PolicyRecord {
+                    version: latest.unwrap_or(0) + 1,
+                    content: content.to_owned(),
+                    content_sha256: hex::encode(sha2::Sha256::digest(content.as_bytes())),
+                    author: author.to_owned(),
+                    source: source.to_owned(),
+                    created_at: now(),
+                };
+                let event = audit
+                    .clone()
+                    .with("version", record.version)
+                    .with("content_sha256", record.content_sha256.clone());
+                Self::append_audit(&mut tx, &event).await?;
+                sqlx::query(
+                    "INSERT INTO policies (version, content, content_sha256, author, source, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(record.version)
+                .bind(&record.content)
+                .bind(&record.content_sha256)
+                .bind(&record.author)
+                .bind(&record.source)
+                .bind(record.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "policy version"))?;
+                tx.commit().await?;
+                Ok(record)
+            }
+
+            async fn latest_policy_version(&self) -> Result<i64, StoreError> {
+                let latest: Option<i64> = sqlx::query("SELECT MAX(version) AS latest FROM policies")
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("latest")?;
+                Ok(latest.unwrap_or(0))
+            }
+
+            async fn policy(&self, version: i64) -> Result<Option<PolicyRecord>, StoreError> {
+                sqlx::query("SELECT * FROM policies WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(Self::policy_from_row)
+                    .transpose()
+            }
+
+            async fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+                sqlx::query("SELECT * FROM policies ORDER BY version")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(Self::policy_from_row)
+                    .collect()
             }
 
             async fn insert_enrollment_token(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The PostgreSQL server the suite uses; `.ci/run` requires it.
 pub fn postgres_admin_url() -> String {
@@ -340,11 +340,16 @@ impl Drop for Server {
 /// Registers an agent (custodial key on the token, no scopes) as an admin;
 /// its JSON.
 pub async fn register_agent(server: &Server, name: &str) -> Value {
+    register_agent_with(server, name, &[]).await
+}
+
+/// Registers an agent with these scopes (its roles under the policy).
+pub async fn register_agent_with(server: &Server, name: &str, scopes: &[&str]) -> Value {
     let (status, agent) = server
         .admin(
             "POST",
             "/v1/agents",
-            Some(serde_json::json!({"name": name, "scopes": []})),
+            Some(serde_json::json!({"name": name, "scopes": scopes})),
         )
         .await;
     assert_eq!(status, 201, "{agent}");
@@ -368,6 +373,99 @@ pub async fn issue_certificate(server: &Server, name: &str) -> Value {
 pub async fn certified_agent(server: &Server, name: &str) -> Value {
     register_agent(server, name).await;
     issue_certificate(server, name).await
+}
+
+/// A P-256 key and a CSR for it, made by OpenSSL in `dir`.
+pub fn key_and_csr(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let (ok, out) = run(Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-subj", &format!("/CN={name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    assert!(ok, "{out}");
+    (key, std::fs::read_to_string(csr).unwrap())
+}
+
+pub async fn enrollment_token(server: &Server, agent: &str) -> String {
+    let (status, token) = server
+        .admin(
+            "POST",
+            &format!("/v1/agents/{agent}/enrollment-tokens"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    token["token"].as_str().unwrap().to_owned()
+}
+
+/// `POST /v1/enroll` with no credential but the token.
+pub async fn enroll(server: &Server, token: &str, csr: &str) -> (u16, Value) {
+    server
+        .request(
+            "POST",
+            "/v1/enroll",
+            Some(json!({"token": token, "csr_pem": csr})),
+            None,
+        )
+        .await
+}
+
+/// An HTTPS client presenting `certificate_pem` with `key`.
+pub fn mtls_client(server: &Server, certificate_pem: &str, key: &Path) -> reqwest::Client {
+    let mut identity = certificate_pem.as_bytes().to_vec();
+    identity.extend(std::fs::read(key).unwrap());
+    let ca = std::fs::read(server.path("ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+pub async fn post(
+    client: &reqwest::Client,
+    server: &Server,
+    path: &str,
+    body: Value,
+) -> (u16, Value) {
+    let response = client
+        .post(format!("{}{path}", server.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("reached keyward");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Enrolls `name`: its key file and certificate JSON.
+pub async fn enrolled(server: &Server, name: &str) -> (PathBuf, Value) {
+    enrolled_with(server, name, &[]).await
+}
+
+/// Registers `name` with `scopes` and enrolls it: its key file and
+/// certificate JSON.
+pub async fn enrolled_with(server: &Server, name: &str, scopes: &[&str]) -> (PathBuf, Value) {
+    register_agent_with(server, name, scopes).await;
+    let token = enrollment_token(server, name).await;
+    let (key, csr) = key_and_csr(server.data_dir.path(), name);
+    let (status, issued) = enroll(server, &token, &csr).await;
+    assert_eq!(status, 201, "{issued}");
+    (key, issued)
 }
 
 /// Runs a command, returning (success, stdout+stderr).

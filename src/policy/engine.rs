@@ -1,0 +1,263 @@
+//! The versioned policy in force, and the scope and rate checks it makes on
+//! agent requests. Partitioning (an agent acts only for itself) is decided
+//! first by [`super::authorize`]; this decides what an agent may do for
+//! itself.
+//!
+//! Every replica holds the version in force in memory: reloaded at once
+//! when this replica applies one, and within `REFRESH_INTERVAL` when
+//! another does. Until a policy is applied, the built-in one (version 0)
+//! lets an agent do everything for itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use super::document::{Grant, PolicyDocument};
+use super::{Caller, PolicyError, BUILTIN_POLICY_VERSION};
+use crate::agents::signing::AgentSigner;
+use crate::audit::AuditEvent;
+use crate::identity::AgentName;
+use crate::store::{PolicyRecord, Store, StoreError};
+
+/// How often a replica looks for a version applied elsewhere.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A request an agent makes for itself, as the policy sees it.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentRequest<'a> {
+    Sign,
+    Message { intent: &'a str },
+    IssueCertificate,
+}
+
+impl AgentRequest<'_> {
+    fn grant(&self) -> Grant {
+        match self {
+            AgentRequest::Sign => Grant::Sign,
+            AgentRequest::Message { .. } => Grant::Message,
+            AgentRequest::IssueCertificate => Grant::IssueCert,
+        }
+    }
+}
+
+/// What the policy allowed, under which version, with which limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permit {
+    pub policy_version: i64,
+    /// The longest certificate the agent may get; `None`: keyward's limit.
+    pub max_ttl: Option<Duration>,
+}
+
+struct InForce {
+    version: i64,
+    /// `None` for the built-in policy.
+    document: Option<PolicyDocument>,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+pub struct PolicyEngine {
+    store: Arc<dyn Store>,
+    signer: Arc<AgentSigner>,
+    in_force: RwLock<Arc<InForce>>,
+    buckets: Mutex<HashMap<AgentName, Bucket>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Invalid(#[from] super::document::DocumentError),
+    #[error("no policy version {0}")]
+    NoSuchVersion(i64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl PolicyEngine {
+    pub async fn load(
+        store: Arc<dyn Store>,
+        signer: Arc<AgentSigner>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let engine = Arc::new(Self {
+            store,
+            signer,
+            in_force: RwLock::new(Arc::new(InForce {
+                version: BUILTIN_POLICY_VERSION,
+                document: None,
+            })),
+            buckets: Mutex::new(HashMap::new()),
+        });
+        engine.refresh().await?;
+        Ok(engine)
+    }
+
+    fn in_force(&self) -> Arc<InForce> {
+        self.in_force
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn version(&self) -> i64 {
+        self.in_force().version
+    }
+
+    /// Loads the newest version if it is not the one in force.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        let latest = self.store.latest_policy_version().await?;
+        if latest == self.version() {
+            return Ok(());
+        }
+        let Some(record) = self.store.policy(latest).await? else {
+            return Ok(());
+        };
+        // Stored versions were checked when applied; one that no longer
+        // parses (a newer keyward's format) keeps the current one in force.
+        match PolicyDocument::parse(&record.content) {
+            Ok(document) => {
+                *self.in_force.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(InForce {
+                    version: record.version,
+                    document: Some(document),
+                });
+                // Limits may have changed: start every bucket afresh.
+                self.buckets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+            }
+            Err(e) => {
+                tracing::error!(version = record.version, error = %e, "stored policy does not parse")
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the version in force current for the life of the runtime.
+    pub fn watch(self: &Arc<Self>) {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH_INTERVAL);
+            loop {
+                tick.tick().await;
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                if let Err(e) = engine.refresh().await {
+                    tracing::warn!(error = %e, "refreshing the policy failed");
+                }
+            }
+        });
+    }
+
+    /// Checks `content` and makes it the next version, in force here at once.
+    pub async fn apply(
+        &self,
+        author: &str,
+        content: &str,
+        source: &str,
+    ) -> Result<PolicyRecord, ApplyError> {
+        PolicyDocument::parse(content)?;
+        let audit = AuditEvent::new(author, "policy.apply", "policy").with("source", source);
+        let record = self
+            .store
+            .insert_policy(content, author, source, &audit)
+            .await?;
+        self.refresh().await?;
+        Ok(record)
+    }
+
+    /// Makes an earlier version's content the next version.
+    pub async fn rollback(&self, author: &str, version: i64) -> Result<PolicyRecord, ApplyError> {
+        let old = self
+            .store
+            .policy(version)
+            .await?
+            .ok_or(ApplyError::NoSuchVersion(version))?;
+        self.apply(author, &old.content, &format!("rollback:{version}"))
+            .await
+    }
+
+    /// Whether `caller` may make `request` for `agent` under the policy in
+    /// force. Admins may do anything; an agent needs a role (scope) that
+    /// grants the request, within its rate.
+    pub async fn permit(
+        &self,
+        caller: &Caller,
+        agent: &AgentName,
+        request: AgentRequest<'_>,
+    ) -> Result<Permit, PolicyError> {
+        let in_force = self.in_force();
+        let unlimited = Permit {
+            policy_version: in_force.version,
+            max_ttl: None,
+        };
+        let (Caller::Agent(_), Some(document)) = (caller, &in_force.document) else {
+            return Ok(unlimited);
+        };
+        let roles = self
+            .signer
+            .scopes(agent)
+            .await
+            .map_err(|_| PolicyError::Forbidden {
+                reason: "unknown_agent",
+            })?;
+        let intent = match request {
+            AgentRequest::Message { intent } => Some(intent),
+            _ => None,
+        };
+        let Some(allowance) = document.allowance(&roles, request.grant(), intent) else {
+            let reason = match request {
+                AgentRequest::Message { .. }
+                    if document.allowance(&roles, Grant::Message, None).is_some() =>
+                {
+                    "intent_not_allowed"
+                }
+                _ => "not_in_scope",
+            };
+            // A denial is a decision too: on the record, with its version.
+            let audit = AuditEvent::new(caller.audit_name(), "policy.deny", agent.as_str())
+                .with("reason", reason)
+                .with("request", format!("{:?}", request.grant()))
+                .with("policy_version", in_force.version);
+            if let Err(e) = self.store.append_audit_event(&audit).await {
+                tracing::warn!(error = %e, "recording a policy denial failed");
+            }
+            return Err(PolicyError::Denied {
+                reason,
+                policy_version: in_force.version,
+            });
+        };
+        if let Some((rate, burst)) = allowance.rate {
+            self.take(agent, rate, burst)?;
+        }
+        Ok(Permit {
+            policy_version: in_force.version,
+            max_ttl: allowance.max_ttl,
+        })
+    }
+
+    /// One token from the agent's bucket, or how long until there is one.
+    fn take(&self, agent: &AgentName, rate: f64, burst: u32) -> Result<(), PolicyError> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let bucket = buckets.entry(agent.clone()).or_insert(Bucket {
+            tokens: f64::from(burst),
+            last: now,
+        });
+        let refill = now.duration_since(bucket.last).as_secs_f64() * rate;
+        bucket.tokens = (bucket.tokens + refill).min(f64::from(burst));
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - bucket.tokens) / rate;
+            Err(PolicyError::RateLimited {
+                retry_after: Duration::from_secs_f64(wait),
+            })
+        }
+    }
+}
