@@ -258,7 +258,6 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
     Ok(AdminTokens::new(store.admin_token_hashes().await?))
 }
 
-/// Writes the root of trust to `<data-dir>/ca.pem` for clients.
 /// The CAs replaced recently enough that certificates they issued may still
 /// be valid: retired within the longest certificate lifetime (plus the
 /// backdating of notBefore).
@@ -266,6 +265,27 @@ async fn previous_cas(store: &dyn Store, config: &Config) -> anyhow::Result<Vec<
     let overlap = config.ttl.max + crate::ca::profile::BACKDATE + Duration::from_secs(60);
     let since = time::OffsetDateTime::now_utc().unix_timestamp() - overlap.as_secs() as i64;
     Ok(store.previous_cas(since).await?)
+}
+
+/// `keyward admin token create`: another admin credential (each admin
+/// their own, so that the two-person rule means two people). Written to
+/// `out` (0600); only its hash is stored. Running servers accept it after
+/// a restart.
+pub async fn admin_token_create(keyward: &Keyward, out: &Path) -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token = format!("kwa_{}", hex::encode(bytes));
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let id = hex::encode(&hash[..4]);
+    let audit = AuditEvent::new("operator", "admin_token.create", "admin")
+        .with("token_sha256_prefix", id.clone());
+    keyward
+        .state
+        .store
+        .insert_admin_token(&hash, &audit)
+        .await?;
+    write_private_file(out, token.as_bytes()).context("writing the admin token")?;
+    Ok(id)
 }
 
 /// `keyward ca rotate`: a new self-signed root on the token becomes the
@@ -291,6 +311,7 @@ pub async fn ca_rotate(keyward: &Keyward, config: &Config) -> anyhow::Result<Str
     Ok(record.key_id)
 }
 
+/// Writes the root of trust to `<data-dir>/ca.pem` for clients.
 fn write_trust_anchor(data_dir: &Path, authority: &Authority) -> anyhow::Result<()> {
     // Every root in use: during a CA rotation's overlap, old and new.
     let pem = authority.trust_bundle_pem()?;

@@ -37,9 +37,15 @@ enum Command {
     /// The issuing CA (run on the keyward host, against its config).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Admin credentials (run on the keyward host, against its config).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Revoke a certificate or an agent (with all its certificates).
     #[command(subcommand)]
     Revoke(RevokeCommand),
+    /// Requests waiting for human approval.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
     /// The versioned policy: roles, what they grant, and their limits.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -49,6 +55,44 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Pending requests.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Approve a request (it runs once enough admins have).
+    Approve {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Deny a request.
+    Deny {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create another admin token (one per admin: the two-person rule needs
+    /// two). Servers accept it after a restart.
+    TokenCreate {
+        /// Where to write the token (created 0600).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -400,7 +444,51 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(command) => runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => runtime()?.block_on(cert_command(command)),
+        Command::Admin(AdminCommand::TokenCreate { out, server }) => {
+            keyward::telemetry::init_logging(server.log_json);
+            let config = load_config(&server)?;
+            let pkcs11 = key_store(&config)?;
+            runtime()?.block_on(async {
+                let kw = keyward::app::start(&config, &pkcs11).await?;
+                let id = keyward::app::admin_token_create(&kw, &out).await?;
+                println!("admin {id}: token written to {}", out.display());
+                Ok(())
+            })
+        }
         Command::Policy(command) => runtime()?.block_on(policy_command(command)),
+        Command::Approvals(command) => runtime()?.block_on(async {
+            let out = match command {
+                ApprovalsCommand::List { client: args } => {
+                    client(&args)?.get("/v1/approvals").await?
+                }
+                ApprovalsCommand::Approve {
+                    id,
+                    comment,
+                    client: args,
+                } => {
+                    client(&args)?
+                        .post(
+                            &format!("/v1/approvals/{id}/approve"),
+                            json!({ "comment": comment }),
+                        )
+                        .await?
+                }
+                ApprovalsCommand::Deny {
+                    id,
+                    comment,
+                    client: args,
+                } => {
+                    client(&args)?
+                        .post(
+                            &format!("/v1/approvals/{id}/deny"),
+                            json!({ "comment": comment }),
+                        )
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }),
         Command::Revoke(command) => runtime()?.block_on(async {
             let out = match command {
                 RevokeCommand::Cert {

@@ -221,7 +221,7 @@ async fn bad_policies_are_refused_and_change_nothing(db: Db) {
         "[roles.x\nactions = [\"sign\"]",
         "[roles.x]\nactions = [\"launch\"]",
         "[roles.x]\nactions = []",
-        "[roles.x]\nactions = [\"sign\"]\nrequires_approval = true",
+        "[roles.x]\nactions = [\"sign\"]\nrequires_approval = true\napprovals_required = 5",
         "[roles.x]\nactions = [\"sign\"]\nburst = 5",
         "[roles.\"Not A Scope\"]\nactions = [\"sign\"]",
     ] {

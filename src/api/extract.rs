@@ -62,6 +62,11 @@ impl<S: Send + Sync, T> FromRequest<S> for Unparsed<T> {
 }
 
 impl<T: serde::de::DeserializeOwned> Unparsed<T> {
+    /// The body as sent (e.g. to keep a request for its approval).
+    pub fn raw(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// The body as `T`, with the same errors as [`Json`].
     pub fn parse(self) -> Result<T, ApiError> {
         if !self.is_json {
@@ -95,12 +100,19 @@ impl AdminTokens {
     /// Compares the presented token's hash against every stored hash in
     /// constant time (no early exit on a match either).
     pub fn verify(&self, presented: &str) -> bool {
+        self.identify(presented).is_some()
+    }
+
+    /// The admin's id (first 8 hex digits of the token's SHA-256) when the
+    /// token is one of ours. Every stored hash is compared, in constant
+    /// time, whatever matches.
+    pub fn identify(&self, presented: &str) -> Option<String> {
         let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut matched = subtle::Choice::from(0);
         for stored in &self.hashes {
             matched |= stored.ct_eq(&presented);
         }
-        matched.into()
+        bool::from(matched).then(|| hex::encode(&presented[..4]))
     }
 }
 
@@ -230,8 +242,11 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or_default();
-        if !token.is_empty() && state.admin_tokens.verify(token) {
-            Ok(Caller::Admin)
+        let admin = (!token.is_empty())
+            .then(|| state.admin_tokens.identify(token))
+            .flatten();
+        if let Some(id) = admin {
+            Ok(Caller::Admin(id))
         } else {
             Err(ApiError::unauthenticated(
                 "invalid_credentials",

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
@@ -161,7 +162,7 @@ fn audience(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct MessageInput {
+pub(super) struct MessageInput {
     audience: Option<String>,
     to: Option<String>,
     intent: String,
@@ -169,7 +170,7 @@ struct MessageInput {
 }
 
 #[derive(Serialize)]
-struct MessageOutput {
+pub(super) struct MessageOutput {
     token: String,
     iss: String,
     aud: String,
@@ -186,9 +187,10 @@ async fn sign_message(
     caller: Caller,
     Path(name): Path<String>,
     body: Unparsed<MessageInput>,
-) -> Result<(StatusCode, Json<MessageOutput>), ApiError> {
+) -> Result<Response, ApiError> {
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::SignMessage(&name))?;
+    let raw = body.raw().to_vec();
     let body = body.parse()?;
     let decision = state
         .policy
@@ -200,7 +202,31 @@ async fn sign_message(
             },
         )
         .await?;
-    let audience = audience(&state, body.audience.as_deref(), body.to.as_deref())?;
+    // Checked before any approval is asked for: an admin should not be
+    // asked to approve what cannot run.
+    let (audience, lifetime_secs) = check_message(&state, &body)?;
+    if decision.approvals_required > 0 {
+        return super::approvals::hold(&state, &caller, &name, "message", &raw, &decision).await;
+    }
+    let output = execute(
+        &state,
+        &name,
+        &body,
+        &audience,
+        lifetime_secs,
+        &request_id.0,
+        decision.policy_version,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(output)).into_response())
+}
+
+/// The recipient and lifetime a message request asks for, checked.
+pub(super) fn check_message(
+    state: &AppState,
+    body: &MessageInput,
+) -> Result<(String, i64), ApiError> {
+    let audience = audience(state, body.audience.as_deref(), body.to.as_deref())?;
     let lifetime_secs = body.ttl_seconds.unwrap_or(DEFAULT_MESSAGE_TTL_SECS);
     if !(1..=MAX_LIFETIME_SECS).contains(&lifetime_secs) {
         return Err(ApiError::bad_request(
@@ -208,33 +234,43 @@ async fn sign_message(
             format!("ttl_seconds must be 1 to {MAX_LIFETIME_SECS}"),
         ));
     }
+    Ok((audience, lifetime_secs))
+}
+
+/// Signs the envelope `body` asks for, under `policy_version`.
+pub(super) async fn execute(
+    state: &AppState,
+    name: &AgentName,
+    body: &MessageInput,
+    audience: &str,
+    lifetime_secs: i64,
+    request_id: &str,
+    policy_version: i64,
+) -> Result<MessageOutput, ApiError> {
     let signed = state
         .signer
         .sign_message(
-            &name,
+            name,
             MessageRequest {
-                audience: &audience,
+                audience,
                 intent: &body.intent,
                 lifetime_secs,
             },
-            &request_id.0,
-            decision.policy_version,
+            request_id,
+            policy_version,
         )
         .await?;
     let claims = signed.claims;
-    Ok((
-        StatusCode::CREATED,
-        Json(MessageOutput {
-            token: signed.token,
-            iss: claims.iss().to_owned(),
-            aud: claims.aud().to_owned(),
-            iat: claims.iat(),
-            exp: claims.exp(),
-            jti: claims.jti().to_owned(),
-            intent: claims.intent().to_owned(),
-            certificate_serial: signed.certificate_serial,
-        }),
-    ))
+    Ok(MessageOutput {
+        token: signed.token,
+        iss: claims.iss().to_owned(),
+        aud: claims.aud().to_owned(),
+        iat: claims.iat(),
+        exp: claims.exp(),
+        jti: claims.jti().to_owned(),
+        intent: claims.intent().to_owned(),
+        certificate_serial: signed.certificate_serial,
+    })
 }
 
 #[derive(Deserialize)]

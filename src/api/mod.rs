@@ -3,6 +3,7 @@
 //! by `policy`, work is done by `agents`, `ca` and the pool.
 
 mod agents;
+mod approvals;
 mod enrollment;
 pub mod error;
 pub mod extract;
@@ -75,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(hooks::router())
         .merge(enrollment::router())
         .merge(policies::router())
+        .merge(approvals::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
@@ -270,7 +272,7 @@ impl FromRequestParts<Arc<AppState>> for AdminOnly {
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
         match Caller::from_request_parts(parts, state).await? {
-            Caller::Admin => Ok(AdminOnly),
+            Caller::Admin(_) => Ok(AdminOnly),
             Caller::Agent(_) => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "admin_only",

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Router};
 use base64::Engine;
@@ -77,7 +78,7 @@ pub fn digest_of(
 }
 
 #[derive(Serialize)]
-struct SignResponse {
+pub(super) struct SignResponse {
     signature_der_b64: String,
     signature_p1363_b64: String,
     algorithm: &'static str,
@@ -91,30 +92,56 @@ async fn sign(
     caller: Caller,
     Path(name): Path<String>,
     body: Unparsed<SignInput>,
-) -> Result<Json<SignResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::Sign(&name))?;
+    let raw = body.raw().to_vec();
     let body = body.parse()?;
+    let digest = body.digest()?;
     let decision = state
         .policy
         .permit(&caller, &name, AgentRequest::Sign)
         .await?;
-    let digest = body.digest()?;
+    if decision.approvals_required > 0 {
+        return super::approvals::hold(&state, &caller, &name, "sign", &raw, &decision).await;
+    }
+    let signed = execute(
+        &state,
+        &name,
+        &body,
+        digest,
+        &request_id.0,
+        decision.policy_version,
+    )
+    .await?;
+    Ok(Json(signed).into_response())
+}
+
+/// Signs for `name` what `body` asks, under `policy_version`: the request
+/// once allowed, now or after its approval.
+pub(super) async fn execute(
+    state: &AppState,
+    name: &AgentName,
+    body: &SignInput,
+    digest: [u8; 32],
+    request_id: &str,
+    policy_version: i64,
+) -> Result<SignResponse, ApiError> {
     let signed = state
         .signer
         .sign(
-            &name,
+            name,
             digest,
-            &request_id.0,
-            decision.policy_version,
+            request_id,
+            policy_version,
             body.key_id.as_deref(),
         )
         .await?;
-    Ok(Json(SignResponse {
+    Ok(SignResponse {
         signature_der_b64: b64().encode(signed.signature.to_der().as_bytes()),
         signature_p1363_b64: b64().encode(signed.signature.to_bytes()),
         algorithm: "ES256",
         key_id: signed.key_id.to_string(),
         certificate_serial: signed.certificate_serial,
-    }))
+    })
 }

@@ -37,6 +37,11 @@ pub struct Role {
     pub max_ttl_seconds: Option<u64>,
     pub rate_per_second: Option<f64>,
     pub burst: Option<u32>,
+    /// Requests under this role wait for an admin's approval.
+    #[serde(default)]
+    pub requires_approval: bool,
+    /// How many different admins must approve (the two-person rule: 2).
+    pub approvals_required: Option<u8>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -52,6 +57,8 @@ pub struct Allowance {
     pub max_ttl: Option<Duration>,
     /// (rate per second, burst); `None` when some granting role has no limit.
     pub rate: Option<(f64, u32)>,
+    /// Admins who must approve first; 0 when some granting role needs none.
+    pub approvals: u8,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,6 +96,13 @@ impl PolicyDocument {
                 }
                 (Some(_), Some(0)) => return err("burst must be positive"),
                 (None, Some(_)) => return err("burst needs rate_per_second"),
+                _ => {}
+            }
+            match (role.requires_approval, role.approvals_required) {
+                (false, Some(_)) => return err("approvals_required needs requires_approval"),
+                (true, Some(n)) if !(1..=2).contains(&n) => {
+                    return err("approvals_required is 1 or 2")
+                }
                 _ => {}
             }
             for pattern in role.intents.iter().flatten() {
@@ -141,7 +155,22 @@ impl PolicyDocument {
                 })
                 .max_by(|a, b| a.0.total_cmp(&b.0))
         };
-        Some(Allowance { max_ttl, rate })
+        let approvals = granting
+            .iter()
+            .map(|r| {
+                if r.requires_approval {
+                    r.approvals_required.unwrap_or(1)
+                } else {
+                    0
+                }
+            })
+            .min()
+            .unwrap_or(0);
+        Some(Allowance {
+            max_ttl,
+            rate,
+            approvals,
+        })
     }
 }
 
@@ -228,9 +257,14 @@ mod tests {
                 "rate_per_second",
             ),
             (
-                "[roles.x]\nactions = [\"sign\"]\nrequires_approval = true",
-                "",
+                "[roles.x]\nactions = [\"sign\"]\nrequires_approval = true\napprovals_required = 3",
+                "1 or 2",
             ),
+            (
+                "[roles.x]\nactions = [\"sign\"]\napprovals_required = 2",
+                "needs requires_approval",
+            ),
+            ("[roles.x]\nactions = [\"sign\"]\nwhatever = 1", ""),
             ("[roles.\"Bad Name\"]\nactions = [\"sign\"]", "scope name"),
             ("not toml at all [", ""),
         ] {

@@ -46,6 +46,8 @@ pub struct Permit {
     pub policy_version: i64,
     /// The longest certificate the agent may get; `None`: keyward's limit.
     pub max_ttl: Option<Duration>,
+    /// Admins who must approve before the request runs; 0: none.
+    pub approvals_required: u8,
 }
 
 struct InForce {
@@ -193,6 +195,7 @@ impl PolicyEngine {
         let unlimited = Permit {
             policy_version: in_force.version,
             max_ttl: None,
+            approvals_required: 0,
         };
         let (Caller::Agent(_), Some(document)) = (caller, &in_force.document) else {
             return Ok(unlimited);
@@ -236,6 +239,7 @@ impl PolicyEngine {
         Ok(Permit {
             policy_version: in_force.version,
             max_ttl: allowance.max_ttl,
+            approvals_required: allowance.approvals,
         })
     }
 

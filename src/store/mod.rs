@@ -216,6 +216,42 @@ pub struct PolicyRecord {
     pub created_at: i64,
 }
 
+/// A request waiting for (or decided by) human approval.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ApprovalRecord {
+    pub id: String,
+    pub agent_name: String,
+    /// `sign` or `message`.
+    pub kind: String,
+    /// The agent's request body, JSON, as it was made.
+    pub request: String,
+    pub approvals_required: i64,
+    pub policy_version: i64,
+    pub status: String,
+    /// The answer the agent gets once the request has run (JSON).
+    pub result: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub decided_at: Option<i64>,
+}
+
+/// What a vote did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VoteOutcome {
+    NotFound,
+    /// Already decided or expired; nothing was written.
+    NotPending {
+        status: String,
+    },
+    /// This admin has voted on it before; nothing was written.
+    AlreadyVoted,
+    /// Recorded; the request's status now (`pending`, `approved`, `denied`).
+    Recorded {
+        status: String,
+        approvals: i64,
+    },
+}
+
 /// A registered revocation hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HookRecord {
@@ -400,6 +436,29 @@ pub trait Store: Send + Sync + 'static {
     async fn policy(&self, version: i64) -> Result<Option<PolicyRecord>, StoreError>;
     /// Every version, oldest first.
     async fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
+
+    async fn insert_approval(
+        &self,
+        approval: &ApprovalRecord,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError>;
+    /// Pending requests not expired at `now`, oldest first.
+    async fn pending_approvals(&self, now: i64) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// Casts `admin`'s vote: a denial decides at once; enough approvals
+    /// approve. One transaction with its audit event.
+    async fn vote_on_approval(
+        &self,
+        id: &str,
+        admin: &str,
+        approve: bool,
+        comment: Option<&str>,
+        now: i64,
+        audit: &AuditEvent,
+    ) -> Result<VoteOutcome, StoreError>;
+    /// Records what running an approved request produced.
+    async fn finish_approval(&self, id: &str, status: &str, result: &str)
+        -> Result<(), StoreError>;
 
     /// Stores an enrollment token's hash for `agent`, with its audit event.
     async fn insert_enrollment_token(

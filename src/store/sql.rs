@@ -6,10 +6,10 @@ use async_trait::async_trait;
 use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
-    AgentRecord, AgentStatusChange, AgentTransition, AttestationRecord, CaRecord,
+    AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
     CertificateRecord, CertificateRevocation, HookDelivery, HookRecord, KeyRotation,
     KeyRotationOutcome, PolicyRecord, RetiredKey, RevocationSnapshot, RevokedCertificate,
-    ServiceKeyRecord, SignatureRecord, Store, StoreError,
+    ServiceKeyRecord, SignatureRecord, Store, StoreError, VoteOutcome,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -149,6 +149,22 @@ macro_rules! impl_store {
                     author: row.try_get("author")?,
                     source: row.try_get("source")?,
                     created_at: row.try_get("created_at")?,
+                })
+            }
+
+            fn approval_from_row(row: &<$db as sqlx::Database>::Row) -> Result<ApprovalRecord, StoreError> {
+                Ok(ApprovalRecord {
+                    id: row.try_get("id")?,
+                    agent_name: row.try_get("agent_name")?,
+                    kind: row.try_get("kind")?,
+                    request: row.try_get("request")?,
+                    approvals_required: row.try_get("approvals_required")?,
+                    policy_version: row.try_get("policy_version")?,
+                    status: row.try_get("status")?,
+                    result: row.try_get("result")?,
+                    created_at: row.try_get("created_at")?,
+                    expires_at: row.try_get("expires_at")?,
+                    decided_at: row.try_get("decided_at")?,
                 })
             }
 
@@ -864,6 +880,162 @@ macro_rules! impl_store {
                     .iter()
                     .map(Self::policy_from_row)
                     .collect()
+            }
+
+            async fn insert_approval(
+                &self,
+                a: &ApprovalRecord,
+                audit: &AuditEvent,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                sqlx::query(
+                    "INSERT INTO approvals (id, agent_name, kind, request, approvals_required,
+                         policy_version, status, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(&a.id)
+                .bind(&a.agent_name)
+                .bind(&a.kind)
+                .bind(&a.request)
+                .bind(a.approvals_required)
+                .bind(a.policy_version)
+                .bind(&a.status)
+                .bind(a.created_at)
+                .bind(a.expires_at)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+                sqlx::query("SELECT * FROM approvals WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .as_ref()
+                    .map(Self::approval_from_row)
+                    .transpose()
+            }
+
+            async fn pending_approvals(&self, now: i64) -> Result<Vec<ApprovalRecord>, StoreError> {
+                sqlx::query(
+                    "SELECT * FROM approvals WHERE status = 'pending' AND expires_at > $1
+                     ORDER BY created_at LIMIT 500",
+                )
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(Self::approval_from_row)
+                .collect()
+            }
+
+            async fn vote_on_approval(
+                &self,
+                id: &str,
+                admin: &str,
+                approve: bool,
+                comment: Option<&str>,
+                now: i64,
+                audit: &AuditEvent,
+            ) -> Result<VoteOutcome, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                // Locks the row: concurrent votes are counted one at a time.
+                let row = sqlx::query(
+                    "UPDATE approvals SET status = status WHERE id = $1
+                     RETURNING status, expires_at, approvals_required",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = row else {
+                    return Ok(VoteOutcome::NotFound);
+                };
+                let status: String = row.try_get("status")?;
+                let expires_at: i64 = row.try_get("expires_at")?;
+                let required: i64 = row.try_get("approvals_required")?;
+                if status != "pending" {
+                    return Ok(VoteOutcome::NotPending { status });
+                }
+                if now >= expires_at {
+                    sqlx::query("UPDATE approvals SET status = 'expired' WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    return Ok(VoteOutcome::NotPending {
+                        status: "expired".into(),
+                    });
+                }
+                let inserted = sqlx::query(
+                    "INSERT INTO approval_votes (approval_id, admin, approve, comment, at)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(id)
+                .bind(admin)
+                .bind(i64::from(approve))
+                .bind(comment)
+                .bind(now)
+                .execute(&mut *tx)
+                .await;
+                match inserted {
+                    Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                        return Ok(VoteOutcome::AlreadyVoted)
+                    }
+                    other => {
+                        other?;
+                    }
+                }
+                let approvals: i64 = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM approval_votes WHERE approval_id = $1 AND approve = 1",
+                )
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+                let new_status = if !approve {
+                    "denied"
+                } else if approvals >= required {
+                    "approved"
+                } else {
+                    "pending"
+                };
+                if new_status != "pending" {
+                    sqlx::query("UPDATE approvals SET status = $1, decided_at = $2 WHERE id = $3")
+                        .bind(new_status)
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let event = audit
+                    .clone()
+                    .with("approve", approve)
+                    .with("approvals", approvals)
+                    .with("status", new_status);
+                Self::append_audit(&mut tx, &event).await?;
+                tx.commit().await?;
+                Ok(VoteOutcome::Recorded {
+                    status: new_status.to_owned(),
+                    approvals,
+                })
+            }
+
+            async fn finish_approval(
+                &self,
+                id: &str,
+                status: &str,
+                result: &str,
+            ) -> Result<(), StoreError> {
+                sqlx::query("UPDATE approvals SET status = $1, result = $2 WHERE id = $3")
+                    .bind(status)
+                    .bind(result)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
 
             async fn insert_enrollment_token(
