@@ -38,6 +38,8 @@ use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
 use tower::Layer;
 
+/// How often keys due for a scheduled rotation are looked for.
+const SCHEDULED_ROTATION_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often retired keys past their retention are looked for.
 const RETIRED_KEY_SWEEP: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::store::{self, CaRecord, ServiceKeyRecord, SignatureLog, Store, StoreError};
@@ -165,6 +167,19 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         .await
         .context("loading the policy")?;
     policy.watch();
+    let (scheduler, scheduled) = (Arc::downgrade(&policy), Arc::downgrade(&registry));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SCHEDULED_ROTATION_SWEEP);
+        loop {
+            tick.tick().await;
+            let (Some(policy), Some(registry)) = (scheduler.upgrade(), scheduled.upgrade()) else {
+                return;
+            };
+            if let Err(e) = policy.rotate_due_keys(&registry).await {
+                tracing::warn!(error = %e, "scheduled key rotation failed");
+            }
+        }
+    });
     let state = Arc::new(AppState {
         registry,
         signer,

@@ -262,7 +262,56 @@ async fn bad_policies_are_refused_and_change_nothing(db: Db) {
     assert_eq!(history.as_array().unwrap().len(), 1);
 }
 
+/// `renew_at_half_life`: past half its lifetime, a client certificate
+/// authenticates for its renewal only.
+async fn a_certificate_past_half_life_must_be_renewed_first(db: Db) {
+    let server = Server::start(db).await;
+    common::register_agent_with(&server, "alice", &["short"]).await;
+    let token = common::enrollment_token(&server, "alice").await;
+    let (key, csr) = common::key_and_csr(server.data_dir.path(), "alice");
+    let (status, cert) = server
+        .request(
+            "POST",
+            "/v1/enroll",
+            Some(json!({"token": token, "csr_pem": csr, "ttl_seconds": 4})),
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{cert}");
+    apply(
+        &server,
+        "[roles.short]\nactions = [\"sign\"]\nrenew_at_half_life = true\n",
+    )
+    .await;
+    let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
+    let (status, _) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let (status, answer) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("renewal_required"))
+    );
+    let (new_key, new_csr) = common::key_and_csr(server.data_dir.path(), "alice-2");
+    let (status, renewed) = post(&alice, &server, "/v1/renew", json!({"csr_pem": new_csr})).await;
+    assert_eq!(status, 201, "{renewed}");
+    let renewed_client = mtls_client(
+        &server,
+        renewed["certificate_pem"].as_str().unwrap(),
+        &new_key,
+    );
+    let (status, _) = post(
+        &renewed_client,
+        &server,
+        "/v1/agents/alice/sign",
+        sign_body(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
 on_both_databases!(
+    a_certificate_past_half_life_must_be_renewed_first,
     a_rollback_changes_what_an_agent_may_do_on_its_next_request,
     intents_rates_and_lifetimes_are_enforced,
     bad_policies_are_refused_and_change_nothing,

@@ -327,6 +327,50 @@ async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
     assert!(records.iter().any(|r| r.event.action == "ca.rotate"));
 }
 
+/// `rotate_after_seconds`: keyward rotates the custodial keys of agents
+/// with that role once they are older.
+async fn the_policy_rotates_old_keys_on_schedule(db: Db) {
+    let server = Server::start(db).await;
+    let agent = common::register_agent_with(&server, "alpha", &["rotating"]).await;
+    common::register_agent(&server, "steady").await;
+    let (_, steady) = server.admin("GET", "/v1/agents/steady", None).await;
+    let first_key = agent["key_id"].as_str().unwrap().to_owned();
+    let (status, _) = server
+        .admin(
+            "POST",
+            "/v1/policies",
+            Some(json!({"content": "[roles.rotating]\nactions = [\"sign\"]\nrotate_after_seconds = 2\n"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let start = Instant::now();
+    let rotated_to = loop {
+        let (_, now) = server.admin("GET", "/v1/agents/alpha", None).await;
+        if now["key_id"] != first_key {
+            break now["key_id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no scheduled rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (status, signed) = sign(&server, "alpha", None).await;
+    assert_eq!(status, 200);
+    // The agent may already be on a later key: rotations keep coming.
+    assert_ne!(signed["key_id"], first_key);
+    assert!(!rotated_to.is_empty());
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    let by_policy = records
+        .iter()
+        .filter(|r| r.event.action == "agent.rotate_key" && r.event.actor == "policy")
+        .count();
+    assert!(by_policy >= 1);
+    // An agent without the role keeps its key.
+    let (_, steady_now) = server.admin("GET", "/v1/agents/steady", None).await;
+    assert_eq!(steady_now["key_id"], steady["key_id"]);
+}
+
 /// Two replicas on one token and PostgreSQL database: after a rotation on
 /// one, the other stops using the old key at once, though its agent cache
 /// (1 s) still named it.
@@ -379,6 +423,7 @@ async fn the_other_replica_stops_using_a_rotated_key_at_once() {
 }
 
 on_both_databases!(
+    the_policy_rotates_old_keys_on_schedule,
     a_rotated_ca_keeps_validating_what_it_issued,
     a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retention,
     a_key_rotated_for_compromise_signs_nothing_more,

@@ -129,7 +129,7 @@ pub struct Registry {
 }
 
 /// How to rotate an agent's key.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Rotation {
     pub reason: RevocationReason,
     /// How long the old key may still sign, when named.
@@ -138,6 +138,8 @@ pub struct Rotation {
     pub retention: Duration,
     /// Lifetime of the certificate issued for the new key.
     pub certificate_ttl: Duration,
+    /// Rotate only if this is still the current key.
+    pub expected_old_key: Option<KeyId>,
 }
 
 /// What a rotation produced.
@@ -275,12 +277,13 @@ impl Registry {
         };
         self.revocations.changed_here().await?;
         self.cache.invalidate(name);
+        let rotation_ttl = rotation.certificate_ttl;
         let (certificate, _) = self
             .issue_certificate(
                 actor,
                 name,
                 CertificateKey::Custodial,
-                rotation.certificate_ttl,
+                rotation_ttl,
                 policy_version,
             )
             .await?;
@@ -325,6 +328,7 @@ impl Registry {
                     at,
                     sign_until: at + grace,
                     destroy_after: at + retention,
+                    expected_old_key: rotation.expected_old_key.as_ref().map(KeyId::as_str),
                 },
                 &audit,
             )

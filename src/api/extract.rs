@@ -127,6 +127,8 @@ pub enum PeerIdentity {
     Agent {
         name: AgentName,
         serial: String,
+        /// Unix seconds.
+        not_before: i64,
         /// Unix seconds; a long-lived connection outlives its certificate.
         not_after: i64,
     },
@@ -185,6 +187,10 @@ impl ClientIdentifier {
             Some(name) => PeerIdentity::Agent {
                 name,
                 serial: verified.serial_hex().to_owned(),
+                not_before: verified
+                    .not_before()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64),
                 not_after: verified
                     .not_after()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -210,6 +216,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                 Some(PeerIdentity::Agent {
                     name,
                     serial,
+                    not_before,
                     not_after,
                 }) => {
                     if state.registry.revocations().certificate(&serial).is_some() {
@@ -218,10 +225,25 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                             "the client certificate is revoked",
                         ));
                     }
-                    if time::OffsetDateTime::now_utc().unix_timestamp() >= not_after {
+                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                    if now >= not_after {
                         return Err(ApiError::unauthenticated(
                             "certificate_expired",
                             "the client certificate has expired: reconnect with a renewed one",
+                        ));
+                    }
+                    // keyward backdates notBefore for clock skew; the
+                    // lifetime it granted starts at issuance.
+                    let issued = not_before + crate::ca::profile::BACKDATE.as_secs() as i64;
+                    let past_half_life = now >= issued + (not_after - issued) / 2;
+                    if past_half_life
+                        && parts.uri.path() != "/v1/renew"
+                        && state.policy.renew_at_half_life(&name).await
+                    {
+                        return Err(ApiError::unauthenticated(
+                            "renewal_required",
+                            "the policy requires renewal at half the certificate's lifetime: \
+                             POST /v1/renew first",
                         ));
                     }
                     Ok(Caller::Agent(name))

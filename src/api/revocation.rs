@@ -113,6 +113,7 @@ async fn rotate_key(
                 grace: Duration::from_secs(grace),
                 retention: Duration::from_secs(retention),
                 certificate_ttl,
+                expected_old_key: None,
             },
             decision.policy_version,
         )

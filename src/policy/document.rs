@@ -42,6 +42,13 @@ pub struct Role {
     pub requires_approval: bool,
     /// How many different admins must approve (the two-person rule: 2).
     pub approvals_required: Option<u8>,
+    /// Rotate the custodial key of agents with this role when it is older
+    /// than this (keyward does it; reason `superseded`).
+    pub rotate_after_seconds: Option<u64>,
+    /// An agent's client certificate past half its lifetime authenticates
+    /// for nothing but its renewal.
+    #[serde(default)]
+    pub renew_at_half_life: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -104,6 +111,9 @@ impl PolicyDocument {
                     return err("approvals_required is 1 or 2")
                 }
                 _ => {}
+            }
+            if role.rotate_after_seconds == Some(0) {
+                return err("rotate_after_seconds must be positive");
             }
             for pattern in role.intents.iter().flatten() {
                 let printable = pattern.bytes().all(|b| (0x20..=0x7e).contains(&b));
@@ -170,6 +180,26 @@ impl PolicyDocument {
             max_ttl,
             rate,
             approvals,
+        })
+    }
+}
+
+impl PolicyDocument {
+    /// The shortest `rotate_after_seconds` among `roles`.
+    pub fn rotate_after(&self, roles: &[String]) -> Option<Duration> {
+        roles
+            .iter()
+            .filter_map(|r| self.roles.get(r)?.rotate_after_seconds)
+            .min()
+            .map(Duration::from_secs)
+    }
+
+    /// Whether some role of `roles` requires renewal at half-life.
+    pub fn renew_at_half_life(&self, roles: &[String]) -> bool {
+        roles.iter().any(|r| {
+            self.roles
+                .get(r)
+                .is_some_and(|role| role.renew_at_half_life)
         })
     }
 }

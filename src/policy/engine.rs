@@ -19,6 +19,10 @@ use crate::audit::AuditEvent;
 use crate::identity::AgentName;
 use crate::store::{PolicyRecord, Store, StoreError};
 
+/// Grace and retention of a rotation the policy schedules.
+const SCHEDULED_GRACE: Duration = Duration::from_secs(300);
+const SCHEDULED_RETENTION: Duration = Duration::from_secs(86_400);
+
 /// How often a replica looks for a version applied elsewhere.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -241,6 +245,78 @@ impl PolicyEngine {
             max_ttl: allowance.max_ttl,
             approvals_required: allowance.approvals,
         })
+    }
+
+    /// The document in force and the agent's roles, when a policy (not the
+    /// built-in one) is in force.
+    async fn document_and_roles(&self, agent: &AgentName) -> Option<(Arc<InForce>, Vec<String>)> {
+        let in_force = self.in_force();
+        in_force.document.as_ref()?;
+        let roles = self.signer.scopes(agent).await.ok()?;
+        Some((in_force, roles))
+    }
+
+    /// Whether the policy requires `agent` to renew its client certificate
+    /// at half its lifetime.
+    pub async fn renew_at_half_life(&self, agent: &AgentName) -> bool {
+        match self.document_and_roles(agent).await {
+            Some((in_force, roles)) => in_force
+                .document
+                .as_ref()
+                .is_some_and(|d| d.renew_at_half_life(&roles)),
+            None => false,
+        }
+    }
+
+    /// How old `roles`' custodial keys may get, under the policy in force.
+    pub fn rotate_after(&self, roles: &[String]) -> Option<Duration> {
+        self.in_force().document.as_ref()?.rotate_after(roles)
+    }
+
+    /// Rotates, as the policy requires (`rotate_after_seconds`), every
+    /// custodial key that has been current for too long. Returns how many.
+    pub async fn rotate_due_keys(
+        &self,
+        registry: &crate::agents::Registry,
+    ) -> Result<usize, crate::agents::AgentError> {
+        if self.in_force().document.is_none() {
+            return Ok(0);
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut rotated = 0;
+        for key in self.store.custodial_key_ages().await? {
+            let Some(after) = self.rotate_after(&key.scopes) else {
+                continue;
+            };
+            if now - key.current_since < after.as_secs() as i64 {
+                continue;
+            }
+            let (Ok(name), Ok(expected)) = (
+                AgentName::parse(&key.agent_name),
+                crate::keys::KeyId::parse(&key.key_id),
+            ) else {
+                continue;
+            };
+            let rotation = crate::agents::Rotation {
+                reason: crate::ca::crl::RevocationReason::Superseded,
+                grace: SCHEDULED_GRACE,
+                retention: SCHEDULED_RETENTION,
+                certificate_ttl: registry.authority().ttl_limits().default,
+                expected_old_key: Some(expected),
+            };
+            match registry
+                .rotate_key("policy", &name, rotation, self.version())
+                .await
+            {
+                Ok(_) => rotated += 1,
+                // Another replica rotated it first, or the agent changed.
+                Err(crate::agents::AgentError::NotActive(..)) => {}
+                Err(e) => {
+                    tracing::warn!(agent = %name, error = %e, "scheduled key rotation failed")
+                }
+            }
+        }
+        Ok(rotated)
     }
 
     /// One token from the agent's bucket, or how long until there is one.

@@ -176,6 +176,18 @@ pub struct KeyRotation<'a> {
     pub at: i64,
     pub sign_until: i64,
     pub destroy_after: i64,
+    /// Rotate only if this is still the current key (a scheduled rotation
+    /// must not rotate twice when two replicas see it due).
+    pub expected_old_key: Option<&'a str>,
+}
+
+/// An active agent's custodial key and since when it has been current.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CustodialKeyAge {
+    pub agent_name: String,
+    pub scopes: Vec<String>,
+    pub key_id: String,
+    pub current_since: i64,
 }
 
 /// What a rotation did.
@@ -411,6 +423,8 @@ pub trait Store: Send + Sync + 'static {
         rotation: &KeyRotation<'_>,
         audit: &AuditEvent,
     ) -> Result<KeyRotationOutcome, StoreError>;
+    /// Every active agent's custodial key with the time it became current.
+    async fn custodial_key_ages(&self) -> Result<Vec<CustodialKeyAge>, StoreError>;
     async fn retired_key(&self, key_id: &str) -> Result<Option<RetiredKey>, StoreError>;
     /// Retired keys past their retention and not yet destroyed.
     async fn retired_keys_due(&self, now: i64) -> Result<Vec<RetiredKey>, StoreError>;

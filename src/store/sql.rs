@@ -7,9 +7,9 @@ use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
-    CertificateRecord, CertificateRevocation, HookDelivery, HookRecord, KeyRotation,
-    KeyRotationOutcome, PolicyRecord, RetiredKey, RevocationSnapshot, RevokedCertificate,
-    ServiceKeyRecord, SignatureRecord, Store, StoreError, VoteOutcome,
+    CertificateRecord, CertificateRevocation, CustodialKeyAge, HookDelivery, HookRecord,
+    KeyRotation, KeyRotationOutcome, PolicyRecord, RetiredKey, RevocationSnapshot,
+    RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store, StoreError, VoteOutcome,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -714,6 +714,11 @@ macro_rules! impl_store {
                 else {
                     return Ok(KeyRotationOutcome::Refused { status });
                 };
+                if rotation.expected_old_key.is_some_and(|expected| expected != old_key) {
+                    return Ok(KeyRotationOutcome::Refused {
+                        status: "rotated meanwhile".into(),
+                    });
+                }
                 let revoked = sqlx::query(
                     "UPDATE certificates SET revoked_at = $1, revocation_reason = $2
                      WHERE key_id = $3 AND not_after > $1 AND revoked_at IS NULL
@@ -764,6 +769,30 @@ macro_rules! impl_store {
                     old_key_id: old_key,
                     revoked_serials: revoked,
                 })
+            }
+
+            async fn custodial_key_ages(&self) -> Result<Vec<CustodialKeyAge>, StoreError> {
+                sqlx::query(
+                    "SELECT a.name, a.scopes, a.key_id,
+                         COALESCE((SELECT MAX(r.retired_at) FROM retired_keys r
+                                   WHERE r.agent_name = a.name), a.created_at) AS current_since
+                     FROM agents a WHERE a.status = 'active' AND a.key_id IS NOT NULL
+                     ORDER BY a.name",
+                )
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| -> Result<_, StoreError> {
+                    let scopes: String = r.try_get("scopes")?;
+                    Ok(CustodialKeyAge {
+                        agent_name: r.try_get("name")?,
+                        scopes: serde_json::from_str(&scopes)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        key_id: r.try_get("key_id")?,
+                        current_since: r.try_get("current_since")?,
+                    })
+                })
+                .collect()
             }
 
             async fn retired_key(&self, key_id: &str) -> Result<Option<RetiredKey>, StoreError> {
