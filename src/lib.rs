@@ -18,7 +18,7 @@
 //! store        SQLite / PostgreSQL persistence, audit rows in the same tx
 //! audit        hash-chained audit events
 //! identity     AgentName, TrustDomain, Scope: checked names
-//! config, embedded, telemetry, app, client: wiring and operations
+//! config, embedded, telemetry, app, client, credential: wiring and operations
 //! ```
 
 #![forbid(unsafe_code)]
@@ -32,6 +32,7 @@ pub mod bench;
 pub mod ca;
 pub mod client;
 pub mod config;
+pub mod credential;
 pub mod embedded;
 pub mod envelope;
 pub mod error;

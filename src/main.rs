@@ -277,6 +277,29 @@ enum AgentCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Run as the agent: enroll with a single-use token (a key of the
+    /// agent's own, in DIR), then renew the client certificate at every
+    /// half-life for as long as this runs.
+    Login {
+        name: String,
+        /// The enrollment token (default: KEYWARD_ENROLLMENT_TOKEN).
+        #[arg(long, env = "KEYWARD_ENROLLMENT_TOKEN")]
+        token: Option<String>,
+        /// Where key.pem, cert.pem and chain.pem are kept.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, env = "KEYWARD_URL", default_value = "https://127.0.0.1:7443")]
+        url: String,
+        /// keyward's CA certificate(s).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Enroll (or renew, if DIR holds a credential) once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Certificate lifetime to ask for, in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -742,6 +765,37 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
                 .await?
         }
         AgentCommand::List { client: args } => client(&args)?.get("/v1/agents").await?,
+        AgentCommand::Login {
+            name,
+            token,
+            dir,
+            url,
+            ca,
+            once,
+            ttl,
+        } => {
+            let options = keyward::credential::LoginOptions {
+                url: url.trim_end_matches('/').to_owned(),
+                ca_file: ca,
+                dir,
+                ttl_seconds: ttl,
+            };
+            let issued = if options.dir.join("cert.pem").exists() {
+                keyward::credential::renew(&options, &name).await?
+            } else {
+                let token = token.context("no credential yet: give --token")?;
+                keyward::credential::enroll(&options, &name, &token).await?
+            };
+            println!(
+                "{name}: certificate {} until {}",
+                issued["serial"].as_str().unwrap_or("?"),
+                issued["not_after"].as_str().unwrap_or("?")
+            );
+            if !once {
+                keyward::credential::keep_renewed(&options, &name).await?;
+            }
+            return Ok(());
+        }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

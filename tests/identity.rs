@@ -263,7 +263,87 @@ async fn enrollment_tokens_work_once_and_not_after_they_expire(db: Db) {
     assert_eq!(stored, Some(1));
 }
 
+/// `keyward agent login`: enrolls with a key of the agent's own, then keeps
+/// the client certificate renewed at half-life.
+async fn keyward_agent_login_enrolls_and_keeps_the_credential_renewed(db: Db) {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::start(db).await;
+    common::register_agent(&server, "alice").await;
+    let token = enrollment_token(&server, "alice").await;
+    let dir = server.path("alice-credential");
+    let login = |extra: &[&str]| {
+        let mut command = Command::new(common::keyward_bin());
+        command
+            .args(["agent", "login", "alice", "--url", &server.url, "--ca"])
+            .arg(server.path("ca.pem"))
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra);
+        command
+    };
+    let (ok, out) = run(&mut login(&["--token", &token, "--once", "--ttl", "4"]));
+    assert!(ok, "{out}");
+    let mode = std::fs::metadata(dir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let serial = |d: &std::path::Path| {
+        run(Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(d.join("cert.pem")))
+        .1
+    };
+    let first = serial(&dir);
+    let cert = std::fs::read_to_string(dir.join("cert.pem")).unwrap();
+    let alice = mtls_client(&server, &cert, &dir.join("key.pem"));
+    let (status, _) = post(
+        &alice,
+        &server,
+        "/v1/agents/alice/sign",
+        json!({"message_b64": B64.encode(b"hi")}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // Running on, it renews at half of the 4 s lifetime.
+    let mut running = login(&["--ttl", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut renewals = 0;
+    let mut last = serial(&dir);
+    while start.elapsed() < Duration::from_secs(12) && renewals < 2 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = serial(&dir);
+        if now != last && !now.is_empty() {
+            renewals += 1;
+            last = now;
+        }
+    }
+    let _ = running.kill();
+    let _ = running.wait();
+    assert!(renewals >= 2, "renewed {renewals} times");
+    assert_ne!(last, first);
+    let cert = std::fs::read_to_string(dir.join("cert.pem")).unwrap();
+    let renewed = mtls_client(&server, &cert, &dir.join("key.pem"));
+    let (status, _) = post(
+        &renewed,
+        &server,
+        "/v1/agents/alice/sign",
+        json!({"message_b64": B64.encode(b"hi")}),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "the renewed key and certificate belong together"
+    );
+}
+
 on_both_databases!(
+    keyward_agent_login_enrolls_and_keeps_the_credential_renewed,
     an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other,
     forged_and_foreign_certificates_get_no_identity,
     enrollment_tokens_work_once_and_not_after_they_expire,
