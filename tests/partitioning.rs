@@ -31,6 +31,7 @@ fn endpoints() -> Vec<(&'static str, &'static str, Value)> {
             json!({"ttl_seconds": 60}),
         ),
         ("GET", "/v1/agents/{a}", Value::Null),
+        ("PATCH", "/v1/agents/{a}", json!({"scopes": []})),
         ("POST", "/v1/agents/{a}/enrollment-tokens", json!({})),
         (
             "POST",
@@ -55,13 +56,13 @@ fn endpoints() -> Vec<(&'static str, &'static str, Value)> {
 }
 
 /// What an agent acting for itself may do (the rest is for admins).
-fn self_allowed(path: &str) -> bool {
+fn self_allowed(method: &str, path: &str) -> bool {
     matches!(
-        path,
-        "/v1/agents/{a}/sign"
-            | "/v1/agents/{a}/messages"
-            | "/v1/agents/{a}/certificates"
-            | "/v1/agents/{a}"
+        (method, path),
+        ("POST", "/v1/agents/{a}/sign")
+            | ("POST", "/v1/agents/{a}/messages")
+            | ("POST", "/v1/agents/{a}/certificates")
+            | ("GET", "/v1/agents/{a}")
     )
 }
 
@@ -161,11 +162,11 @@ async fn every_agent_endpoint_answers_every_kind_of_caller_as_it_should(db: Db) 
 
     let admin_token = server.admin_token.trim().to_owned();
     for endpoint in endpoints() {
-        let path = endpoint.1;
+        let (method, path) = (endpoint.0, endpoint.1);
         // The agent itself.
         let (status, answer) = call(&alice, &server, &endpoint, "alice", None).await;
         let status = status.unwrap();
-        if self_allowed(path) {
+        if self_allowed(method, path) {
             assert!(
                 status != 401 && status != 403,
                 "self {path}: {status} {answer}"
@@ -179,7 +180,7 @@ async fn every_agent_endpoint_answers_every_kind_of_caller_as_it_should(db: Db) 
         }
         // Another agent's resources (the collection endpoints have no target).
         let (status, answer) = call(&alice, &server, &endpoint, "bob", None).await;
-        let expected = if self_allowed(path) {
+        let expected = if self_allowed(method, path) {
             "other_agent"
         } else {
             "admin_only"

@@ -310,7 +310,69 @@ async fn a_certificate_past_half_life_must_be_renewed_first(db: Db) {
     assert_eq!(status, 200);
 }
 
+async fn changing_an_agents_scopes_changes_what_it_may_do(db: Db) {
+    let server = Server::start(db).await;
+    let (key, cert) = enrolled_with(&server, "alice", &[]).await;
+    let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
+    apply(&server, "[roles.payments]\nactions = [\"sign\"]\n").await;
+    let (status, _) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(status, 403);
+    let (status, updated) = server
+        .admin(
+            "PATCH",
+            "/v1/agents/alice",
+            Some(json!({"scopes": ["payments"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["scopes"], json!(["payments"]));
+    let (status, _) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
+    assert_eq!(status, 200, "the new role applies from the next request");
+
+    let before = server.row_counts().await;
+    for (path, body, status, code) in [
+        (
+            "/v1/agents/alice",
+            json!({"scopes": ["Not A Scope"]}),
+            400,
+            "invalid_scope",
+        ),
+        (
+            "/v1/agents/alice",
+            json!({"roles": ["payments"]}),
+            400,
+            "invalid_request",
+        ),
+        (
+            "/v1/agents/nobody",
+            json!({"scopes": []}),
+            404,
+            "agent_not_found",
+        ),
+    ] {
+        let (got, answer) = server.admin("PATCH", path, Some(body)).await;
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path}"
+        );
+    }
+    let response = alice
+        .patch(format!("{}/v1/agents/alice", server.url))
+        .json(&json!({"scopes": ["payments", "admin"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        403,
+        "an agent does not choose its own roles"
+    );
+    assert_eq!(server.row_counts().await, before);
+}
+
 on_both_databases!(
+    changing_an_agents_scopes_changes_what_it_may_do,
     a_certificate_past_half_life_must_be_renewed_first,
     a_rollback_changes_what_an_agent_may_do_on_its_next_request,
     intents_rates_and_lifetimes_are_enforced,

@@ -437,6 +437,31 @@ impl Registry {
         }
     }
 
+    /// Replaces the agent's scopes: its roles under the policy, from its
+    /// next request on this replica (within the cache's second on others).
+    pub async fn set_scopes(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        scopes: Vec<Scope>,
+    ) -> Result<AgentRecord, AgentError> {
+        if scopes.len() > MAX_SCOPES {
+            return Err(AgentError::TooManyScopes(MAX_SCOPES));
+        }
+        let scopes: Vec<String> = scopes.into_iter().map(String::from).collect();
+        let audit =
+            AuditEvent::new(actor, "agent.scopes", name.as_str()).with("scopes", scopes.clone());
+        if !self
+            .store
+            .set_agent_scopes(name.as_str(), &scopes, &audit)
+            .await?
+        {
+            return Err(AgentError::NotFound(name.to_string()));
+        }
+        self.cache.invalidate(name);
+        self.get(name).await
+    }
+
     pub async fn get(&self, name: &AgentName) -> Result<AgentRecord, AgentError> {
         self.store
             .agent(name.as_str())

@@ -20,7 +20,7 @@ use crate::policy::{authorize, Action, Caller};
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/agents", post(create_agent).get(list_agents))
-        .route("/v1/agents/{name}", get(get_agent))
+        .route("/v1/agents/{name}", get(get_agent).patch(update_agent))
         .route("/v1/agents/{name}/certificates", post(issue_certificate))
 }
 
@@ -74,6 +74,34 @@ async fn get_agent(
     let name = agent_name(&name)?;
     authorize(&caller, Action::ReadAgent(&name))?;
     let record = state.registry.get(&name).await?;
+    Ok(Json(AgentView::from_record(record)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateAgent {
+    scopes: Vec<String>,
+}
+
+/// Replaces the agent's scopes (its roles under the policy). Admin only.
+async fn update_agent(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Unparsed<UpdateAgent>,
+) -> Result<Json<AgentView>, ApiError> {
+    let name = agent_name(&name)?;
+    authorize(&caller, Action::UpdateAgent)?;
+    let body = body.parse()?;
+    let scopes = body
+        .scopes
+        .iter()
+        .map(|s| Scope::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let record = state
+        .registry
+        .set_scopes(&caller.audit_name(), &name, scopes)
+        .await?;
     Ok(Json(AgentView::from_record(record)))
 }
 

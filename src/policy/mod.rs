@@ -39,6 +39,8 @@ impl Caller {
 #[derive(Clone, Copy, Debug)]
 pub enum Action<'a> {
     CreateAgent,
+    /// Change an agent's scopes (its roles).
+    UpdateAgent,
     ListAgents,
     ReadAgent(&'a AgentName),
     IssueCertificate(&'a AgentName),
@@ -137,6 +139,7 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
         (
             Caller::Agent(_),
             Action::CreateAgent
+            | Action::UpdateAgent
             | Action::ListAgents
             | Action::Revoke
             | Action::ManageHooks

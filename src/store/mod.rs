@@ -331,6 +331,14 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     async fn agent(&self, name: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// Replaces an agent's scopes (its roles), with the audit event; false
+    /// when there is no such agent.
+    async fn set_agent_scopes(
+        &self,
+        name: &str,
+        scopes: &[String],
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError>;
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Stores an issued certificate (and the evidence it points at) with its

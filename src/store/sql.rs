@@ -319,6 +319,27 @@ macro_rules! impl_store {
                 row.as_ref().map(Self::agent_from_row).transpose()
             }
 
+            async fn set_agent_scopes(
+                &self,
+                name: &str,
+                scopes: &[String],
+                audit: &AuditEvent,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let changed = sqlx::query("UPDATE agents SET scopes = $1 WHERE name = $2")
+                    .bind(serde_json::to_string(scopes).expect("strings serialize"))
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if changed == 0 {
+                    return Ok(false);
+                }
+                Self::append_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
             async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
                 let rows = sqlx::query("SELECT * FROM agents ORDER BY name")
                     .fetch_all(&self.pool)
