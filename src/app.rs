@@ -191,6 +191,7 @@ pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Key
         store,
         pool,
         admin_tokens,
+        admin_token_enabled: config.admin_token_enabled,
         metrics,
     });
     Ok(Keyward {
@@ -301,6 +302,33 @@ pub async fn admin_token_create(keyward: &Keyward, out: &Path) -> anyhow::Result
         .await?;
     write_private_file(out, token.as_bytes()).context("writing the admin token")?;
     Ok(id)
+}
+
+/// `keyward admin cert-issue`: an admin's client certificate for a key the
+/// CLI makes here (`<out>/key.pem`, 0600; `<out>/cert.pem`).
+pub async fn admin_cert_issue(
+    keyward: &Keyward,
+    name: &crate::identity::AgentName,
+    lifetime: Duration,
+    out: &Path,
+) -> anyhow::Result<String> {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let issued = keyward
+        .authority
+        .issue_admin_certificate(name, &secret.public_key(), lifetime)
+        .await?;
+    std::fs::create_dir_all(out)?;
+    write_private_file(
+        &out.join("key.pem"),
+        secret.to_pkcs8_pem(LineEnding::LF)?.as_bytes(),
+    )?;
+    std::fs::write(out.join("cert.pem"), issued.pem.as_bytes())?;
+    let audit = AuditEvent::new("operator", "admin_cert.issue", name.as_str())
+        .with("serial", issued.serial.clone())
+        .with("not_after", issued.not_after);
+    keyward.state.store.append_audit_event(&audit).await?;
+    Ok(issued.serial)
 }
 
 /// `keyward ca rotate`: a new self-signed root on the token becomes the

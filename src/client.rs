@@ -10,7 +10,8 @@ use serde_json::Value;
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    token: SecretString,
+    /// `None` when a client certificate is the credential.
+    token: Option<SecretString>,
 }
 
 /// Where to reach the server and how to trust and authenticate to it.
@@ -19,6 +20,8 @@ pub struct ClientOptions {
     pub ca_file: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub data_dir: PathBuf,
+    /// A client certificate and its key, instead of the admin token.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl Client {
@@ -30,21 +33,32 @@ impl Client {
         let ca_pem = std::fs::read(&ca_file)
             .with_context(|| format!("reading the CA certificate {}", ca_file.display()))?;
         let ca = reqwest::Certificate::from_pem(&ca_pem).context("parsing the CA certificate")?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .build()?;
-        let token = match std::env::var("KEYWARD_TOKEN") {
-            Ok(t) if options.token_file.is_none() => SecretString::from(t),
-            _ => {
-                let file = options
-                    .token_file
-                    .clone()
-                    .unwrap_or_else(|| options.data_dir.join("admin.token"));
-                read_token(&file)?
+            .add_root_certificate(ca);
+        let token = match &options.identity {
+            Some((cert, key)) => {
+                let mut pem =
+                    std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+                pem.extend(
+                    std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+                );
+                builder = builder.identity(reqwest::Identity::from_pem(&pem)?);
+                None
             }
+            None => Some(match std::env::var("KEYWARD_TOKEN") {
+                Ok(t) if options.token_file.is_none() => SecretString::from(t),
+                _ => {
+                    let file = options
+                        .token_file
+                        .clone()
+                        .unwrap_or_else(|| options.data_dir.join("admin.token"));
+                    read_token(&file)?
+                }
+            }),
         };
+        let http = builder.build()?;
         Ok(Self {
             http,
             base: options.url.trim_end_matches('/').to_owned(),
@@ -58,10 +72,10 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(self.token.expose_secret());
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.expose_secret());
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }

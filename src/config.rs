@@ -112,6 +112,9 @@ pub struct ServerFile {
     /// point there (`status_url`, default `http://<status_listen>`).
     pub status_listen: Option<String>,
     pub status_url: Option<String>,
+    /// Accept admin tokens (`Authorization: Bearer`). With `false`, admins
+    /// authenticate with client certificates (`keyward admin cert-issue`).
+    pub admin_token: Option<bool>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -146,6 +149,7 @@ pub struct Config {
     /// See `ServerFile::status_listen` and `status_url`.
     pub status_listen: Option<SocketAddr>,
     pub status_url: Option<String>,
+    pub admin_token_enabled: bool,
     pub hook_allowed_hosts: Vec<String>,
 }
 
@@ -281,6 +285,7 @@ impl ConfigFile {
             ttl,
             ca_validity,
             server_dns_names: self.server.dns_names,
+            admin_token_enabled: self.server.admin_token.unwrap_or(true),
             status_listen: match &self.server.status_listen {
                 Some(text) => Some(text.parse().map_err(|_| {
                     invalid(format!(

@@ -87,6 +87,11 @@ impl TrustDomain {
     pub fn agent_spiffe_id(&self, agent: &AgentName) -> String {
         format!("spiffe://{}/agent/{}", self.0, agent)
     }
+
+    /// `spiffe://<trust-domain>/admin/<name>`: an operator, not an agent.
+    pub fn admin_spiffe_id(&self, admin: &AgentName) -> String {
+        format!("spiffe://{}/admin/{}", self.0, admin)
+    }
 }
 
 impl TryFrom<String> for TrustDomain {

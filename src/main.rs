@@ -84,6 +84,19 @@ enum ApprovalsCommand {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Issue an admin client certificate (SAN spiffe://<td>/admin/<name>)
+    /// for a key made here: <out>/key.pem (0600) and <out>/cert.pem. Use it
+    /// with --cert/--key, or curl --cert/--key.
+    CertIssue {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in seconds (at most a day).
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Create another admin token (one per admin: the two-person rule needs
     /// two). Servers accept it after a restart.
     TokenCreate {
@@ -260,6 +273,12 @@ struct ClientArgs {
     token_file: Option<PathBuf>,
     #[arg(long, env = "KEYWARD_DATA_DIR", default_value = keyward::config::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// Client certificate (admin or agent) instead of the admin token.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -467,6 +486,30 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(command) => runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => runtime()?.block_on(cert_command(command)),
+        Command::Admin(AdminCommand::CertIssue {
+            name,
+            out,
+            ttl,
+            server,
+        }) => {
+            keyward::telemetry::init_logging(server.log_json);
+            anyhow::ensure!((1..=86_400).contains(&ttl), "--ttl must be 1 to 86400");
+            let name = keyward::identity::AgentName::parse(&name)?;
+            let config = load_config(&server)?;
+            let pkcs11 = key_store(&config)?;
+            runtime()?.block_on(async {
+                let kw = keyward::app::start(&config, &pkcs11).await?;
+                let serial = keyward::app::admin_cert_issue(
+                    &kw,
+                    &name,
+                    std::time::Duration::from_secs(ttl),
+                    &out,
+                )
+                .await?;
+                println!("admin {name}: certificate {serial} in {}", out.display());
+                Ok(())
+            })
+        }
         Command::Admin(AdminCommand::TokenCreate { out, server }) => {
             keyward::telemetry::init_logging(server.log_json);
             let config = load_config(&server)?;
@@ -750,6 +793,7 @@ fn client(args: &ClientArgs) -> anyhow::Result<Client> {
         ca_file: args.ca.clone(),
         token_file: args.token_file.clone(),
         data_dir: args.data_dir.clone(),
+        identity: args.cert.clone().zip(args.key.clone()),
     })
 }
 

@@ -342,7 +342,53 @@ async fn keyward_agent_login_enrolls_and_keeps_the_credential_renewed(db: Db) {
     );
 }
 
+/// Admins with client certificates, and admin tokens switched off.
+async fn admins_can_use_client_certificates_when_tokens_are_off(db: Db) {
+    let server = Server::start_with_config(db, "[server]\nadmin_token = false\n").await;
+    let (status, answer) = server.admin("GET", "/v1/agents", None).await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (401, Some("admin_token_disabled"))
+    );
+    let out = server.path("ops");
+    let (ok, text) = run(Command::new(common::keyward_bin())
+        .args(["admin", "cert-issue", "ops", "--out"])
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(server.data_dir.path())
+        .arg("--database-url")
+        .arg(&server.database.url)
+        .env_remove("SOFTHSM2_CONF"));
+    assert!(ok, "{text}");
+    let cert = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    let ops = mtls_client(&server, &cert, &out.join("key.pem"));
+    let (status, created) = post(
+        &ops,
+        &server,
+        "/v1/agents",
+        json!({"name": "alpha", "scopes": []}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    // The CLI with the certificate instead of a token.
+    let (ok, listed) = run(Command::new(common::keyward_bin())
+        .args(["agent", "list", "--url", &server.url, "--data-dir"])
+        .arg(server.data_dir.path())
+        .arg("--cert")
+        .arg(out.join("cert.pem"))
+        .arg("--key")
+        .arg(out.join("key.pem")));
+    assert!(ok && listed.contains("alpha"), "{listed}");
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    let create = records
+        .iter()
+        .find(|r| r.event.action == "agent.create")
+        .unwrap();
+    assert_eq!(create.event.actor, "admin:cert:ops");
+}
+
 on_both_databases!(
+    admins_can_use_client_certificates_when_tokens_are_off,
     keyward_agent_login_enrolls_and_keeps_the_credential_renewed,
     an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other,
     forged_and_foreign_certificates_get_no_identity,

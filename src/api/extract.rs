@@ -132,6 +132,8 @@ pub enum PeerIdentity {
         /// Unix seconds; a long-lived connection outlives its certificate.
         not_after: i64,
     },
+    /// An operator's client certificate (`spiffe://<td>/admin/<name>`).
+    Admin { name: AgentName, not_after: i64 },
     /// A certificate keyward's CA issued that names no agent of this trust
     /// domain (a server certificate, another trust domain's ID).
     NotAnAgent,
@@ -178,11 +180,24 @@ impl ClientIdentifier {
             return PeerIdentity::NotAnAgent;
         };
         // The name is the last segment, and the whole ID must be exactly
-        // what this trust domain would give that agent.
-        let name = verified.spiffe_id().and_then(|id| {
-            let name = AgentName::parse(id.rsplit('/').next()?).ok()?;
-            (self.trust_domain.agent_spiffe_id(&name) == id).then_some(name)
-        });
+        // what this trust domain would give that admin or agent.
+        let Some(id) = verified.spiffe_id() else {
+            return PeerIdentity::NotAnAgent;
+        };
+        let Some(name) = id.rsplit('/').next().and_then(|n| AgentName::parse(n).ok()) else {
+            return PeerIdentity::NotAnAgent;
+        };
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        };
+        if self.trust_domain.admin_spiffe_id(&name) == id {
+            return PeerIdentity::Admin {
+                name,
+                not_after: unix(verified.not_after()),
+            };
+        }
+        let name = (self.trust_domain.agent_spiffe_id(&name) == id).then_some(name);
         match name {
             Some(name) => PeerIdentity::Agent {
                 name,
@@ -248,6 +263,15 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     }
                     Ok(Caller::Agent(name))
                 }
+                Some(PeerIdentity::Admin { name, not_after }) => {
+                    if time::OffsetDateTime::now_utc().unix_timestamp() >= not_after {
+                        return Err(ApiError::unauthenticated(
+                            "certificate_expired",
+                            "the client certificate has expired",
+                        ));
+                    }
+                    Ok(Caller::Admin(format!("cert:{name}")))
+                }
                 Some(PeerIdentity::NotAnAgent) => Err(ApiError::unauthenticated(
                     "not_an_agent_certificate",
                     "the client certificate names no agent of this trust domain",
@@ -264,6 +288,12 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .unwrap_or_default();
+        if !state.admin_token_enabled {
+            return Err(ApiError::unauthenticated(
+                "admin_token_disabled",
+                "admin tokens are switched off here: use an admin client certificate",
+            ));
+        }
         let admin = (!token.is_empty())
             .then(|| state.admin_tokens.identify(token))
             .flatten();

@@ -48,6 +48,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub pool: KeyPool,
     pub admin_tokens: AdminTokens,
+    /// `server.admin_token = false` switches bearer tokens off: admins
+    /// then authenticate with client certificates only.
+    pub admin_token_enabled: bool,
     pub metrics: Metrics,
 }
 

@@ -463,6 +463,25 @@ impl Authority {
     }
 
     /// A certificate for a key keyward signs its own statements with.
+    /// An admin's client certificate: SAN `spiffe://<td>/admin/<name>`,
+    /// client auth. Not recorded with agents' certificates; keep it short.
+    pub async fn issue_admin_certificate(
+        &self,
+        name: &AgentName,
+        key: &PublicKey,
+        lifetime: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
+        let spiffe_id = self.trust_domain.admin_spiffe_id(name);
+        let kind = Kind::Agent {
+            spiffe_id: &spiffe_id,
+            attestation: None,
+        };
+        let cert = self
+            .issue(kind, &format!("admin {name}"), key, lifetime)
+            .await?;
+        self.describe(&cert)
+    }
+
     pub async fn issue_service_certificate(
         &self,
         purpose: &str,
