@@ -259,6 +259,10 @@ struct ServerArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Also serve the API over plain HTTP on this loopback address, for
+    /// tests and benchmarks only: no TLS, so no agent certificates either.
+    #[arg(long)]
+    insecure_http: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Clone)]
@@ -398,9 +402,15 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             keyward::telemetry::init_logging(args.log_json);
+            if let Some(addr) = args.insecure_http {
+                anyhow::ensure!(
+                    addr.ip().is_loopback(),
+                    "--insecure-http must be a loopback address, not {addr}"
+                );
+            }
             let config = load_config(&args)?;
             let pkcs11 = key_store(&config)?;
-            runtime()?.block_on(serve(config, pkcs11))
+            runtime()?.block_on(serve(config, pkcs11, args.insecure_http))
         }
         Command::Init(args) => {
             keyward::telemetry::init_logging(args.log_json);
@@ -736,7 +746,11 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
     }
 }
 
-async fn serve(mut config: Config, pkcs11: Pkcs11Config) -> anyhow::Result<()> {
+async fn serve(
+    mut config: Config,
+    pkcs11: Pkcs11Config,
+    insecure_http: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     // Bound first, so that with port 0 the certificates' CRL and OCSP
     // pointers name the port actually in use.
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -769,6 +783,23 @@ async fn serve(mut config: Config, pkcs11: Pkcs11Config) -> anyhow::Result<()> {
             }
         });
         tracing::info!(%status_addr, "CRL and OCSP over plain HTTP");
+    }
+    if let Some(addr) = insecure_http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let bound = listener.local_addr()?;
+        std::fs::write(
+            config.data_dir.join("insecure-http.addr"),
+            bound.to_string(),
+        )?;
+        tracing::warn!(%bound, "serving the API over plain HTTP on loopback (--insecure-http)");
+        let app = keyward::api::router(kw.state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the plain-HTTP listener stopped");
+            }
+        });
     }
     std::fs::write(config.data_dir.join("listen.addr"), addr.to_string())?;
     tracing::info!(%addr, store = kw.state.store.backend_name(), "keyward listening (HTTPS)");

@@ -394,3 +394,65 @@ on_both_databases!(
     forged_and_foreign_certificates_get_no_identity,
     enrollment_tokens_work_once_and_not_after_they_expire,
 );
+
+/// `--insecure-http`: the API over plain HTTP, on loopback only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_for_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = run(Command::new(common::keyward_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-http",
+            "0.0.0.0:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("SOFTHSM2_CONF"));
+    assert!(!ok && out.contains("loopback"), "{out}");
+
+    let mut child = Command::new(common::keyward_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-http",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env_remove("SOFTHSM2_CONF")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr_file = dir.path().join("insecure-http.addr");
+    let start = std::time::Instant::now();
+    while !addr_file.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no plain-HTTP listener"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = format!(
+        "http://{}",
+        std::fs::read_to_string(&addr_file).unwrap().trim()
+    );
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let plain = reqwest::Client::new();
+    let health = plain.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let agents = plain
+        .get(format!("{base}/v1/agents"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(agents.status(), 200);
+    let anonymous = plain.get(format!("{base}/v1/agents")).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let _ = child.kill();
+    let _ = child.wait();
+}
