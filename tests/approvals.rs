@@ -237,7 +237,58 @@ async fn only_admins_decide_and_agents_see_only_their_own(db: Db) {
     assert_eq!(still["status"], "pending");
 }
 
+async fn a_held_certificate_is_issued_once_approved(db: Db) {
+    let server = Server::start(db).await;
+    let (key, cert) = enrolled_with(&server, "alice", &["certs"]).await;
+    let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
+    apply(
+        &server,
+        "[roles.certs]\nactions = [\"issue_cert\"]\nrequires_approval = true\nmax_ttl_seconds = 300\n",
+    )
+    .await;
+    let before = server.row_counts().await.1;
+    let (status, pending) = post(
+        &alice,
+        &server,
+        "/v1/agents/alice/certificates",
+        json!({"ttl_seconds": 120}),
+    )
+    .await;
+    assert_eq!(status, 202, "{pending}");
+    // Held with its lifetime settled under the version that held it.
+    assert_eq!(pending["request"]["ttl_seconds"], 120);
+    assert_eq!(server.row_counts().await.1, before, "nothing issued yet");
+    let id = pending["id"].as_str().unwrap();
+    let (status, decided) = server
+        .admin("POST", &format!("/v1/approvals/{id}/approve"), None)
+        .await;
+    assert_eq!(
+        (status, decided["status"].as_str()),
+        (200, Some("completed")),
+        "{decided}"
+    );
+    let (_, done) = poll(&alice, &server, id).await;
+    assert!(done["result"]["certificate_pem"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(server.row_counts().await.1, before + 1);
+    // A bad CSR is refused before anyone is asked.
+    let (status, answer) = post(
+        &alice,
+        &server,
+        "/v1/agents/alice/certificates",
+        json!({"csr_pem": "nonsense"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_csr"))
+    );
+}
+
 on_both_databases!(
+    a_held_certificate_is_issued_once_approved,
     a_held_request_runs_only_once_an_admin_approves_it,
     a_denied_request_never_runs,
     the_two_person_rule_needs_two_different_admins,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
@@ -105,9 +106,9 @@ async fn update_agent(
     Ok(Json(AgentView::from_record(record)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct IssueCertificate {
+pub(super) struct IssueCertificate {
     ttl_seconds: Option<u64>,
     csr_pem: Option<String>,
 }
@@ -139,7 +140,7 @@ async fn issue_certificate(
     caller: Caller,
     Path(name): Path<String>,
     body: Unparsed<IssueCertificate>,
-) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
+) -> Result<Response, ApiError> {
     let name = agent_name(&name)?;
     authorize(&caller, Action::IssueCertificate(&name))?;
     let body = body.parse()?;
@@ -164,30 +165,57 @@ async fn issue_certificate(
         }
         _ => ttl,
     };
+    // Checked now, so that an admin is never asked to approve a bad CSR.
+    if let Some(pem) = body.csr_pem.as_deref() {
+        VerifiedCsr::from_pem(pem)?;
+    }
+    // Held with the lifetime decided now, under this version's caps.
+    let settled = IssueCertificate {
+        ttl_seconds: Some(ttl.as_secs()),
+        csr_pem: body.csr_pem,
+    };
+    if decision.approvals_required > 0 {
+        let raw = serde_json::to_vec(&settled).map_err(ApiError::internal)?;
+        return super::approvals::hold(&state, &caller, &name, "certificate", &raw, &decision)
+            .await;
+    }
+    let view = execute(
+        &state,
+        &caller.audit_name(),
+        &name,
+        &settled,
+        decision.policy_version,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// Issues what `body` asks (its lifetime already settled), under
+/// `policy_version`: now, or once approved.
+pub(super) async fn execute(
+    state: &AppState,
+    actor: &str,
+    name: &AgentName,
+    body: &IssueCertificate,
+    policy_version: i64,
+) -> Result<IssuedCertificateView, ApiError> {
+    let authority = state.registry.authority();
+    let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
     let key = match body.csr_pem.as_deref() {
         Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
         None => CertificateKey::Custodial,
     };
     let (issued, attestation) = state
         .registry
-        .issue_certificate(
-            &caller.audit_name(),
-            &name,
-            key,
-            ttl,
-            decision.policy_version,
-        )
+        .issue_certificate(actor, name, key, ttl, policy_version)
         .await?;
     state.metrics.certificates_issued.inc();
-    Ok((
-        StatusCode::CREATED,
-        Json(IssuedCertificateView {
-            serial: issued.serial,
-            certificate_pem: issued.pem,
-            chain_pem: authority.chain_pem().to_owned(),
-            not_before: rfc3339(issued.not_before),
-            not_after: rfc3339(issued.not_after),
-            attestation,
-        }),
-    ))
+    Ok(IssuedCertificateView {
+        serial: issued.serial,
+        certificate_pem: issued.pem,
+        chain_pem: authority.chain_pem().to_owned(),
+        not_before: rfc3339(issued.not_before),
+        not_after: rfc3339(issued.not_after),
+        attestation,
+    })
 }

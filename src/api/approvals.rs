@@ -275,6 +275,19 @@ async fn run(state: &AppState, record: ApprovalRecord, request_id: &str) -> Resu
                 Err(e) => Err(e),
             }
         }
+        "certificate" => {
+            let body: super::agents::IssueCertificate =
+                serde_json::from_str(&record.request).map_err(ApiError::internal)?;
+            super::agents::execute(
+                state,
+                &format!("agent:{name}"),
+                &name,
+                &body,
+                record.policy_version,
+            )
+            .await
+            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+        }
         other => Err(ApiError::internal(format!("unknown approval kind {other}"))),
     };
     let (status, value) = match result {
