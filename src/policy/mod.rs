@@ -1,10 +1,14 @@
-//! Authorization: who may do what, decided in one place.
+//! Authorization, in two steps decided here.
 //!
-//! Today there is one built-in policy (version 0): an admin may do
-//! everything; an agent may read its own record and get certificates for
-//! its own keys. Versioned policy files, roles and approvals extend this
-//! (see DESIGN.md); every decision already carries the version it was made
-//! under, and every certificate records it.
+//! [`authorize`]: partitioning, fixed rules — an admin may do everything;
+//! an agent acts only for itself (its record, keys, certificates,
+//! signatures) and never on others or on keyward itself.
+//!
+//! [`engine::PolicyEngine`]: the versioned policy — what an agent may do
+//! for itself (roles named by its scopes: actions, intents, lifetimes,
+//! rates, approval). Until a policy is applied, the built-in version 0
+//! allows everything partitioning allows. Every decision carries the
+//! version it was made under, and the records of what it allowed keep it.
 
 pub mod document;
 pub mod engine;
