@@ -20,7 +20,7 @@ ensure_packages() {
   fi
 }
 
-# What the service needs at run time.
-RUNTIME_PACKAGES=(softhsm2 openssl ca-certificates)
-# What the test suite needs besides: independent PKCS#11 and X.509 tools.
-TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-cryptography)
+# What building and running the service needs (libtss2 for the TPM backend).
+RUNTIME_PACKAGES=(softhsm2 openssl ca-certificates pkg-config libtss2-dev)
+# What the test suite needs besides: independent PKCS#11, X.509 and TPM tools, swtpm.
+TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-cryptography swtpm swtpm-tools tpm2-tools)

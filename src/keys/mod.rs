@@ -9,6 +9,7 @@
 
 pub mod pkcs11;
 pub mod soft;
+pub mod tpm;
 
 use std::fmt;
 use std::sync::Arc;
@@ -76,6 +77,7 @@ impl fmt::Display for KeyId {
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     Pkcs11,
+    Tpm,
     /// In-memory keys for unit tests; refused by a production config.
     Software,
 }
