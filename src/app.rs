@@ -32,8 +32,8 @@ use crate::ca::status::StatusPublisher;
 use crate::ca::Authority;
 use crate::config::Config;
 use crate::embedded::{private_dir, write_private_file};
-use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
-use crate::keys::{KeyBackend, KeyId};
+use crate::keys::KeyId;
+use crate::keys::KeyStoreConfig;
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
 use tower::Layer;
@@ -59,12 +59,15 @@ pub struct Keyward {
 
 /// Opens the token, starts the pool, opens the database, and makes sure the
 /// CA, the attestation key and an admin token exist.
-pub async fn start(config: &Config, pkcs11: &Pkcs11Config) -> anyhow::Result<Keyward> {
+pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Keyward> {
     private_dir(&config.data_dir).context("creating the data directory")?;
     let metrics = Metrics::new();
-    let backend: Arc<dyn KeyBackend> =
-        Arc::new(Pkcs11Backend::open(pkcs11).context("opening the PKCS#11 token")?);
-    let pool = KeyPool::start(backend, &config.pool, metrics.pool.clone())?;
+    let backend = keys.open().context("opening the key store")?;
+    let mut pool_config = config.pool.clone();
+    if let Some(max) = keys.max_workers() {
+        pool_config.workers = pool_config.workers.min(max);
+    }
+    let pool = KeyPool::start(backend, &pool_config, metrics.pool.clone())?;
     let store = store::connect(&config.database_url)
         .await
         .context("opening the database")?;

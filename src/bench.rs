@@ -348,7 +348,11 @@ async fn start_server(
         database_url: None,
         pool_workers: Some(options.workers),
     })?;
-    let keyward = crate::app::start(&config, pkcs11).await?;
+    let keyward = crate::app::start(
+        &config,
+        &crate::keys::KeyStoreConfig::Pkcs11(pkcs11.clone()),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();

@@ -76,6 +76,12 @@ pub enum KeysFile {
         user_pin_env: Option<String>,
         user_pin_file: Option<PathBuf>,
     },
+    /// A TPM 2.0 through a TCTI; key blobs under `key_dir` (default
+    /// `<data-dir>/tpm-keys`).
+    Tpm {
+        tcti: String,
+        key_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +136,7 @@ pub struct Overrides {
 pub enum KeysConfig {
     EmbeddedSoftHsm,
     Pkcs11(Pkcs11Config),
+    Tpm(crate::keys::tpm::TpmConfig),
 }
 
 /// The validated configuration.
@@ -235,6 +242,10 @@ impl ConfigFile {
                     user_pin,
                 })
             }
+            KeysFile::Tpm { tcti, key_dir } => KeysConfig::Tpm(crate::keys::tpm::TpmConfig {
+                tcti,
+                key_dir: key_dir.unwrap_or_else(|| data_dir.join("tpm-keys")),
+            }),
         };
         let defaults = PoolConfig::default();
         let pool = PoolConfig {

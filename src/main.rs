@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use keyward::client::{Client, ClientOptions};
 use keyward::config::{Config, ConfigFile, KeysConfig, Overrides};
-use keyward::keys::pkcs11::Pkcs11Config;
+use keyward::keys::KeyStoreConfig;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -384,11 +384,14 @@ fn load_config(args: &ServerArgs) -> anyhow::Result<Config> {
 
 /// Resolves the key store; for the embedded token this sets SOFTHSM2_CONF,
 /// so it runs before the async runtime starts any thread.
-fn key_store(config: &Config) -> anyhow::Result<Pkcs11Config> {
-    match &config.keys {
-        KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(&config.data_dir),
-        KeysConfig::Pkcs11(p) => Ok(p.clone()),
-    }
+fn key_store(config: &Config) -> anyhow::Result<KeyStoreConfig> {
+    Ok(match &config.keys {
+        KeysConfig::EmbeddedSoftHsm => {
+            KeyStoreConfig::Pkcs11(keyward::embedded::prepare(&config.data_dir)?)
+        }
+        KeysConfig::Pkcs11(p) => KeyStoreConfig::Pkcs11(p.clone()),
+        KeysConfig::Tpm(t) => KeyStoreConfig::Tpm(t.clone()),
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -471,6 +474,9 @@ fn main() -> anyhow::Result<()> {
                 {
                     KeysConfig::Pkcs11(p) => p,
                     KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
+                    KeysConfig::Tpm(_) => {
+                        anyhow::bail!("bench sign measures PKCS#11 tokens; a tpm mode is to come")
+                    }
                 },
                 None => keyward::embedded::prepare(dir.path())?,
             };
@@ -748,7 +754,7 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
 
 async fn serve(
     mut config: Config,
-    pkcs11: Pkcs11Config,
+    pkcs11: KeyStoreConfig,
     insecure_http: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     // Bound first, so that with port 0 the certificates' CRL and OCSP

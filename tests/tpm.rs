@@ -1,6 +1,8 @@
 //! The TPM 2.0 backend against a real software TPM (swtpm, libtpms), one
 //! swtpm process per test.
 
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -211,4 +213,56 @@ fn attributes_say_non_extractable_sign_only_and_destroy_forgets_the_key() {
     let again = session.generate(&id).unwrap();
     assert_ne!(VerifyingKey::from(again), key);
     session.ping().unwrap();
+}
+
+/// keyward itself on a TPM: its CA key, attestation key and the agents'
+/// custodial keys all in swtpm (`[keys] backend = "tpm"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyward_runs_with_its_keys_in_a_tpm() {
+    use base64::Engine;
+    use serde_json::json;
+    let tpm = Swtpm::start();
+    let config = format!(
+        "[keys]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port={}\"\n",
+        tpm.port
+    );
+    let server = common::Server::start_with_config(common::Db::Sqlite, &config).await;
+    let issued = common::certified_agent(&server, "alpha").await;
+    let dir = server.data_dir.path();
+    // The keys are TPM blobs in keyward's key directory, not PKCS#11 objects.
+    let blobs = std::fs::read_dir(dir.join("tpm-keys")).unwrap().count();
+    assert!(blobs >= 6, "CA, attestation and agent keys: {blobs} files");
+    std::fs::write(
+        dir.join("leaf.pem"),
+        issued["certificate_pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = common::run(
+        std::process::Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(server.path("ca.pem"))
+            .arg(dir.join("leaf.pem")),
+    );
+    assert!(ok, "{out}");
+    let message = b"signed in the TPM";
+    let (status, signed) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/sign",
+            Some(json!({"message_b64": base64::engine::general_purpose::STANDARD.encode(message)})),
+        )
+        .await;
+    assert_eq!(status, 200, "{signed}");
+    let (_, verdict) = server
+        .admin(
+            "POST",
+            "/v1/verify",
+            Some(json!({
+                "agent": "alpha",
+                "message_b64": base64::engine::general_purpose::STANDARD.encode(message),
+                "signature_b64": signed["signature_der_b64"],
+            })),
+        )
+        .await;
+    assert_eq!(verdict["valid"], true, "{verdict}");
 }

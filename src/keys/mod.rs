@@ -181,6 +181,31 @@ impl KeyError {
     }
 }
 
+/// Which key store to open.
+#[derive(Clone, Debug)]
+pub enum KeyStoreConfig {
+    Pkcs11(pkcs11::Pkcs11Config),
+    Tpm(tpm::TpmConfig),
+}
+
+impl KeyStoreConfig {
+    pub fn open(&self) -> Result<std::sync::Arc<dyn KeyBackend>, KeyError> {
+        Ok(match self {
+            KeyStoreConfig::Pkcs11(c) => std::sync::Arc::new(pkcs11::Pkcs11Backend::open(c)?),
+            KeyStoreConfig::Tpm(c) => std::sync::Arc::new(tpm::TpmBackend::open(c)?),
+        })
+    }
+
+    /// Pool workers this store can use: a TPM runs one command at a time,
+    /// so it gets exactly one (the pool's queue does the batching).
+    pub fn max_workers(&self) -> Option<usize> {
+        match self {
+            KeyStoreConfig::Pkcs11(_) => None,
+            KeyStoreConfig::Tpm(_) => Some(1),
+        }
+    }
+}
+
 /// A key store that hands out sessions to pool workers.
 pub trait KeyBackend: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
