@@ -394,6 +394,16 @@ fn key_store(config: &Config) -> anyhow::Result<KeyStoreConfig> {
     })
 }
 
+/// What a command that runs against keyward's own state (not a server)
+/// needs: logging, the validated config, the key store (the embedded token
+/// prepared before any thread starts), and a runtime.
+fn local(args: &ServerArgs) -> anyhow::Result<(Config, KeyStoreConfig, tokio::runtime::Runtime)> {
+    keyward::telemetry::init_logging(args.log_json);
+    let config = load_config(args)?;
+    let keys = key_store(&config)?;
+    Ok((config, keys, runtime()?))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -416,10 +426,8 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(serve(config, pkcs11, args.insecure_http))
         }
         Command::Init(args) => {
-            keyward::telemetry::init_logging(args.log_json);
-            let config = load_config(&args)?;
-            let pkcs11 = key_store(&config)?;
-            runtime()?.block_on(async {
+            let (config, pkcs11, rt) = local(&args)?;
+            rt.block_on(async {
                 keyward::app::start(&config, &pkcs11).await?;
                 println!("initialized {}", config.data_dir.display());
                 Ok(())
@@ -431,10 +439,8 @@ fn main() -> anyhow::Result<()> {
                 | CaCommand::Import { server, .. }
                 | CaCommand::Rotate { server } => server.clone(),
             };
-            keyward::telemetry::init_logging(args.log_json);
-            let config = load_config(&args)?;
-            let pkcs11 = key_store(&config)?;
-            runtime()?.block_on(async {
+            let (config, pkcs11, rt) = local(&args)?;
+            rt.block_on(async {
                 let kw = keyward::app::start(&config, &pkcs11).await?;
                 match command {
                     CaCommand::Csr { out, .. } => {
@@ -508,12 +514,10 @@ fn main() -> anyhow::Result<()> {
             ttl,
             server,
         }) => {
-            keyward::telemetry::init_logging(server.log_json);
             anyhow::ensure!((1..=86_400).contains(&ttl), "--ttl must be 1 to 86400");
             let name = keyward::identity::AgentName::parse(&name)?;
-            let config = load_config(&server)?;
-            let pkcs11 = key_store(&config)?;
-            runtime()?.block_on(async {
+            let (config, pkcs11, rt) = local(&server)?;
+            rt.block_on(async {
                 let kw = keyward::app::start(&config, &pkcs11).await?;
                 let serial = keyward::app::admin_cert_issue(
                     &kw,
@@ -527,10 +531,8 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Admin(AdminCommand::TokenCreate { out, server }) => {
-            keyward::telemetry::init_logging(server.log_json);
-            let config = load_config(&server)?;
-            let pkcs11 = key_store(&config)?;
-            runtime()?.block_on(async {
+            let (config, pkcs11, rt) = local(&server)?;
+            rt.block_on(async {
                 let kw = keyward::app::start(&config, &pkcs11).await?;
                 let id = keyward::app::admin_token_create(&kw, &out).await?;
                 println!("admin {id}: token written to {}", out.display());
