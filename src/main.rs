@@ -404,6 +404,26 @@ fn local(args: &ServerArgs) -> anyhow::Result<(Config, KeyStoreConfig, tokio::ru
     Ok((config, keys, runtime()?))
 }
 
+/// Runs `work` against a started keyward (no listener), then ends in
+/// order: the runtime first (its tasks hold pool handles), then the pool's
+/// workers, before the process exits. See `KeyPool::join_workers`.
+fn with_keyward<F, Fut>(args: &ServerArgs, work: F) -> anyhow::Result<()>
+where
+    F: FnOnce(keyward::app::Keyward, Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (config, keys, rt) = local(args)?;
+    let pool = rt.block_on(async {
+        let kw = keyward::app::start(&config, &keys).await?;
+        let pool = kw.state.pool.clone();
+        work(kw, config.clone()).await?;
+        anyhow::Ok(pool)
+    })?;
+    drop(rt);
+    pool.join_workers(std::time::Duration::from_secs(5));
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -414,34 +434,29 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            keyward::telemetry::init_logging(args.log_json);
             if let Some(addr) = args.insecure_http {
                 anyhow::ensure!(
                     addr.ip().is_loopback(),
                     "--insecure-http must be a loopback address, not {addr}"
                 );
             }
-            let config = load_config(&args)?;
-            let pkcs11 = key_store(&config)?;
-            runtime()?.block_on(serve(config, pkcs11, args.insecure_http))
+            let (config, keys, rt) = local(&args)?;
+            let pool = rt.block_on(serve(config, keys, args.insecure_http))?;
+            drop(rt);
+            pool.join_workers(std::time::Duration::from_secs(5));
+            Ok(())
         }
-        Command::Init(args) => {
-            let (config, pkcs11, rt) = local(&args)?;
-            rt.block_on(async {
-                keyward::app::start(&config, &pkcs11).await?;
-                println!("initialized {}", config.data_dir.display());
-                Ok(())
-            })
-        }
+        Command::Init(args) => with_keyward(&args, |_kw, config| async move {
+            println!("initialized {}", config.data_dir.display());
+            Ok(())
+        }),
         Command::Ca(command) => {
             let args = match &command {
                 CaCommand::Csr { server, .. }
                 | CaCommand::Import { server, .. }
                 | CaCommand::Rotate { server } => server.clone(),
             };
-            let (config, pkcs11, rt) = local(&args)?;
-            rt.block_on(async {
-                let kw = keyward::app::start(&config, &pkcs11).await?;
+            with_keyward(&args, |kw, config| async move {
                 match command {
                     CaCommand::Csr { out, .. } => {
                         std::fs::write(&out, keyward::app::ca_csr(&kw).await?)?;
@@ -516,9 +531,7 @@ fn main() -> anyhow::Result<()> {
         }) => {
             anyhow::ensure!((1..=86_400).contains(&ttl), "--ttl must be 1 to 86400");
             let name = keyward::identity::AgentName::parse(&name)?;
-            let (config, pkcs11, rt) = local(&server)?;
-            rt.block_on(async {
-                let kw = keyward::app::start(&config, &pkcs11).await?;
+            with_keyward(&server, |kw, _config| async move {
                 let serial = keyward::app::admin_cert_issue(
                     &kw,
                     &name,
@@ -531,9 +544,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Admin(AdminCommand::TokenCreate { out, server }) => {
-            let (config, pkcs11, rt) = local(&server)?;
-            rt.block_on(async {
-                let kw = keyward::app::start(&config, &pkcs11).await?;
+            with_keyward(&server, |kw, _config| async move {
                 let id = keyward::app::admin_token_create(&kw, &out).await?;
                 println!("admin {id}: token written to {}", out.display());
                 Ok(())
@@ -758,7 +769,7 @@ async fn serve(
     mut config: Config,
     pkcs11: KeyStoreConfig,
     insecure_http: Option<std::net::SocketAddr>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<keyward::pool::KeyPool> {
     // Bound first, so that with port 0 the certificates' CRL and OCSP
     // pointers name the port actually in use.
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -812,7 +823,8 @@ async fn serve(
     std::fs::write(config.data_dir.join("listen.addr"), addr.to_string())?;
     tracing::info!(%addr, store = kw.state.store.backend_name(), "keyward listening (HTTPS)");
     println!("keyward listening on https://{addr}");
-    keyward::app::serve(listener, &kw, shutdown_signal()).await
+    keyward::app::serve(listener, &kw, shutdown_signal()).await?;
+    Ok(kw.state.pool.clone())
 }
 
 async fn shutdown_signal() {

@@ -132,6 +132,8 @@ pub struct KeyPool {
     queue: Sender<Job>,
     shared: Arc<Shared>,
     deadline: Duration,
+    /// The worker threads, for an orderly end (see [`KeyPool::join_workers`]).
+    workers: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
 impl KeyPool {
@@ -147,20 +149,43 @@ impl KeyPool {
             metrics,
             batch_size: config.batch_size.max(1),
         });
+        let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
             let shared = Arc::clone(&shared);
             let receiver = receiver.clone();
-            // Detached: a worker exits once every handle (and so the
-            // sending side of the queue) is gone.
-            std::thread::Builder::new()
-                .name(format!("keyward-pool-{index}"))
-                .spawn(move || Worker::new(shared).run(receiver))?;
+            // A worker exits once every handle (and so the sending side of
+            // the queue) is gone, closing its session on the way out.
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("keyward-pool-{index}"))
+                    .spawn(move || Worker::new(shared).run(receiver))?,
+            );
         }
         Ok(Self {
             queue,
             shared,
             deadline: config.deadline,
+            workers: Arc::new(std::sync::Mutex::new(workers)),
         })
+    }
+
+    /// Lets go of this handle and waits, up to `limit`, for the workers to
+    /// close their sessions and end. Call it last, once every other handle
+    /// is gone (the runtime dropped): a process that exits while a worker is
+    /// still inside the PKCS#11 library races the library's own teardown,
+    /// which SoftHSM2 answers with a crash.
+    pub fn join_workers(self, limit: Duration) {
+        let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(self);
+        let deadline = Instant::now() + limit;
+        for handle in handles {
+            while !handle.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
+        }
     }
 
     pub fn breaker_state(&self) -> BreakerState {

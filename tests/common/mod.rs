@@ -473,6 +473,9 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("running a command");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        text.push_str(&format!("\n[{}]", out.status));
+    }
     (out.status.success(), text)
 }
 
