@@ -560,57 +560,32 @@ fn main() -> anyhow::Result<()> {
                     id,
                     comment,
                     client: args,
-                } => {
-                    client(&args)?
-                        .post(
-                            &format!("/v1/approvals/{id}/approve"),
-                            json!({ "comment": comment }),
-                        )
-                        .await?
-                }
+                } => vote(&args, &id, "approve", comment).await?,
                 ApprovalsCommand::Deny {
                     id,
                     comment,
                     client: args,
-                } => {
-                    client(&args)?
-                        .post(
-                            &format!("/v1/approvals/{id}/deny"),
-                            json!({ "comment": comment }),
-                        )
-                        .await?
-                }
+                } => vote(&args, &id, "deny", comment).await?,
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }),
         Command::Revoke(command) => runtime()?.block_on(async {
-            let out = match command {
+            let (path, args, reason) = match command {
                 RevokeCommand::Cert {
                     serial,
                     reason,
-                    client: args,
-                } => {
-                    client(&args)?
-                        .post(
-                            &format!("/v1/certificates/{serial}/revoke"),
-                            json!({ "reason": reason }),
-                        )
-                        .await?
-                }
+                    client,
+                } => (format!("/v1/certificates/{serial}/revoke"), client, reason),
                 RevokeCommand::Agent {
                     name,
                     reason,
-                    client: args,
-                } => {
-                    client(&args)?
-                        .post(
-                            &format!("/v1/agents/{name}/revoke"),
-                            json!({ "reason": reason }),
-                        )
-                        .await?
-                }
+                    client,
+                } => (format!("/v1/agents/{name}/revoke"), client, reason),
             };
+            let out = client(&args)?
+                .post(&path, json!({ "reason": reason }))
+                .await?;
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }),
@@ -622,6 +597,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `keyward approvals approve|deny`: one admin's vote.
+async fn vote(
+    args: &ClientArgs,
+    id: &str,
+    decision: &str,
+    comment: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    client(args)?
+        .post(
+            &format!("/v1/approvals/{id}/{decision}"),
+            json!({ "comment": comment }),
+        )
+        .await
 }
 
 async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {

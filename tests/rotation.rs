@@ -344,22 +344,21 @@ async fn the_policy_rotates_old_keys_on_schedule(db: Db) {
         .await;
     assert_eq!(status, 201);
     let start = Instant::now();
-    let rotated_to = loop {
+    loop {
         let (_, now) = server.admin("GET", "/v1/agents/alpha", None).await;
         if now["key_id"] != first_key {
-            break now["key_id"].as_str().unwrap().to_owned();
+            break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "no scheduled rotation"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
     let (status, signed) = sign(&server, "alpha", None).await;
     assert_eq!(status, 200);
     // The agent may already be on a later key: rotations keep coming.
     assert_ne!(signed["key_id"], first_key);
-    assert!(!rotated_to.is_empty());
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
     let by_policy = records
         .iter()

@@ -67,8 +67,9 @@ impl<T: serde::de::DeserializeOwned> Unparsed<T> {
         &self.bytes
     }
 
-    /// The body as `T`, with the same errors as [`Json`].
-    pub fn parse(self) -> Result<T, ApiError> {
+    /// The body as `T`, with the same errors as [`Json`]. The bytes stay,
+    /// for a request that must be kept as sent (approval).
+    pub fn parse(&self) -> Result<T, ApiError> {
         if !self.is_json {
             return Err(ApiError::new(
                 axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,

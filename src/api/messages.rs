@@ -186,12 +186,11 @@ async fn sign_message(
     Extension(request_id): Extension<RequestId>,
     caller: Caller,
     Path(name): Path<String>,
-    body: Unparsed<MessageInput>,
+    request: Unparsed<MessageInput>,
 ) -> Result<Response, ApiError> {
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::SignMessage(&name))?;
-    let raw = body.raw().to_vec();
-    let body = body.parse()?;
+    let body = request.parse()?;
     let decision = state
         .policy
         .permit(
@@ -206,7 +205,8 @@ async fn sign_message(
     // asked to approve what cannot run.
     let (audience, lifetime_secs) = check_message(&state, &body)?;
     if decision.approvals_required > 0 {
-        return super::approvals::hold(&state, &caller, &name, "message", &raw, &decision).await;
+        return super::approvals::hold(&state, &caller, &name, "message", request.raw(), &decision)
+            .await;
     }
     let output = execute(
         &state,

@@ -91,19 +91,19 @@ async fn sign(
     Extension(request_id): Extension<RequestId>,
     caller: Caller,
     Path(name): Path<String>,
-    body: Unparsed<SignInput>,
+    request: Unparsed<SignInput>,
 ) -> Result<Response, ApiError> {
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::Sign(&name))?;
-    let raw = body.raw().to_vec();
-    let body = body.parse()?;
+    let body = request.parse()?;
     let digest = body.digest()?;
     let decision = state
         .policy
         .permit(&caller, &name, AgentRequest::Sign)
         .await?;
     if decision.approvals_required > 0 {
-        return super::approvals::hold(&state, &caller, &name, "sign", &raw, &decision).await;
+        return super::approvals::hold(&state, &caller, &name, "sign", request.raw(), &decision)
+            .await;
     }
     let signed = execute(
         &state,
