@@ -183,7 +183,27 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
             }
         }
     });
+    let ek_roots = match &config.tpm_ek_roots {
+        Some(dir) => {
+            let roots = crate::attestation::tpm::ek::EkRoots::load_dir(dir).map_err(|e| {
+                anyhow::anyhow!("[attestation.tpm] ek_roots {}: {e}", dir.display())
+            })?;
+            anyhow::ensure!(
+                roots.anchor_count() > 0,
+                "[attestation.tpm] ek_roots {} holds no self-signed root certificate",
+                dir.display()
+            );
+            tracing::info!(dir = %dir.display(), roots = roots.anchor_count(), "TPM EK roots loaded");
+            roots
+        }
+        None => crate::attestation::tpm::ek::EkRoots::from_certificates(Vec::new()),
+    };
+    let tpm = Arc::new(crate::attestation::tpm::TpmVerifier::new(
+        ek_roots,
+        config.tpm_challenge_ttl,
+    ));
     let state = Arc::new(AppState {
+        tpm,
         registry,
         signer,
         verifier,

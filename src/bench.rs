@@ -11,7 +11,8 @@
 //! `naive` (session + login + find + sign + logout + close per signature),
 //! `pool` (in-process submissions through the pool), `http` (the sign
 //! endpoint over HTTPS with keep-alive clients) and `http-half` (the same at
-//! half of `http`'s measured rate, for latency under moderate load).
+//! half of `http`'s measured rate, for latency under moderate load). With
+//! `--tpm TCTI`: `tpm-raw` and `tpm` (see `run_tpm`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigFile, Overrides};
 use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
+use crate::keys::tpm::{TpmBackend, TpmConfig};
 use crate::keys::{KeyBackend, KeyId};
 use crate::pool::{KeyPool, PoolConfig};
 use crate::telemetry::PoolMetrics;
@@ -347,6 +349,7 @@ async fn start_server(
         listen: Some("127.0.0.1:0".into()),
         database_url: None,
         pool_workers: Some(options.workers),
+        tpm_ek_roots: None,
     })?;
     let keyward = crate::app::start(
         &config,
@@ -527,4 +530,64 @@ pub fn table(results: &[BenchResult]) -> String {
         ));
     }
     out
+}
+
+/// TPM2_Sign on one long-lived connection, one thread: the TPM's limit.
+fn tpm_raw(backend: &TpmBackend, key: &KeyId, run_for: Duration) -> anyhow::Result<Sample> {
+    use crate::keys::KeySession;
+    let mut session = backend.open_tpm_session()?;
+    // The key's first load is setup, not signing.
+    session.sign_digest(key, &digest_for(0))?;
+    let start = Instant::now();
+    let mut sample = Sample::empty();
+    while start.elapsed() < run_for {
+        let t = Instant::now();
+        session.sign_digest(key, &digest_for(sample.ops))?;
+        sample.latencies_us.push(micros(t.elapsed()));
+        sample.ops += 1;
+    }
+    sample.elapsed = start.elapsed();
+    Ok(sample)
+}
+
+/// `keyward bench sign --tpm TCTI`: `tpm-raw` (TPM2_Sign in a loop on one
+/// long-lived connection) against `tpm` (the pool's single TPM worker with
+/// `concurrency` callers), on one key in that TPM. swtpm serves one
+/// connection at a time, so the two cannot run at once: each round runs
+/// `tpm-raw` on its own connection, then a pool that is started, warmed
+/// up (its connection and the key loaded) and stopped again.
+pub async fn run_tpm(tcti: &str, options: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
+    use crate::keys::KeySession;
+    let dir = tempfile::tempdir()?;
+    let backend = Arc::new(TpmBackend::open(&TpmConfig {
+        tcti: tcti.to_owned(),
+        key_dir: dir.path().join("keys"),
+    })?);
+    let key = KeyId::random("bench");
+    backend.open_tpm_session()?.generate(&key)?;
+    let c = options.concurrency;
+    let rounds = ((options.seconds / 0.5) as u32).clamp(1, 5);
+    let slice = Duration::from_secs_f64(options.seconds / f64::from(rounds));
+    let (mut raw_s, mut pool_s) = (Sample::empty(), Sample::empty());
+    for _ in 0..rounds {
+        let (b, k) = (backend.clone(), key.clone());
+        raw_s.add(tokio::task::spawn_blocking(move || tpm_raw(&b, &k, slice)).await??);
+
+        let config = PoolConfig {
+            workers: 1,
+            batch_size: options.batch_size,
+            ..PoolConfig::default()
+        };
+        let dyn_backend: Arc<dyn KeyBackend> = backend.clone();
+        let handle = KeyPool::start(dyn_backend, &config, PoolMetrics::unregistered())?;
+        handle.sign(&key, digest_for(0)).await?;
+        pool_s.add(pool(&handle, &key, c, slice).await);
+        tokio::task::spawn_blocking(move || handle.join_workers(Duration::from_secs(10))).await?;
+    }
+    let mut results = vec![raw_s.result("tpm-raw", 1, 1), pool_s.result("tpm", 1, c)];
+    let raw_rate = results[0].ops_per_sec;
+    for r in &mut results {
+        r.ratio_to_raw = Some(r.ops_per_sec / raw_rate);
+    }
+    Ok(results)
 }

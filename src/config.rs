@@ -52,6 +52,27 @@ pub struct ConfigFile {
     pub server: ServerFile,
     #[serde(default)]
     pub hooks: HooksFile,
+    #[serde(default)]
+    pub attestation: AttestationFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationFile {
+    #[serde(default)]
+    pub tpm: TpmAttestationFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmAttestationFile {
+    /// A directory of PEM (or DER) CA certificates: the TPM manufacturers
+    /// whose EK certificates keyward trusts. Self-signed ones are roots;
+    /// the others serve as intermediates. Without it, agents holding their
+    /// own TPM keys cannot enroll.
+    pub ek_roots: Option<PathBuf>,
+    /// How long a challenge (its nonce and secret) stays usable.
+    pub challenge_ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +151,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub database_url: Option<String>,
     pub pool_workers: Option<usize>,
+    pub tpm_ek_roots: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +180,9 @@ pub struct Config {
     pub status_url: Option<String>,
     pub admin_token_enabled: bool,
     pub hook_allowed_hosts: Vec<String>,
+    /// See `TpmAttestationFile`.
+    pub tpm_ek_roots: Option<PathBuf>,
+    pub tpm_challenge_ttl: Duration,
 }
 
 /// An `http(s)://host[:port]` base with no path, query or fragment, so
@@ -286,7 +311,23 @@ impl ConfigFile {
         }
         let ca_validity =
             Duration::from_secs(self.certificates.ca_validity_days.unwrap_or(3650) * 86_400);
+        let tpm_challenge_ttl = Duration::from_secs(
+            self.attestation
+                .tpm
+                .challenge_ttl_seconds
+                .unwrap_or(crate::attestation::tpm::DEFAULT_CHALLENGE_TTL.as_secs()),
+        );
+        if tpm_challenge_ttl.is_zero() || tpm_challenge_ttl > Duration::from_secs(3600) {
+            return Err(invalid(
+                "[attestation.tpm] challenge_ttl_seconds must be 1 to 3600".into(),
+            ));
+        }
         Ok(Config {
+            tpm_ek_roots: overrides
+                .tpm_ek_roots
+                .clone()
+                .or(self.attestation.tpm.ek_roots),
+            tpm_challenge_ttl,
             data_dir,
             listen,
             trust_domain,

@@ -143,6 +143,19 @@ impl From<Scope> for String {
     }
 }
 
+/// A fresh enrollment token: 256 random bits, shown once. keyward keeps
+/// only [`enrollment_token_hash`] of it.
+pub fn new_enrollment_token() -> String {
+    format!("kwe_{}", hex::encode(rand::random::<[u8; 32]>()))
+}
+
+/// What keyward stores of an enrollment token. Surrounding whitespace (a
+/// token read from a file) is not part of the token.
+pub fn enrollment_token_hash(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.trim().as_bytes()).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,7 @@ pub mod pool;
 pub mod revocation;
 pub mod store;
 pub mod telemetry;
+pub mod tpm_enrollment;
 pub mod verify;
 
 pub use error::Error;

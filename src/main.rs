@@ -237,6 +237,10 @@ enum BenchCommand {
         /// Use this config's PKCS#11 token instead of a fresh SoftHSM2 token.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Measure a TPM instead (a TCTI, e.g. swtpm:host=127.0.0.1,port=2321):
+        /// modes tpm-raw (one connection's TPM2_Sign loop) and tpm (the pool).
+        #[arg(long, conflicts_with = "config")]
+        tpm: Option<String>,
     },
 }
 
@@ -263,6 +267,10 @@ struct ServerArgs {
     /// tests and benchmarks only: no TLS, so no agent certificates either.
     #[arg(long)]
     insecure_http: Option<std::net::SocketAddr>,
+    /// Directory of TPM manufacturer CA certificates that agents' EK
+    /// certificates must chain to ([attestation.tpm] ek_roots).
+    #[arg(long)]
+    tpm_ek_roots: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -299,6 +307,29 @@ enum AgentCommand {
     List {
         #[command(flatten)]
         client: ClientArgs,
+    },
+    /// Run as an agent-tpm agent: create a key in this host's TPM, prove
+    /// it to keyward (EK certificate, credential activation, TPM2_Certify)
+    /// and write the certificate, its chain and the key's TPM blobs to OUT.
+    Enroll {
+        name: String,
+        /// The TPM, as a TCTI: device:/dev/tpmrm0, swtpm:host=H,port=P, tabrmd.
+        #[arg(long)]
+        tpm: String,
+        #[arg(long, env = "KEYWARD_URL", default_value = "https://127.0.0.1:7443")]
+        url: String,
+        /// keyward's CA certificate(s).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// File holding the enrollment token returned when the agent was
+        /// registered with "custody":"agent-tpm".
+        #[arg(long)]
+        enrollment_token_file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime to ask for, in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
     },
     /// Run as the agent: enroll with a single-use token (a key of the
     /// agent's own, in DIR), then renew the client certificate at every
@@ -378,6 +409,7 @@ fn load_config(args: &ServerArgs) -> anyhow::Result<Config> {
         listen: args.listen.clone(),
         database_url: args.database_url.clone(),
         pool_workers: args.workers,
+        tpm_ek_roots: args.tpm_ek_roots.clone(),
     };
     Ok(file.validate(&overrides)?)
 }
@@ -486,7 +518,28 @@ fn main() -> anyhow::Result<()> {
             modes,
             json,
             config,
+            tpm,
         }) => {
+            let print = |results: Vec<keyward::bench::BenchResult>| -> anyhow::Result<()> {
+                if json {
+                    for r in &results {
+                        println!("{}", serde_json::to_string(r)?);
+                    }
+                } else {
+                    print!("{}", keyward::bench::table(&results));
+                }
+                Ok(())
+            };
+            if let Some(tcti) = tpm {
+                let options = keyward::bench::BenchOptions {
+                    seconds,
+                    concurrency: concurrency.max(1),
+                    workers: 1,
+                    batch_size: batch_size.max(1),
+                    modes: vec!["tpm-raw".into(), "tpm".into()],
+                };
+                return print(runtime()?.block_on(keyward::bench::run_tpm(&tcti, &options))?);
+            }
             let dir = tempfile::tempdir()?;
             let pkcs11 = match config {
                 Some(path) => match ConfigFile::load(&path)?
@@ -495,8 +548,8 @@ fn main() -> anyhow::Result<()> {
                 {
                     KeysConfig::Pkcs11(p) => p,
                     KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
-                    KeysConfig::Tpm(_) => {
-                        anyhow::bail!("bench sign measures PKCS#11 tokens; a tpm mode is to come")
+                    KeysConfig::Tpm(tpm) => {
+                        anyhow::bail!("for a TPM, run bench sign --tpm {}", tpm.tcti)
                     }
                 },
                 None => keyward::embedded::prepare(dir.path())?,
@@ -510,16 +563,7 @@ fn main() -> anyhow::Result<()> {
                 batch_size: batch_size.max(1),
                 modes,
             };
-            let results =
-                runtime()?.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?;
-            if json {
-                for r in &results {
-                    println!("{}", serde_json::to_string(r)?);
-                }
-            } else {
-                print!("{}", keyward::bench::table(&results));
-            }
-            Ok(())
+            print(runtime()?.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?)
         }
         Command::Agent(command) => runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => runtime()?.block_on(cert_command(command)),
@@ -850,6 +894,36 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
                 .await?
         }
         AgentCommand::List { client: args } => client(&args)?.get("/v1/agents").await?,
+        AgentCommand::Enroll {
+            name,
+            tpm,
+            url,
+            ca,
+            enrollment_token_file,
+            out,
+            ttl,
+        } => {
+            let token = std::fs::read_to_string(&enrollment_token_file)
+                .with_context(|| format!("reading {}", enrollment_token_file.display()))?;
+            std::fs::create_dir_all(&out)?;
+            let issued = keyward::tpm_enrollment::enroll(&keyward::tpm_enrollment::EnrollOptions {
+                url: url.trim_end_matches('/').to_owned(),
+                ca_file: ca,
+                tcti: tpm,
+                token: token.trim().to_owned(),
+                out: out.clone(),
+                ttl_seconds: ttl,
+            })
+            .await?;
+            println!(
+                "{name}: certificate {} until {}, key in the TPM (attestation {}); files in {}",
+                issued["serial"].as_str().unwrap_or("?"),
+                issued["not_after"].as_str().unwrap_or("?"),
+                issued["attestation"].as_str().unwrap_or("?"),
+                out.display()
+            );
+            return Ok(());
+        }
         AgentCommand::Login {
             name,
             token,

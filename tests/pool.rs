@@ -83,6 +83,7 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
         .insert_agent(
             &record,
             None,
+            None,
             &AuditEvent::new("test", "agent.create", "stress"),
         )
         .await

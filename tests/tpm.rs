@@ -3,83 +3,16 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use keyward::keys::tpm::{TpmBackend, TpmConfig};
+use common::swtpm::Swtpm;
+use keyward::keys::tpm::TpmBackend;
 use keyward::keys::{BackendKind, KeyBackend, KeyError, KeyId, KeySession};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::VerifyingKey;
 use sha2::{Digest, Sha256};
-use tempfile::TempDir;
-
-/// Two consecutive free ports: libtss2's swtpm TCTI takes only the server
-/// port and always expects the control channel on the next one.
-fn free_port_pair() -> (u16, u16) {
-    // The ports are released before swtpm binds them; a collision with
-    // another test in that window would show as swtpm failing to start.
-    loop {
-        let server = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = server.local_addr().unwrap().port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return (port, port + 1);
-        }
-    }
-}
-
-/// A running swtpm with its state in a temporary directory; killed on drop.
-struct Swtpm {
-    child: Child,
-    port: u16,
-    dir: TempDir,
-}
-
-impl Swtpm {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).unwrap();
-        let (port, ctrl) = free_port_pair();
-        let child = Command::new("swtpm")
-            .arg("socket")
-            .arg("--tpm2")
-            .arg("--tpmstate")
-            .arg(format!("dir={}", state.display()))
-            .arg("--server")
-            .arg(format!("type=tcp,port={port}"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={ctrl}"))
-            .arg("--flags")
-            .arg("not-need-init,startup-clear")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("swtpm is installed");
-        let tpm = Self { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "swtpm did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        tpm
-    }
-
-    fn config(&self) -> TpmConfig {
-        TpmConfig {
-            tcti: format!("swtpm:host=127.0.0.1,port={}", self.port),
-            key_dir: self.dir.path().join("keys"),
-        }
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn digest(i: u64) -> [u8; 32] {
     Sha256::digest(i.to_be_bytes()).into()

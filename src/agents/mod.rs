@@ -29,6 +29,9 @@ pub mod signing;
 pub mod verification;
 
 pub const CUSTODIAL: &str = "custodial";
+/// The agent creates its key in its own TPM and gets certificates only by
+/// proving that (`/v1/attestation/...`).
+pub const AGENT_TPM: &str = "agent-tpm";
 pub const ACTIVE: &str = "active";
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,10 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error("stored agent record is malformed: {0}")]
     Corrupt(String),
+    #[error("agent {0} holds its key in its own TPM: certificates only through TPM attestation")]
+    AttestationRequired(String),
+    #[error("agent {0} is not an agent-tpm agent")]
+    NotTpmCustody(String),
 }
 
 pub const MAX_SCOPES: usize = 64;
@@ -117,6 +124,8 @@ pub enum CertificateKey {
     Custodial,
     /// A key the agent holds, presented in a verified CSR.
     Csr(VerifiedCsr),
+    /// A key in the agent's own TPM, proven there by TPM2_Certify.
+    TpmAttested(crate::attestation::Verified<crate::attestation::tpm::TpmAttestedKey>),
 }
 
 pub struct Registry {
@@ -428,10 +437,56 @@ impl Registry {
             .with("policy_version", policy_version);
         match self
             .store
-            .insert_agent(&record, Some(evidence), &audit)
+            .insert_agent(&record, Some(evidence), None, &audit)
             .await
         {
             Ok(()) => Ok(AgentView::from_record(record)),
+            Err(StoreError::Conflict(_)) => Err(AgentError::AlreadyExists(name.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Registers an agent that will create its key in its own TPM. No key
+    /// is made here; the returned enrollment token (kept only as a hash)
+    /// pays for exactly one attested enrollment, before `token_expires_at`.
+    pub async fn create_agent_tpm(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        scopes: Vec<Scope>,
+        policy_version: i64,
+        token_expires_at: i64,
+    ) -> Result<(AgentView, String), AgentError> {
+        if scopes.len() > MAX_SCOPES {
+            return Err(AgentError::TooManyScopes(MAX_SCOPES));
+        }
+        let token = crate::identity::new_enrollment_token();
+        let record = AgentRecord {
+            name: name.to_string(),
+            spiffe_id: self.authority.trust_domain().agent_spiffe_id(name),
+            custody: AGENT_TPM.into(),
+            key_id: None,
+            public_key_der: None,
+            attestation_digest: None,
+            scopes: scopes.into_iter().map(String::from).collect(),
+            status: ACTIVE.into(),
+            created_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+        };
+        let audit = AuditEvent::new(actor, "agent.create", name.as_str())
+            .with("custody", AGENT_TPM)
+            .with("scopes", record.scopes.clone())
+            .with("enrollment_token_expires_at", token_expires_at)
+            .with("policy_version", policy_version);
+        let enrollment = crate::store::NewEnrollmentToken {
+            token_sha256: crate::identity::enrollment_token_hash(&token),
+            expires_at: token_expires_at,
+        };
+        match self
+            .store
+            .insert_agent(&record, None, Some(&enrollment), &audit)
+            .await
+        {
+            Ok(()) => Ok((AgentView::from_record(record), token)),
             Err(StoreError::Conflict(_)) => Err(AgentError::AlreadyExists(name.to_string())),
             Err(e) => Err(e.into()),
         }
@@ -493,6 +548,16 @@ impl Registry {
         if agent.status != ACTIVE {
             return Err(AgentError::NotActive(agent.name, agent.status));
         }
+        let tpm_custody = agent.custody == AGENT_TPM;
+        match (&key, tpm_custody) {
+            (CertificateKey::TpmAttested(_), false) => {
+                return Err(AgentError::NotTpmCustody(agent.name))
+            }
+            (CertificateKey::Custodial | CertificateKey::Csr(_), true) => {
+                return Err(AgentError::AttestationRequired(agent.name))
+            }
+            _ => {}
+        }
         // The signing path shows the newest certificate: let it see this one.
         self.cache.invalidate(name);
         match key {
@@ -535,6 +600,31 @@ impl Registry {
                     claims: Some(claims),
                     attestation_digest: Some(digest.clone()),
                     new_evidence: None,
+                    policy_version,
+                };
+                let issued = self
+                    .authority
+                    .issue_agent_certificate(actor, request)
+                    .await?;
+                Ok((issued, Some(digest)))
+            }
+            CertificateKey::TpmAttested(attested) => {
+                let attested = attested.into_inner();
+                let claims = AttestationClaims::for_key(
+                    &attested.attested,
+                    policy_version as u64,
+                    agent.scopes.clone(),
+                )?
+                .to_extension_value()?;
+                let digest = attested.attested.evidence.digest.clone();
+                let request = AgentCertificateRequest {
+                    agent: name,
+                    key_id: None,
+                    subject_key: &attested.public_key,
+                    ttl,
+                    claims: Some(claims),
+                    attestation_digest: Some(digest.clone()),
+                    new_evidence: Some(&attested.attested.evidence),
                     policy_version,
                 };
                 let issued = self

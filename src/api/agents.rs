@@ -31,6 +31,22 @@ struct CreateAgent {
     name: String,
     #[serde(default)]
     scopes: Vec<String>,
+    /// `custodial` (default: keyward generates the key on its token) or
+    /// `agent-tpm` (the agent makes it in its own TPM and proves it).
+    custody: Option<String>,
+    /// Lifetime of an agent-tpm agent's enrollment token.
+    enrollment_token_ttl_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct CreatedAgent {
+    #[serde(flatten)]
+    agent: AgentView,
+    /// agent-tpm only: shown once, pays for one attested enrollment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrollment_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrollment_token_expires_at: Option<String>,
 }
 
 fn agent_name(raw: &str) -> Result<AgentName, ApiError> {
@@ -41,7 +57,7 @@ async fn create_agent(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     body: Unparsed<CreateAgent>,
-) -> Result<(StatusCode, Json<AgentView>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedAgent>), ApiError> {
     let decision = authorize(&caller, Action::CreateAgent)?;
     let body = body.parse()?;
     let name = agent_name(&body.name)?;
@@ -50,12 +66,52 @@ async fn create_agent(
         .iter()
         .map(|s| Scope::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let view = state
-        .registry
-        .create(&caller.audit_name(), &name, scopes, decision.policy_version)
-        .await?;
+    let created = match body.custody.as_deref().unwrap_or(crate::agents::CUSTODIAL) {
+        crate::agents::CUSTODIAL => {
+            if body.enrollment_token_ttl_seconds.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_field",
+                    "enrollment_token_ttl_seconds is for agent-tpm agents",
+                ));
+            }
+            let agent = state
+                .registry
+                .create(&caller.audit_name(), &name, scopes, decision.policy_version)
+                .await?;
+            CreatedAgent {
+                agent,
+                enrollment_token: None,
+                enrollment_token_expires_at: None,
+            }
+        }
+        crate::agents::AGENT_TPM => {
+            let ttl = super::enrollment::token_ttl(body.enrollment_token_ttl_seconds)?;
+            let expires_at = time::OffsetDateTime::now_utc().unix_timestamp() + ttl as i64;
+            let (agent, token) = state
+                .registry
+                .create_agent_tpm(
+                    &caller.audit_name(),
+                    &name,
+                    scopes,
+                    decision.policy_version,
+                    expires_at,
+                )
+                .await?;
+            CreatedAgent {
+                agent,
+                enrollment_token: Some(token),
+                enrollment_token_expires_at: Some(rfc3339(expires_at)),
+            }
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_custody",
+                "custody must be \"custodial\" or \"agent-tpm\"",
+            ))
+        }
+    };
     state.metrics.agents_created.inc();
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 async fn list_agents(

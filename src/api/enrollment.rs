@@ -10,7 +10,6 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::agents::{rfc3339, IssuedCertificateView};
 use super::error::ApiError;
@@ -19,7 +18,7 @@ use super::AppState;
 use crate::agents::CertificateKey;
 use crate::audit::AuditEvent;
 use crate::ca::csr::VerifiedCsr;
-use crate::identity::AgentName;
+use crate::identity::{enrollment_token_hash, new_enrollment_token, AgentName};
 use crate::policy::{authorize, Action, Caller};
 
 /// Enrollment tokens live this long unless asked otherwise.
@@ -36,6 +35,18 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/renew", post(renew))
 }
 
+/// An enrollment token's lifetime in seconds, default or asked for.
+pub(super) fn token_ttl(requested: Option<u64>) -> Result<u64, ApiError> {
+    let ttl = requested.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+    if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            format!("token lifetime must be 1 to {MAX_TOKEN_TTL_SECS} seconds"),
+        ));
+    }
+    Ok(ttl)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenInput {
@@ -50,10 +61,6 @@ struct TokenOutput {
     expires_at: String,
 }
 
-fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 async fn create_enrollment_token(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -63,18 +70,12 @@ async fn create_enrollment_token(
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::CreateEnrollmentToken)?;
     let body = body.parse()?;
-    let ttl = body.ttl_seconds.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
-    if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
-        return Err(ApiError::bad_request(
-            "invalid_ttl",
-            format!("ttl_seconds must be 1 to {MAX_TOKEN_TTL_SECS}"),
-        ));
-    }
+    let ttl = token_ttl(body.ttl_seconds)?;
     let agent = state.registry.get(&name).await?;
     if agent.status != crate::agents::ACTIVE {
         return Err(crate::agents::AgentError::NotActive(agent.name, agent.status).into());
     }
-    let token = format!("kwe_{}", hex::encode(rand::random::<[u8; 32]>()));
+    let token = new_enrollment_token();
     let expires_at = time::OffsetDateTime::now_utc().unix_timestamp() + ttl as i64;
     let audit = AuditEvent::new(
         caller.audit_name(),
@@ -84,7 +85,12 @@ async fn create_enrollment_token(
     .with("expires_at", expires_at);
     state
         .store
-        .insert_enrollment_token(&token_hash(&token), name.as_str(), expires_at, &audit)
+        .insert_enrollment_token(
+            &enrollment_token_hash(&token),
+            name.as_str(),
+            expires_at,
+            &audit,
+        )
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -116,10 +122,19 @@ async fn enroll(
     let authority = state.registry.authority();
     let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let token_hash = enrollment_token_hash(&body.token);
+    // An agent-tpm agent's token pays for attested enrollment only; a CSR
+    // must not spend it.
+    if let Some(agent) = state.store.enrollment_token_agent(&token_hash, now).await? {
+        let name = AgentName::parse(&agent).map_err(ApiError::internal)?;
+        if state.registry.get(&name).await?.custody == crate::agents::AGENT_TPM {
+            return Err(crate::agents::AgentError::AttestationRequired(agent).into());
+        }
+    }
     let audit = AuditEvent::new("enrollment", "enrollment_token.redeem", "token");
     let agent = state
         .store
-        .redeem_enrollment_token(&token_hash(body.token.trim()), now, &audit)
+        .redeem_enrollment_token(&token_hash, now, &audit)
         .await?
         .ok_or_else(|| {
             // Unknown, used or expired: the same answer for all three.

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::agents::AgentError;
+use crate::attestation::tpm::TpmAttestationError;
 use crate::attestation::AttestationError;
 use crate::ca::CaError;
 use crate::identity::NameError;
@@ -204,6 +205,25 @@ impl From<AttestationError> for ApiError {
     }
 }
 
+/// Malformed or unsupported evidence is the sender's mistake (400); a
+/// replay conflicts with the one use already made (409); everything else
+/// is evidence that was understood and not believed (403).
+impl From<TpmAttestationError> for ApiError {
+    fn from(e: TpmAttestationError) -> Self {
+        use TpmAttestationError as T;
+        let status = match e {
+            T::Malformed(_)
+            | T::UnsupportedNameAlg
+            | T::KeyUnsupported
+            | T::EkUnsuitable(_)
+            | T::AttestWrongType => StatusCode::BAD_REQUEST,
+            T::NonceReplayed => StatusCode::CONFLICT,
+            _ => StatusCode::FORBIDDEN,
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
         match e {
@@ -226,6 +246,12 @@ impl From<AgentError> for ApiError {
             }
             AgentError::NoCertificate(_) => {
                 ApiError::new(StatusCode::CONFLICT, "no_certificate", e.to_string())
+            }
+            AgentError::AttestationRequired(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "attestation_required", e.to_string())
+            }
+            AgentError::NotTpmCustody(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_agent_tpm", e.to_string())
             }
             AgentError::Envelope(inner) => ApiError::bad_request(inner.reason(), inner.to_string()),
             AgentError::Ca(e) => e.into(),

@@ -4,6 +4,7 @@
 
 mod agents;
 mod approvals;
+mod attestation;
 mod enrollment;
 pub mod error;
 pub mod extract;
@@ -39,6 +40,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Verifies evidence from agents that hold their keys in their own TPM.
+    pub tpm: Arc<crate::attestation::tpm::TpmVerifier>,
     pub signer: Arc<AgentSigner>,
     pub verifier: Arc<Verifier>,
     pub status: Arc<crate::ca::status::StatusPublisher>,
@@ -78,6 +81,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(status::router())
         .merge(hooks::router())
         .merge(enrollment::router())
+        .merge(attestation::router())
         .merge(policies::router())
         .merge(approvals::router())
         .fallback(not_found)

@@ -5,6 +5,7 @@
 //! only [`AttestationClaims`], a short summary in a non-critical extension.
 
 pub mod pkcs11;
+pub mod tpm;
 
 use der::asn1::OctetString;
 use der::{Encode, Sequence};

@@ -19,6 +19,7 @@ pub const MAX_CSR_PEM_LEN: usize = 16 * 1024;
 #[derive(Debug)]
 pub struct VerifiedCsr {
     key: PublicKey,
+    attributes: x509_cert::attr::Attributes,
 }
 
 impl VerifiedCsr {
@@ -44,10 +45,24 @@ impl VerifiedCsr {
         VerifyingKey::from(&key)
             .verify(&signed, &signature)
             .map_err(|_| CaError::CsrSignature)?;
-        Ok(Self { key })
+        Ok(Self {
+            key,
+            attributes: csr.info.attributes,
+        })
     }
 
     pub fn public_key(&self) -> &PublicKey {
         &self.key
+    }
+
+    /// The values of the request's attribute `oid` (none when absent).
+    /// They are covered by the verified signature; what they mean is for
+    /// the caller to decide.
+    pub fn attribute_values(&self, oid: &const_oid::ObjectIdentifier) -> Vec<der::Any> {
+        self.attributes
+            .iter()
+            .filter(|a| &a.oid == oid)
+            .flat_map(|a| a.values.iter().cloned())
+            .collect()
     }
 }

@@ -115,7 +115,7 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> KeyError {
 /// The storage primary under the owner hierarchy. Every field is fixed
 /// because CreatePrimary derives the key from the owner seed *and* the
 /// template: change anything here and every blob in `key_dir` stops loading.
-fn primary_template() -> Result<Public, TssError> {
+pub(crate) fn primary_template() -> Result<Public, TssError> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -146,7 +146,7 @@ fn ecdsa_sha256() -> HashScheme {
     HashScheme::new(HashingAlgorithm::Sha256)
 }
 
-fn signing_key_template() -> Result<Public, TssError> {
+pub(crate) fn signing_key_template() -> Result<Public, TssError> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -425,51 +425,8 @@ impl TpmSession {
         Ok(Blobs { public, private })
     }
 
-    /// Writes both blobs under temporary names, then renames them into
-    /// place, `.pub` last: a key counts as present once its `.pub` exists,
-    /// so a crash never leaves a half-written key that looks whole.
     fn write_blobs(&self, id: &KeyId, public: &Public, private: &Private) -> Result<(), KeyError> {
-        let public = PublicBuffer::try_from(public.clone())
-            .and_then(|b| b.marshall())
-            .map_err(|e| classify("Tss2_MU_TPM2B_PUBLIC_Marshal", e))?;
-        let secret = private.value();
-        let len = u16::try_from(secret.len())
-            .map_err(|_| KeyError::Malformed("TPM2B_PRIVATE longer than 65535 bytes".into()))?;
-        let mut private_bytes = len.to_be_bytes().to_vec();
-        private_bytes.extend_from_slice(secret);
-
-        let mut staged = Vec::new();
-        let result = (|| {
-            for (ext, bytes) in [("priv", &private_bytes), ("pub", &public)] {
-                let tmp = self.shared.key_dir.join(format!(".{id}.{ext}.tmp"));
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|e| match e.kind() {
-                        // Another session is generating the same id.
-                        ErrorKind::AlreadyExists => KeyError::AlreadyExists(id.clone()),
-                        _ => io_error("creating", &tmp, e),
-                    })?;
-                staged.push(tmp.clone());
-                file.write_all(bytes)
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| io_error("writing", &tmp, e))?;
-            }
-            for (tmp, ext) in staged.iter().zip(["priv", "pub"]) {
-                let path = self.path(id, ext);
-                fs::rename(tmp, &path).map_err(|e| io_error("renaming to", &path, e))?;
-            }
-            staged.clear();
-            fs::File::open(&self.shared.key_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_error("syncing", &self.shared.key_dir, e))
-        })();
-        for tmp in staged {
-            let _ = fs::remove_file(tmp);
-        }
-        result
+        write_key_blobs(&self.shared.key_dir, id, public, private)
     }
 
     /// Drops the handle from the cache and frees its TPM slot.
@@ -617,4 +574,56 @@ impl KeySession for TpmSession {
             .map(drop)
             .map_err(|e| classify("GetRandom", e))
     }
+}
+
+/// Writes both blobs under temporary names, then renames them into
+/// place, `.pub` last: a key counts as present once its `.pub` exists,
+/// so a crash never leaves a half-written key that looks whole.
+pub(crate) fn write_key_blobs(
+    key_dir: &Path,
+    id: &KeyId,
+    public: &Public,
+    private: &Private,
+) -> Result<(), KeyError> {
+    let public = PublicBuffer::try_from(public.clone())
+        .and_then(|b| b.marshall())
+        .map_err(|e| classify("Tss2_MU_TPM2B_PUBLIC_Marshal", e))?;
+    let secret = private.value();
+    let len = u16::try_from(secret.len())
+        .map_err(|_| KeyError::Malformed("TPM2B_PRIVATE longer than 65535 bytes".into()))?;
+    let mut private_bytes = len.to_be_bytes().to_vec();
+    private_bytes.extend_from_slice(secret);
+
+    let mut staged = Vec::new();
+    let result = (|| {
+        for (ext, bytes) in [("priv", &private_bytes), ("pub", &public)] {
+            let tmp = key_dir.join(format!(".{id}.{ext}.tmp"));
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| match e.kind() {
+                    // Another session is generating the same id.
+                    ErrorKind::AlreadyExists => KeyError::AlreadyExists(id.clone()),
+                    _ => io_error("creating", &tmp, e),
+                })?;
+            staged.push(tmp.clone());
+            file.write_all(bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io_error("writing", &tmp, e))?;
+        }
+        for (tmp, ext) in staged.iter().zip(["priv", "pub"]) {
+            let path = key_dir.join(format!("{id}.{ext}"));
+            fs::rename(tmp, &path).map_err(|e| io_error("renaming to", &path, e))?;
+        }
+        staged.clear();
+        fs::File::open(key_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error("syncing", key_dir, e))
+    })();
+    for tmp in staged {
+        let _ = fs::remove_file(tmp);
+    }
+    result
 }

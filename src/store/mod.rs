@@ -65,6 +65,42 @@ pub struct AttestationRecord {
     pub created_at: i64,
 }
 
+/// An enrollment token created with its agent, in the agent's transaction.
+#[derive(Clone, Debug)]
+pub struct NewEnrollmentToken {
+    pub token_sha256: [u8; 32],
+    pub expires_at: i64,
+}
+
+/// A TPM attestation challenge: what keyward sent one agent, and what it
+/// expects back.
+#[derive(Clone, Debug)]
+pub struct TpmChallengeRecord {
+    /// The qualifying data TPM2_Certify must carry; unique.
+    pub nonce: Vec<u8>,
+    pub agent_name: String,
+    /// SHA-256 of the credential only the EK's TPM can recover.
+    pub secret_sha256: [u8; 32],
+    /// The AK's `TPMT_PUBLIC`, whose signature the evidence must carry.
+    pub ak_public: Vec<u8>,
+    pub ek_certificate_sha256: [u8; 32],
+    /// The TPM as its EK certificate describes it.
+    pub key_location: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+}
+
+/// What redeeming a TPM challenge did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TpmRedemption {
+    Redeemed,
+    /// Used or expired in the meantime.
+    ChallengeSpent,
+    /// The enrollment token is not (or no longer) valid for its agent.
+    TokenInvalid,
+}
+
 /// keyward's issuing CA: the key on the token and its certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaRecord {
@@ -324,10 +360,13 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// Stores a new agent, and the evidence for its key, with the audit event.
+    /// Registers an agent, with its evidence and, for agents that enroll
+    /// themselves, their first enrollment token: one transaction.
     async fn insert_agent(
         &self,
         agent: &AgentRecord,
         evidence: Option<&AttestationRecord>,
+        enrollment_token: Option<&NewEnrollmentToken>,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     async fn agent(&self, name: &str) -> Result<Option<AgentRecord>, StoreError>;
@@ -499,6 +538,32 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         audit: &AuditEvent,
     ) -> Result<Option<String>, StoreError>;
+
+    /// The agent an enrollment token is for, if the token exists, is
+    /// unused and has not expired at `now`. Spends nothing.
+    async fn enrollment_token_agent(
+        &self,
+        token_sha256: &[u8; 32],
+        now: i64,
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Records a TPM attestation challenge with its audit event.
+    async fn insert_tpm_challenge(
+        &self,
+        challenge: &TpmChallengeRecord,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    async fn tpm_challenge(&self, nonce: &[u8]) -> Result<Option<TpmChallengeRecord>, StoreError>;
+    /// Spends a challenge and the enrollment token that pays for it, in
+    /// one transaction with `audit`: both or neither. Of two concurrent
+    /// redemptions at most one succeeds.
+    async fn redeem_tpm_challenge(
+        &self,
+        nonce: &[u8],
+        token_sha256: &[u8; 32],
+        now: i64,
+        audit: &AuditEvent,
+    ) -> Result<TpmRedemption, StoreError>;
 
     /// Registers a hook; `Conflict` when the URL is registered already.
     async fn insert_hook(

@@ -8,8 +8,9 @@ use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
     CertificateRecord, CertificateRevocation, CustodialKeyAge, HookDelivery, HookRecord,
-    KeyRotation, KeyRotationOutcome, PolicyRecord, RetiredKey, RevocationSnapshot,
-    RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store, StoreError, VoteOutcome,
+    KeyRotation, KeyRotationOutcome, NewEnrollmentToken, PolicyRecord, RetiredKey,
+    RevocationSnapshot, RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store, StoreError,
+    TpmChallengeRecord, TpmRedemption, VoteOutcome,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -285,6 +286,7 @@ macro_rules! impl_store {
                 &self,
                 agent: &AgentRecord,
                 evidence: Option<&AttestationRecord>,
+                enrollment_token: Option<&NewEnrollmentToken>,
                 audit: &AuditEvent,
             ) -> Result<(), StoreError> {
                 let mut tx = self.pool.begin().await?;
@@ -307,6 +309,18 @@ macro_rules! impl_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| unique_violation(e, "agent"))?;
+                if let Some(token) = enrollment_token {
+                    sqlx::query(
+                        "INSERT INTO enrollment_tokens (token_sha256, agent_name, created_at, expires_at)
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(token.token_sha256.to_vec())
+                    .bind(&agent.name)
+                    .bind(agent.created_at)
+                    .bind(token.expires_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 tx.commit().await?;
                 Ok(())
             }
@@ -1134,6 +1148,115 @@ macro_rules! impl_store {
                 Self::append_audit(&mut tx, &audit.clone().with("agent", agent.clone())).await?;
                 tx.commit().await?;
                 Ok(Some(agent))
+            }
+
+            async fn enrollment_token_agent(
+                &self,
+                token_sha256: &[u8; 32],
+                now: i64,
+            ) -> Result<Option<String>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT agent_name FROM enrollment_tokens
+                     WHERE token_sha256 = $1 AND used_at IS NULL AND expires_at > $2",
+                )
+                .bind(token_sha256.to_vec())
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|r| r.try_get("agent_name")).transpose()?)
+            }
+
+            async fn insert_tpm_challenge(
+                &self,
+                challenge: &TpmChallengeRecord,
+                audit: &AuditEvent,
+            ) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await?;
+                Self::append_audit(&mut tx, audit).await?;
+                sqlx::query(
+                    "INSERT INTO tpm_challenges (nonce, agent_name, secret_sha256, ak_public,
+                        ek_certificate_sha256, key_location, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&challenge.nonce)
+                .bind(&challenge.agent_name)
+                .bind(challenge.secret_sha256.to_vec())
+                .bind(&challenge.ak_public)
+                .bind(challenge.ek_certificate_sha256.to_vec())
+                .bind(&challenge.key_location)
+                .bind(challenge.created_at)
+                .bind(challenge.expires_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unique_violation(e, "challenge"))?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn tpm_challenge(
+                &self,
+                nonce: &[u8],
+            ) -> Result<Option<TpmChallengeRecord>, StoreError> {
+                let row = sqlx::query("SELECT * FROM tpm_challenges WHERE nonce = $1")
+                    .bind(nonce)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                let Some(row) = row else {
+                    return Ok(None);
+                };
+                Ok(Some(TpmChallengeRecord {
+                    nonce: row.try_get("nonce")?,
+                    agent_name: row.try_get("agent_name")?,
+                    secret_sha256: hash32(row.try_get("secret_sha256")?, "challenge secret hash")?,
+                    ak_public: row.try_get("ak_public")?,
+                    ek_certificate_sha256: hash32(
+                        row.try_get("ek_certificate_sha256")?,
+                        "EK certificate hash",
+                    )?,
+                    key_location: row.try_get("key_location")?,
+                    created_at: row.try_get("created_at")?,
+                    expires_at: row.try_get("expires_at")?,
+                    used_at: row.try_get("used_at")?,
+                }))
+            }
+
+            async fn redeem_tpm_challenge(
+                &self,
+                nonce: &[u8],
+                token_sha256: &[u8; 32],
+                now: i64,
+                audit: &AuditEvent,
+            ) -> Result<TpmRedemption, StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let challenge = sqlx::query(
+                    "UPDATE tpm_challenges SET used_at = $1
+                     WHERE nonce = $2 AND used_at IS NULL AND expires_at > $1
+                     RETURNING agent_name",
+                )
+                .bind(now)
+                .bind(nonce)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(challenge) = challenge else {
+                    return Ok(TpmRedemption::ChallengeSpent);
+                };
+                let agent: String = challenge.try_get("agent_name")?;
+                let token = sqlx::query(
+                    "UPDATE enrollment_tokens SET used_at = $1
+                     WHERE token_sha256 = $2 AND agent_name = $3
+                       AND used_at IS NULL AND expires_at > $1",
+                )
+                .bind(now)
+                .bind(token_sha256.to_vec())
+                .bind(&agent)
+                .execute(&mut *tx)
+                .await?;
+                if token.rows_affected() != 1 {
+                    return Ok(TpmRedemption::TokenInvalid);
+                }
+                Self::append_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(TpmRedemption::Redeemed)
             }
 
             async fn insert_hook(
