@@ -18,7 +18,6 @@
 //! objects are flushed as soon as they are no longer needed.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -41,7 +40,7 @@ use tss_esapi::structures::{
     Data, EncryptedSecret, IdObject, Private, Public, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::traits::Marshall;
-use tss_esapi::{Context, TctiNameConf};
+use tss_esapi::Context;
 
 use crate::attestation::tpm::evidence::CertifyEvidence;
 use crate::keys::KeyId;
@@ -71,10 +70,8 @@ impl AgentTpm {
     /// Connects, re-derives the EK, reads its certificate, and creates and
     /// loads a fresh AK under it.
     pub fn open(tcti: &str) -> anyhow::Result<Self> {
-        let conf =
-            TctiNameConf::from_str(tcti).with_context(|| format!("TCTI {tcti:?} is not valid"))?;
-        let mut ctx =
-            Context::new(conf).with_context(|| format!("connecting to the TPM {tcti}"))?;
+        let mut ctx = crate::keys::tcti::open_context(tcti)
+            .with_context(|| format!("connecting to the TPM {tcti}"))?;
         let ek_certificate_der = retrieve_ek_pubcert(
             &mut ctx,
             AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),

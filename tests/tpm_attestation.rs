@@ -281,6 +281,36 @@ async fn an_agent_enrolls_with_keyward_agent_enroll_and_its_key_provably_lives_i
 }
 
 #[tokio::test]
+async fn a_swtpm_whose_control_channel_is_not_at_port_plus_one_is_reached_through_a_relay() {
+    // libtss2 alone refuses this TPM: it wants the control channel at
+    // port + 1. keyward relays, and the TPM works in full.
+    let tpm = Swtpm::start_with_control_channel_elsewhere();
+    {
+        use std::str::FromStr;
+        let conf = tss_esapi::TctiNameConf::from_str(&tpm.tcti()).unwrap();
+        assert!(
+            tss_esapi::Context::new(conf).is_err(),
+            "libtss2 reached this swtpm without help: the relay is not being tested"
+        );
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut agent = AgentTpm::open(&tpm.tcti()).unwrap();
+    let key = tpm_key(&mut agent, work.path(), true);
+    let digest: [u8; 32] = Sha256::digest(b"through the relay").into();
+    let signature = agent.sign_digest(&key, &digest).unwrap();
+    let public = keyward::attestation::tpm::evidence::PublicArea::parse(
+        &tss_esapi::traits::Marshall::marshall(&key.public).unwrap(),
+        "key",
+    )
+    .unwrap()
+    .certifiable_key()
+    .unwrap();
+    p256::ecdsa::VerifyingKey::from(public)
+        .verify_prehash(&digest, &signature)
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_tpm_key_signs_again_after_the_tpm_restarts() {
     let mut tpm = Swtpm::start_with_ek_certificates();
     let work = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@
 
 pub mod pkcs11;
 pub mod soft;
+pub mod tcti;
 pub mod tpm;
 
 use std::fmt;

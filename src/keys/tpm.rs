@@ -273,7 +273,7 @@ fn read_token_description(ctx: &mut Context, tcti: &str) -> Result<TokenDescript
 }
 
 struct Shared {
-    tcti: TctiNameConf,
+    tcti: String,
     key_dir: PathBuf,
     token: TokenDescription,
     generation: AtomicU64,
@@ -289,14 +289,16 @@ impl TpmBackend {
     /// disconnects: swtpm serves one connection at a time, so holding this
     /// one would block every session.
     pub fn open(config: &TpmConfig) -> Result<Self, KeyError> {
-        let tcti = TctiNameConf::from_str(&config.tcti)
+        TctiNameConf::from_str(&config.tcti)
             .map_err(|e| KeyError::Config(format!("TCTI {:?}: {e}", config.tcti)))?;
+        let tcti = config.tcti.clone();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&config.key_dir)
             .map_err(|e| io_error("creating", &config.key_dir, e))?;
-        let mut ctx = Context::new(tcti.clone()).map_err(|e| classify("Esys_Initialize", e))?;
+        let mut ctx =
+            super::tcti::open_context(&tcti).map_err(|e| classify("Esys_Initialize", e))?;
         let token = read_token_description(&mut ctx, &config.tcti)?;
         drop(ctx);
         Ok(Self {
@@ -315,8 +317,8 @@ impl TpmBackend {
 
     /// A new ESAPI context with the storage primary created and loaded.
     pub fn open_tpm_session(&self) -> Result<TpmSession, KeyError> {
-        let mut ctx =
-            Context::new(self.shared.tcti.clone()).map_err(|e| classify("Esys_Initialize", e))?;
+        let mut ctx = super::tcti::open_context(&self.shared.tcti)
+            .map_err(|e| classify("Esys_Initialize", e))?;
         // Every object here has an empty authValue; a password session
         // carries it without costing a TPM session slot.
         ctx.set_sessions((Some(AuthSession::Password), None, None));

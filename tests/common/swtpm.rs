@@ -43,23 +43,30 @@ fn localca_dir() -> PathBuf {
 pub struct Swtpm {
     child: Child,
     pub port: u16,
+    ctrl: u16,
     pub dir: TempDir,
 }
 
 impl Swtpm {
     /// A TPM fresh from the factory, without EK certificates.
     pub fn start() -> Self {
-        Self::start_manufactured(false)
+        Self::start_manufactured(false, false)
     }
 
     /// A TPM as a manufacturer ships it: `swtpm_setup` creates the RSA and
     /// ECC EKs and writes their certificates (from swtpm's local CA) and a
     /// platform certificate to NV.
     pub fn start_with_ek_certificates() -> Self {
-        Self::start_manufactured(true)
+        Self::start_manufactured(true, false)
     }
 
-    fn start_manufactured(ek_certificates: bool) -> Self {
+    /// As `start_with_ek_certificates`, with the control channel on a port
+    /// of its own rather than at port + 1, where libtss2 expects it.
+    pub fn start_with_control_channel_elsewhere() -> Self {
+        Self::start_manufactured(true, true)
+    }
+
+    fn start_manufactured(ek_certificates: bool, ctrl_elsewhere: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         std::fs::create_dir(&state).unwrap();
@@ -78,9 +85,24 @@ impl Swtpm {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let (port, _) = free_port_pair();
-        let child = spawn(&state, port);
-        Self { child, port, dir }
+        let (port, mut ctrl) = free_port_pair();
+        if ctrl_elsewhere {
+            // Far from port + 1, and free when probed.
+            ctrl = loop {
+                let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+                let candidate = probe.local_addr().unwrap().port();
+                if candidate.abs_diff(port) > 1 {
+                    break candidate;
+                }
+            };
+        }
+        let child = spawn(&state, port, ctrl);
+        Self {
+            child,
+            port,
+            ctrl,
+            dir,
+        }
     }
 
     /// Stops the TPM and starts it again on the same state: what a host
@@ -88,7 +110,7 @@ impl Swtpm {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(&self.dir.path().join("state"), self.port);
+        self.child = spawn(&self.dir.path().join("state"), self.port, self.ctrl);
     }
 
     pub fn tcti(&self) -> String {
@@ -116,7 +138,7 @@ impl Swtpm {
     }
 }
 
-fn spawn(state: &Path, port: u16) -> Child {
+fn spawn(state: &Path, port: u16, ctrl: u16) -> Child {
     let child = Command::new("swtpm")
         .arg("socket")
         .arg("--tpm2")
@@ -125,7 +147,7 @@ fn spawn(state: &Path, port: u16) -> Child {
         .arg("--server")
         .arg(format!("type=tcp,port={port}"))
         .arg("--ctrl")
-        .arg(format!("type=tcp,port={}", port + 1))
+        .arg(format!("type=tcp,port={ctrl}"))
         .arg("--flags")
         .arg("not-need-init,startup-clear")
         .stdin(Stdio::null())
