@@ -77,7 +77,12 @@ fn http_client(options: &LoginOptions, identity: Option<&Path>) -> anyhow::Resul
     Ok(builder.build()?)
 }
 
-async fn post(client: &reqwest::Client, url: String, body: Value) -> anyhow::Result<Value> {
+/// POSTs JSON; keyward's error code and message become the error.
+pub(crate) async fn post(
+    client: &reqwest::Client,
+    url: String,
+    body: Value,
+) -> anyhow::Result<Value> {
     let response = client.post(url).json(&body).send().await?;
     let status = response.status();
     let value: Value = response.json().await.unwrap_or(Value::Null);

@@ -24,6 +24,8 @@ use anyhow::{bail, Context as _};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
+
+use crate::credential::post;
 use tss_esapi::abstraction::ak::{create_ak, load_ak};
 use tss_esapi::abstraction::ek::{create_ek_object, retrieve_ek_pubcert};
 use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, DefaultKey};
@@ -393,20 +395,6 @@ fn http_client(ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
         }
     }
     Ok(builder.build()?)
-}
-
-async fn post(client: &reqwest::Client, url: String, body: Value) -> anyhow::Result<Value> {
-    let response = client.post(url).json(&body).send().await?;
-    let status = response.status();
-    let value: Value = response.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!(
-            "{status}: {}: {}",
-            value["error"]["code"].as_str().unwrap_or("unknown"),
-            value["error"]["message"].as_str().unwrap_or("")
-        );
-    }
-    Ok(value)
 }
 
 fn field(value: &Value, name: &str) -> anyhow::Result<Vec<u8>> {

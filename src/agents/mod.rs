@@ -560,96 +560,65 @@ impl Registry {
         }
         // The signing path shows the newest certificate: let it see this one.
         self.cache.invalidate(name);
-        match key {
-            CertificateKey::Custodial => {
-                let key_id = agent
-                    .key_id
-                    .as_deref()
-                    .map(KeyId::parse)
-                    .transpose()
-                    .map_err(|e| AgentError::Corrupt(e.to_string()))?
-                    .ok_or_else(|| AgentError::Corrupt("agent has no custodial key".into()))?;
-                let public_key = agent
-                    .public_key_der
-                    .as_deref()
-                    .map(PublicKey::from_public_key_der)
-                    .transpose()
-                    .map_err(|e| AgentError::Corrupt(e.to_string()))?
-                    .ok_or_else(|| AgentError::Corrupt("agent has no public key".into()))?;
-                let digest = agent
-                    .attestation_digest
-                    .as_deref()
-                    .ok_or_else(|| AgentError::Corrupt("custodial key without evidence".into()))?;
-                let evidence =
-                    self.store.attestation(digest).await?.ok_or_else(|| {
+        // What each kind of key brings: the custodial key's id, the subject
+        // key, and the attested key with whether its evidence is new.
+        let (key_id, public_key, attested, evidence_is_new) =
+            match key {
+                CertificateKey::Custodial => {
+                    let key_id = agent
+                        .key_id
+                        .as_deref()
+                        .map(KeyId::parse)
+                        .transpose()
+                        .map_err(|e| AgentError::Corrupt(e.to_string()))?
+                        .ok_or_else(|| AgentError::Corrupt("agent has no custodial key".into()))?;
+                    let public_key = agent
+                        .public_key_der
+                        .as_deref()
+                        .map(PublicKey::from_public_key_der)
+                        .transpose()
+                        .map_err(|e| AgentError::Corrupt(e.to_string()))?
+                        .ok_or_else(|| AgentError::Corrupt("agent has no public key".into()))?;
+                    let digest = agent.attestation_digest.as_deref().ok_or_else(|| {
+                        AgentError::Corrupt("custodial key without evidence".into())
+                    })?;
+                    let evidence = self.store.attestation(digest).await?.ok_or_else(|| {
                         AgentError::Corrupt("attestation evidence missing".into())
                     })?;
-                let attested = from_stored(evidence)?;
-                let claims = AttestationClaims::for_key(
-                    &attested,
-                    policy_version as u64,
-                    agent.scopes.clone(),
-                )?
-                .to_extension_value()?;
-                let digest = attested.evidence.digest.clone();
-                let request = AgentCertificateRequest {
-                    agent: name,
-                    key_id: Some(&key_id),
-                    subject_key: &public_key,
-                    ttl,
-                    claims: Some(claims),
-                    attestation_digest: Some(digest.clone()),
-                    new_evidence: None,
-                    policy_version,
-                };
-                let issued = self
-                    .authority
-                    .issue_agent_certificate(actor, request)
-                    .await?;
-                Ok((issued, Some(digest)))
-            }
-            CertificateKey::TpmAttested(attested) => {
-                let attested = attested.into_inner();
-                let claims = AttestationClaims::for_key(
-                    &attested.attested,
-                    policy_version as u64,
-                    agent.scopes.clone(),
-                )?
-                .to_extension_value()?;
-                let digest = attested.attested.evidence.digest.clone();
-                let request = AgentCertificateRequest {
-                    agent: name,
-                    key_id: None,
-                    subject_key: &attested.public_key,
-                    ttl,
-                    claims: Some(claims),
-                    attestation_digest: Some(digest.clone()),
-                    new_evidence: Some(&attested.attested.evidence),
-                    policy_version,
-                };
-                let issued = self
-                    .authority
-                    .issue_agent_certificate(actor, request)
-                    .await?;
-                Ok((issued, Some(digest)))
-            }
-            CertificateKey::Csr(csr) => {
-                let request = AgentCertificateRequest {
-                    agent: name,
-                    key_id: None,
-                    subject_key: csr.public_key(),
-                    ttl,
-                    claims: None,
-                    attestation_digest: None,
-                    new_evidence: None,
-                    policy_version,
-                };
-                let issued = self
-                    .authority
-                    .issue_agent_certificate(actor, request)
-                    .await?;
-                Ok((issued, None))
-            }
-        }
+                    let attested = from_stored(evidence)?.into_inner();
+                    (Some(key_id), public_key, Some(attested), false)
+                }
+                CertificateKey::TpmAttested(attested) => {
+                    let attested = attested.into_inner();
+                    (None, attested.public_key, Some(attested.attested), true)
+                }
+                CertificateKey::Csr(csr) => (None, *csr.public_key(), None, false),
+            };
+        let claims = attested
+            .as_ref()
+            .map(|a| {
+                AttestationClaims::for_key(a, policy_version as u64, agent.scopes.clone())?
+                    .to_extension_value()
+            })
+            .transpose()?;
+        let digest = attested.as_ref().map(|a| a.evidence.digest.clone());
+        let request = AgentCertificateRequest {
+            agent: name,
+            key_id: key_id.as_ref(),
+            subject_key: &public_key,
+            ttl,
+            claims,
+            attestation_digest: digest.clone(),
+            new_evidence: attested
+                .as_ref()
+                .filter(|_| evidence_is_new)
+                .map(|a| &a.evidence),
+            policy_version,
+        };
+        let issued = self
+            .authority
+            .issue_agent_certificate(actor, request)
+            .await?;
+        Ok((issued, digest))
     }
 }

@@ -181,6 +181,23 @@ pub(super) struct IssuedCertificateView {
     pub attestation: Option<String>,
 }
 
+impl IssuedCertificateView {
+    pub(super) fn new(
+        state: &AppState,
+        issued: crate::ca::IssuedCertificate,
+        attestation: Option<String>,
+    ) -> Self {
+        Self {
+            serial: issued.serial,
+            certificate_pem: issued.pem,
+            chain_pem: state.registry.authority().chain_pem().to_owned(),
+            not_before: rfc3339(issued.not_before),
+            not_after: rfc3339(issued.not_after),
+            attestation,
+        }
+    }
+}
+
 pub(super) fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
@@ -266,12 +283,5 @@ pub(super) async fn execute(
         .issue_certificate(actor, name, key, ttl, policy_version)
         .await?;
     state.metrics.certificates_issued.inc();
-    Ok(IssuedCertificateView {
-        serial: issued.serial,
-        certificate_pem: issued.pem,
-        chain_pem: authority.chain_pem().to_owned(),
-        not_before: rfc3339(issued.not_before),
-        not_after: rfc3339(issued.not_after),
-        attestation,
-    })
+    Ok(IssuedCertificateView::new(state, issued, attestation))
 }

@@ -199,13 +199,6 @@ async fn issue(
     state.metrics.certificates_issued.inc();
     Ok((
         StatusCode::CREATED,
-        Json(IssuedCertificateView {
-            serial: issued.serial,
-            certificate_pem: issued.pem,
-            chain_pem: state.registry.authority().chain_pem().to_owned(),
-            not_before: rfc3339(issued.not_before),
-            not_after: rfc3339(issued.not_after),
-            attestation: None,
-        }),
+        Json(IssuedCertificateView::new(state, issued, None)),
     ))
 }
