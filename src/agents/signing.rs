@@ -186,21 +186,29 @@ impl AgentSigner {
         request_id: &str,
         policy_version: i64,
     ) -> Result<Signature, AgentError> {
-        let signature = self.pool.sign(key_id, digest).await?;
+        // Queued first: a request the pool refuses at once (full queue,
+        // open breaker) leaves no record.
+        let pending = self.pool.start_sign(key_id, digest)?;
         let now = time::OffsetDateTime::now_utc();
-        self.log
-            .record(SignatureRecord {
-                request_id: request_id.to_owned(),
-                agent_name: agent.to_string(),
-                key_id: key_id.to_string(),
-                digest: hex::encode(digest),
-                purpose: purpose.as_str().to_owned(),
-                message: purpose.message(),
-                policy_version,
-                signed_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
-            })
-            .await?;
-        Ok(signature)
+        let record = SignatureRecord {
+            request_id: request_id.to_owned(),
+            agent_name: agent.to_string(),
+            key_id: key_id.to_string(),
+            digest: hex::encode(digest),
+            purpose: purpose.as_str().to_owned(),
+            message: purpose.message(),
+            policy_version,
+            signed_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
+        };
+        // The token signs while the record commits (the record holds no
+        // part of the signature), and the answer waits for both: no
+        // signature leaves keyward before its record is durable, and a
+        // request takes the longer of the two instead of their sum. A
+        // signing that fails after its record committed leaves the record
+        // of an attempt whose answer was an error.
+        let (signature, recorded) = tokio::join!(pending.wait(), self.log.record(record));
+        recorded?;
+        Ok(signature?)
     }
 
     /// Signs `digest` with the agent's custodial key and records it before

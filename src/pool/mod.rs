@@ -197,6 +197,21 @@ impl KeyPool {
     }
 
     async fn submit(&self, op: KeyOp, deadline: Duration) -> Result<KeyOutput, PoolError> {
+        Self::answer(self.enqueue(op, deadline)?).await
+    }
+
+    async fn answer(
+        answer: oneshot::Receiver<Result<KeyOutput, PoolError>>,
+    ) -> Result<KeyOutput, PoolError> {
+        answer.await.map_err(|_| PoolError::ShuttingDown)?
+    }
+
+    /// Queues `op`, or refuses it at once (open breaker, full queue).
+    fn enqueue(
+        &self,
+        op: KeyOp,
+        deadline: Duration,
+    ) -> Result<oneshot::Receiver<Result<KeyOutput, PoolError>>, PoolError> {
         if let BreakerState::Open(retry_after) = self.shared.breaker.state() {
             self.shared.metrics.outcome(op.name(), "unavailable");
             return Err(PoolError::Unavailable { retry_after });
@@ -219,7 +234,21 @@ impl KeyPool {
             }
             Err(TrySendError::Disconnected(_)) => return Err(PoolError::ShuttingDown),
         }
-        answer.await.map_err(|_| PoolError::ShuttingDown)?
+        Ok(answer)
+    }
+
+    /// Queues a signature and returns at once, or refuses it as `sign`
+    /// would; `PendingSignature::wait` gives the result. For callers with
+    /// something else to do while the token works.
+    pub fn start_sign(&self, key: &KeyId, digest: [u8; 32]) -> Result<PendingSignature, PoolError> {
+        let answer = self.enqueue(
+            KeyOp::Sign {
+                key: key.clone(),
+                digest,
+            },
+            self.deadline,
+        )?;
+        Ok(PendingSignature { answer })
     }
 
     /// Signs a SHA-256 digest with the key; the signature is low-S.
@@ -452,6 +481,20 @@ fn run_op(session: &mut dyn KeySession, op: &KeyOp) -> Result<KeyOutput, KeyErro
             KeyOutput::Done
         }
     })
+}
+
+/// A signature the pool has queued (`KeyPool::start_sign`).
+pub struct PendingSignature {
+    answer: oneshot::Receiver<Result<KeyOutput, PoolError>>,
+}
+
+impl PendingSignature {
+    pub async fn wait(self) -> Result<Signature, PoolError> {
+        match KeyPool::answer(self.answer).await? {
+            KeyOutput::Signature(s) => Ok(s),
+            _ => unreachable!("a sign job is answered with a signature"),
+        }
+    }
 }
 
 #[cfg(test)]
