@@ -415,3 +415,88 @@ impl ParsedCertify {
         self.key.certifiable_key()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn signing_key_public() -> Vec<u8> {
+        crate::keys::tpm::signing_key_template()
+            .unwrap()
+            .marshall()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_public_area_is_accepted_with_or_without_its_size_prefix_and_named_over_its_bytes() {
+        let bare = signing_key_public();
+        let mut prefixed = (bare.len() as u16).to_be_bytes().to_vec();
+        prefixed.extend(&bare);
+        let a = PublicArea::parse(&bare, "key").unwrap();
+        let b = PublicArea::parse(&prefixed, "key").unwrap();
+        assert_eq!(a.bytes(), b.bytes());
+        let name = a.name().unwrap();
+        assert_eq!(&name[..2], &[0x00, 0x0b], "nameAlg SHA-256");
+        assert_eq!(&name[2..], Sha256::digest(&bare).as_slice());
+    }
+
+    #[test]
+    fn trailing_bytes_make_a_public_area_malformed() {
+        let mut bytes = signing_key_public();
+        bytes.push(0);
+        assert!(matches!(
+            PublicArea::parse(&bytes, "key"),
+            Err(Error::Malformed("key"))
+        ));
+    }
+
+    #[test]
+    fn a_signing_key_is_neither_an_attestation_key_nor_an_ek() {
+        let area = PublicArea::parse(&signing_key_public(), "key").unwrap();
+        // The template's unique point is empty: not on the curve.
+        assert!(matches!(area.certifiable_key(), Err(Error::Malformed(_))));
+        assert!(matches!(
+            area.attestation_key(),
+            Err(Error::AkNotRestricted)
+        ));
+        assert!(matches!(area.ek_protection(), Err(Error::EkUnsuitable(_))));
+    }
+
+    /// Random and mutated inputs: every one is refused or accepted, none
+    /// panics.
+    #[test]
+    fn garbage_and_mutated_structures_never_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let valid = signing_key_public();
+        for round in 0..3000 {
+            let mut bytes = if round % 2 == 0 {
+                let len = rng.gen_range(0..200);
+                (0..len).map(|_| rng.gen()).collect::<Vec<u8>>()
+            } else {
+                valid.clone()
+            };
+            if !bytes.is_empty() {
+                for _ in 0..rng.gen_range(1..4) {
+                    let i = rng.gen_range(0..bytes.len());
+                    bytes[i] = rng.gen();
+                }
+            }
+            if let Ok(area) = PublicArea::parse(&bytes, "key") {
+                let _ = area.name();
+                let _ = area.certifiable_key();
+                let _ = area.attestation_key();
+                let _ = area.ek_protection();
+            }
+            let mut attest = TPM_GENERATED_VALUE.to_vec();
+            attest.extend(ATTEST_CERTIFY);
+            attest.extend(&bytes);
+            let evidence = CertifyEvidence {
+                public: bytes.clone(),
+                attest,
+                signature: bytes.clone(),
+            };
+            let _ = evidence.parse();
+        }
+    }
+}
