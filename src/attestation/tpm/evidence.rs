@@ -438,7 +438,7 @@ mod tests {
         assert_eq!(a.bytes(), b.bytes());
         let name = a.name().unwrap();
         assert_eq!(&name[..2], &[0x00, 0x0b], "nameAlg SHA-256");
-        assert_eq!(&name[2..], Sha256::digest(&bare).as_slice());
+        assert_eq!(name[2..], Sha256::digest(&bare)[..]);
     }
 
     #[test]
