@@ -198,4 +198,15 @@ async fn keyward_runs_with_its_keys_in_a_tpm() {
         )
         .await;
     assert_eq!(verdict["valid"], true, "{verdict}");
+
+    // The evidence names what it is: the TPM's attributes, not PKCS#11's.
+    let digest = issued["attestation"].as_str().unwrap();
+    let (status, evidence) = server
+        .admin("GET", &format!("/v1/attestations/{digest}"), None)
+        .await;
+    assert_eq!(status, 200, "{evidence}");
+    assert_eq!(
+        evidence["format"], "keyward-tpm2-key-attributes-v1",
+        "{evidence}"
+    );
 }

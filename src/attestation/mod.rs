@@ -37,7 +37,8 @@ impl<T> std::ops::Deref for Verified<T> {
 /// A key whose hardware residence was proven, and the stored evidence.
 #[derive(Clone, Debug)]
 pub struct AttestedKey {
-    /// `pkcs11-key-attributes` or `tpm2-certify`.
+    /// `pkcs11-key-attributes`, `tpm2-key-attributes` (custodial keys in
+    /// keyward's TPM) or `tpm2-certify` (keys in an agent's TPM).
     pub format: &'static str,
     /// The token or TPM it lives in, as the hardware described itself.
     pub key_location: String,
@@ -49,7 +50,8 @@ pub struct AttestedKey {
 /// ```text
 /// KeywardAttestation ::= SEQUENCE {
 ///     version         INTEGER (1),
-///     format          UTF8String,   -- "pkcs11-key-attributes" | "tpm2-certify"
+///     format          UTF8String,   -- "pkcs11-key-attributes" |
+///                                   -- "tpm2-key-attributes" | "tpm2-certify"
 ///     keyLocation     UTF8String,   -- token or TPM description
 ///     evidenceDigest  OCTET STRING, -- SHA-256 of the stored evidence
 ///     policyVersion   INTEGER,

@@ -1,5 +1,7 @@
-//! Evidence for custodial keys in a PKCS#11 token: the token's own report of
-//! the key's attributes, read back right after generation, signed by
+//! Evidence for custodial keys in a PKCS#11 token (or in keyward's own TPM,
+//! whose backend reports the same attributes from the key's public area):
+//! the token's own report of the key's attributes, read back right after
+//! generation, signed by
 //! keyward's attestation key (also on the token). The claims follow the
 //! spirit of draft-ietf-rats-pkix-key-attestation: which hardware, and that
 //! the key was generated there and can never leave it.
@@ -7,7 +9,7 @@
 //! Stored evidence is a JSON document:
 //!
 //! ```json
-//! { "format": "keyward-pkcs11-key-attributes-v1",
+//! { "format": "keyward-pkcs11-key-attributes-v1",   // or keyward-tpm2-key-attributes-v1
 //!   "statement_b64": "<base64url of the statement JSON>",
 //!   "signature_der_b64": "<base64url ECDSA P-256 SHA-256 over statement bytes>",
 //!   "signer_certificate_der_b64": "<base64url of the attestation key's certificate>" }
@@ -25,7 +27,20 @@ use crate::pool::KeyPool;
 use crate::store::AttestationRecord;
 
 pub const FORMAT: &str = "pkcs11-key-attributes";
-const DOCUMENT_FORMAT: &str = "keyward-pkcs11-key-attributes-v1";
+/// The same evidence for a custodial key in keyward's own TPM: the
+/// attributes come from the key's public area (fixedTPM, fixedParent,
+/// sensitiveDataOrigin), not from PKCS#11, and the name says so.
+pub const TPM_FORMAT: &str = "tpm2-key-attributes";
+/// Unit tests' in-memory keys: never hardware, and never called so.
+pub const SOFTWARE_FORMAT: &str = "software-key-attributes";
+
+fn format_for(kind: crate::keys::BackendKind) -> &'static str {
+    match kind {
+        crate::keys::BackendKind::Pkcs11 => FORMAT,
+        crate::keys::BackendKind::Tpm => TPM_FORMAT,
+        crate::keys::BackendKind::Software => SOFTWARE_FORMAT,
+    }
+}
 
 /// The attestation key and its certificate (issued by keyward's CA).
 #[derive(Clone, Debug)]
@@ -109,19 +124,21 @@ pub async fn attest_custodial_key(
     let statement_bytes = serde_json::to_vec(&statement).expect("plain data serializes");
     let digest: [u8; 32] = Sha256::digest(&statement_bytes).into();
     let signature = pool.sign(&signer.key, digest).await?;
+    let format = format_for(pool.backend_kind());
     let document = EvidenceDocument {
-        format: DOCUMENT_FORMAT.into(),
+        // The document names its own schema: keyward-<format>-v1.
+        format: format!("keyward-{format}-v1"),
         statement_b64: B64.encode(&statement_bytes),
         signature_der_b64: B64.encode(signature.to_der().as_bytes()),
         signer_certificate_der_b64: B64.encode(&signer.certificate_der),
     };
     let evidence = serde_json::to_vec(&document).expect("plain data serializes");
     Ok(Verified::new(AttestedKey {
-        format: FORMAT,
+        format,
         key_location: attributes.token.to_string(),
         evidence: AttestationRecord {
             digest: hex::encode(Sha256::digest(&evidence)),
-            format: FORMAT.into(),
+            format: format.into(),
             evidence,
             created_at: now,
         },
@@ -138,8 +155,14 @@ pub fn from_stored(record: AttestationRecord) -> Result<Verified<AttestedKey>, A
         .map_err(|e| AttestationError::Malformed(e.to_string()))?;
     let statement: Statement = serde_json::from_slice(&statement_bytes)
         .map_err(|e| AttestationError::Malformed(e.to_string()))?;
+    let format = [FORMAT, TPM_FORMAT, SOFTWARE_FORMAT]
+        .into_iter()
+        .find(|f| *f == record.format)
+        .ok_or_else(|| {
+            AttestationError::Malformed(format!("unknown evidence format {}", record.format))
+        })?;
     Ok(Verified::new(AttestedKey {
-        format: FORMAT,
+        format,
         key_location: statement.token.to_string(),
         evidence: record,
     }))

@@ -237,6 +237,11 @@ impl KeyPool {
         Ok(answer)
     }
 
+    /// What kind of key store the pool serves.
+    pub fn backend_kind(&self) -> crate::keys::BackendKind {
+        self.shared.backend.kind()
+    }
+
     /// Queues a signature and returns at once, or refuses it as `sign`
     /// would; `PendingSignature::wait` gives the result. For callers with
     /// something else to do while the token works.
