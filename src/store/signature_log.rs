@@ -1,6 +1,7 @@
 //! Group commit for signature records: whoever is waiting when a write
 //! starts goes into the next transaction together, so one fsync covers many
-//! signatures under load, and a lone request is written at once.
+//! signatures under load, and a lone request is written at once. Under
+//! load, commits are spaced `MIN_COMMIT_INTERVAL` apart.
 //!
 //! A caller's `record` returns only after its row is durable; the sign
 //! handler answers only after that.
@@ -16,6 +17,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,6 +26,16 @@ use crate::audit::chain_hash;
 
 /// Records per transaction at most.
 const MAX_BATCH: usize = 1024;
+
+/// Under load, commits start at most this often, so that each carries more
+/// records: a commit costs about 110 us of CPU whatever it holds (audit
+/// rows, WAL frames, fsync) and a record about 5 us, so at the dozen
+/// records per commit seen without spacing the fixed part dominated. A
+/// request that finds the log idle for longer is written at once, and the
+/// wait is hidden behind the signature, which the token computes meanwhile
+/// (`AgentSigner::sign_and_record`). Measured in alternating runs: more
+/// `http` throughput and a lower p50 in 4 of 4 pairs.
+const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(1);
 
 type Pending = (SignatureRecord, oneshot::Sender<Result<(), String>>);
 
@@ -104,12 +116,18 @@ fn answer(batch: &mut Vec<Pending>, result: Result<(), String>) {
 
 async fn write_batches(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut last_commit = Instant::now();
+    while receiver.recv_many(&mut batch, 1).await > 0 {
+        if let Some(rest) = MIN_COMMIT_INTERVAL.checked_sub(last_commit.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        drain(&mut receiver, &mut batch);
         let records: Vec<SignatureRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
         let result = store.insert_signatures(&records).await.map_err(|e| {
             tracing::error!(error = %e, rows = records.len(), "writing signature records failed");
             e.to_string()
         });
+        last_commit = Instant::now();
         answer(&mut batch, result);
     }
 }
@@ -136,14 +154,19 @@ fn open_sqlite(url: &str) -> Result<rusqlite::Connection, StoreError> {
 
 fn write_sqlite_batches(mut conn: rusqlite::Connection, mut receiver: mpsc::Receiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    let mut last_commit = Instant::now();
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
+        if let Some(rest) = MIN_COMMIT_INTERVAL.checked_sub(last_commit.elapsed()) {
+            std::thread::sleep(rest);
+        }
         drain(&mut receiver, &mut batch);
         let records: Vec<SignatureRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
         let result = insert_sqlite(&mut conn, &records).map_err(|e| {
             tracing::error!(error = %e, rows = records.len(), "writing signature records failed");
             e.to_string()
         });
+        last_commit = Instant::now();
         answer(&mut batch, result);
     }
 }
