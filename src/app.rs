@@ -198,8 +198,18 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         }
         None => crate::attestation::tpm::ek::EkRoots::from_certificates(Vec::new()),
     };
+    let ek_allowlist = match &config.tpm_ek_allowlist {
+        Some(file) => {
+            let list = crate::attestation::tpm::allowlist::EkAllowList::load(file)
+                .map_err(|e| anyhow::anyhow!("[attestation.tpm] ek_allowlist: {e}"))?;
+            tracing::info!(file = %file.display(), eks = list.len(), "TPM EK allow-list loaded");
+            list
+        }
+        None => Default::default(),
+    };
     let tpm = Arc::new(crate::attestation::tpm::TpmVerifier::new(
         ek_roots,
+        ek_allowlist,
         config.tpm_challenge_ttl,
     ));
     let state = Arc::new(AppState {

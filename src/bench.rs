@@ -350,6 +350,7 @@ async fn start_server(
         database_url: None,
         pool_workers: Some(options.workers),
         tpm_ek_roots: None,
+        tpm_ek_allowlist: None,
     })?;
     let keyward = crate::app::start(
         &config,

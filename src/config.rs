@@ -71,6 +71,9 @@ pub struct TpmAttestationFile {
     /// the others serve as intermediates. Without it, agents holding their
     /// own TPM keys cannot enroll.
     pub ek_roots: Option<PathBuf>,
+    /// A file of EK public-key SHA-256 digests (one hex digest per line):
+    /// TPMs admitted without an EK certificate.
+    pub ek_allowlist: Option<PathBuf>,
     /// How long a challenge (its nonce and secret) stays usable.
     pub challenge_ttl_seconds: Option<u64>,
 }
@@ -152,6 +155,7 @@ pub struct Overrides {
     pub database_url: Option<String>,
     pub pool_workers: Option<usize>,
     pub tpm_ek_roots: Option<PathBuf>,
+    pub tpm_ek_allowlist: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +186,7 @@ pub struct Config {
     pub hook_allowed_hosts: Vec<String>,
     /// See `TpmAttestationFile`.
     pub tpm_ek_roots: Option<PathBuf>,
+    pub tpm_ek_allowlist: Option<PathBuf>,
     pub tpm_challenge_ttl: Duration,
 }
 
@@ -327,6 +332,10 @@ impl ConfigFile {
                 .tpm_ek_roots
                 .clone()
                 .or(self.attestation.tpm.ek_roots),
+            tpm_ek_allowlist: overrides
+                .tpm_ek_allowlist
+                .clone()
+                .or(self.attestation.tpm.ek_allowlist),
             tpm_challenge_ttl,
             data_dir,
             listen,

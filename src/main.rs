@@ -271,6 +271,10 @@ struct ServerArgs {
     /// certificates must chain to ([attestation.tpm] ek_roots).
     #[arg(long)]
     tpm_ek_roots: Option<PathBuf>,
+    /// File of EK public-key SHA-256 digests admitted without an EK
+    /// certificate ([attestation.tpm] ek_allowlist).
+    #[arg(long)]
+    tpm_ek_allowlist: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -330,6 +334,14 @@ enum AgentCommand {
         /// Certificate lifetime to ask for, in seconds.
         #[arg(long)]
         ttl: Option<u64>,
+    },
+    /// Print this host's TPM EK fingerprint (SHA-256 of the RSA EK's public
+    /// key), the line keyward's [attestation.tpm] ek_allowlist needs to
+    /// admit a TPM that has no EK certificate.
+    EkFingerprint {
+        /// The TPM, as a TCTI.
+        #[arg(long)]
+        tpm: String,
     },
     /// Run as the agent: enroll with a single-use token (a key of the
     /// agent's own, in DIR), then renew the client certificate at every
@@ -410,6 +422,7 @@ fn load_config(args: &ServerArgs) -> anyhow::Result<Config> {
         database_url: args.database_url.clone(),
         pool_workers: args.workers,
         tpm_ek_roots: args.tpm_ek_roots.clone(),
+        tpm_ek_allowlist: args.tpm_ek_allowlist.clone(),
     };
     Ok(file.validate(&overrides)?)
 }
@@ -894,6 +907,10 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
                 .await?
         }
         AgentCommand::List { client: args } => client(&args)?.get("/v1/agents").await?,
+        AgentCommand::EkFingerprint { tpm } => {
+            println!("{}", keyward::tpm_enrollment::ek_fingerprint(&tpm)?);
+            return Ok(());
+        }
         AgentCommand::Enroll {
             name,
             tpm,

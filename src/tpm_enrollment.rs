@@ -54,7 +54,7 @@ pub struct AgentTpm {
     /// A persistent EK takes no transient slot and must not be flushed.
     ek_persistent: bool,
     ek_public: Public,
-    ek_certificate_der: Vec<u8>,
+    ek_certificate_der: Option<Vec<u8>>,
     ak: KeyHandle,
     ak_public: Public,
 }
@@ -74,17 +74,20 @@ impl AgentTpm {
     pub fn open(tcti: &str) -> anyhow::Result<Self> {
         let mut ctx = crate::keys::tcti::open_context(tcti)
             .with_context(|| format!("connecting to the TPM {tcti}"))?;
+        // A TPM without an EK certificate can still enroll if keyward's
+        // operator allow-listed its EK (`ek_fingerprint`).
         let ek_certificate_der = retrieve_ek_pubcert(
             &mut ctx,
             AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
         )
-        .context("reading the RSA EK certificate from NV 0x01c00002 (does this TPM have one?)")?;
-        let (ek, ek_public, ek_persistent) = match persistent_ek(&mut ctx, &ek_certificate_der) {
+        .ok();
+        let persistent = ek_certificate_der
+            .as_deref()
+            .and_then(|der| persistent_ek(&mut ctx, der));
+        let (ek, ek_public, ek_persistent) = match persistent {
             Some((ek, public)) => (ek, public, true),
             None => {
-                let ek = create_ek_object(&mut ctx, AsymmetricAlgorithm::Rsa, DefaultKey)
-                    .context("creating the EK")?;
-                let (public, _, _) = ctx.read_public(ek).context("reading the EK")?;
+                let (ek, public) = template_ek(&mut ctx)?;
                 (ek, public, false)
             }
         };
@@ -111,8 +114,9 @@ impl AgentTpm {
         })
     }
 
-    pub fn ek_certificate_der(&self) -> &[u8] {
-        &self.ek_certificate_der
+    /// The EK certificate from NV 0x01c00002, if the TPM has one.
+    pub fn ek_certificate_der(&self) -> Option<&[u8]> {
+        self.ek_certificate_der.as_deref()
     }
 
     pub fn ek_public(&self) -> anyhow::Result<Vec<u8>> {
@@ -339,6 +343,30 @@ impl Drop for AgentTpm {
     }
 }
 
+/// The RSA EK from the TCG template (EK Credential Profile, L-1): the TPM
+/// derives the same key from its endorsement seed every time.
+fn template_ek(ctx: &mut Context) -> anyhow::Result<(KeyHandle, Public)> {
+    let ek =
+        create_ek_object(ctx, AsymmetricAlgorithm::Rsa, DefaultKey).context("creating the EK")?;
+    let (public, _, _) = ctx.read_public(ek).context("reading the EK")?;
+    Ok((ek, public))
+}
+
+/// What keyward's `[attestation.tpm] ek_allowlist` holds for this TPM: the
+/// SHA-256 of its RSA EK's public key (SubjectPublicKeyInfo DER), hex.
+pub fn ek_fingerprint(tcti: &str) -> anyhow::Result<String> {
+    let mut ctx = crate::keys::tcti::open_context(tcti)
+        .with_context(|| format!("connecting to the TPM {tcti}"))?;
+    let (ek, public) = template_ek(&mut ctx)?;
+    let _ = ctx.flush_context(ek.into());
+    let key = crate::attestation::tpm::evidence::PublicArea::parse(&public.marshall()?, "EK")?
+        .ek_protection()?
+        .key;
+    let digest = crate::attestation::tpm::allowlist::ek_public_key_sha256(&key)
+        .context("the EK has no SubjectPublicKeyInfo form")?;
+    Ok(hex::encode(digest))
+}
+
 /// The TCG's persistent RSA EK handle (TCG EK Credential Profile). Many
 /// TPMs are provisioned with the EK there; using it saves an RSA key
 /// derivation and a transient slot.
@@ -415,7 +443,7 @@ pub async fn enroll(options: &EnrollOptions) -> anyhow::Result<Value> {
         format!("{}/v1/attestation/challenges", options.url),
         json!({
             "enrollment_token": options.token,
-            "ek_certificate_b64": B64.encode(tpm.ek_certificate_der()),
+            "ek_certificate_b64": tpm.ek_certificate_der().map(|der| B64.encode(der)),
             "ek_public_b64": B64.encode(tpm.ek_public()?),
             "ak_public_b64": B64.encode(tpm.ak_public()?),
         }),

@@ -78,7 +78,7 @@ async fn challenge(server: &Server, tpm: &AgentTpm, token: &str) -> (u16, Value)
 async fn challenge_with(
     server: &Server,
     token: &str,
-    ek_certificate: &[u8],
+    ek_certificate: Option<&[u8]>,
     ek_public: &[u8],
     ak_public: &[u8],
 ) -> (u16, Value) {
@@ -88,7 +88,7 @@ async fn challenge_with(
             "/v1/attestation/challenges",
             Some(json!({
                 "enrollment_token": token,
-                "ek_certificate_b64": B64.encode(ek_certificate),
+                "ek_certificate_b64": ek_certificate.map(|c| B64.encode(c)),
                 "ek_public_b64": B64.encode(ek_public),
                 "ak_public_b64": B64.encode(ak_public),
             })),
@@ -378,10 +378,17 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
         401,
         "invalid_enrollment_token",
     );
-    let ek_cert = tpm.ek_certificate_der().to_vec();
+    let ek_cert = tpm.ek_certificate_der().unwrap().to_vec();
     let ek_public = tpm.ek_public().unwrap();
     let ak_public = tpm.ak_public().unwrap();
-    let got = challenge_with(&server, &token, &ek_cert, &ek_public, b"not a public area").await;
+    let got = challenge_with(
+        &server,
+        &token,
+        Some(&ek_cert),
+        &ek_public,
+        b"not a public area",
+    )
+    .await;
     expect("garbage AK", got, 400, "tpm_evidence_malformed");
     let (status, body) = server
         .request(
@@ -400,12 +407,12 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
     // would prove nothing: here, an ordinary signing key poses as the AK.
     let plain = tpm_key(&mut tpm, keys.path(), true);
     let plain_public = tss_esapi::traits::Marshall::marshall(&plain.public).unwrap();
-    let got = challenge_with(&server, &token, &ek_cert, &ek_public, &plain_public).await;
+    let got = challenge_with(&server, &token, Some(&ek_cert), &ek_public, &plain_public).await;
     expect("unrestricted AK", got, 403, "ak_not_restricted");
 
     // The EK public area of another EK (the TCG P-256 template) with this
     // TPM's RSA EK certificate.
-    let got = challenge_with(&server, &token, &ek_cert, &other_ek, &ak_public).await;
+    let got = challenge_with(&server, &token, Some(&ek_cert), &other_ek, &ak_public).await;
     expect("EK key mismatch", got, 403, "ek_key_mismatch");
 
     // The happy challenge, to build the evidence cases on.
@@ -725,7 +732,7 @@ async fn tpm2_tools_make_the_ek_ak_activation_and_key_and_keyward_verifies_them(
     let (status, ch) = challenge_with(
         &server,
         &token,
-        &read("ek.der"),
+        Some(&read("ek.der")),
         &read("ek.pub"),
         &read("ak.pub"),
     )
@@ -875,5 +882,112 @@ async fn tpm2_tools_make_the_ek_ak_activation_and_key_and_keyward_verifies_them(
         (status, body["error"]["code"].as_str()),
         (403, Some("stale_nonce")),
         "{body}"
+    );
+}
+
+/// keyward on an allow-list only: the TPM's EK fingerprint, as `keyward
+/// agent ek-fingerprint` prints it, is the whole trust decision.
+async fn server_with_allowlist(fingerprints: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let file = dir.join("ek-allowlist");
+    std::fs::write(&file, format!("# lab TPMs\n{}\n", fingerprints.join("\n"))).unwrap();
+    Server::start_with_config(
+        Db::Sqlite,
+        &format!(
+            "[attestation.tpm]\nek_allowlist = {:?}\n",
+            file.display().to_string()
+        ),
+    )
+    .await
+}
+
+fn enroll_with_cli(
+    server: &Server,
+    tpm: &Swtpm,
+    name: &str,
+    token: &str,
+) -> (bool, String, std::path::PathBuf) {
+    let work = tempfile::tempdir().unwrap().keep();
+    let token_file = work.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let out = work.join("out");
+    let (ok, output) = run(Command::new(common::keyward_bin())
+        .args(["agent", "enroll", name, "--tpm", &tpm.tcti()])
+        .args(["--url", &server.url])
+        .arg("--ca")
+        .arg(server.path("ca.pem"))
+        .arg("--enrollment-token-file")
+        .arg(&token_file)
+        .arg("--out")
+        .arg(&out));
+    (ok, output, out)
+}
+
+#[tokio::test]
+async fn a_tpm_without_an_ek_certificate_enrolls_only_if_its_ek_is_on_the_allow_list() {
+    let listed = Swtpm::start();
+    let unlisted = Swtpm::start();
+    let (ok, fingerprint) = run(Command::new(common::keyward_bin()).args([
+        "agent",
+        "ek-fingerprint",
+        "--tpm",
+        &listed.tcti(),
+    ]));
+    assert!(ok, "{fingerprint}");
+    let fingerprint = fingerprint.trim().to_owned();
+    // The same digest as tpm2-tools and openssl compute for the TCG EK.
+    let work = tempfile::tempdir().unwrap();
+    tpm2(
+        &listed.tcti(),
+        work.path(),
+        "tpm2_createek",
+        &["-c", "ek.ctx", "-G", "rsa", "-u", "ek.pem", "-f", "pem"],
+    );
+    let (ok, der) = run(Command::new("openssl")
+        .args(["pkey", "-pubin", "-outform", "DER", "-in"])
+        .arg(work.path().join("ek.pem"))
+        .arg("-out")
+        .arg(work.path().join("ek.der")));
+    assert!(ok, "{der}");
+    let expected = hex::encode(Sha256::digest(
+        std::fs::read(work.path().join("ek.der")).unwrap(),
+    ));
+    assert_eq!(fingerprint, expected);
+    let server = server_with_allowlist(&[&fingerprint]).await;
+
+    let token = agent_tpm(&server, "listed").await;
+    let (ok, output, out) = enroll_with_cli(&server, &listed, "listed", &token);
+    assert!(ok, "{output}");
+    let certificate = der_of_pem(&std::fs::read_to_string(out.join("cert.pem")).unwrap());
+    let claims = attestation_claims(&certificate);
+    assert_eq!(claims.format, "tpm2-certify");
+    assert!(
+        claims.key_location.contains(&format!(
+            "allow-listed EK, EK public key sha256:{fingerprint}"
+        )),
+        "{}",
+        claims.key_location
+    );
+
+    let before = certificate_count(&server).await;
+    let token = agent_tpm(&server, "unlisted").await;
+    let (ok, output, _) = enroll_with_cli(&server, &unlisted, "unlisted", &token);
+    assert!(!ok && output.contains("ek_not_allowed"), "{output}");
+    assert_eq!(certificate_count(&server).await, before);
+}
+
+#[tokio::test]
+async fn with_roots_only_a_tpm_without_an_ek_certificate_is_told_it_needs_one() {
+    let swtpm = Swtpm::start();
+    let server = server_trusting_swtpm(Db::Sqlite).await;
+    let token = agent_tpm(&server, "nocert").await;
+    let (ok, output, _) = enroll_with_cli(&server, &swtpm, "nocert", &token);
+    assert!(
+        !ok && output.contains("ek_certificate_required"),
+        "{output}"
+    );
+    assert_eq!(
+        server.sql("SELECT COUNT(*) FROM tpm_challenges").await,
+        Some(0)
     );
 }

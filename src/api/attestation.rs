@@ -68,7 +68,8 @@ async fn token_agent(state: &AppState, token: &str) -> Result<AgentName, ApiErro
 #[serde(deny_unknown_fields)]
 struct ChallengeInput {
     enrollment_token: String,
-    /// The EK certificate, PEM; or `ek_certificate_b64`, DER.
+    /// The EK certificate, PEM; or `ek_certificate_b64`, DER; or neither,
+    /// for a TPM without one whose EK is on the allow-list.
     ek_certificate_pem: Option<String>,
     ek_certificate_b64: Option<String>,
     /// Intermediate CA certificates the agent holds, PEM.
@@ -117,7 +118,8 @@ async fn challenge(
     let body = body.parse()?;
     let name = token_agent(&state, &body.enrollment_token).await?;
     let ek_certificate_der = match (&body.ek_certificate_pem, &body.ek_certificate_b64) {
-        (Some(pem), None) => {
+        (None, None) => None,
+        (Some(pem), None) => Some({
             let cert = x509_cert::Certificate::from_pem(pem.trim().as_bytes()).map_err(|_| {
                 ApiError::bad_request(
                     "invalid_certificate",
@@ -125,8 +127,8 @@ async fn challenge(
                 )
             })?;
             der::Encode::to_der(&cert).map_err(ApiError::internal)?
-        }
-        (None, Some(der_b64)) => {
+        }),
+        (None, Some(der_b64)) => Some({
             let der = decode_b64("ek_certificate_b64", der_b64)?;
             // Read from NV, the certificate may come with the index's fill.
             crate::attestation::tpm::ek::without_nv_padding(&der)
@@ -139,11 +141,11 @@ async fn challenge(
                     )
                 })?;
             der
-        }
+        }),
         _ => {
             return Err(ApiError::bad_request(
                 "invalid_field",
-                "give exactly one of ek_certificate_pem and ek_certificate_b64",
+                "give at most one of ek_certificate_pem and ek_certificate_b64",
             ))
         }
     };
@@ -164,10 +166,7 @@ async fn challenge(
         "attestation.challenge",
         name.as_str(),
     )
-    .with(
-        "ek_certificate_sha256",
-        hex::encode(issued.record.ek_certificate_sha256),
-    )
+    .with("ek_sha256", hex::encode(issued.record.ek_sha256))
     .with("key_location", issued.record.key_location.clone())
     .with("expires_at", issued.record.expires_at);
     state

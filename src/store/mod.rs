@@ -83,8 +83,10 @@ pub struct TpmChallengeRecord {
     pub secret_sha256: [u8; 32],
     /// The AK's `TPMT_PUBLIC`, whose signature the evidence must carry.
     pub ak_public: Vec<u8>,
-    pub ek_certificate_sha256: [u8; 32],
-    /// The TPM as its EK certificate describes it.
+    /// The EK certificate's SHA-256, or the EK public key's for an EK
+    /// admitted by the allow-list.
+    pub ek_sha256: [u8; 32],
+    /// The TPM as its EK certificate (or the allow-list) describes it.
     pub key_location: String,
     pub created_at: i64,
     pub expires_at: i64,

@@ -1175,14 +1175,14 @@ macro_rules! impl_store {
                 Self::append_audit(&mut tx, audit).await?;
                 sqlx::query(
                     "INSERT INTO tpm_challenges (nonce, agent_name, secret_sha256, ak_public,
-                        ek_certificate_sha256, key_location, created_at, expires_at)
+                        ek_sha256, key_location, created_at, expires_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(&challenge.nonce)
                 .bind(&challenge.agent_name)
                 .bind(challenge.secret_sha256.to_vec())
                 .bind(&challenge.ak_public)
-                .bind(challenge.ek_certificate_sha256.to_vec())
+                .bind(challenge.ek_sha256.to_vec())
                 .bind(&challenge.key_location)
                 .bind(challenge.created_at)
                 .bind(challenge.expires_at)
@@ -1209,8 +1209,8 @@ macro_rules! impl_store {
                     agent_name: row.try_get("agent_name")?,
                     secret_sha256: hash32(row.try_get("secret_sha256")?, "challenge secret hash")?,
                     ak_public: row.try_get("ak_public")?,
-                    ek_certificate_sha256: hash32(
-                        row.try_get("ek_certificate_sha256")?,
+                    ek_sha256: hash32(
+                        row.try_get("ek_sha256")?,
                         "EK certificate hash",
                     )?,
                     key_location: row.try_get("key_location")?,

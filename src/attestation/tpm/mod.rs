@@ -10,6 +10,7 @@
 //! data: it proves the key lives in the same TPM as the AK, and the secret
 //! proves the AK lives in the TPM the EK certificate describes.
 
+pub mod allowlist;
 pub mod credential;
 pub mod csr;
 pub mod ek;
@@ -23,6 +24,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use self::allowlist::{ek_public_key_sha256, EkAllowList};
 use self::credential::{make_credential, MadeCredential};
 use self::ek::{ek_certificate_key_matches, verify_ek_certificate, EkRoots};
 use self::evidence::{ParsedCertify, PublicArea};
@@ -42,8 +44,12 @@ pub const DEFAULT_CHALLENGE_TTL: Duration = Duration::from_secs(300);
 pub enum TpmAttestationError {
     #[error("{0} is malformed")]
     Malformed(&'static str),
-    #[error("no TPM manufacturer roots are configured ([attestation.tpm] ek_roots)")]
+    #[error("no TPM manufacturer roots and no EK allow-list are configured ([attestation.tpm])")]
     NoEkRoots,
+    #[error("an EK certificate is required: this TPM's EK is not on the allow-list")]
+    EkCertificateRequired,
+    #[error("this TPM's EK is not on the allow-list")]
+    EkNotAllowed,
     #[error("the EK certificate is not trusted: {0}")]
     EkUntrusted(String),
     #[error("the EK certificate's key is not the EK public area's key")]
@@ -90,6 +96,8 @@ impl TpmAttestationError {
         match self {
             Malformed(_) => "tpm_evidence_malformed",
             NoEkRoots => "ek_roots_not_configured",
+            EkCertificateRequired => "ek_certificate_required",
+            EkNotAllowed => "ek_not_allowed",
             EkUntrusted(_) => "ek_untrusted",
             EkKeyMismatch => "ek_key_mismatch",
             EkUnsuitable(_) => "ek_unsuitable",
@@ -115,7 +123,8 @@ impl TpmAttestationError {
 
 /// What an agent sends to be challenged.
 pub struct ChallengeRequest {
-    pub ek_certificate_der: Vec<u8>,
+    /// Absent for a TPM without one: then its EK must be on the allow-list.
+    pub ek_certificate_der: Option<Vec<u8>>,
     /// Intermediates the agent holds (some TPMs ship them in NV).
     pub ek_intermediates_der: Vec<Vec<u8>>,
     /// The EK's `TPMT_PUBLIC` (or `TPM2B_PUBLIC`).
@@ -130,16 +139,18 @@ pub struct IssuedChallenge {
     pub credential: MadeCredential,
 }
 
-/// Verifies TPM evidence against the configured EK roots.
+/// Verifies TPM evidence against the configured EK roots and allow-list.
 pub struct TpmVerifier {
     roots: EkRoots,
+    allowlist: EkAllowList,
     challenge_ttl: Duration,
 }
 
 impl TpmVerifier {
-    pub fn new(roots: EkRoots, challenge_ttl: Duration) -> Self {
+    pub fn new(roots: EkRoots, allowlist: EkAllowList, challenge_ttl: Duration) -> Self {
         Self {
             roots,
+            allowlist,
             challenge_ttl,
         }
     }
@@ -153,21 +164,49 @@ impl TpmVerifier {
         request: &ChallengeRequest,
         now: SystemTime,
     ) -> Result<IssuedChallenge, TpmAttestationError> {
-        if self.roots.is_empty() {
+        if self.roots.is_empty() && self.allowlist.is_empty() {
             return Err(TpmAttestationError::NoEkRoots);
         }
         let ek_public = PublicArea::parse(&request.ek_public, "EK public area")?;
         let protection = ek_public.ek_protection()?;
-        let ek = verify_ek_certificate(
-            &self.roots,
-            &request.ek_certificate_der,
-            &request.ek_intermediates_der,
-            now,
-        )
-        .map_err(|e| TpmAttestationError::EkUntrusted(e.to_string()))?;
-        if !ek_certificate_key_matches(&ek.certificate, &protection.key) {
-            return Err(TpmAttestationError::EkKeyMismatch);
-        }
+        let key_digest = ek_public_key_sha256(&protection.key)
+            .ok_or(TpmAttestationError::EkUnsuitable("EK key has no SPKI form"))?;
+        // The operator's explicit list wins; otherwise the certificate
+        // must chain to a manufacturer root.
+        let (ek_sha256, key_location) = if self.allowlist.contains(&key_digest) {
+            (
+                key_digest,
+                format!(
+                    "TPM with allow-listed EK, EK public key sha256:{}",
+                    hex::encode(key_digest)
+                ),
+            )
+        } else {
+            let Some(certificate) = &request.ek_certificate_der else {
+                return Err(if self.allowlist.is_empty() {
+                    TpmAttestationError::EkCertificateRequired
+                } else {
+                    TpmAttestationError::EkNotAllowed
+                });
+            };
+            if self.roots.is_empty() {
+                return Err(TpmAttestationError::EkNotAllowed);
+            }
+            let ek =
+                verify_ek_certificate(&self.roots, certificate, &request.ek_intermediates_der, now)
+                    .map_err(|e| TpmAttestationError::EkUntrusted(e.to_string()))?;
+            if !ek_certificate_key_matches(&ek.certificate, &protection.key) {
+                return Err(TpmAttestationError::EkKeyMismatch);
+            }
+            let location = format!(
+                "TPM manufacturer {} model {} version {}, EK certificate sha256:{}",
+                ek.manufacturer.as_deref().unwrap_or("unknown"),
+                ek.model.as_deref().unwrap_or("unknown"),
+                ek.version.as_deref().unwrap_or("unknown"),
+                hex::encode(ek.fingerprint_sha256),
+            );
+            (ek.fingerprint_sha256, location)
+        };
         let ak = PublicArea::parse(&request.ak_public, "AK public area")?;
         ak.attestation_key()?;
         let ak_name = ak.name()?;
@@ -178,20 +217,13 @@ impl TpmVerifier {
         let credential = make_credential(&protection, &ak_name, &secret, &mut rng)
             .map_err(|_| TpmAttestationError::EkUnsuitable("cannot encrypt to this EK"))?;
         let at = unix(now);
-        let key_location = format!(
-            "TPM manufacturer {} model {} version {}, EK certificate sha256:{}",
-            ek.manufacturer.as_deref().unwrap_or("unknown"),
-            ek.model.as_deref().unwrap_or("unknown"),
-            ek.version.as_deref().unwrap_or("unknown"),
-            hex::encode(ek.fingerprint_sha256),
-        );
         Ok(IssuedChallenge {
             record: TpmChallengeRecord {
                 nonce: nonce.to_vec(),
                 agent_name: agent.to_owned(),
                 secret_sha256: Sha256::digest(secret).into(),
                 ak_public: ak.bytes().to_vec(),
-                ek_certificate_sha256: ek.fingerprint_sha256,
+                ek_sha256,
                 key_location,
                 created_at: at,
                 expires_at: at + self.challenge_ttl.as_secs() as i64,
@@ -232,7 +264,7 @@ impl TpmVerifier {
             format: DOCUMENT_FORMAT,
             agent,
             nonce_b64: B64.encode(&challenge.nonce),
-            ek_certificate_sha256: hex::encode(challenge.ek_certificate_sha256),
+            ek_sha256: hex::encode(challenge.ek_sha256),
             ak_public_b64: B64.encode(ak.bytes()),
             key_public_b64: B64.encode(evidence.key.bytes()),
             certify_info_b64: B64.encode(evidence.attest_bytes()),
@@ -270,7 +302,9 @@ struct EvidenceDocument<'a> {
     format: &'a str,
     agent: &'a str,
     nonce_b64: String,
-    ek_certificate_sha256: String,
+    /// The EK certificate's SHA-256, or for an allow-listed EK without
+    /// one, its public key's (see `key_location`).
+    ek_sha256: String,
     ak_public_b64: String,
     key_public_b64: String,
     certify_info_b64: String,
