@@ -335,6 +335,8 @@ struct BenchServer {
     token: String,
     tls: Arc<rustls::ClientConfig>,
     concurrency: usize,
+    /// The server's pool, so that its workers can be joined at exit.
+    pool: KeyPool,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -357,6 +359,7 @@ async fn start_server(
         &crate::keys::KeyStoreConfig::Pkcs11(pkcs11.clone()),
     )
     .await?;
+    let pool = keyward.state.pool.clone();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -405,8 +408,17 @@ async fn start_server(
         token,
         tls: Arc::new(tls),
         concurrency: options.concurrency,
+        pool,
         _shutdown: shutdown,
     })
+}
+
+/// What a run measured, and the pools it started: the caller joins their
+/// workers once the runtime is gone, so that no worker is still inside the
+/// PKCS#11 module when the process exits.
+pub struct BenchRun {
+    pub results: Vec<BenchResult>,
+    pub pools: Vec<KeyPool>,
 }
 
 /// Runs the benchmark on the token described by `pkcs11` (which must
@@ -415,7 +427,7 @@ pub async fn run(
     dir: &std::path::Path,
     pkcs11: &Pkcs11Config,
     options: &BenchOptions,
-) -> anyhow::Result<Vec<BenchResult>> {
+) -> anyhow::Result<BenchRun> {
     let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
     let key = KeyId::random("bench");
     backend.open_pkcs11_session().map(|mut s| {
@@ -509,7 +521,11 @@ pub async fn run(
     for r in &mut results {
         r.ratio_to_raw = raw_rate.map(|raw| r.ops_per_sec / raw);
     }
-    Ok(results)
+    let pools = pool_handle
+        .into_iter()
+        .chain(server.map(|s| s.pool))
+        .collect();
+    Ok(BenchRun { results, pools })
 }
 
 /// A table for people.

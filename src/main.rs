@@ -576,7 +576,15 @@ fn main() -> anyhow::Result<()> {
                 batch_size: batch_size.max(1),
                 modes,
             };
-            print(runtime()?.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?)
+            let rt = runtime()?;
+            let run = rt.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?;
+            // The runtime first (its tasks hold the server's pool), then
+            // the pools' workers: none may still be in SoftHSM2 at exit.
+            drop(rt);
+            for pool in run.pools {
+                pool.join_workers(std::time::Duration::from_secs(5));
+            }
+            print(run.results)
         }
         Command::Agent(command) => runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => runtime()?.block_on(cert_command(command)),
