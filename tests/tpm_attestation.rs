@@ -415,6 +415,27 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
     let got = challenge_with(&server, &token, Some(&ek_cert), &other_ek, &ak_public).await;
     expect("EK key mismatch", got, 403, "ek_key_mismatch");
 
+    // Challenges are bounded per agent: eight open ones at most.
+    let tokens_before = server
+        .sql("SELECT COUNT(*) FROM tpm_challenges")
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        let (status, body) = challenge(&server, &tpm, &token).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = challenge(&server, &tpm, &token).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("too_many_challenges")),
+        "{body}"
+    );
+    assert_eq!(
+        server.sql("SELECT COUNT(*) FROM tpm_challenges").await,
+        Some(tokens_before + 8)
+    );
+    server.sql("UPDATE tpm_challenges SET expires_at = 1").await;
+
     // The happy challenge, to build the evidence cases on.
     let (status, ch) = challenge(&server, &tpm, &token).await;
     assert_eq!(status, 201, "{ch}");

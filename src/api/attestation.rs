@@ -30,6 +30,10 @@ use base64::Engine;
 
 /// More than any real EK chain needs; bounds the work one request causes.
 const MAX_EK_INTERMEDIATES: usize = 4;
+/// Unused, unexpired challenges one agent may hold: an enrollment needs
+/// one, a retry or two more. The bound keeps a token holder from filling
+/// the database.
+const MAX_OPEN_CHALLENGES: i64 = 8;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -117,6 +121,16 @@ async fn challenge(
 ) -> Result<(StatusCode, Json<ChallengeOutput>), ApiError> {
     let body = body.parse()?;
     let name = token_agent(&state, &body.enrollment_token).await?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if state.store.open_tpm_challenges(name.as_str(), now).await? >= MAX_OPEN_CHALLENGES {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_challenges",
+            format!(
+                "agent {name} holds {MAX_OPEN_CHALLENGES} unused challenges; use one or let them expire"
+            ),
+        ));
+    }
     let ek_certificate_der = match (&body.ek_certificate_pem, &body.ek_certificate_b64) {
         (None, None) => None,
         (Some(pem), None) => Some({

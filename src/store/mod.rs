@@ -556,6 +556,8 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     async fn tpm_challenge(&self, nonce: &[u8]) -> Result<Option<TpmChallengeRecord>, StoreError>;
+    /// Challenges issued to `agent` that are neither used nor expired.
+    async fn open_tpm_challenges(&self, agent: &str, now: i64) -> Result<i64, StoreError>;
     /// Spends a challenge and the enrollment token that pays for it, in
     /// one transaction with `audit`: both or neither. Of two concurrent
     /// redemptions at most one succeeds.

@@ -1220,6 +1220,18 @@ macro_rules! impl_store {
                 }))
             }
 
+            async fn open_tpm_challenges(&self, agent: &str, now: i64) -> Result<i64, StoreError> {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS open FROM tpm_challenges
+                     WHERE agent_name = $1 AND used_at IS NULL AND expires_at > $2",
+                )
+                .bind(agent)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(row.try_get("open")?)
+            }
+
             async fn redeem_tpm_challenge(
                 &self,
                 nonce: &[u8],
