@@ -101,6 +101,16 @@ fn field(value: &Value, name: &str) -> Vec<u8> {
     B64.decode(value[name].as_str().unwrap()).unwrap()
 }
 
+/// Asserts that keyward refused with `status` and error `code`.
+fn assert_refused(case: &str, got: (u16, Value), status: u16, code: &str) {
+    assert_eq!(
+        (got.0, got.1["error"]["code"].as_str().unwrap_or("")),
+        (status, code),
+        "{case}: {}",
+        got.1
+    );
+}
+
 /// What the agent computes from a challenge: the recovered secret.
 fn activate(tpm: &mut AgentTpm, challenge: &Value) -> Vec<u8> {
     tpm.activate_credential(
@@ -351,14 +361,7 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
     let token = agent_tpm(&server, "alice").await;
     let before = certificate_count(&server).await;
 
-    let expect = |case: &str, got: (u16, Value), status: u16, code: &str| {
-        assert_eq!(
-            (got.0, got.1["error"]["code"].as_str().unwrap_or("")),
-            (status, code),
-            "{case}: {}",
-            got.1
-        );
-    };
+    let expect = assert_refused;
 
     // Challenges that must not be issued.
     let (status, body) = server
@@ -425,10 +428,11 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
         assert_eq!(status, 201, "{body}");
     }
     let (status, body) = challenge(&server, &tpm, &token).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (429, Some("too_many_challenges")),
-        "{body}"
+    assert_refused(
+        "too many challenges",
+        (status, body),
+        429,
+        "too_many_challenges",
     );
     assert_eq!(
         server.sql("SELECT COUNT(*) FROM tpm_challenges").await,
@@ -557,10 +561,11 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
     // does not spend it; nor does an admin issue it a certificate directly.
     let (_, csr) = common::key_and_csr(keys.path(), "alice");
     let (status, body) = common::enroll(&server, &fresh, &csr).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("attestation_required")),
-        "{body}"
+    assert_refused(
+        "attestation required",
+        (status, body),
+        403,
+        "attestation_required",
     );
     let (status, body) = server
         .admin(
@@ -569,10 +574,11 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
             Some(json!({"csr_pem": csr})),
         )
         .await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("attestation_required")),
-        "{body}"
+    assert_refused(
+        "attestation required",
+        (status, body),
+        403,
+        "attestation_required",
     );
     assert_eq!(certificate_count(&server).await, before + 1);
 }
@@ -613,19 +619,16 @@ async fn an_ek_certificate_from_an_untrusted_root_or_no_roots_at_all_gets_no_cha
     .await;
     let token = agent_tpm(&server, "mallory").await;
     let (status, body) = challenge(&server, &tpm, &token).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("ek_untrusted")),
-        "{body}"
-    );
+    assert_refused("ek untrusted", (status, body), 403, "ek_untrusted");
 
     // No roots configured: TPM enrollment is off.
     let token = agent_tpm(&unrelated, "mallory").await;
     let (status, body) = challenge(&unrelated, &tpm, &token).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("ek_roots_not_configured")),
-        "{body}"
+    assert_refused(
+        "ek roots not configured",
+        (status, body),
+        403,
+        "ek_roots_not_configured",
     );
     assert_eq!(
         server.sql("SELECT COUNT(*) FROM tpm_challenges").await,
@@ -899,11 +902,7 @@ async fn tpm2_tools_make_the_ek_ak_activation_and_key_and_keyward_verifies_them(
     assert_eq!(&from_tpm2_certify.attest[..4], b"\xffTCG");
     let fresh = common::enrollment_token(&server, "peer").await;
     let (status, body) = present(&server, &fresh, &secret, &from_tpm2_certify).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (403, Some("stale_nonce")),
-        "{body}"
-    );
+    assert_refused("stale nonce", (status, body), 403, "stale_nonce");
 }
 
 /// keyward on an allow-list only: the TPM's EK fingerprint, as `keyward
