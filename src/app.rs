@@ -151,6 +151,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         revocations.clone(),
     ));
     let janitor = Arc::downgrade(&registry);
+    let janitor_store = store.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RETIRED_KEY_SWEEP);
         loop {
@@ -160,6 +161,13 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
             };
             if let Err(e) = registry.destroy_retired_keys().await {
                 tracing::warn!(error = %e, "destroying retired keys failed");
+            }
+            // A day past expiry a challenge can only be refused as
+            // unknown (stale) instead of expired: the difference no longer
+            // matters to anyone.
+            let day_ago = time::OffsetDateTime::now_utc().unix_timestamp() - 86_400;
+            if let Err(e) = janitor_store.delete_expired_tpm_challenges(day_ago).await {
+                tracing::warn!(error = %e, "deleting expired TPM challenges failed");
             }
         }
     });

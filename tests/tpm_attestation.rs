@@ -549,11 +549,27 @@ async fn each_kind_of_bad_evidence_is_refused_with_its_own_code_and_issues_nothi
     server
         .sql("UPDATE tpm_challenges SET expires_at = 1 WHERE used_at IS NULL")
         .await;
+    let expiring = expiring.unwrap();
     expect(
         "expired nonce",
-        present(&server, &fresh, &secret, &expiring.unwrap()).await,
+        present(&server, &fresh, &secret, &expiring).await,
         403,
         "nonce_expired",
+    );
+    // The janitor's sweep forgets long-expired challenges; their evidence
+    // is then stale, and still refused.
+    let swept = server
+        .store()
+        .await
+        .delete_expired_tpm_challenges(2)
+        .await
+        .unwrap();
+    assert!(swept >= 1, "{swept}");
+    expect(
+        "evidence for a swept challenge",
+        present(&server, &fresh, &secret, &expiring).await,
+        403,
+        "stale_nonce",
     );
     assert_eq!(certificate_count(&server).await, before + 1);
 

@@ -556,6 +556,10 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     async fn tpm_challenge(&self, nonce: &[u8]) -> Result<Option<TpmChallengeRecord>, StoreError>;
+    /// Deletes challenges, used or not, that expired before `before`.
+    /// Evidence naming one is refused either way: as expired or replayed
+    /// while the row exists, as stale after. Returns how many went.
+    async fn delete_expired_tpm_challenges(&self, before: i64) -> Result<u64, StoreError>;
     /// Challenges issued to `agent` that are neither used nor expired.
     async fn open_tpm_challenges(&self, agent: &str, now: i64) -> Result<i64, StoreError>;
     /// Spends a challenge and the enrollment token that pays for it, in

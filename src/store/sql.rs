@@ -1220,6 +1220,14 @@ macro_rules! impl_store {
                 }))
             }
 
+            async fn delete_expired_tpm_challenges(&self, before: i64) -> Result<u64, StoreError> {
+                let done = sqlx::query("DELETE FROM tpm_challenges WHERE expires_at < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
             async fn open_tpm_challenges(&self, agent: &str, now: i64) -> Result<i64, StoreError> {
                 let row = sqlx::query(
                     "SELECT COUNT(*) AS open FROM tpm_challenges
