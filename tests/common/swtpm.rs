@@ -106,11 +106,15 @@ impl Swtpm {
     }
 
     /// Stops the TPM and starts it again on the same state: what a host
-    /// reboot does to a real one.
+    /// reboot does to a real one. It comes back on new ports: the old ones
+    /// can sit in TIME_WAIT, and swtpm cannot bind them then.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(&self.dir.path().join("state"), self.port, self.ctrl);
+        let (port, ctrl) = free_port_pair();
+        self.port = port;
+        self.ctrl = ctrl;
+        self.child = spawn(&self.dir.path().join("state"), port, ctrl);
     }
 
     pub fn tcti(&self) -> String {
