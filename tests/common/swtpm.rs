@@ -133,6 +133,10 @@ impl Swtpm {
     pub fn localca_roots(into: &Path) -> PathBuf {
         let roots = into.join("ek-roots");
         std::fs::create_dir_all(&roots).unwrap();
+        if !localca_dir().join("issuercert.pem").exists() {
+            // swtpm's local CA is created by the first manufacturing run.
+            drop(Self::start_with_ek_certificates());
+        }
         let localca = localca_dir();
         for name in ["swtpm-localca-rootca-cert.pem", "issuercert.pem"] {
             std::fs::copy(localca.join(name), roots.join(name))
