@@ -50,6 +50,22 @@ pub struct TcgAttestCertify {
     pub tpm_t_public: Option<OctetString>,
 }
 
+/// The statements in one attribute value, whichever of the drafts' three
+/// shapes it has: a bare `SEQUENCE OF AttestationStatement` (early), one
+/// `AttestationBundle` (current), or a `SEQUENCE OF EvidenceBundle` (the
+/// revisions between).
+fn statements_in(der: &[u8]) -> Option<Vec<EvidenceStatement>> {
+    if let Ok(statements) = Vec::<EvidenceStatement>::from_der(der) {
+        return Some(statements);
+    }
+    if let Ok(bundle) = EvidenceBundle::from_der(der) {
+        return Some(bundle.evidences);
+    }
+    Vec::<EvidenceBundle>::from_der(der)
+        .ok()
+        .map(|bundles| bundles.into_iter().flat_map(|b| b.evidences).collect())
+}
+
 /// The one tcg-attest-tpm-certify statement in the request. None, several,
 /// or one without the key's public area are refused: the verifier must
 /// know exactly which key and which evidence it is judging.
@@ -60,14 +76,7 @@ pub fn certify_evidence_from_csr(
     let mut found = Vec::new();
     for value in csr.attribute_values(&ID_AA_ATTESTATION) {
         let der = value.to_der().map_err(|_| malformed())?;
-        let statements = match Vec::<EvidenceStatement>::from_der(&der) {
-            Ok(statements) => statements,
-            Err(_) => Vec::<EvidenceBundle>::from_der(&der)
-                .map_err(|_| malformed())?
-                .into_iter()
-                .flat_map(|b| b.evidences)
-                .collect(),
-        };
+        let statements = statements_in(&der).ok_or_else(malformed)?;
         found.extend(
             statements
                 .into_iter()
@@ -90,17 +99,68 @@ pub fn certify_evidence_from_csr(
     })
 }
 
-/// Builds the attribute value for a request (the agent side and tests).
+/// Builds the attribute value for a request (the agent side and tests), in
+/// the current draft's shape: one `AttestationBundle` without certificates.
 pub fn attestation_attribute_value(evidence: &CertifyEvidence) -> Result<Any, der::Error> {
     let certify = TcgAttestCertify {
         tpm_s_attest: OctetString::new(evidence.attest.clone())?,
         signature: OctetString::new(evidence.signature.clone())?,
         tpm_t_public: Some(OctetString::new(evidence.public.clone())?),
     };
-    let statements = vec![EvidenceStatement {
-        statement_type: TCG_ATTEST_TPM_CERTIFY,
-        stmt: Any::encode_from(&certify)?,
-        hint: None,
-    }];
-    Any::encode_from(&statements)
+    let bundle = EvidenceBundle {
+        evidences: vec![EvidenceStatement {
+            statement_type: TCG_ATTEST_TPM_CERTIFY,
+            stmt: Any::encode_from(&certify)?,
+            hint: None,
+        }],
+        certs: None,
+    };
+    Any::encode_from(&bundle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn statement(n: u8) -> EvidenceStatement {
+        EvidenceStatement {
+            statement_type: TCG_ATTEST_TPM_CERTIFY,
+            stmt: Any::encode_from(&OctetString::new(vec![n]).unwrap()).unwrap(),
+            hint: None,
+        }
+    }
+
+    #[test]
+    fn all_three_shapes_of_the_attribute_yield_their_statements() {
+        let bare = vec![statement(1)].to_der().unwrap();
+        let bundle = EvidenceBundle {
+            evidences: vec![statement(2)],
+            certs: None,
+        }
+        .to_der()
+        .unwrap();
+        let bundles = vec![
+            EvidenceBundle {
+                evidences: vec![statement(3)],
+                certs: None,
+            },
+            EvidenceBundle {
+                evidences: vec![statement(4)],
+                certs: None,
+            },
+        ]
+        .to_der()
+        .unwrap();
+        let payloads = |der: &[u8]| -> Vec<Vec<u8>> {
+            statements_in(der)
+                .unwrap()
+                .iter()
+                .map(|s| s.stmt.decode_as::<OctetString>().unwrap().into_bytes())
+                .collect()
+        };
+        assert_eq!(payloads(&bare), vec![vec![1]]);
+        assert_eq!(payloads(&bundle), vec![vec![2]]);
+        assert_eq!(payloads(&bundles), vec![vec![3], vec![4]]);
+        assert!(statements_in(&OctetString::new(vec![0]).unwrap().to_der().unwrap()).is_none());
+    }
 }
