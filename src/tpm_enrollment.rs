@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
@@ -187,7 +187,7 @@ impl AgentTpm {
         std::fs::create_dir_all(key_dir)
             .with_context(|| format!("creating {}", key_dir.display()))?;
         let created = self.with_primary(|ctx, primary| {
-            ctx.execute_with_nullauth_session(|ctx| {
+            ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
                 ctx.create(primary, template, None, None, None, None)
             })
             .context("creating the key")
@@ -213,7 +213,7 @@ impl AgentTpm {
     ) -> anyhow::Result<T> {
         let primary = self
             .ctx
-            .execute_with_nullauth_session(|ctx| {
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
                 ctx.create_primary(
                     Hierarchy::Owner,
                     crate::keys::tpm::primary_template()?,
@@ -238,8 +238,10 @@ impl AgentTpm {
     ) -> anyhow::Result<T> {
         let (private, public) = (key.private.clone(), key.public.clone());
         let handle = self.with_primary(|ctx, primary| {
-            ctx.execute_with_nullauth_session(|ctx| ctx.load(primary, private, public))
-                .context("loading the key")
+            ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.load(primary, private, public)
+            })
+            .context("loading the key")
         })?;
         let ak = self.ak;
         let result = f(&mut self.ctx, handle, ak);
@@ -270,36 +272,9 @@ impl AgentTpm {
         key: &AgentTpmKey,
         digest: &[u8; 32],
     ) -> anyhow::Result<p256::ecdsa::Signature> {
-        let digest = tss_esapi::structures::Digest::try_from(digest.to_vec())?;
-        let ticket = tss_esapi::structures::HashcheckTicket::try_from(
-            tss_esapi::tss2_esys::TPMT_TK_HASHCHECK {
-                tag: tss_esapi::constants::tss::TPM2_ST_HASHCHECK,
-                hierarchy: tss_esapi::constants::tss::TPM2_RH_NULL,
-                digest: Default::default(),
-            },
-        )?;
-        let signature = self.with_key(key, |ctx, handle, _| {
-            ctx.execute_with_nullauth_session(|ctx| {
-                ctx.sign(handle, digest, SignatureScheme::Null, ticket)
-            })
-            .context("TPM2_Sign")
-        })?;
-        let tss_esapi::structures::Signature::EcDsa(sig) = signature else {
-            bail!("the TPM returned a non-ECDSA signature");
-        };
-        let field = |v: &[u8]| -> anyhow::Result<p256::FieldBytes> {
-            let mut out = p256::FieldBytes::default();
-            let start = out
-                .len()
-                .checked_sub(v.len())
-                .context("signature scalar longer than P-256's")?;
-            out[start..].copy_from_slice(v);
-            Ok(out)
-        };
-        Ok(p256::ecdsa::Signature::from_scalars(
-            field(sig.signature_r().value())?,
-            field(sig.signature_s().value())?,
-        )?)
+        self.with_key(key, |ctx, handle, _| {
+            Ok(crate::keys::tpm::sign_digest_with(ctx, handle, digest)?)
+        })
     }
 }
 

@@ -299,19 +299,12 @@ async fn certificate(
         TpmRedemption::ChallengeSpent => return Err(TpmAttestationError::NonceReplayed.into()),
         TpmRedemption::TokenInvalid => return Err(invalid_token()),
     }
-    let (issued, digest) = state
-        .registry
-        .issue_certificate(
-            &format!("agent:{name}"),
-            &name,
-            CertificateKey::TpmAttested(verified),
-            ttl,
-            crate::policy::BUILTIN_POLICY_VERSION,
-        )
-        .await?;
-    state.metrics.certificates_issued.inc();
-    Ok((
-        StatusCode::CREATED,
-        Json(IssuedCertificateView::new(&state, issued, digest)),
-    ))
+    super::enrollment::issue(
+        &state,
+        &format!("agent:{name}"),
+        &name,
+        CertificateKey::TpmAttested(verified),
+        ttl,
+    )
+    .await
 }

@@ -144,7 +144,14 @@ async fn enroll(
             )
         })?;
     let name = AgentName::parse(&agent).map_err(ApiError::internal)?;
-    issue(&state, &format!("agent:{name}"), &name, csr, ttl).await
+    issue(
+        &state,
+        &format!("agent:{name}"),
+        &name,
+        CertificateKey::Csr(csr),
+        ttl,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -176,29 +183,32 @@ async fn renew(
         .authority()
         .ttl_limits()
         .resolve(body.ttl_seconds)?;
-    issue(&state, &caller.audit_name(), name, csr, ttl).await
+    issue(
+        &state,
+        &caller.audit_name(),
+        name,
+        CertificateKey::Csr(csr),
+        ttl,
+    )
+    .await
 }
 
-async fn issue(
+/// A certificate for an agent's own credential (a CSR key, or a key
+/// proven in its TPM), under the built-in policy, as the 201 answer.
+pub(super) async fn issue(
     state: &AppState,
     actor: &str,
     name: &AgentName,
-    csr: VerifiedCsr,
+    key: CertificateKey,
     ttl: std::time::Duration,
 ) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
-    let (issued, _) = state
+    let (issued, attestation) = state
         .registry
-        .issue_certificate(
-            actor,
-            name,
-            CertificateKey::Csr(csr),
-            ttl,
-            crate::policy::BUILTIN_POLICY_VERSION,
-        )
+        .issue_certificate(actor, name, key, ttl, crate::policy::BUILTIN_POLICY_VERSION)
         .await?;
     state.metrics.certificates_issued.inc();
     Ok((
         StatusCode::CREATED,
-        Json(IssuedCertificateView::new(state, issued, None)),
+        Json(IssuedCertificateView::new(state, issued, attestation)),
     ))
 }

@@ -147,15 +147,23 @@ fn ecdsa_sha256() -> HashScheme {
 }
 
 pub(crate) fn signing_key_template() -> Result<Public, TssError> {
-    let attributes = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_sign_encrypt(true)
-        .with_decrypt(false)
-        .with_restricted(false)
-        .build()?;
+    signing_key_template_with(
+        ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_sign_encrypt(true)
+            .with_decrypt(false)
+            .with_restricted(false)
+            .build()?,
+    )
+}
+
+/// An ECDSA P-256 / SHA-256 key with these attributes. keyward's keys use
+/// `signing_key_template`'s; tests make keys that break its rules with
+/// this.
+pub fn signing_key_template_with(attributes: ObjectAttributes) -> Result<Public, TssError> {
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Ecc)
         .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
@@ -503,33 +511,7 @@ impl KeySession for TpmSession {
 
     fn sign_digest(&mut self, id: &KeyId, digest: &[u8; 32]) -> Result<Signature, KeyError> {
         let key = self.loaded_key(id)?;
-        let digest = Digest::try_from(digest.to_vec()).map_err(|e| classify("Sign", e))?;
-        // A null ticket is what an unrestricted key accepts: only restricted
-        // keys insist on proof that the TPM hashed the message itself.
-        let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
-            tag: TPM2_ST_HASHCHECK,
-            hierarchy: TPM2_RH_NULL,
-            digest: Default::default(),
-        })
-        .map_err(|e| classify("Sign", e))?;
-        let scheme = SignatureScheme::EcDsa {
-            hash_scheme: ecdsa_sha256(),
-        };
-        let signature = match self.ctx.sign(key, digest, scheme, validation) {
-            Ok(TpmSignature::EcDsa(s)) => s,
-            Ok(other) => {
-                return Err(KeyError::Malformed(format!(
-                    "TPM2_Sign returned a {:?} signature",
-                    other.algorithm()
-                )))
-            }
-            Err(e) => return Err(classify("Sign", e)),
-        };
-        let r = field_bytes(signature.signature_r().value(), "signature r")?;
-        let s = field_bytes(signature.signature_s().value(), "signature s")?;
-        let signature = Signature::from_scalars(r, s)
-            .map_err(|_| KeyError::Malformed("TPM2_Sign returned r or s out of range".into()))?;
-        Ok(signature.normalize_s().unwrap_or(signature))
+        sign_digest_with(&mut self.ctx, key, digest)
     }
 
     /// Reads the public area back from the loaded object rather than from
@@ -576,6 +558,47 @@ impl KeySession for TpmSession {
             .map(drop)
             .map_err(|e| classify("GetRandom", e))
     }
+}
+
+/// TPM2_Sign of a SHA-256 digest with a loaded, unrestricted P-256 key
+/// (empty authorization); the signature is low-S. Shared by keyward's
+/// backend and the agent side of TPM enrollment.
+pub(crate) fn sign_digest_with(
+    ctx: &mut Context,
+    key: KeyHandle,
+    digest: &[u8; 32],
+) -> Result<Signature, KeyError> {
+    let digest = Digest::try_from(digest.to_vec()).map_err(|e| classify("Sign", e))?;
+    // A null ticket is what an unrestricted key accepts: only restricted
+    // keys insist on proof that the TPM hashed the message itself.
+    let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+        tag: TPM2_ST_HASHCHECK,
+        hierarchy: TPM2_RH_NULL,
+        digest: Default::default(),
+    })
+    .map_err(|e| classify("Sign", e))?;
+    let scheme = SignatureScheme::EcDsa {
+        hash_scheme: ecdsa_sha256(),
+    };
+    // The key's authValue is empty: a password session carries it without
+    // costing a TPM session (this is the signing hot path).
+    let signature = match ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+        ctx.sign(key, digest, scheme, validation)
+    }) {
+        Ok(TpmSignature::EcDsa(s)) => s,
+        Ok(other) => {
+            return Err(KeyError::Malformed(format!(
+                "TPM2_Sign returned a {:?} signature",
+                other.algorithm()
+            )))
+        }
+        Err(e) => return Err(classify("Sign", e)),
+    };
+    let r = field_bytes(signature.signature_r().value(), "signature r")?;
+    let s = field_bytes(signature.signature_s().value(), "signature s")?;
+    let signature = Signature::from_scalars(r, s)
+        .map_err(|_| KeyError::Malformed("TPM2_Sign returned r or s out of range".into()))?;
+    Ok(signature.normalize_s().unwrap_or(signature))
 }
 
 /// Writes both blobs under temporary names, then renames them into

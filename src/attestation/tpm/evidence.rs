@@ -13,7 +13,7 @@ use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::AesKeyBits;
 use tss_esapi::structures::{
-    Attest, AttestInfo, EccParameter, Public, Signature, SymmetricDefinitionObject,
+    Attest, AttestInfo, EccParameter, EccSignature, Public, Signature, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 
@@ -267,30 +267,20 @@ impl AttestationKey {
                 _ => Err(Error::SignatureInvalid),
             }
         };
+        let sig_hash = match signature {
+            Signature::EcDsa(sig) => sig.hashing_algorithm(),
+            _ => HashingAlgorithm::Null,
+        };
         let valid = match (self, signature) {
             (AttestationKey::P256(key), Signature::EcDsa(sig)) => {
-                let r = fixed(sig.signature_r().value(), 32)?;
-                let s = fixed(sig.signature_s().value(), 32)?;
-                let (mut r_bytes, mut s_bytes) =
-                    (p256::FieldBytes::default(), p256::FieldBytes::default());
-                r_bytes.copy_from_slice(&r);
-                s_bytes.copy_from_slice(&s);
-                let sig = p256::ecdsa::Signature::from_scalars(r_bytes, s_bytes)
+                let sig = p256::ecdsa::Signature::from_slice(&ecdsa_r_s(sig, 32)?)
                     .map_err(|_| Error::SignatureInvalid)?;
-                key.verify_prehash(&digest(sig_hash(signature))?, &sig)
-                    .is_ok()
+                key.verify_prehash(&digest(sig_hash)?, &sig).is_ok()
             }
             (AttestationKey::P384(key), Signature::EcDsa(sig)) => {
-                let r = fixed(sig.signature_r().value(), 48)?;
-                let s = fixed(sig.signature_s().value(), 48)?;
-                let (mut r_bytes, mut s_bytes) =
-                    (p384::FieldBytes::default(), p384::FieldBytes::default());
-                r_bytes.copy_from_slice(&r);
-                s_bytes.copy_from_slice(&s);
-                let sig = p384::ecdsa::Signature::from_scalars(r_bytes, s_bytes)
+                let sig = p384::ecdsa::Signature::from_slice(&ecdsa_r_s(sig, 48)?)
                     .map_err(|_| Error::SignatureInvalid)?;
-                key.verify_prehash(&digest(sig_hash(signature))?, &sig)
-                    .is_ok()
+                key.verify_prehash(&digest(sig_hash)?, &sig).is_ok()
             }
             (AttestationKey::Rsa(key), Signature::RsaSsa(sig)) => {
                 let hashed = digest(sig.hashing_algorithm())?;
@@ -310,19 +300,17 @@ impl AttestationKey {
     }
 }
 
-fn sig_hash(signature: &Signature) -> HashingAlgorithm {
-    match signature {
-        Signature::EcDsa(sig) => sig.hashing_algorithm(),
-        _ => HashingAlgorithm::Null,
+/// r || s, each left-padded to the curve's length (the TPM strips leading
+/// zero bytes).
+fn ecdsa_r_s(sig: &EccSignature, len: usize) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::with_capacity(2 * len);
+    for scalar in [sig.signature_r().value(), sig.signature_s().value()] {
+        let pad = len
+            .checked_sub(scalar.len())
+            .ok_or(Error::SignatureInvalid)?;
+        out.extend(std::iter::repeat_n(0, pad));
+        out.extend_from_slice(scalar);
     }
-}
-
-fn fixed(value: &[u8], len: usize) -> Result<Vec<u8>, Error> {
-    if value.len() > len {
-        return Err(Error::SignatureInvalid);
-    }
-    let mut out = vec![0; len - value.len()];
-    out.extend_from_slice(value);
     Ok(out)
 }
 
