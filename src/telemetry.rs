@@ -70,6 +70,13 @@ impl PoolMetrics {
         }
     }
 
+    /// `n` signatures that succeeded, counted at once.
+    pub fn signs_ok_by(&self, n: u64) {
+        if n > 0 {
+            self.signs_ok.inc_by(n);
+        }
+    }
+
     pub fn outcome(&self, op: &'static str, outcome: &'static str) {
         if op == "sign" && outcome == "ok" {
             self.signs_ok.inc();

@@ -284,31 +284,48 @@ pub struct Pkcs11Session {
     private_keys: HashMap<KeyId, ObjectHandle>,
 }
 
+/// The private key's handle, looked up once per session (handles are
+/// stable for the life of the session).
+fn cached_private_key(
+    session: &Session,
+    cache: &mut HashMap<KeyId, ObjectHandle>,
+    id: &KeyId,
+) -> Result<ObjectHandle, KeyError> {
+    if let Some(handle) = cache.get(id) {
+        return Ok(*handle);
+    }
+    let handle = find_object(session, id, ObjectClass::PRIVATE_KEY)?
+        .ok_or_else(|| KeyError::NotFound(id.clone()))?;
+    cache.insert(id.clone(), handle);
+    Ok(handle)
+}
+
+fn find_object(
+    session: &Session,
+    id: &KeyId,
+    class: ObjectClass,
+) -> Result<Option<ObjectHandle>, KeyError> {
+    let template = [
+        Attribute::Class(class),
+        Attribute::Id(id.as_str().as_bytes().to_vec()),
+    ];
+    let found = session.find_objects(&template).map_err(classify)?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(KeyError::Malformed(format!(
+            "several objects share the id {id}"
+        ))),
+    }
+}
+
 impl Pkcs11Session {
     fn find(&self, id: &KeyId, class: ObjectClass) -> Result<Option<ObjectHandle>, KeyError> {
-        let template = [
-            Attribute::Class(class),
-            Attribute::Id(id.as_str().as_bytes().to_vec()),
-        ];
-        let found = self.session.find_objects(&template).map_err(classify)?;
-        match found.as_slice() {
-            [] => Ok(None),
-            [one] => Ok(Some(*one)),
-            _ => Err(KeyError::Malformed(format!(
-                "several objects share the id {id}"
-            ))),
-        }
+        find_object(&self.session, id, class)
     }
 
     fn private_key(&mut self, id: &KeyId) -> Result<ObjectHandle, KeyError> {
-        if let Some(handle) = self.private_keys.get(id) {
-            return Ok(*handle);
-        }
-        let handle = self
-            .find(id, ObjectClass::PRIVATE_KEY)?
-            .ok_or_else(|| KeyError::NotFound(id.clone()))?;
-        self.private_keys.insert(id.clone(), handle);
-        Ok(handle)
+        cached_private_key(&self.session, &mut self.private_keys, id)
     }
 
     /// Signs with the raw session, for the benchmark's `raw` mode.
@@ -476,10 +493,11 @@ impl KeySession for Pkcs11Session {
     }
 
     fn sign_digest(&mut self, id: &KeyId, digest: &[u8; 32]) -> Result<Signature, KeyError> {
-        // A clone of the Arc, so the guard does not borrow `self`.
-        let shared = Arc::clone(&self.shared);
-        let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
-        let key = self.private_key(id)?;
+        // Borrowing fields, not `self`, lets the guard live beside the key
+        // cache without cloning the shared Arc per signature (two workers
+        // doing that bounce its counter between cores).
+        let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        let key = cached_private_key(&self.session, &mut self.private_keys, id)?;
         // CKM_ECDSA over a digest computed here: SoftHSM2 does not offer
         // CKM_ECDSA_SHA256, and hashing in process is cheaper anyway.
         let raw = match self.session.sign(&Mechanism::Ecdsa, key, digest) {

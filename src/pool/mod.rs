@@ -325,6 +325,24 @@ impl KeyPool {
     }
 }
 
+/// What a job came to, for the metrics (`Worker::record_batch`).
+struct Served {
+    op: &'static str,
+    outcome: &'static str,
+    /// From enqueueing to the answer, for signatures.
+    latency: Option<Duration>,
+}
+
+impl Served {
+    fn outcome(op: &'static str, outcome: &'static str) -> Self {
+        Self {
+            op,
+            outcome,
+            latency: None,
+        }
+    }
+}
+
 struct Worker {
     shared: Arc<Shared>,
     /// The session and the backend generation it was opened under.
@@ -342,6 +360,7 @@ impl Worker {
     fn run(mut self, queue: Receiver<Job>) {
         let mut batch = Vec::with_capacity(self.shared.batch_size);
         let mut answers = Vec::with_capacity(self.shared.batch_size);
+        let mut served = Vec::with_capacity(self.shared.batch_size);
         // recv() fails only when every KeyPool handle is gone and the queue is
         // empty: the pool is shutting down.
         while let Ok(first) = queue.recv() {
@@ -352,11 +371,9 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            let metrics = &self.shared.metrics;
-            metrics.batch_size.observe(batch.len() as f64);
-            metrics.queue_depth.set(queue.len() as i64);
+            let batch_len = batch.len();
             for job in batch.drain(..) {
-                if let Some(answer) = self.serve(job) {
+                if let Some(answer) = self.serve(job, &mut served) {
                     answers.push(answer);
                 }
             }
@@ -368,20 +385,47 @@ impl Worker {
                 // The caller may have gone away; nobody is left to tell.
                 let _ = reply.send(result);
             }
+            self.record_batch(batch_len, queue.len(), &mut served);
         }
     }
 
-    /// Runs one job; returns where and what to answer.
-    fn serve(&mut self, job: Job) -> Option<Answer> {
-        let shared = Arc::clone(&self.shared);
-        let metrics = &shared.metrics;
-        let op_name = job.op.name();
+    /// Metrics for a batch, after its answers are out. They are shared by
+    /// every worker, so they are written once per batch where possible:
+    /// an atomic that two cores update per signature moves its cache line
+    /// between them each time.
+    fn record_batch(&self, batch_len: usize, queue_len: usize, served: &mut Vec<Served>) {
+        let metrics = &self.shared.metrics;
+        metrics.batch_size.observe(batch_len as f64);
+        metrics.queue_depth.set(queue_len as i64);
+        let mut signs_ok = 0;
+        let mut any_ok = false;
+        for s in served.drain(..) {
+            any_ok |= s.outcome == "ok";
+            if s.op == "sign" && s.outcome == "ok" {
+                signs_ok += 1;
+            } else {
+                metrics.outcome(s.op, s.outcome);
+            }
+            if let Some(latency) = s.latency {
+                metrics.sign_latency_seconds.observe(latency.as_secs_f64());
+            }
+        }
+        metrics.signs_ok_by(signs_ok);
+        if any_ok && self.shared.breaker.state() == BreakerState::Closed {
+            metrics.breaker_open.set(0);
+        }
+    }
+
+    /// Runs one job; returns where and what to answer, and notes for the
+    /// metrics what happened.
+    fn serve(&mut self, job: Job, served: &mut Vec<Served>) -> Option<Answer> {
+        let op = job.op.name();
         if job.reply.is_closed() {
-            metrics.outcome(op_name, "abandoned");
+            served.push(Served::outcome(op, "abandoned"));
             return None;
         }
         if Instant::now() >= job.deadline {
-            metrics.outcome(op_name, "deadline_exceeded");
+            served.push(Served::outcome(op, "deadline_exceeded"));
             return Some((job.reply, Err(PoolError::DeadlineExceeded)));
         }
         let result = self.execute(&job.op);
@@ -390,12 +434,11 @@ impl Worker {
             Err(PoolError::Unavailable { .. }) => "unavailable",
             Err(_) => "error",
         };
-        metrics.outcome(op_name, outcome);
-        if matches!(job.op, KeyOp::Sign { .. }) {
-            metrics
-                .sign_latency_seconds
-                .observe(job.enqueued.elapsed().as_secs_f64());
-        }
+        served.push(Served {
+            op,
+            outcome,
+            latency: matches!(job.op, KeyOp::Sign { .. }).then(|| job.enqueued.elapsed()),
+        });
         Some((job.reply, result))
     }
 
@@ -407,7 +450,6 @@ impl Worker {
             match run_op(session, op) {
                 Ok(output) => {
                     self.shared.breaker.record_success();
-                    self.shared.metrics.breaker_open.set(0);
                     return Ok(output);
                 }
                 Err(e) if e.is_connection_failure() => {
