@@ -196,22 +196,7 @@ async fn an_agent_enrolls_with_keyward_agent_enroll_and_its_key_provably_lives_i
     let tpm = Swtpm::start_with_ek_certificates();
     let server = server_trusting_swtpm(Db::Postgres).await;
     let token = agent_tpm(&server, "tpm-agent").await;
-    let work = tempfile::tempdir().unwrap();
-    let token_file = work.path().join("token");
-    std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let out = work.path().join("out");
-    let enroll = |out: &Path| {
-        run(Command::new(common::keyward_bin())
-            .args(["agent", "enroll", "tpm-agent", "--tpm", &tpm.tcti()])
-            .args(["--url", &server.url])
-            .arg("--ca")
-            .arg(server.path("ca.pem"))
-            .arg("--enrollment-token-file")
-            .arg(&token_file)
-            .arg("--out")
-            .arg(out))
-    };
-    let (ok, output) = enroll(&out);
+    let (ok, output, out) = enroll_with_cli(&server, &tpm, "tpm-agent", &token);
     assert!(ok, "{output}");
 
     // openssl, an outside verifier, accepts the certificate under keyward's CA.
@@ -267,7 +252,7 @@ async fn an_agent_enrolls_with_keyward_agent_enroll_and_its_key_provably_lives_i
     drop(session);
 
     // The token paid for one enrollment.
-    let (ok, output) = enroll(&work.path().join("again"));
+    let (ok, output, _) = enroll_with_cli(&server, &tpm, "tpm-agent", &token);
     assert!(!ok, "a spent token enrolled again: {output}");
     assert!(output.contains("invalid_enrollment_token"), "{output}");
 }
@@ -929,7 +914,8 @@ fn enroll_with_cli(
 ) -> (bool, String, std::path::PathBuf) {
     let work = tempfile::tempdir().unwrap().keep();
     let token_file = work.join("token");
-    std::fs::write(&token_file, token).unwrap();
+    // With a trailing newline, as `echo` or an editor leaves it.
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let out = work.join("out");
     let (ok, output) = run(Command::new(common::keyward_bin())
         .args(["agent", "enroll", name, "--tpm", &tpm.tcti()])
