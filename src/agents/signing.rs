@@ -206,7 +206,9 @@ impl AgentSigner {
         // request takes the longer of the two instead of their sum. A
         // signing that fails after its record committed leaves the record
         // of an attempt whose answer was an error.
-        let (signature, recorded) = tokio::join!(pending.wait(), self.log.record(record));
+        let needed_at = pending.expected_at();
+        let (signature, recorded) =
+            tokio::join!(pending.wait(), self.log.record(record, needed_at));
         recorded?;
         Ok(signature?)
     }

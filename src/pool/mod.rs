@@ -13,6 +13,7 @@
 
 mod breaker;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,6 +124,10 @@ struct Shared {
     breaker: Breaker,
     metrics: PoolMetrics,
     batch_size: usize,
+    workers: usize,
+    /// A moving average of the time one job takes on a worker, in
+    /// nanoseconds, for [`PendingSignature::expected_at`].
+    job_nanos: AtomicU64,
 }
 
 /// Handle to the pool; cheap to clone. Workers stop when the last handle is
@@ -148,6 +153,8 @@ impl KeyPool {
             breaker: Breaker::new(),
             metrics,
             batch_size: config.batch_size.max(1),
+            workers: config.workers.max(1),
+            job_nanos: AtomicU64::new(0),
         });
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
@@ -246,6 +253,7 @@ impl KeyPool {
     /// would; `PendingSignature::wait` gives the result. For callers with
     /// something else to do while the token works.
     pub fn start_sign(&self, key: &KeyId, digest: [u8; 32]) -> Result<PendingSignature, PoolError> {
+        let expected_at = self.expected_completion();
         let answer = self.enqueue(
             KeyOp::Sign {
                 key: key.clone(),
@@ -253,7 +261,19 @@ impl KeyPool {
             },
             self.deadline,
         )?;
-        Ok(PendingSignature { answer })
+        Ok(PendingSignature {
+            answer,
+            expected_at,
+        })
+    }
+
+    /// When a job queued now can be expected back: the jobs ahead of it
+    /// shared among the workers, then its own. A rough figure: it does not
+    /// know how far the workers are into their current batches.
+    fn expected_completion(&self) -> Instant {
+        let job = Duration::from_nanos(self.shared.job_nanos.load(Ordering::Relaxed));
+        let rounds = self.queue.len() / self.shared.workers + 1;
+        Instant::now() + job * rounds as u32
     }
 
     /// Signs a SHA-256 digest with the key; the signature is low-S.
@@ -364,6 +384,7 @@ impl Worker {
         // recv() fails only when every KeyPool handle is gone and the queue is
         // empty: the pool is shutting down.
         while let Ok(first) = queue.recv() {
+            let started = Instant::now();
             batch.push(first);
             while batch.len() < self.shared.batch_size {
                 match queue.try_recv() {
@@ -377,6 +398,9 @@ impl Worker {
                     answers.push(answer);
                 }
             }
+            // Before the answers, so that a caller sees the average its
+            // own job moved.
+            self.note_job_time(started.elapsed() / batch_len as u32);
             // Answer the whole batch at once: waking the waiting tasks is a
             // cross-thread wake-up each, and the runtime coalesces wake-ups
             // that arrive together. A lone request is a batch of one, so an
@@ -387,6 +411,20 @@ impl Worker {
             }
             self.record_batch(batch_len, queue.len(), &mut served);
         }
+    }
+
+    /// Moves the average time per job an eighth of the way to `job`.
+    /// Workers update it without coordinating; a lost update only leaves
+    /// an estimate a little staler.
+    fn note_job_time(&self, job: Duration) {
+        let job = u64::try_from(job.as_nanos()).unwrap_or(u64::MAX);
+        let average = self.shared.job_nanos.load(Ordering::Relaxed);
+        let updated = if average == 0 {
+            job
+        } else {
+            average - average / 8 + job / 8
+        };
+        self.shared.job_nanos.store(updated, Ordering::Relaxed);
     }
 
     /// Metrics for a batch, after its answers are out. They are shared by
@@ -533,9 +571,17 @@ fn run_op(session: &mut dyn KeySession, op: &KeyOp) -> Result<KeyOutput, KeyErro
 /// A signature the pool has queued (`KeyPool::start_sign`).
 pub struct PendingSignature {
     answer: oneshot::Receiver<Result<KeyOutput, PoolError>>,
+    expected_at: Instant,
 }
 
 impl PendingSignature {
+    /// When the signature can be expected, estimated from the queue ahead
+    /// of it and the recent time per job. Neither a promise nor a deadline:
+    /// for work that may as well wait until about then.
+    pub fn expected_at(&self) -> Instant {
+        self.expected_at
+    }
+
     pub async fn wait(self) -> Result<Signature, PoolError> {
         match KeyPool::answer(self.answer).await? {
             KeyOutput::Signature(s) => Ok(s),
@@ -614,6 +660,44 @@ mod tests {
         let result = pool.sign(&KeyId::parse("missing").unwrap(), [0; 32]).await;
         assert!(matches!(result, Err(PoolError::Key(KeyError::NotFound(_)))));
         assert_eq!(pool.breaker_state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn an_idle_pool_expects_a_signature_one_average_job_from_now() {
+        let pool = pool(PoolConfig::default());
+        let key = KeyId::parse("k-4").unwrap();
+        pool.generate(&key).await.unwrap();
+        pool.sign(&key, [1; 32]).await.unwrap();
+        let job = Duration::from_nanos(pool.shared.job_nanos.load(Ordering::Relaxed));
+        assert!(job > Duration::ZERO, "served jobs are timed");
+
+        let before = Instant::now();
+        let pending = pool.start_sign(&key, [2; 32]).unwrap();
+        let after = Instant::now();
+        assert!(pending.expected_at() >= before + job);
+        assert!(pending.expected_at() <= after + job);
+        pending.wait().await.unwrap();
+    }
+
+    #[test]
+    fn the_average_job_time_moves_an_eighth_of_the_way_to_each_batch() {
+        let shared = Arc::new(Shared {
+            backend: Arc::new(SoftwareBackend::new()),
+            breaker: Breaker::new(),
+            metrics: PoolMetrics::unregistered(),
+            batch_size: 16,
+            workers: 2,
+            job_nanos: AtomicU64::new(0),
+        });
+        let worker = Worker::new(Arc::clone(&shared));
+        worker.note_job_time(Duration::from_micros(800));
+        assert_eq!(
+            shared.job_nanos.load(Ordering::Relaxed),
+            800_000,
+            "the first batch sets it"
+        );
+        worker.note_job_time(Duration::from_micros(1_600));
+        assert_eq!(shared.job_nanos.load(Ordering::Relaxed), 900_000);
     }
 
     async fn futures_join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
