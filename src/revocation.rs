@@ -28,15 +28,18 @@ pub struct Revoked {
     pub reason: String,
 }
 
+/// One reading of the set. A request that makes several checks takes one
+/// (`RevocationSet::current`), so that its checks agree with each other
+/// even if a reload lands in between.
 #[derive(Default)]
-struct State {
+pub struct RevocationView {
     certificates: HashMap<String, Revoked>,
     /// Agents that may not act, with their status.
     inactive_agents: HashMap<String, String>,
     retired_keys: std::collections::HashSet<String>,
 }
 
-impl State {
+impl RevocationView {
     fn from_snapshot(snapshot: RevocationSnapshot) -> Self {
         Self {
             certificates: snapshot
@@ -56,11 +59,26 @@ impl State {
             retired_keys: snapshot.retired_keys.into_iter().collect(),
         }
     }
+
+    /// The agent's status when it is not `active`; `None` when it may act.
+    pub fn inactive_status(&self, agent: &str) -> Option<&str> {
+        self.inactive_agents.get(agent).map(String::as_str)
+    }
+
+    /// Whether a rotation retired this key (it is nobody's current key).
+    pub fn key_retired(&self, key_id: &str) -> bool {
+        self.retired_keys.contains(key_id)
+    }
+
+    /// The certificate's revocation, if it is revoked (or on hold).
+    pub fn certificate(&self, serial: &str) -> Option<&Revoked> {
+        self.certificates.get(serial)
+    }
 }
 
 pub struct RevocationSet {
     store: Arc<dyn Store>,
-    state: RwLock<Arc<State>>,
+    state: RwLock<Arc<RevocationView>>,
     /// Bumped on every reload that changed the set: the CRL is rebuilt when
     /// it moves.
     generation: AtomicU64,
@@ -79,20 +97,21 @@ impl RevocationSet {
         let snapshot = store.revocation_snapshot(unix_now()).await?;
         Ok(Arc::new(Self {
             store,
-            state: RwLock::new(Arc::new(State::from_snapshot(snapshot))),
+            state: RwLock::new(Arc::new(RevocationView::from_snapshot(snapshot))),
             generation: AtomicU64::new(1),
             metrics,
         }))
     }
 
-    fn state(&self) -> Arc<State> {
+    /// The set as it stands now.
+    pub fn current(&self) -> Arc<RevocationView> {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Reads the set again from the database.
     pub async fn reload(&self) -> Result<(), StoreError> {
         let snapshot = self.store.revocation_snapshot(unix_now()).await?;
-        let fresh = State::from_snapshot(snapshot);
+        let fresh = RevocationView::from_snapshot(snapshot);
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if state.certificates != fresh.certificates
             || state.inactive_agents != fresh.inactive_agents
@@ -105,19 +124,10 @@ impl RevocationSet {
         Ok(())
     }
 
-    /// The agent's status when it is not `active`; `None` when it may act.
-    pub fn inactive_status(&self, agent: &str) -> Option<String> {
-        self.state().inactive_agents.get(agent).cloned()
-    }
-
-    /// Whether a rotation retired this key (it is nobody's current key).
-    pub fn key_retired(&self, key_id: &str) -> bool {
-        self.state().retired_keys.contains(key_id)
-    }
-
-    /// The certificate's revocation, if it is revoked (or on hold).
+    /// The certificate's revocation, if it is revoked (or on hold), for a
+    /// caller with this one check to make.
     pub fn certificate(&self, serial: &str) -> Option<Revoked> {
-        self.state().certificates.get(serial).cloned()
+        self.current().certificate(serial).cloned()
     }
 
     /// Counts a revocation, suspension or resumption made here, and makes

@@ -16,7 +16,7 @@ use crate::envelope::{self, Claims, Header};
 use crate::identity::AgentName;
 use crate::keys::KeyId;
 use crate::pool::KeyPool;
-use crate::revocation::RevocationSet;
+use crate::revocation::{RevocationSet, RevocationView};
 use crate::store::{SignatureLog, SignatureRecord, Store};
 
 /// A signature made for an agent.
@@ -142,23 +142,26 @@ impl AgentSigner {
         Ok(self.view(agent, now).await?.scopes.clone())
     }
 
-    /// The view of an agent that may sign now, and its custodial key.
+    /// The view of an agent that may sign now, its custodial key, and the
+    /// reading of the revocation set that cleared it, for the request's
+    /// later checks.
     async fn signing_agent(
         &self,
         agent: &AgentName,
         now: i64,
-    ) -> Result<(Arc<SigningView>, KeyId), AgentError> {
+    ) -> Result<(Arc<SigningView>, KeyId, Arc<RevocationView>), AgentError> {
         // The revocation set first: it is current within a second on every
         // replica, where the cached view may be a second old.
-        if let Some(status) = self.revocations.inactive_status(agent.as_str()) {
-            return Err(AgentError::NotActive(agent.to_string(), status));
+        let revoked = self.revocations.current();
+        if let Some(status) = revoked.inactive_status(agent.as_str()) {
+            return Err(AgentError::NotActive(agent.to_string(), status.to_owned()));
         }
         let mut view = self.view(agent, now).await?;
         // Rotated on another replica since this entry was cached.
         if view
             .key_id
             .as_ref()
-            .is_some_and(|key| self.revocations.key_retired(key.as_str()))
+            .is_some_and(|key| revoked.key_retired(key.as_str()))
         {
             self.cache.invalidate(agent);
             view = self.view(agent, now).await?;
@@ -173,7 +176,7 @@ impl AgentSigner {
             .key_id
             .clone()
             .ok_or_else(|| AgentError::NoCustodialKey(agent.to_string()))?;
-        Ok((view, key_id))
+        Ok((view, key_id, revoked))
     }
 
     /// Signs on the token and records the signature durably.
@@ -225,7 +228,7 @@ impl AgentSigner {
         key_id: Option<&str>,
     ) -> Result<AgentSignature, AgentError> {
         let now = time::OffsetDateTime::now_utc();
-        let (view, current) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let (view, current, revoked) = self.signing_agent(agent, now.unix_timestamp()).await?;
         let (key, certificate_serial) = match key_id {
             Some(requested) if requested != current.as_str() => (
                 self.retired_key_in_grace(agent, requested, now).await?,
@@ -235,7 +238,7 @@ impl AgentSigner {
                 current,
                 view.certificate_serial
                     .clone()
-                    .filter(|serial| self.revocations.certificate(serial).is_none()),
+                    .filter(|serial| revoked.certificate(serial).is_none()),
             ),
         };
         let signature = self
@@ -287,11 +290,11 @@ impl AgentSigner {
         policy_version: i64,
     ) -> Result<SignedMessage, AgentError> {
         let now = time::OffsetDateTime::now_utc();
-        let (view, key_id) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let (view, key_id, revoked) = self.signing_agent(agent, now.unix_timestamp()).await?;
         let serial = view
             .certificate_serial
             .clone()
-            .filter(|serial| self.revocations.certificate(serial).is_none())
+            .filter(|serial| revoked.certificate(serial).is_none())
             .ok_or_else(|| AgentError::NoCertificate(agent.to_string()))?;
         let record =
             self.store.certificate(&serial).await?.ok_or_else(|| {
