@@ -286,7 +286,7 @@ impl Connection {
         digest: &[u8; 32],
     ) -> anyhow::Result<u16> {
         use std::io::Write;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let body = format!(
             "{{\"digest_sha256_b64\":\"{}\"}}",
             base64::engine::general_purpose::STANDARD.encode(digest)
@@ -303,10 +303,7 @@ impl Connection {
 
         self.response.clear();
         let (status, body_start, body_len) = loop {
-            let mut chunk = [0u8; 2048];
-            let n = self.stream.read(&mut chunk).await?;
-            anyhow::ensure!(n > 0, "the server closed the connection");
-            self.response.extend_from_slice(&chunk[..n]);
+            self.read_more().await?;
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut head = httparse::Response::new(&mut headers);
             if let httparse::Status::Complete(len) = head.parse(&self.response)? {
@@ -326,16 +323,23 @@ impl Connection {
             }
         };
         while self.response.len() < body_start + body_len {
-            let mut chunk = [0u8; 2048];
-            let n = self.stream.read(&mut chunk).await?;
-            anyhow::ensure!(n > 0, "the server closed the connection");
-            self.response.extend_from_slice(&chunk[..n]);
+            self.read_more().await?;
         }
         anyhow::ensure!(
             self.response.len() == body_start + body_len,
             "more bytes than one answer: the server does not pipeline"
         );
         Ok(status)
+    }
+
+    /// Appends what the server sent next to `response`.
+    async fn read_more(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 2048];
+        let n = self.stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "the server closed the connection");
+        self.response.extend_from_slice(&chunk[..n]);
+        Ok(())
     }
 }
 

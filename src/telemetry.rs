@@ -77,14 +77,12 @@ impl PoolMetrics {
         }
     }
 
+    /// One operation's outcome. Successful signatures, the common case,
+    /// are counted per batch with `signs_ok_by` (the same counter).
     pub fn outcome(&self, op: &'static str, outcome: &'static str) {
-        if op == "sign" && outcome == "ok" {
-            self.signs_ok.inc();
-        } else {
-            self.operations
-                .get_or_create(&OutcomeLabels { op, outcome })
-                .inc();
-        }
+        self.operations
+            .get_or_create(&OutcomeLabels { op, outcome })
+            .inc();
     }
 
     fn register(&self, registry: &mut Registry) {
@@ -266,5 +264,29 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_counted_per_batch_and_one_by_one_land_in_the_same_series() {
+        let metrics = PoolMetrics::unregistered();
+        metrics.signs_ok_by(3);
+        metrics.outcome("sign", "ok");
+        metrics.outcome("sign", "error");
+        let count = |outcome| {
+            metrics
+                .operations
+                .get_or_create(&OutcomeLabels {
+                    op: "sign",
+                    outcome,
+                })
+                .get()
+        };
+        assert_eq!(count("ok"), 4);
+        assert_eq!(count("error"), 1);
     }
 }
