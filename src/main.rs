@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use keyward::client::{Client, ClientOptions};
-use keyward::config::{Config, ConfigFile, KeysConfig, Overrides};
+use keyward::config::{default_runtime_threads, Config, ConfigFile, KeysConfig, Overrides};
 use keyward::keys::KeyStoreConfig;
 use serde_json::json;
 
@@ -232,6 +232,11 @@ enum BenchCommand {
         workers: Option<usize>,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
+        /// Threads of the runtime the pool's callers and the HTTP server run
+        /// on (default: the config's `server.runtime_threads`, else half
+        /// the cores, as for `serve`).
+        #[arg(long)]
+        runtime_threads: Option<usize>,
         /// Comma-separated modes.
         #[arg(
             long,
@@ -454,7 +459,8 @@ fn local(args: &ServerArgs) -> anyhow::Result<(Config, KeyStoreConfig, tokio::ru
     keyward::telemetry::init_logging(args.log_json);
     let config = load_config(args)?;
     let keys = key_store(&config)?;
-    Ok((config, keys, runtime()?))
+    let rt = runtime(config.runtime_threads)?;
+    Ok((config, keys, rt))
 }
 
 /// Runs `work` against a started keyward (no listener), then ends in
@@ -477,8 +483,9 @@ where
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
         .enable_all()
         .build()?)
 }
@@ -536,6 +543,7 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             workers,
             batch_size,
+            runtime_threads,
             modes,
             json,
             config,
@@ -559,21 +567,28 @@ fn main() -> anyhow::Result<()> {
                     batch_size: batch_size.max(1),
                     modes: vec!["tpm-raw".into(), "tpm".into()],
                 };
-                return print(runtime()?.block_on(keyward::bench::run_tpm(&tcti, &options))?);
+                let threads = runtime_threads.unwrap_or_else(default_runtime_threads);
+                return print(
+                    runtime(threads)?.block_on(keyward::bench::run_tpm(&tcti, &options))?,
+                );
             }
             let dir = tempfile::tempdir()?;
-            let pkcs11 = match config {
-                Some(path) => match ConfigFile::load(&path)?
-                    .validate(&Overrides::default())?
-                    .keys
-                {
-                    KeysConfig::Pkcs11(p) => p,
-                    KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
-                    KeysConfig::Tpm(tpm) => {
-                        anyhow::bail!("for a TPM, run bench sign --tpm {}", tpm.tcti)
-                    }
-                },
-                None => keyward::embedded::prepare(dir.path())?,
+            let (pkcs11, configured_threads) = match config {
+                Some(path) => {
+                    let config = ConfigFile::load(&path)?.validate(&Overrides::default())?;
+                    let pkcs11 = match config.keys {
+                        KeysConfig::Pkcs11(p) => p,
+                        KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
+                        KeysConfig::Tpm(tpm) => {
+                            anyhow::bail!("for a TPM, run bench sign --tpm {}", tpm.tcti)
+                        }
+                    };
+                    (pkcs11, config.runtime_threads)
+                }
+                None => (
+                    keyward::embedded::prepare(dir.path())?,
+                    default_runtime_threads(),
+                ),
             };
             let options = keyward::bench::BenchOptions {
                 seconds,
@@ -584,7 +599,7 @@ fn main() -> anyhow::Result<()> {
                 batch_size: batch_size.max(1),
                 modes,
             };
-            let rt = runtime()?;
+            let rt = runtime(runtime_threads.unwrap_or(configured_threads))?;
             let run = rt.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?;
             // The runtime first (its tasks hold the server's pool), then
             // the pools' workers: none may still be in SoftHSM2 at exit.
@@ -594,8 +609,12 @@ fn main() -> anyhow::Result<()> {
             }
             print(run.results)
         }
-        Command::Agent(command) => runtime()?.block_on(agent_command(command)),
-        Command::Cert(command) => runtime()?.block_on(cert_command(command)),
+        Command::Agent(command) => {
+            runtime(default_runtime_threads())?.block_on(agent_command(command))
+        }
+        Command::Cert(command) => {
+            runtime(default_runtime_threads())?.block_on(cert_command(command))
+        }
         Command::Admin(AdminCommand::CertIssue {
             name,
             out,
@@ -623,8 +642,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Policy(command) => runtime()?.block_on(policy_command(command)),
-        Command::Approvals(command) => runtime()?.block_on(async {
+        Command::Policy(command) => {
+            runtime(default_runtime_threads())?.block_on(policy_command(command))
+        }
+        Command::Approvals(command) => runtime(default_runtime_threads())?.block_on(async {
             let out = match command {
                 ApprovalsCommand::List { client: args } => {
                     client(&args)?.get("/v1/approvals").await?
@@ -643,7 +664,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }),
-        Command::Revoke(command) => runtime()?.block_on(async {
+        Command::Revoke(command) => runtime(default_runtime_threads())?.block_on(async {
             let (path, args, reason) = match command {
                 RevokeCommand::Cert {
                     serial,
@@ -663,7 +684,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Msg(command) => {
-            let valid = runtime()?.block_on(msg_command(command))?;
+            let valid = runtime(default_runtime_threads())?.block_on(msg_command(command))?;
             if !valid {
                 std::process::exit(1);
             }
