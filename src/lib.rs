@@ -18,6 +18,7 @@
 //! store        SQLite / PostgreSQL persistence, audit rows in the same tx
 //! audit        hash-chained audit events
 //! identity     AgentName, TrustDomain, Scope: checked names
+//! handoff      answers from keyward's threads to waiting tasks, a batch at once
 //! config, embedded, telemetry, app, client, credential: wiring and operations
 //! ```
 
@@ -36,6 +37,7 @@ pub mod credential;
 pub mod embedded;
 pub mod envelope;
 pub mod error;
+pub mod handoff;
 pub mod hooks;
 pub mod identity;
 pub mod keys;

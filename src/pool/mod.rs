@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 pub use breaker::{Breaker, BreakerState};
 
+use crate::handoff::Handoff;
 use crate::keys::{KeyAttributes, KeyBackend, KeyError, KeyId, KeySession};
 use crate::telemetry::PoolMetrics;
 
@@ -114,66 +115,7 @@ struct Job {
     reply: oneshot::Sender<Result<KeyOutput, PoolError>>,
 }
 
-type Answer = (
-    oneshot::Sender<Result<KeyOutput, PoolError>>,
-    Result<KeyOutput, PoolError>,
-);
-
-/// How a worker hands a batch's answers to the waiting tasks.
-///
-/// Completing an answer wakes its task. Woken from a worker thread, a tokio
-/// task goes to the runtime's shared queue and a parked runtime thread is
-/// woken for it; on a host whose cores the workers keep busy, that thread
-/// preempts the worker at once, runs the one task, finds nothing else and
-/// parks again before the worker gets to the next answer. Measured with
-/// `perf sched` on 2 cores: four context switches per answer, a batch's
-/// sixteen answers taking 0.4 ms to hand out instead of a few
-/// microseconds. So the whole batch goes to one task on the runtime (one
-/// cross-thread wake-up), which completes the answers from there, where
-/// waking a task is a push onto the runtime's own queue.
-enum Delivery {
-    Dispatcher(tokio::sync::mpsc::UnboundedSender<Vec<Answer>>),
-    /// The pool was started outside a runtime: the worker completes each
-    /// answer itself.
-    Direct,
-}
-
-impl Delivery {
-    /// A dispatcher task on the current runtime, if there is one.
-    fn start() -> Self {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return Delivery::Direct;
-        };
-        let (batches, mut receiver) = tokio::sync::mpsc::unbounded_channel::<Vec<Answer>>();
-        // Ends when every worker is gone (they hold the senders), or with
-        // the runtime; answers still in the channel are then dropped, which
-        // their callers see as `ShuttingDown`.
-        runtime.spawn(async move {
-            while let Some(batch) = receiver.recv().await {
-                complete(batch);
-            }
-        });
-        Delivery::Dispatcher(batches)
-    }
-
-    fn deliver(&self, answers: &mut Vec<Answer>) {
-        match self {
-            Delivery::Dispatcher(batches) => {
-                let batch = std::mem::replace(answers, Vec::with_capacity(answers.capacity()));
-                // Refused only once the runtime is gone: nobody is waiting.
-                let _ = batches.send(batch);
-            }
-            Delivery::Direct => complete(std::mem::take(answers)),
-        }
-    }
-}
-
-fn complete(answers: Vec<Answer>) {
-    for (reply, result) in answers {
-        // The caller may have gone away; nobody is left to tell.
-        let _ = reply.send(result);
-    }
-}
+type Answer = crate::handoff::Answer<Result<KeyOutput, PoolError>>;
 
 struct Shared {
     backend: Arc<dyn KeyBackend>,
@@ -184,7 +126,8 @@ struct Shared {
     /// A moving average of the time one job takes on a worker, in
     /// nanoseconds, for [`PendingSignature::expected_at`].
     job_nanos: AtomicU64,
-    delivery: Delivery,
+    /// Answers go back a batch at once (see `handoff`).
+    delivery: Handoff<Result<KeyOutput, PoolError>>,
 }
 
 /// Handle to the pool; cheap to clone. Workers stop when the last handle is
@@ -212,7 +155,7 @@ impl KeyPool {
             batch_size: config.batch_size.max(1),
             workers: config.workers.max(1),
             job_nanos: AtomicU64::new(0),
-            delivery: Delivery::start(),
+            delivery: Handoff::start(),
         });
         let mut workers = Vec::new();
         for index in 0..config.workers.max(1) {
@@ -459,7 +402,7 @@ impl Worker {
             // Before the answers, so that a caller sees the average its
             // own job moved.
             self.note_job_time(started.elapsed() / batch_len as u32);
-            // The whole batch at once (see `Delivery`). A lone request is a
+            // The whole batch at once (see `handoff`). A lone request is a
             // batch of one, so an idle pool adds no latency.
             self.shared.delivery.deliver(&mut answers);
             self.record_batch(batch_len, queue.len(), &mut served);
@@ -688,7 +631,7 @@ mod tests {
             workers: 1,
             ..PoolConfig::default()
         });
-        assert!(matches!(pool.shared.delivery, Delivery::Dispatcher(_)));
+        assert!(matches!(pool.shared.delivery, Handoff::Dispatcher(_)));
         let key = KeyId::parse("k-d").unwrap();
         let verifier = VerifyingKey::from(&pool.generate(&key).await.unwrap());
         // All queued before any is awaited: the worker takes them in
@@ -706,7 +649,7 @@ mod tests {
     #[test]
     fn a_pool_started_outside_a_runtime_answers_from_its_workers() {
         let pool = pool(PoolConfig::default());
-        assert!(matches!(pool.shared.delivery, Delivery::Direct));
+        assert!(matches!(pool.shared.delivery, Handoff::Direct));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -777,7 +720,7 @@ mod tests {
             batch_size: 16,
             workers: 2,
             job_nanos: AtomicU64::new(0),
-            delivery: Delivery::Direct,
+            delivery: Handoff::Direct,
         });
         let worker = Worker::new(Arc::clone(&shared));
         worker.note_job_time(Duration::from_micros(800));

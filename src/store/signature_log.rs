@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{signature_batch_event, SignatureRecord, Store, StoreError};
 use crate::audit::chain_hash;
+use crate::handoff::Handoff;
 
 /// Records per transaction at most.
 const MAX_BATCH: usize = 1024;
@@ -45,11 +46,10 @@ const MAX_COMMIT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// A record, when its caller's answer would be ready but for the record,
 /// and where to say it is durable.
-type Pending = (
-    SignatureRecord,
-    Instant,
-    oneshot::Sender<Result<(), String>>,
-);
+type Pending = (SignatureRecord, Instant, oneshot::Sender<Written>);
+
+/// Whether a record's commit succeeded (the error's text if not).
+type Written = Result<(), String>;
 
 #[derive(Clone)]
 pub struct SignatureLog {
@@ -63,6 +63,8 @@ impl SignatureLog {
         let (queue, receiver) = mpsc::channel(8 * MAX_BATCH);
         let (ready, started) = oneshot::channel();
         let url = database_url.to_owned();
+        // Created here, on the runtime the callers wait on.
+        let handoff = Handoff::start();
         let spawned = std::thread::Builder::new()
             .name("keyward-sig-log".into())
             .spawn(move || {
@@ -70,7 +72,7 @@ impl SignatureLog {
                     match open_sqlite(&url) {
                         Ok(conn) => {
                             let _ = ready.send(Ok(()));
-                            write_sqlite_batches(conn, receiver);
+                            write_sqlite_batches(conn, receiver, handoff);
                         }
                         Err(e) => {
                             let _ = ready.send(Err(e));
@@ -92,7 +94,7 @@ impl SignatureLog {
                     match super::open(&url, 1, false).await {
                         Ok(store) => {
                             let _ = ready.send(Ok(()));
-                            write_batches(store, receiver).await;
+                            write_batches(store, receiver, handoff).await;
                         }
                         Err(e) => {
                             let _ = ready.send(Err(e));
@@ -139,13 +141,22 @@ fn commit_start(last_commit: Instant, batch: &[Pending]) -> Instant {
         .map_or(latest, |needed| needed.min(latest))
 }
 
-fn answer(batch: &mut Vec<Pending>, result: Result<(), String>) {
-    for (_, _, done) in batch.drain(..) {
-        let _ = done.send(result.clone());
-    }
+/// Tells everyone in `batch` how its commit went, all at once (see
+/// `handoff`: one by one, the last of a large commit waited milliseconds
+/// behind the first).
+fn answer(batch: &mut Vec<Pending>, result: Result<(), String>, handoff: &Handoff<Written>) {
+    let mut answers: Vec<_> = batch
+        .drain(..)
+        .map(|(_, _, done)| (done, result.clone()))
+        .collect();
+    handoff.deliver(&mut answers);
 }
 
-async fn write_batches(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pending>) {
+async fn write_batches(
+    store: Arc<dyn Store>,
+    mut receiver: mpsc::Receiver<Pending>,
+    handoff: Handoff<Written>,
+) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     let mut last_commit = Instant::now();
     while receiver.recv_many(&mut batch, 1).await > 0 {
@@ -161,7 +172,7 @@ async fn write_batches(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pendi
             tracing::error!(error = %e, rows = records.len(), "writing signature records failed");
             e.to_string()
         });
-        answer(&mut batch, result);
+        answer(&mut batch, result, &handoff);
     }
 }
 
@@ -185,7 +196,11 @@ fn open_sqlite(url: &str) -> Result<rusqlite::Connection, StoreError> {
     Ok(conn)
 }
 
-fn write_sqlite_batches(mut conn: rusqlite::Connection, mut receiver: mpsc::Receiver<Pending>) {
+fn write_sqlite_batches(
+    mut conn: rusqlite::Connection,
+    mut receiver: mpsc::Receiver<Pending>,
+    handoff: Handoff<Written>,
+) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     let mut last_commit = Instant::now();
     while let Some(first) = receiver.blocking_recv() {
@@ -202,7 +217,7 @@ fn write_sqlite_batches(mut conn: rusqlite::Connection, mut receiver: mpsc::Rece
             tracing::error!(error = %e, rows = records.len(), "writing signature records failed");
             e.to_string()
         });
-        answer(&mut batch, result);
+        answer(&mut batch, result, &handoff);
     }
 }
 
