@@ -44,24 +44,21 @@ impl<T: Send + 'static> Handoff<T> {
         Handoff::Dispatcher(batches)
     }
 
-    /// Hands over everything in `answers`, leaving it empty (with its
-    /// capacity) for the next batch.
-    pub fn deliver(&self, answers: &mut Vec<Answer<T>>) {
+    pub fn deliver(&self, answers: Vec<Answer<T>>) {
         if answers.is_empty() {
             return;
         }
         match self {
             Handoff::Dispatcher(batches) => {
-                let batch = std::mem::replace(answers, Vec::with_capacity(answers.capacity()));
                 // Refused only once the runtime is gone: nobody is waiting.
-                let _ = batches.send(batch);
+                let _ = batches.send(answers);
             }
-            Handoff::Direct => complete(answers.drain(..)),
+            Handoff::Direct => complete(answers),
         }
     }
 }
 
-fn complete<T>(answers: impl IntoIterator<Item = Answer<T>>) {
+fn complete<T>(answers: Vec<Answer<T>>) {
     for (reply, answer) in answers {
         // The caller may have gone away; nobody is left to tell.
         let _ = reply.send(answer);
@@ -85,14 +82,11 @@ mod tests {
     async fn on_a_runtime_each_answer_reaches_its_own_caller_through_the_dispatcher() {
         let handoff = Handoff::start();
         assert!(matches!(handoff, Handoff::Dispatcher(_)));
-        let (mut batch, waiting) = answers(16);
+        let (batch, waiting) = answers(16);
         // From another thread, as a pool worker would.
-        std::thread::spawn(move || {
-            handoff.deliver(&mut batch);
-            assert!(batch.is_empty());
-        })
-        .join()
-        .unwrap();
+        std::thread::spawn(move || handoff.deliver(batch))
+            .join()
+            .unwrap();
         for (i, answer) in waiting.into_iter().enumerate() {
             assert_eq!(answer.await.unwrap(), i as u32);
         }
@@ -102,9 +96,8 @@ mod tests {
     fn outside_a_runtime_the_answering_thread_completes_the_answers() {
         let handoff = Handoff::start();
         assert!(matches!(handoff, Handoff::Direct));
-        let (mut batch, waiting) = answers(3);
-        handoff.deliver(&mut batch);
-        assert!(batch.is_empty());
+        let (batch, waiting) = answers(3);
+        handoff.deliver(batch);
         for (i, mut answer) in waiting.into_iter().enumerate() {
             assert_eq!(answer.try_recv().unwrap(), i as u32);
         }

@@ -404,7 +404,9 @@ impl Worker {
             self.note_job_time(started.elapsed() / batch_len as u32);
             // The whole batch at once (see `handoff`). A lone request is a
             // batch of one, so an idle pool adds no latency.
-            self.shared.delivery.deliver(&mut answers);
+            let batch_answers =
+                std::mem::replace(&mut answers, Vec::with_capacity(self.shared.batch_size));
+            self.shared.delivery.deliver(batch_answers);
             self.record_batch(batch_len, queue.len(), &mut served);
         }
     }

@@ -145,11 +145,12 @@ fn commit_start(last_commit: Instant, batch: &[Pending]) -> Instant {
 /// `handoff`: one by one, the last of a large commit waited milliseconds
 /// behind the first).
 fn answer(batch: &mut Vec<Pending>, result: Result<(), String>, handoff: &Handoff<Written>) {
-    let mut answers: Vec<_> = batch
-        .drain(..)
-        .map(|(_, _, done)| (done, result.clone()))
-        .collect();
-    handoff.deliver(&mut answers);
+    handoff.deliver(
+        batch
+            .drain(..)
+            .map(|(_, _, done)| (done, result.clone()))
+            .collect(),
+    );
 }
 
 async fn write_batches(
