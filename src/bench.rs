@@ -354,7 +354,8 @@ async fn http(
     per_client_rate: Option<f64>,
 ) -> anyhow::Result<Sample> {
     while connections.len() < server.concurrency {
-        connections.push(Connection::open(server.addr, server.tls.clone()).await?);
+        let open = Connection::open(server.addr, server.tls.clone());
+        connections.push(server.clients.spawn(open).await??);
     }
     let clients = connections.len();
     let start = Instant::now();
@@ -364,7 +365,7 @@ async fn http(
         .enumerate()
         .map(|(c, mut connection)| {
             let (path, token) = (server.path.clone(), server.token.clone());
-            tokio::spawn(async move {
+            server.clients.spawn(async move {
                 let (mut ops, mut errors, mut latencies) =
                     (0u64, 0u64, Vec::with_capacity(16 * 1024));
                 let interval = per_client_rate.map(|r| Duration::from_secs_f64(1.0 / r));
@@ -420,9 +421,48 @@ struct BenchServer {
     token: String,
     tls: Arc<rustls::ClientConfig>,
     concurrency: usize,
+    clients: ClientRuntime,
     /// The server's pool, so that its workers can be joined at exit.
     pool: KeyPool,
     _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The HTTP clients' own runtime, of one thread, as a load generator in
+/// another process would have: the clients share the machine's cores with
+/// the server but not its scheduler, so the server's runtime serves only
+/// the server, as in a deployment.
+struct ClientRuntime(Option<tokio::runtime::Runtime>);
+
+impl ClientRuntime {
+    fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keyward-bench-client")
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(runtime)))
+    }
+
+    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0
+            .as_ref()
+            .expect("present until dropped")
+            .spawn(future)
+    }
+}
+
+impl Drop for ClientRuntime {
+    fn drop(&mut self) {
+        // Dropped inside the benchmark's own runtime, where waiting for
+        // the threads to end is not allowed; the clients are idle by then.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 async fn start_server(
@@ -493,6 +533,7 @@ async fn start_server(
         token,
         tls: Arc::new(tls),
         concurrency: options.concurrency,
+        clients: ClientRuntime::new()?,
         pool,
         _shutdown: shutdown,
     })

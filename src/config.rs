@@ -194,15 +194,17 @@ pub struct Config {
     pub tpm_challenge_ttl: Duration,
 }
 
-/// The number of cores, as tokio's own default. Fewer runtime threads
-/// leave more of the CPU to pool workers that sign on the host's CPUs
-/// (SoftHSM2): measured in `keyward bench sign` on 2 cores, one runtime
-/// thread against two gave `pool` about 0.02 more of `raw`, but a longer
-/// tail at moderate HTTP load (`http-half` p99 3.3–5.2 ms against
-/// 2.7–3.6 ms in 4 alternating pairs), since one thread then serves every
-/// connection.
+/// Half the cores, at least one. Under load the pool's workers (one per
+/// core by default) each keep a core busy when the token signs on the
+/// host's own CPUs (SoftHSM2); runtime threads beyond the cores left over
+/// preempt them, and wake each other to share work one of them would
+/// finish sooner. Measured in `keyward bench sign` on 2 cores, in
+/// alternating runs: with one runtime thread `pool` reached 0.93–1.01 of
+/// `raw` against 0.85–0.89 with two, `http` and the `http-half` tail the
+/// same or better (README, Performance). For an HSM that signs in the
+/// device, whose workers mostly wait, the number of cores may serve better.
 pub fn default_runtime_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// An `http(s)://host[:port]` base with no path, query or fragment, so
@@ -431,12 +433,12 @@ mod tests {
     }
 
     #[test]
-    fn runtime_threads_default_to_the_cores_and_zero_is_refused() {
+    fn runtime_threads_default_to_half_the_cores_and_zero_is_refused() {
         let cores = std::thread::available_parallelism().unwrap().get();
         let c = ConfigFile::default()
             .validate(&Overrides::default())
             .unwrap();
-        assert_eq!(c.runtime_threads, cores);
+        assert_eq!(c.runtime_threads, (cores / 2).max(1));
 
         let file: ConfigFile = toml::from_str("[server]\nruntime_threads = 3\n").unwrap();
         assert_eq!(

@@ -233,8 +233,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
         /// Threads of the runtime the pool's callers and the HTTP server run
-        /// on (default: the config's `server.runtime_threads`, else the
-        /// number of cores, as for `serve`).
+        /// on (default: the config's `server.runtime_threads`, else half
+        /// the cores, as for `serve`). The HTTP clients have a runtime of
+        /// their own.
         #[arg(long)]
         runtime_threads: Option<usize>,
         /// Comma-separated modes.
