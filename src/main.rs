@@ -484,6 +484,11 @@ where
     Ok(())
 }
 
+/// For the commands that only talk to a server (agent, cert, policy, ...).
+fn cli_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    runtime(default_runtime_threads())
+}
+
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -610,12 +615,8 @@ fn main() -> anyhow::Result<()> {
             }
             print(run.results)
         }
-        Command::Agent(command) => {
-            runtime(default_runtime_threads())?.block_on(agent_command(command))
-        }
-        Command::Cert(command) => {
-            runtime(default_runtime_threads())?.block_on(cert_command(command))
-        }
+        Command::Agent(command) => cli_runtime()?.block_on(agent_command(command)),
+        Command::Cert(command) => cli_runtime()?.block_on(cert_command(command)),
         Command::Admin(AdminCommand::CertIssue {
             name,
             out,
@@ -643,10 +644,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Policy(command) => {
-            runtime(default_runtime_threads())?.block_on(policy_command(command))
-        }
-        Command::Approvals(command) => runtime(default_runtime_threads())?.block_on(async {
+        Command::Policy(command) => cli_runtime()?.block_on(policy_command(command)),
+        Command::Approvals(command) => cli_runtime()?.block_on(async {
             let out = match command {
                 ApprovalsCommand::List { client: args } => {
                     client(&args)?.get("/v1/approvals").await?
@@ -665,7 +664,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }),
-        Command::Revoke(command) => runtime(default_runtime_threads())?.block_on(async {
+        Command::Revoke(command) => cli_runtime()?.block_on(async {
             let (path, args, reason) = match command {
                 RevokeCommand::Cert {
                     serial,
@@ -685,7 +684,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }),
         Command::Msg(command) => {
-            let valid = runtime(default_runtime_threads())?.block_on(msg_command(command))?;
+            let valid = cli_runtime()?.block_on(msg_command(command))?;
             if !valid {
                 std::process::exit(1);
             }

@@ -127,7 +127,7 @@ struct Shared {
     /// nanoseconds, for [`PendingSignature::expected_at`].
     job_nanos: AtomicU64,
     /// Answers go back a batch at once (see `handoff`).
-    delivery: Handoff<Result<KeyOutput, PoolError>>,
+    handoff: Handoff<Result<KeyOutput, PoolError>>,
 }
 
 /// Handle to the pool; cheap to clone. Workers stop when the last handle is
@@ -155,10 +155,10 @@ impl KeyPool {
             batch_size: config.batch_size.max(1),
             workers: config.workers.max(1),
             job_nanos: AtomicU64::new(0),
-            delivery: Handoff::start(),
+            handoff: Handoff::start(),
         });
         let mut workers = Vec::new();
-        for index in 0..config.workers.max(1) {
+        for index in 0..shared.workers {
             let shared = Arc::clone(&shared);
             let receiver = receiver.clone();
             // A worker exits once every handle (and so the sending side of
@@ -380,7 +380,6 @@ impl Worker {
 
     fn run(mut self, queue: Receiver<Job>) {
         let mut batch = Vec::with_capacity(self.shared.batch_size);
-        let mut answers = Vec::with_capacity(self.shared.batch_size);
         let mut served = Vec::with_capacity(self.shared.batch_size);
         // recv() fails only when every KeyPool handle is gone and the queue is
         // empty: the pool is shutting down.
@@ -394,19 +393,16 @@ impl Worker {
                 }
             }
             let batch_len = batch.len();
-            for job in batch.drain(..) {
-                if let Some(answer) = self.serve(job, &mut served) {
-                    answers.push(answer);
-                }
-            }
+            let answers: Vec<Answer> = batch
+                .drain(..)
+                .filter_map(|job| self.serve(job, &mut served))
+                .collect();
             // Before the answers, so that a caller sees the average its
             // own job moved.
             self.note_job_time(started.elapsed() / batch_len as u32);
             // The whole batch at once (see `handoff`). A lone request is a
             // batch of one, so an idle pool adds no latency.
-            let batch_answers =
-                std::mem::replace(&mut answers, Vec::with_capacity(self.shared.batch_size));
-            self.shared.delivery.deliver(batch_answers);
+            self.shared.handoff.deliver(answers);
             self.record_batch(batch_len, queue.len(), &mut served);
         }
     }
@@ -633,7 +629,7 @@ mod tests {
             workers: 1,
             ..PoolConfig::default()
         });
-        assert!(matches!(pool.shared.delivery, Handoff::Dispatcher(_)));
+        assert!(matches!(pool.shared.handoff, Handoff::Dispatcher(_)));
         let key = KeyId::parse("k-d").unwrap();
         let verifier = VerifyingKey::from(&pool.generate(&key).await.unwrap());
         // All queued before any is awaited: the worker takes them in
@@ -651,7 +647,7 @@ mod tests {
     #[test]
     fn a_pool_started_outside_a_runtime_answers_from_its_workers() {
         let pool = pool(PoolConfig::default());
-        assert!(matches!(pool.shared.delivery, Handoff::Direct));
+        assert!(matches!(pool.shared.handoff, Handoff::Direct));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -722,7 +718,7 @@ mod tests {
             batch_size: 16,
             workers: 2,
             job_nanos: AtomicU64::new(0),
-            delivery: Handoff::Direct,
+            handoff: Handoff::Direct,
         });
         let worker = Worker::new(Arc::clone(&shared));
         worker.note_job_time(Duration::from_micros(800));
