@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -61,6 +61,7 @@ pub struct Keyward {
 /// CA, the attestation key and an admin token exist.
 pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Keyward> {
     private_dir(&config.data_dir).context("creating the data directory")?;
+    refuse_shared_data(config)?;
     let metrics = Metrics::new();
     let backend = keys.open().context("opening the key store")?;
     let mut pool_config = config.pool.clone();
@@ -287,32 +288,90 @@ async fn ensure_service_key(
     }
 }
 
-/// On first start, creates a random admin token, stores its hash and writes
-/// the token to `<data-dir>/admin.token` (0600). Later starts reuse it.
+/// Refuses to start on a data directory, or a SQLite database, that group
+/// or others can read: an existing one is not re-permissioned behind the
+/// operator's back, but it is not used either.
+fn refuse_shared_data(config: &Config) -> anyhow::Result<()> {
+    let mut paths = vec![config.data_dir.clone()];
+    if let Some(db) = sqlite_path(&config.database_url) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = db.clone().into_os_string();
+            name.push(suffix);
+            paths.push(name.into());
+        }
+    }
+    for path in paths {
+        if let Some(problem) = crate::embedded::shared_with_others(&path)
+            .with_context(|| format!("checking {}", path.display()))?
+        {
+            anyhow::bail!("refusing to start: {problem}");
+        }
+    }
+    Ok(())
+}
+
+/// The file a `sqlite:` database URL names, if it names one.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// The admin the bootstrap token (`<data-dir>/admin.token`) belongs to.
+pub const BOOTSTRAP_ADMIN: &str = "admin";
+
+/// On first start, creates a random admin token for the bootstrap admin,
+/// stores its hash and writes the token to `<data-dir>/admin.token` (0600).
+/// Later starts reuse it.
 async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Result<AdminTokens> {
     let path = data_dir.join("admin.token");
     if !path.exists() {
-        let mut bytes = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        let token = format!("kwa_{}", hex::encode(bytes));
+        let token = new_admin_token();
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let audit = AuditEvent::new("keyward", "admin_token.create", "admin")
+        let audit = AuditEvent::new("keyward", "admin_token.create", BOOTSTRAP_ADMIN)
             .with("token_sha256_prefix", hex::encode(&hash[..4]));
-        store.insert_admin_token(&hash, &audit).await?;
+        store
+            .insert_admin_token(&hash, BOOTSTRAP_ADMIN, &audit)
+            .await?;
         write_private_file(&path, token.as_bytes()).context("writing admin.token")?;
     } else {
         let token = crate::config::read_secret_file(&path)?;
         let hash: [u8; 32] =
             Sha256::digest(secrecy::ExposeSecret::expose_secret(&token).as_bytes()).into();
-        let known = store.admin_token_hashes().await?;
-        if !known.contains(&hash) {
+        let known = store.admin_tokens().await?;
+        if !known.iter().any(|(stored, _)| *stored == hash) {
             // The file is the operator's; a fresh database learns its hash.
-            let audit = AuditEvent::new("keyward", "admin_token.import", "admin")
+            let audit = AuditEvent::new("keyward", "admin_token.import", BOOTSTRAP_ADMIN)
                 .with("token_sha256_prefix", hex::encode(&hash[..4]));
-            store.insert_admin_token(&hash, &audit).await?;
+            store
+                .insert_admin_token(&hash, BOOTSTRAP_ADMIN, &audit)
+                .await?;
         }
     }
-    Ok(AdminTokens::new(store.admin_token_hashes().await?))
+    admin_tokens(store).await
+}
+
+/// The admin tokens the API accepts, each with its admin's name.
+async fn admin_tokens(store: &dyn Store) -> anyhow::Result<AdminTokens> {
+    let tokens = store
+        .admin_tokens()
+        .await?
+        .into_iter()
+        .map(|(hash, name)| {
+            let name = crate::identity::AgentName::parse(&name)
+                .with_context(|| format!("stored admin name {name:?} is not a valid name"))?;
+            Ok((hash, name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(AdminTokens::new(tokens))
+}
+
+fn new_admin_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("kwa_{}", hex::encode(bytes))
 }
 
 /// The CAs replaced recently enough that certificates they issued may still
@@ -324,22 +383,25 @@ async fn previous_cas(store: &dyn Store, config: &Config) -> anyhow::Result<Vec<
     Ok(store.previous_cas(since).await?)
 }
 
-/// `keyward admin token create`: another admin credential (each admin
-/// their own, so that the two-person rule means two people). Written to
-/// `out` (0600); only its hash is stored. Running servers accept it after
-/// a restart.
-pub async fn admin_token_create(keyward: &Keyward, out: &Path) -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let token = format!("kwa_{}", hex::encode(bytes));
+/// `keyward admin token-create --name NAME`: an admin credential that
+/// belongs to the admin `name`. The two-person rule counts names, so each
+/// person needs a name of their own; one person's token and certificate
+/// (same name) are one admin. Written to `out` (0600); only its hash is
+/// stored. Running servers accept it after a restart.
+pub async fn admin_token_create(
+    keyward: &Keyward,
+    name: &crate::identity::AgentName,
+    out: &Path,
+) -> anyhow::Result<String> {
+    let token = new_admin_token();
     let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     let id = hex::encode(&hash[..4]);
-    let audit = AuditEvent::new("operator", "admin_token.create", "admin")
+    let audit = AuditEvent::new("operator", "admin_token.create", name.as_str())
         .with("token_sha256_prefix", id.clone());
     keyward
         .state
         .store
-        .insert_admin_token(&hash, &audit)
+        .insert_admin_token(&hash, name.as_str(), &audit)
         .await?;
     write_private_file(out, token.as_bytes()).context("writing the admin token")?;
     Ok(id)

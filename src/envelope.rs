@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::ca::cert::Certificate;
+use crate::ca::profile::ID_KP_DOCUMENT_SIGNING;
 use crate::verify::{self, VerifyError};
 
 /// The only `alg` accepted or produced.
@@ -60,6 +61,11 @@ pub enum EnvelopeError {
     BadSignature,
     #[error("the signer's certificate chain is not trusted: {0}")]
     UntrustedSigner(#[source] VerifyError),
+    /// The signer's certificate is not for a key keyward holds for the
+    /// agent (an agent's own client key, say): its signatures never went
+    /// through keyward's policy.
+    #[error("the signer's certificate is not for message signing (id-kp-documentSigning)")]
+    WrongKeyPurpose,
     #[error("iss is not the SPIFFE ID of the signer's certificate")]
     IssuerMismatch,
     #[error("aud is not this recipient")]
@@ -91,6 +97,7 @@ impl EnvelopeError {
             Self::MalformedSignature => "malformed_signature",
             Self::BadSignature => "bad_signature",
             Self::UntrustedSigner(_) => "untrusted_signer",
+            Self::WrongKeyPurpose => "wrong_key_purpose",
             Self::IssuerMismatch => "issuer_mismatch",
             Self::WrongAudience => "wrong_audience",
             Self::Expired => "expired",
@@ -262,7 +269,7 @@ impl Claims {
 /// `intent` is 1 to 256 printable ASCII characters (0x20 to 0x7e). ASCII
 /// only, so that what a person reads in a log or an approval prompt is what
 /// was signed: no control characters, bidi overrides or look-alikes.
-fn check_intent(intent: &str) -> Result<(), EnvelopeError> {
+pub fn check_intent(intent: &str) -> Result<(), EnvelopeError> {
     let ok = (1..=MAX_INTENT_LEN).contains(&intent.len())
         && intent.bytes().all(|b| (0x20..=0x7e).contains(&b));
     if ok {
@@ -312,6 +319,8 @@ pub fn assemble(signing_input: &str, signature_p1363: &[u8; 64]) -> String {
 pub struct VerifiedMessage {
     claims: Claims,
     signer_serial: String,
+    /// SHA-256 of the signing input: what the signer's key signed.
+    digest: [u8; 32],
 }
 
 impl VerifiedMessage {
@@ -333,6 +342,11 @@ impl VerifiedMessage {
     }
     pub fn intent(&self) -> &str {
         &self.claims.intent
+    }
+    /// What the signer's key signed (SHA-256 of the signing input): how
+    /// keyward finds the message in its signature log.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
     }
     /// Lower-case hex serial of the signer's certificate.
     pub fn signer_serial(&self) -> &str {
@@ -360,8 +374,8 @@ fn b64url(part: &str, what: &'static str) -> Result<Vec<u8>, EnvelopeError> {
 ///
 /// Steps, in order (docs/envelope.md §Verification): size, three parts,
 /// header decoding, `alg`, `crit`, `typ`, `x5c`; signature encoding; the
-/// chain to `trust_bundle` at `now`; the ES256 signature with the leaf's
-/// key; then the claims: shape, `intent`, `jti`, `iss` against the leaf's
+/// chain to `trust_bundle` at `now`; the leaf's purpose (message signing);
+/// the ES256 signature with the leaf's key; then the claims: shape, `intent`, `jti`, `iss` against the leaf's
 /// SPIFFE ID, `aud`, lifetime, `iat`, `exp`. Replay is not checked here:
 /// see [`verify_once`].
 pub fn verify(
@@ -423,6 +437,9 @@ pub fn verify(
         .ok_or(EnvelopeError::Malformed("x5c is empty"))?;
     let signer = verify::verify_chain(leaf, intermediates, trust_bundle, now)
         .map_err(EnvelopeError::UntrustedSigner)?;
+    if !signer.has_extended_key_usage(ID_KP_DOCUMENT_SIGNING) {
+        return Err(EnvelopeError::WrongKeyPurpose);
+    }
 
     // The signing input is the token's own first two parts, as received.
     let (signed, _) = token
@@ -482,6 +499,7 @@ pub fn verify(
             intent,
         },
         signer_serial: signer.serial_hex().to_owned(),
+        digest,
     })
 }
 
@@ -683,6 +701,25 @@ mod tests {
         result.unwrap_err().reason()
     }
 
+    /// The review's forged envelope: an agent signs with the key of its own
+    /// client certificate, which keyward never held, so no policy saw it.
+    #[test]
+    fn a_message_signed_with_a_client_authentication_key_is_refused() {
+        let f = Fixture::new();
+        let t = now();
+        let own_key = test_pki::key();
+        let client = f.ca.client("alpha", &test_pki::public(&own_key));
+        let header = Header::new(&[client, f.ca.cert.clone()]).unwrap();
+        let input = signing_input(&header, &f.claims(t));
+        let forged = assemble(&input, &sign(&own_key, &input));
+        assert_eq!(
+            reason(verify(&forged, &f.bundle(), AUD, at(t + 1))),
+            "wrong_key_purpose"
+        );
+        // The same message signed with a key certified for signing passes.
+        assert!(verify(&f.token(&f.claims(t)), &f.bundle(), AUD, at(t + 1)).is_ok());
+    }
+
     #[test]
     fn a_signed_message_round_trips() {
         let f = Fixture::new();
@@ -698,6 +735,8 @@ mod tests {
         assert_eq!(message.jti().len(), 22);
         assert_eq!(message.intent(), "orders:read 42");
         assert_eq!(message.signer_serial(), f.leaf.serial_hex());
+        let (signed, _) = token.rsplit_once('.').unwrap();
+        assert_eq!(message.digest(), &signing_digest(signed));
     }
 
     #[test]

@@ -105,9 +105,14 @@ enum AdminCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Create another admin token (one per admin: the two-person rule needs
-    /// two). Servers accept it after a restart.
+    /// Create an admin token for the admin NAME (the two-person rule counts
+    /// names: one person's tokens and certificates are one admin). Servers
+    /// accept it after a restart.
     TokenCreate {
+        /// The admin it belongs to (the same name as their admin
+        /// certificate, if they have one).
+        #[arg(long)]
+        name: String,
         /// Where to write the token (created 0600).
         #[arg(long)]
         out: PathBuf,
@@ -497,6 +502,10 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Every file and directory keyward creates (databases, tokens, keys,
+    // the embedded token's files, through SoftHSM2's own tools too) is its
+    // owner's alone, whatever umask keyward was started with.
+    keyward::embedded::private_umask();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
@@ -637,10 +646,11 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Admin(AdminCommand::TokenCreate { out, server }) => {
+        Command::Admin(AdminCommand::TokenCreate { name, out, server }) => {
+            let name = keyward::identity::AgentName::parse(&name)?;
             with_keyward(&server, |kw, _config| async move {
-                let id = keyward::app::admin_token_create(&kw, &out).await?;
-                println!("admin {id}: token written to {}", out.display());
+                let id = keyward::app::admin_token_create(&kw, &name, &out).await?;
+                println!("admin {name}: token {id} written to {}", out.display());
                 Ok(())
             })
         }

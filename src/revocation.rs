@@ -37,6 +37,7 @@ pub struct RevocationView {
     /// Agents that may not act, with their status.
     inactive_agents: HashMap<String, String>,
     retired_keys: std::collections::HashSet<String>,
+    compromised_keys: std::collections::HashSet<String>,
 }
 
 impl RevocationView {
@@ -57,6 +58,7 @@ impl RevocationView {
                 .collect(),
             inactive_agents: snapshot.inactive_agents.into_iter().collect(),
             retired_keys: snapshot.retired_keys.into_iter().collect(),
+            compromised_keys: snapshot.compromised_keys.into_iter().collect(),
         }
     }
 
@@ -68,6 +70,11 @@ impl RevocationView {
     /// Whether a rotation retired this key (it is nobody's current key).
     pub fn key_retired(&self, key_id: &str) -> bool {
         self.retired_keys.contains(key_id)
+    }
+
+    /// Whether a keyCompromise revocation reported this custodial key.
+    pub fn key_compromised(&self, key_id: &str) -> bool {
+        self.compromised_keys.contains(key_id)
     }
 
     /// The certificate's revocation, if it is revoked (or on hold).
@@ -116,6 +123,7 @@ impl RevocationSet {
         if state.certificates != fresh.certificates
             || state.inactive_agents != fresh.inactive_agents
             || state.retired_keys != fresh.retired_keys
+            || state.compromised_keys != fresh.compromised_keys
         {
             self.generation.fetch_add(1, Ordering::SeqCst);
         }

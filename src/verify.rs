@@ -31,7 +31,8 @@ use sha2::{Digest, Sha256};
 use x509_cert::certificate::Version;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectAltName, SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName,
+    SubjectKeyIdentifier,
 };
 
 use crate::ca::cert::Certificate;
@@ -139,9 +140,17 @@ pub struct VerifiedLeaf {
     anchor_subject: String,
     not_before: SystemTime,
     not_after: SystemTime,
+    extended_key_usage: Vec<ObjectIdentifier>,
 }
 
 impl VerifiedLeaf {
+    /// Whether the leaf's extended key usage names `purpose`. A leaf
+    /// without the extension names none: the purposes keyward checks for
+    /// are always written out, and anyExtendedKeyUsage is not one of them.
+    pub fn has_extended_key_usage(&self, purpose: ObjectIdentifier) -> bool {
+        self.extended_key_usage.contains(&purpose)
+    }
+
     /// The leaf's P-256 public key.
     pub fn public_key(&self) -> &PublicKey {
         &self.public_key
@@ -314,6 +323,7 @@ pub fn verify_chain(
                     anchor_subject: anchor.tbs_certificate.subject.to_string(),
                     not_before: leaf.tbs_certificate.validity.not_before.to_system_time(),
                     not_after: leaf.tbs_certificate.validity.not_after.to_system_time(),
+                    extended_key_usage: leaf_facts.extended_key_usage,
                 });
             }
         }
@@ -415,6 +425,7 @@ struct Facts {
     subject_key_id: Option<Vec<u8>>,
     authority_key_id: Option<Vec<u8>>,
     spiffe_id: Option<String>,
+    extended_key_usage: Vec<ObjectIdentifier>,
 }
 
 impl Facts {
@@ -483,6 +494,11 @@ impl Facts {
             .typed_extension::<SubjectAltName>()
             .map_err(bad)?
             .map(|(_, v)| v);
+        let extended_key_usage = tbs
+            .typed_extension::<ExtendedKeyUsage>()
+            .map_err(bad)?
+            .map(|(_, v)| v.0)
+            .unwrap_or_default();
         Ok(Self {
             key,
             basic_constraints,
@@ -490,6 +506,7 @@ impl Facts {
             subject_key_id,
             authority_key_id,
             spiffe_id: san.as_ref().and_then(single_spiffe_id),
+            extended_key_usage,
         })
     }
 
@@ -621,7 +638,7 @@ pub(crate) mod test_pki {
     use x509_cert::name::Name;
 
     use crate::ca::cert::{Certificate, Extension, TbsCertificate};
-    use crate::ca::profile::{self, Kind, TbsRequest};
+    use crate::ca::profile::{self, AgentKeyPurpose, Kind, TbsRequest};
 
     pub(crate) const TRUST_DOMAIN: &str = "example.org";
 
@@ -711,9 +728,27 @@ pub(crate) mod test_pki {
             Self { key, cert }
         }
 
-        /// An agent TBS as `Authority::issue_agent_certificate` builds it.
+        /// An agent TBS as `Authority::issue_agent_certificate` builds it
+        /// for a custodial key (the purpose signatures are verified for).
         pub(crate) fn agent_tbs(
             &self,
+            agent: &str,
+            subject_key: &PublicKey,
+            not_before: SystemTime,
+            not_after: SystemTime,
+        ) -> TbsCertificate {
+            self.agent_tbs_for(
+                AgentKeyPurpose::Signing,
+                agent,
+                subject_key,
+                not_before,
+                not_after,
+            )
+        }
+
+        pub(crate) fn agent_tbs_for(
+            &self,
+            purpose: AgentKeyPurpose,
             agent: &str,
             subject_key: &PublicKey,
             not_before: SystemTime,
@@ -724,6 +759,7 @@ pub(crate) mod test_pki {
                 kind: Kind::Agent {
                     spiffe_id: &spiffe_id,
                     attestation: None,
+                    purpose,
                 },
                 subject: profile::common_name(agent).unwrap(),
                 subject_key,
@@ -757,6 +793,19 @@ pub(crate) mod test_pki {
                 self.agent_tbs(agent, subject_key, not_before, not_after),
                 &self.key,
             )
+        }
+
+        /// An agent's client certificate, for a key the agent holds itself.
+        pub(crate) fn client(&self, agent: &str, subject_key: &PublicKey) -> Certificate {
+            let now = SystemTime::now();
+            let tbs = self.agent_tbs_for(
+                AgentKeyPurpose::ClientAuth,
+                agent,
+                subject_key,
+                now - profile::BACKDATE,
+                now + Duration::from_secs(900),
+            );
+            sign(tbs, &self.key)
         }
     }
 }

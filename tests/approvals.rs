@@ -138,7 +138,7 @@ async fn the_two_person_rule_needs_two_different_admins(db: Db) {
     server.stop();
     let second = server.path("second-admin.token");
     let (ok, out) = run(std::process::Command::new(common::keyward_bin())
-        .args(["admin", "token-create", "--out"])
+        .args(["admin", "token-create", "--name", "second", "--out"])
         .arg(&second)
         .arg("--data-dir")
         .arg(server.data_dir.path())

@@ -115,8 +115,14 @@ async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
     assert!(bc.critical && !bc.value.ca);
     let ku = cert.key_usage().unwrap().unwrap();
     assert!(ku.critical && ku.value.digital_signature() && ku.value.flags == 1);
+    // A key keyward holds signs through keyward: document signing (RFC
+    // 9336), never client authentication.
     let eku = cert.extended_key_usage().unwrap().unwrap();
-    assert!(eku.value.client_auth && !eku.value.server_auth);
+    assert!(!eku.value.client_auth && !eku.value.server_auth && !eku.value.any);
+    assert_eq!(
+        eku.value.other,
+        [oid_registry::Oid::from(&[1, 3, 6, 1, 5, 5, 7, 3, 36]).unwrap()]
+    );
     let san = cert.subject_alternative_name().unwrap().unwrap();
     assert_eq!(san.value.general_names.len(), 1);
     assert!(matches!(san.value.general_names[0],

@@ -231,13 +231,37 @@ async fn one_certificate_can_be_revoked_alone(db: Db) {
                 "/v1/certificates/{}/revoke",
                 first["serial"].as_str().unwrap()
             ),
-            Some(json!({"reason": "keyCompromise"})),
+            Some(json!({"reason": "cessationOfOperation"})),
         )
         .await;
     assert_eq!(status, 200);
     assert_eq!(again["already_revoked"], true);
     assert_eq!(again["reason"], "superseded");
     assert_eq!(server.row_counts().await, before);
+
+    // A compromise report is never "already done": it bars the key, so the
+    // key's other certificate goes too, and the key signs no more.
+    let (status, compromised) = server
+        .admin(
+            "POST",
+            &format!(
+                "/v1/certificates/{}/revoke",
+                first["serial"].as_str().unwrap()
+            ),
+            Some(json!({"reason": "keyCompromise"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{compromised}");
+    assert_eq!(compromised["already_revoked"], false);
+    assert_eq!(compromised["reason"], "keyCompromise");
+    assert_eq!(compromised["also_revoked"], json!([second["serial"]]));
+    let (status, refused) = server
+        .admin("POST", "/v1/agents/alpha/sign", Some(sign_body()))
+        .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (403, Some("key_compromised"))
+    );
 }
 
 async fn a_suspension_holds_the_agent_and_resuming_releases_it(db: Db) {

@@ -49,6 +49,8 @@ pub enum AgentError {
     HoldIsForSuspension,
     #[error("key {0} is retired: it signs only during its grace period, when named")]
     KeyRetired(String),
+    #[error("key {0} was reported compromised: it signs no more (rotate the agent's key)")]
+    KeyCompromised(String),
     #[error("agent {0} has no valid certificate: issue one first")]
     NoCertificate(String),
     #[error("at most {0} scopes per agent")]
@@ -207,7 +209,7 @@ impl Registry {
             .store
             .revoke_certificate(serial, reason.as_str(), at, &audit)
             .await?;
-        if outcome == CertificateRevocation::Revoked {
+        if let CertificateRevocation::Revoked { .. } = outcome {
             self.revocations.changed_here().await?;
         }
         Ok(outcome)

@@ -59,11 +59,14 @@ enum Purpose<'a> {
     Message(&'a str),
 }
 
+/// How the signature log names an envelope's signature.
+pub const MESSAGE_PURPOSE: &str = "message";
+
 impl Purpose<'_> {
     fn as_str(&self) -> &'static str {
         match self {
             Purpose::Sign => "sign",
-            Purpose::Message(_) => "message",
+            Purpose::Message(_) => MESSAGE_PURPOSE,
         }
     }
 
@@ -176,6 +179,11 @@ impl AgentSigner {
             .key_id
             .clone()
             .ok_or_else(|| AgentError::NoCustodialKey(agent.to_string()))?;
+        // A compromised key signs nothing more: its signatures could not be
+        // told from a thief's. The agent needs a new key (rotate-key).
+        if revoked.key_compromised(key_id.as_str()) {
+            return Err(AgentError::KeyCompromised(key_id.to_string()));
+        }
         Ok((view, key_id, revoked))
     }
 

@@ -2,8 +2,15 @@
 //! by the holder of a keyward certificate), and signed envelopes.
 //!
 //! The cryptography is `crate::verify` and `crate::envelope`, the same code
-//! an offline verifier runs. What this adds is what only keyward knows: the
-//! agent's certificates, and whether keyward has revoked one of them.
+//! an offline verifier runs. What this adds is what only keyward knows, so
+//! that `valid` here means "keyward made this signature for that agent,
+//! under its policy": the signer's certificate must be for a key keyward
+//! holds (message signing, never an agent's own client key); keyward's
+//! signature log must hold the signature (for an envelope, as a message:
+//! a raw signature over an envelope's digest, which an agent allowed only
+//! `sign` could ask for, does not pass); and keyward's revocation records
+//! apply. For a key reported compromised no caller-chosen time is safe:
+//! only a signature the log shows keyward made before the report stands.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,12 +18,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use der::Decode;
 
 use crate::ca::cert::Certificate;
+use crate::ca::profile::ID_KP_DOCUMENT_SIGNING;
 use crate::ca::Authority;
 use crate::envelope::{self, ReplayCache, VerifiedMessage};
 use crate::identity::AgentName;
 use crate::store::Store;
 use crate::verify::{self, VerifiedLeaf};
 
+use super::signing::MESSAGE_PURPOSE;
 use super::AgentError;
 
 /// How many of an agent's certificates are tried for one verification: it
@@ -89,12 +98,44 @@ impl Verifier {
         verify::verify_chain(leaf, &intermediates, self.anchors(), at)
     }
 
-    /// True when keyward issued the certificate and has revoked it by `at`.
-    async fn revoked(&self, serial: &str, at: SystemTime) -> Result<bool, AgentError> {
-        let record = self.store.certificate(serial).await?;
-        Ok(record
-            .and_then(|r| r.revoked_at)
-            .is_some_and(|revoked_at| revoked_at <= unix(at)))
+    /// What keyward's records say of a signature over `digest` that the
+    /// certificate `serial`'s key made (cryptographically checked already):
+    /// `None` when it stands, else the reason it does not. `purpose`
+    /// narrows the signature log to one kind of signature.
+    async fn keyward_verdict(
+        &self,
+        serial: &str,
+        digest: &[u8; 32],
+        purpose: Option<&str>,
+        at: SystemTime,
+    ) -> Result<Option<&'static str>, AgentError> {
+        // A certificate for a key keyward holds is always recorded, with
+        // the key's id; anything else is not one keyward signs with.
+        let Some(record) = self.store.certificate(serial).await? else {
+            return Ok(Some("unrecorded_signature"));
+        };
+        let Some(key_id) = record.key_id.as_deref() else {
+            return Ok(Some("wrong_key_purpose"));
+        };
+        let made_ms = self
+            .store
+            .signature_made(key_id, &hex::encode(digest), purpose)
+            .await?;
+        let compromised_at = self
+            .store
+            .key_compromised_at(&record.public_key_sha256)
+            .await?;
+        if let Some(compromised_at) = compromised_at {
+            let before = made_ms.is_some_and(|ms| ms < compromised_at.saturating_mul(1000));
+            return Ok((!before).then_some("revoked"));
+        }
+        if record
+            .revoked_at
+            .is_some_and(|revoked_at| revoked_at <= unix(at))
+        {
+            return Ok(Some("revoked"));
+        }
+        Ok(made_ms.is_none().then_some("unrecorded_signature"))
     }
 
     /// Checks `signature` (DER or P1363) over `digest` by `signer`, with the
@@ -153,11 +194,19 @@ impl Verifier {
             Ok(verified) => verified,
             Err(e) => return Ok(Verdict::Invalid { reason: e.reason() }),
         };
+        if !verified.has_extended_key_usage(ID_KP_DOCUMENT_SIGNING) {
+            return Ok(Verdict::Invalid {
+                reason: "wrong_key_purpose",
+            });
+        }
         if let Err(e) = verify::verify_signature(verified.public_key(), digest, signature) {
             return Ok(Verdict::Invalid { reason: e.reason() });
         }
-        if self.revoked(verified.serial_hex(), at).await? {
-            return Ok(Verdict::Invalid { reason: "revoked" });
+        if let Some(reason) = self
+            .keyward_verdict(verified.serial_hex(), digest, None, at)
+            .await?
+        {
+            return Ok(Verdict::Invalid { reason });
         }
         Ok(Verdict::Valid(SignerCertificate {
             serial: verified.serial_hex().to_owned(),
@@ -180,8 +229,16 @@ impl Verifier {
                 Err(e) => return Ok(Verdict::Invalid { reason: e.reason() }),
             };
         // After the replay check, so a revoked signer's message is spent too.
-        if self.revoked(message.signer_serial(), now).await? {
-            return Ok(Verdict::Invalid { reason: "revoked" });
+        if let Some(reason) = self
+            .keyward_verdict(
+                message.signer_serial(),
+                message.digest(),
+                Some(MESSAGE_PURPOSE),
+                now,
+            )
+            .await?
+        {
+            return Ok(Verdict::Invalid { reason });
         }
         Ok(Verdict::Valid(message))
     }

@@ -15,7 +15,7 @@ use super::AppState;
 use crate::agents::{AgentView, CertificateKey};
 use crate::ca::csr::VerifiedCsr;
 use crate::identity::{AgentName, Scope};
-use crate::policy::engine::AgentRequest;
+use crate::policy::engine::{AgentRequest, RequestedTtl};
 use crate::policy::{authorize, Action, Caller};
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -58,7 +58,9 @@ async fn create_agent(
     caller: Caller,
     body: Unparsed<CreateAgent>,
 ) -> Result<(StatusCode, Json<CreatedAgent>), ApiError> {
-    let decision = authorize(&caller, Action::CreateAgent)?;
+    authorize(&caller, Action::CreateAgent)?;
+    // Recorded with the agent: the version in force, not the built-in one.
+    let policy_version = state.policy.version();
     let body = body.parse()?;
     let name = agent_name(&body.name)?;
     let scopes = body
@@ -76,7 +78,7 @@ async fn create_agent(
             }
             let agent = state
                 .registry
-                .create(&caller.audit_name(), &name, scopes, decision.policy_version)
+                .create(&caller.audit_name(), &name, scopes, policy_version)
                 .await?;
             CreatedAgent {
                 agent,
@@ -93,7 +95,7 @@ async fn create_agent(
                     &caller.audit_name(),
                     &name,
                     scopes,
-                    decision.policy_version,
+                    policy_version,
                     expires_at,
                 )
                 .await?;
@@ -208,6 +210,22 @@ pub(super) fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
+/// A lifetime asked for (or the default), checked against keyward's own
+/// limits; the policy caps it further.
+pub(super) fn requested_ttl(
+    state: &AppState,
+    ttl_seconds: Option<u64>,
+) -> Result<RequestedTtl, ApiError> {
+    Ok(RequestedTtl {
+        ttl: state
+            .registry
+            .authority()
+            .ttl_limits()
+            .resolve(ttl_seconds)?,
+        explicit: ttl_seconds.is_some(),
+    })
+}
+
 async fn issue_certificate(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -217,34 +235,19 @@ async fn issue_certificate(
     let name = agent_name(&name)?;
     authorize(&caller, Action::IssueCertificate(&name))?;
     let body = body.parse()?;
-    let decision = state
-        .policy
-        .permit(&caller, &name, AgentRequest::IssueCertificate)
-        .await?;
-    let authority = state.registry.authority();
-    let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
-    // The policy may cap it further: a default above the cap is lowered,
-    // an explicit request above it refused.
-    let ttl = match decision.max_ttl {
-        Some(max) if ttl > max && body.ttl_seconds.is_none() => max,
-        Some(max) if ttl > max => {
-            return Err(ApiError::bad_request(
-                "invalid_ttl",
-                format!(
-                    "the policy allows this agent certificates of at most {} s",
-                    max.as_secs()
-                ),
-            ))
-        }
-        _ => ttl,
-    };
-    // Checked now, so that an admin is never asked to approve a bad CSR.
+    // Everything the request says is checked before the policy charges the
+    // agent's rate, and so before an admin could be asked to approve it.
+    let requested = requested_ttl(&state, body.ttl_seconds)?;
     if let Some(pem) = body.csr_pem.as_deref() {
         VerifiedCsr::from_pem(pem)?;
     }
-    // Held with the lifetime decided now, under this version's caps.
+    let decision = state
+        .policy
+        .permit(&caller, &name, AgentRequest::IssueCertificate(requested))
+        .await?;
+    // Held or run with the lifetime decided now, under this version's caps.
     let settled = IssueCertificate {
-        ttl_seconds: Some(ttl.as_secs()),
+        ttl_seconds: decision.certificate_ttl.map(|t| t.as_secs()),
         csr_pem: body.csr_pem,
     };
     if decision.approvals_required > 0 {

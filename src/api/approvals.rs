@@ -20,7 +20,7 @@ use super::{AppState, RequestId};
 use crate::audit::AuditEvent;
 use crate::identity::AgentName;
 use crate::policy::engine::Permit;
-use crate::policy::Caller;
+use crate::policy::{Admin, Caller};
 use crate::store::{ApprovalRecord, VoteOutcome};
 
 /// How long a request waits for its approval.
@@ -108,9 +108,9 @@ pub(super) async fn hold(
     Ok((StatusCode::ACCEPTED, Json(view(record))).into_response())
 }
 
-fn admin_id(caller: &Caller) -> Result<&str, ApiError> {
+fn admin_of(caller: &Caller) -> Result<&Admin, ApiError> {
     match caller {
-        Caller::Admin(id) => Ok(id),
+        Caller::Admin(admin) => Ok(admin),
         Caller::Agent(_) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "admin_only",
@@ -123,7 +123,7 @@ async fn list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
 ) -> Result<Json<Vec<ApprovalView>>, ApiError> {
-    admin_id(&caller)?;
+    admin_of(&caller)?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let pending = state.store.pending_approvals(now).await?;
     Ok(Json(pending.into_iter().map(view).collect()))
@@ -184,7 +184,9 @@ async fn vote(
     body: Unparsed<VoteInput>,
     approve: bool,
 ) -> Result<Json<ApprovalView>, ApiError> {
-    let admin = admin_id(&caller)?.to_owned();
+    // Votes are counted by name: one person's token and certificate are
+    // one vote between them.
+    let admin = admin_of(&caller)?.clone();
     let body: VoteInput = if body.raw().iter().all(u8::is_ascii_whitespace) {
         VoteInput::default()
     } else {
@@ -202,13 +204,21 @@ async fn vote(
     } else {
         "approval.deny"
     };
-    let mut audit = AuditEvent::new(caller.audit_name(), action, &id);
+    let mut audit = AuditEvent::new(caller.audit_name(), action, &id)
+        .with("credential", admin.credential.clone());
     if let Some(comment) = &body.comment {
         audit = audit.with("comment", comment.clone());
     }
     let outcome = state
         .store
-        .vote_on_approval(&id, &admin, approve, body.comment.as_deref(), now, &audit)
+        .vote_on_approval(
+            &id,
+            admin.name.as_str(),
+            approve,
+            body.comment.as_deref(),
+            now,
+            &audit,
+        )
         .await?;
     match outcome {
         VoteOutcome::NotFound => Err(ApiError::not_found(
@@ -223,7 +233,8 @@ async fn vote(
         VoteOutcome::AlreadyVoted => Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_voted",
-            "this admin has already voted on this request: another admin must",
+            "this admin has already voted on this request (with this or another of their \
+             credentials): another admin must",
         )),
         VoteOutcome::Recorded { status, .. } => {
             let record = load(&state, &caller, &id).await?;

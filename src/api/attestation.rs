@@ -41,24 +41,9 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/v1/attestation/tpm/certificates", post(certificate))
 }
 
-fn invalid_token() -> ApiError {
-    // Unknown, used or expired: the same answer for all three.
-    ApiError::unauthenticated(
-        "invalid_enrollment_token",
-        "the enrollment token is not valid",
-    )
-}
-
 /// The agent-tpm agent an unspent enrollment token is for.
 async fn token_agent(state: &AppState, token: &str) -> Result<AgentName, ApiError> {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let agent = state
-        .store
-        .enrollment_token_agent(&enrollment_token_hash(token), now)
-        .await?
-        .ok_or_else(invalid_token)?;
-    let name = AgentName::parse(&agent).map_err(ApiError::internal)?;
-    let record = state.registry.get(&name).await?;
+    let (name, record) = super::enrollment::token_agent(state, token).await?;
     if record.custody != AGENT_TPM {
         return Err(AgentError::NotTpmCustody(record.name).into());
     }
@@ -255,11 +240,7 @@ async fn certificate(
     let name = token_agent(&state, &body.enrollment_token).await?;
     let (evidence, csr) = body.evidence()?;
     let secret = decode_b64("credential_b64", &body.credential_b64)?;
-    let ttl = state
-        .registry
-        .authority()
-        .ttl_limits()
-        .resolve(body.ttl_seconds)?;
+    let requested = super::agents::requested_ttl(&state, body.ttl_seconds)?;
     let parsed = evidence.parse()?;
     let challenge = state
         .store
@@ -281,6 +262,9 @@ async fn certificate(
             ));
         }
     }
+    // Decided before the challenge and the token are spent: a refusal
+    // leaves the agent both.
+    let permit = super::enrollment::client_certificate_permit(&state, &name, requested).await?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let audit = AuditEvent::new(format!("agent:{name}"), "attestation.redeem", name.as_str())
         .with("evidence_digest", verified.attested.evidence.digest.clone())
@@ -297,14 +281,14 @@ async fn certificate(
     {
         TpmRedemption::Redeemed => {}
         TpmRedemption::ChallengeSpent => return Err(TpmAttestationError::NonceReplayed.into()),
-        TpmRedemption::TokenInvalid => return Err(invalid_token()),
+        TpmRedemption::TokenInvalid => return Err(super::enrollment::invalid_enrollment_token()),
     }
     super::enrollment::issue(
         &state,
         &format!("agent:{name}"),
         &name,
         CertificateKey::TpmAttested(verified),
-        ttl,
+        permit,
     )
     .await
 }

@@ -11,7 +11,7 @@ use axum::routing::post;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::agents::{rfc3339, IssuedCertificateView};
+use super::agents::{requested_ttl, rfc3339, IssuedCertificateView};
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::AppState;
@@ -19,7 +19,9 @@ use crate::agents::CertificateKey;
 use crate::audit::AuditEvent;
 use crate::ca::csr::VerifiedCsr;
 use crate::identity::{enrollment_token_hash, new_enrollment_token, AgentName};
+use crate::policy::engine::{AgentRequest, Permit, RequestedTtl};
 use crate::policy::{authorize, Action, Caller};
+use crate::store::AgentRecord;
 
 /// Enrollment tokens live this long unless asked otherwise.
 const DEFAULT_TOKEN_TTL_SECS: u64 = 900;
@@ -111,47 +113,65 @@ struct EnrollInput {
 }
 
 /// The first client certificate, for the key in the CSR. The token is the
-/// only credential; it is spent only once the CSR has been checked, so a
-/// malformed request does not burn it.
+/// only credential; it is spent only once the request has been checked and
+/// the policy has decided, so a refused request does not burn it.
 async fn enroll(
     State(state): State<Arc<AppState>>,
     body: Unparsed<EnrollInput>,
 ) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
     let body = body.parse()?;
     let csr = VerifiedCsr::from_pem(&body.csr_pem)?;
-    let authority = state.registry.authority();
-    let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let token_hash = enrollment_token_hash(&body.token);
+    let requested = requested_ttl(&state, body.ttl_seconds)?;
+    let (name, agent) = token_agent(&state, &body.token).await?;
     // An agent-tpm agent's token pays for attested enrollment only; a CSR
     // must not spend it.
-    if let Some(agent) = state.store.enrollment_token_agent(&token_hash, now).await? {
-        let name = AgentName::parse(&agent).map_err(ApiError::internal)?;
-        if state.registry.get(&name).await?.custody == crate::agents::AGENT_TPM {
-            return Err(crate::agents::AgentError::AttestationRequired(agent).into());
-        }
+    if agent.custody == crate::agents::AGENT_TPM {
+        return Err(crate::agents::AgentError::AttestationRequired(agent.name).into());
     }
+    let permit = client_certificate_permit(&state, &name, requested).await?;
     let audit = AuditEvent::new("enrollment", "enrollment_token.redeem", "token");
-    let agent = state
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let redeemed = state
         .store
-        .redeem_enrollment_token(&token_hash, now, &audit)
-        .await?
-        .ok_or_else(|| {
-            // Unknown, used or expired: the same answer for all three.
-            ApiError::unauthenticated(
-                "invalid_enrollment_token",
-                "the enrollment token is not valid",
-            )
-        })?;
-    let name = AgentName::parse(&agent).map_err(ApiError::internal)?;
+        .redeem_enrollment_token(&enrollment_token_hash(&body.token), now, &audit)
+        .await?;
+    // Used or expired since it was looked up: the same answer as unknown.
+    if redeemed.as_deref() != Some(name.as_str()) {
+        return Err(invalid_enrollment_token());
+    }
     issue(
         &state,
         &format!("agent:{name}"),
         &name,
         CertificateKey::Csr(csr),
-        ttl,
+        permit,
     )
     .await
+}
+
+/// The agent an unspent enrollment token is for, and its record. Spends
+/// nothing.
+pub(super) async fn token_agent(
+    state: &AppState,
+    token: &str,
+) -> Result<(AgentName, AgentRecord), ApiError> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let agent = state
+        .store
+        .enrollment_token_agent(&enrollment_token_hash(token), now)
+        .await?
+        .ok_or_else(invalid_enrollment_token)?;
+    let name = AgentName::parse(&agent).map_err(ApiError::internal)?;
+    let record = state.registry.get(&name).await?;
+    Ok((name, record))
+}
+
+/// Unknown, used or expired: the same answer for all three.
+pub(super) fn invalid_enrollment_token() -> ApiError {
+    ApiError::unauthenticated(
+        "invalid_enrollment_token",
+        "the enrollment token is not valid",
+    )
 }
 
 #[derive(Deserialize)]
@@ -178,33 +198,51 @@ async fn renew(
     authorize(&caller, Action::IssueCertificate(name))?;
     let body = body.parse()?;
     let csr = VerifiedCsr::from_pem(&body.csr_pem)?;
-    let ttl = state
-        .registry
-        .authority()
-        .ttl_limits()
-        .resolve(body.ttl_seconds)?;
+    let requested = requested_ttl(&state, body.ttl_seconds)?;
+    let permit = client_certificate_permit(&state, name, requested).await?;
     issue(
         &state,
         &caller.audit_name(),
         name,
         CertificateKey::Csr(csr),
-        ttl,
+        permit,
     )
     .await
 }
 
+/// The policy's decision on a client certificate for `name` (enrollment,
+/// attested enrollment, renewal): the agent asks for itself.
+pub(super) async fn client_certificate_permit(
+    state: &AppState,
+    name: &AgentName,
+    requested: RequestedTtl,
+) -> Result<Permit, ApiError> {
+    Ok(state
+        .policy
+        .permit(
+            &Caller::Agent(name.clone()),
+            name,
+            AgentRequest::Renew(requested),
+        )
+        .await?)
+}
+
 /// A certificate for an agent's own credential (a CSR key, or a key
-/// proven in its TPM), under the built-in policy, as the 201 answer.
+/// proven in its TPM) with the lifetime and under the version the policy
+/// decided, as the 201 answer.
 pub(super) async fn issue(
     state: &AppState,
     actor: &str,
     name: &AgentName,
     key: CertificateKey,
-    ttl: std::time::Duration,
+    permit: Permit,
 ) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
+    let ttl = permit
+        .certificate_ttl
+        .ok_or_else(|| ApiError::internal("a certificate permit without a lifetime"))?;
     let (issued, attestation) = state
         .registry
-        .issue_certificate(actor, name, key, ttl, crate::policy::BUILTIN_POLICY_VERSION)
+        .issue_certificate(actor, name, key, ttl, permit.policy_version)
         .await?;
     state.metrics.certificates_issued.inc();
     Ok((

@@ -150,6 +150,16 @@ impl From<PolicyError> for ApiError {
                 message: "this agent's rate limit is reached".into(),
                 retry_after: Some(retry_after),
             },
+            PolicyError::TtlAboveLimit {
+                max,
+                policy_version,
+            } => ApiError::bad_request(
+                "invalid_ttl",
+                format!(
+                    "policy version {policy_version} allows this agent certificates of at most {} s",
+                    max.as_secs()
+                ),
+            ),
         }
     }
 }
@@ -190,6 +200,12 @@ impl From<CaError> for ApiError {
             CaError::CsrSignature => ApiError::bad_request("csr_signature_invalid", e.to_string()),
             CaError::UnsupportedKey(_) => ApiError::bad_request("unsupported_key", e.to_string()),
             CaError::TtlOutOfRange { .. } => ApiError::bad_request("invalid_ttl", e.to_string()),
+            CaError::AgentNotActive { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "agent_not_active", e.to_string())
+            }
+            CaError::KeyCompromised => {
+                ApiError::new(StatusCode::FORBIDDEN, "key_compromised", e.to_string())
+            }
             CaError::Pool(p) => p.into(),
             other => ApiError::internal(other),
         }
@@ -240,6 +256,9 @@ impl From<AgentError> for ApiError {
             AgentError::TooManyScopes(_) => ApiError::bad_request("too_many_scopes", e.to_string()),
             AgentError::KeyRetired(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, "key_retired", e.to_string())
+            }
+            AgentError::KeyCompromised(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "key_compromised", e.to_string())
             }
             AgentError::HoldIsForSuspension => {
                 ApiError::bad_request("invalid_reason", e.to_string())

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::ca::{Authority, Certificate};
 use crate::identity::{AgentName, TrustDomain};
-use crate::policy::Caller;
+use crate::policy::{Admin, Caller};
 
 /// `axum::Json` whose rejections are [`ApiError`]s.
 #[derive(FromRequest)]
@@ -87,33 +87,40 @@ impl<T: serde::de::DeserializeOwned> Unparsed<T> {
     }
 }
 
-/// SHA-256 hashes of the admin tokens; the tokens themselves are never kept.
+/// The admin tokens' SHA-256 hashes with the admins they belong to; the
+/// tokens themselves are never kept.
 #[derive(Default)]
 pub struct AdminTokens {
-    hashes: Vec<[u8; 32]>,
+    tokens: Vec<([u8; 32], AgentName)>,
 }
 
 impl AdminTokens {
-    pub fn new(hashes: Vec<[u8; 32]>) -> Self {
-        Self { hashes }
+    pub fn new(tokens: Vec<([u8; 32], AgentName)>) -> Self {
+        Self { tokens }
     }
 
-    /// Compares the presented token's hash against every stored hash in
-    /// constant time (no early exit on a match either).
     pub fn verify(&self, presented: &str) -> bool {
         self.identify(presented).is_some()
     }
 
-    /// The admin's id (first 8 hex digits of the token's SHA-256) when the
-    /// token is one of ours. Every stored hash is compared, in constant
-    /// time, whatever matches.
-    pub fn identify(&self, presented: &str) -> Option<String> {
+    /// The admin the token belongs to, when it is one of ours. Every
+    /// stored hash is compared, in constant time, whatever matches; which
+    /// one matched is selected without a branch on secret data.
+    pub fn identify(&self, presented: &str) -> Option<Admin> {
+        use subtle::ConditionallySelectable;
         let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut matched = subtle::Choice::from(0);
-        for stored in &self.hashes {
-            matched |= stored.ct_eq(&presented);
+        let mut index = 0u64;
+        for (i, (stored, _)) in self.tokens.iter().enumerate() {
+            let equal = stored.ct_eq(&presented);
+            index = u64::conditional_select(&index, &(i as u64), equal);
+            matched |= equal;
         }
-        bool::from(matched).then(|| hex::encode(&presented[..4]))
+        let (_, name) = self.tokens.get(usize::try_from(index).ok()?)?;
+        bool::from(matched).then(|| Admin {
+            name: name.clone(),
+            credential: format!("token:{}", hex::encode(&presented[..4])),
+        })
     }
 }
 
@@ -134,7 +141,11 @@ pub enum PeerIdentity {
         not_after: i64,
     },
     /// An operator's client certificate (`spiffe://<td>/admin/<name>`).
-    Admin { name: AgentName, not_after: i64 },
+    Admin {
+        name: AgentName,
+        serial: String,
+        not_after: i64,
+    },
     /// A certificate keyward's CA issued that names no agent of this trust
     /// domain (a server certificate, another trust domain's ID).
     NotAnAgent,
@@ -195,6 +206,7 @@ impl ClientIdentifier {
         if self.trust_domain.admin_spiffe_id(&name) == id {
             return PeerIdentity::Admin {
                 name,
+                serial: verified.serial_hex().to_owned(),
                 not_after: unix(verified.not_after()),
             };
         }
@@ -235,10 +247,21 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     not_before,
                     not_after,
                 }) => {
-                    if state.registry.revocations().certificate(&serial).is_some() {
+                    // One reading of the revocation set for both checks. The
+                    // agent's own standing is checked as well as the serial:
+                    // a certificate a revocation did not list (issued on
+                    // another replica the moment before) must not outlive it.
+                    let revoked = state.registry.revocations().current();
+                    if revoked.certificate(&serial).is_some() {
                         return Err(ApiError::unauthenticated(
                             "certificate_revoked",
                             "the client certificate is revoked",
+                        ));
+                    }
+                    if let Some(status) = revoked.inactive_status(name.as_str()) {
+                        return Err(ApiError::unauthenticated(
+                            "agent_not_active",
+                            format!("the agent is {status}"),
                         ));
                     }
                     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -264,14 +287,21 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     }
                     Ok(Caller::Agent(name))
                 }
-                Some(PeerIdentity::Admin { name, not_after }) => {
+                Some(PeerIdentity::Admin {
+                    name,
+                    serial,
+                    not_after,
+                }) => {
                     if time::OffsetDateTime::now_utc().unix_timestamp() >= not_after {
                         return Err(ApiError::unauthenticated(
                             "certificate_expired",
                             "the client certificate has expired",
                         ));
                     }
-                    Ok(Caller::Admin(format!("cert:{name}")))
+                    Ok(Caller::Admin(Admin {
+                        name,
+                        credential: format!("cert:{serial}"),
+                    }))
                 }
                 Some(PeerIdentity::NotAnAgent) => Err(ApiError::unauthenticated(
                     "not_an_agent_certificate",
@@ -298,8 +328,8 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         let admin = (!token.is_empty())
             .then(|| state.admin_tokens.identify(token))
             .flatten();
-        if let Some(id) = admin {
-            Ok(Caller::Admin(id))
+        if let Some(admin) = admin {
+            Ok(Caller::Admin(admin))
         } else {
             Err(ApiError::unauthenticated(
                 "invalid_credentials",
@@ -313,12 +343,35 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 mod tests {
     use super::*;
 
+    fn name(n: &str) -> AgentName {
+        AgentName::parse(n).unwrap()
+    }
+
     #[test]
     fn only_the_right_token_verifies() {
-        let tokens = AdminTokens::new(vec![Sha256::digest(b"right").into()]);
+        let tokens = AdminTokens::new(vec![(Sha256::digest(b"right").into(), name("ops"))]);
         assert!(tokens.verify("right"));
         assert!(!tokens.verify("wrong"));
         assert!(!tokens.verify(""));
         assert!(!AdminTokens::default().verify("right"));
+    }
+
+    #[test]
+    fn a_token_names_the_admin_it_belongs_to() {
+        let tokens = AdminTokens::new(vec![
+            (Sha256::digest(b"first").into(), name("alice")),
+            (Sha256::digest(b"second").into(), name("bob")),
+            (Sha256::digest(b"third").into(), name("alice")),
+        ]);
+        let who = |t: &str| tokens.identify(t).map(|a| a.name.to_string());
+        assert_eq!(who("first").as_deref(), Some("alice"));
+        assert_eq!(who("second").as_deref(), Some("bob"));
+        assert_eq!(who("third").as_deref(), Some("alice"));
+        assert_eq!(who("fourth"), None);
+        let credential = tokens.identify("second").unwrap().credential;
+        assert_eq!(
+            credential,
+            format!("token:{}", hex::encode(&Sha256::digest(b"second")[..4]))
+        );
     }
 }

@@ -191,6 +191,9 @@ async fn sign_message(
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::SignMessage(&name))?;
     let body = request.parse()?;
+    // Checked before the policy charges the agent's rate, and so before an
+    // admin could be asked to approve what cannot run.
+    let (audience, lifetime_secs) = check_message(&state, &body)?;
     let decision = state
         .policy
         .permit(
@@ -201,9 +204,6 @@ async fn sign_message(
             },
         )
         .await?;
-    // Checked before any approval is asked for: an admin should not be
-    // asked to approve what cannot run.
-    let (audience, lifetime_secs) = check_message(&state, &body)?;
     if decision.approvals_required > 0 {
         return super::approvals::hold(&state, &caller, &name, "message", request.raw(), &decision)
             .await;
@@ -221,11 +221,14 @@ async fn sign_message(
     Ok((StatusCode::CREATED, Json(output)).into_response())
 }
 
-/// The recipient and lifetime a message request asks for, checked.
+/// The recipient and lifetime a message request asks for, checked with its
+/// intent.
 pub(super) fn check_message(
     state: &AppState,
     body: &MessageInput,
 ) -> Result<(String, i64), ApiError> {
+    envelope::check_intent(&body.intent)
+        .map_err(|e| ApiError::bad_request(e.reason(), e.to_string()))?;
     let audience = audience(state, body.audience.as_deref(), body.to.as_deref())?;
     let lifetime_secs = body.ttl_seconds.unwrap_or(DEFAULT_MESSAGE_TTL_SECS);
     if !(1..=MAX_LIFETIME_SECS).contains(&lifetime_secs) {
@@ -277,7 +280,8 @@ pub(super) async fn execute(
 #[serde(deny_unknown_fields)]
 struct MessageVerifyInput {
     token: String,
-    /// Who the verifier is: a SPIFFE ID, or `to` with an agent name.
+    /// Who the verifier is: a SPIFFE ID, or `to` with an agent name. An
+    /// agent may leave both out (it is itself the recipient).
     audience: Option<String>,
     to: Option<String>,
 }
@@ -301,6 +305,36 @@ struct VerifiedClaims {
     signer_serial: String,
 }
 
+/// Whom a message must be addressed to for this caller to verify it. An
+/// agent verifies only messages to itself: verifying spends the message
+/// (replay), so one verified "as" its recipient by a third party would be
+/// lost to the recipient. Admins may verify for any recipient.
+fn verifying_audience(
+    state: &AppState,
+    caller: &Caller,
+    body: &MessageVerifyInput,
+) -> Result<String, ApiError> {
+    let Caller::Agent(me) = caller else {
+        return audience(state, body.audience.as_deref(), body.to.as_deref());
+    };
+    let own = state
+        .registry
+        .authority()
+        .trust_domain()
+        .agent_spiffe_id(me);
+    if body.audience.is_none() && body.to.is_none() {
+        return Ok(own);
+    }
+    if audience(state, body.audience.as_deref(), body.to.as_deref())? != own {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "other_agent",
+            "an agent verifies only messages addressed to itself",
+        ));
+    }
+    Ok(own)
+}
+
 async fn verify_message(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -308,7 +342,7 @@ async fn verify_message(
 ) -> Result<Json<MessageVerifyOutput>, ApiError> {
     authorize(&caller, Action::Verify)?;
     let body = body.parse()?;
-    let audience = audience(&state, body.audience.as_deref(), body.to.as_deref())?;
+    let audience = verifying_audience(&state, &caller, &body)?;
     if body.token.len() > envelope::MAX_TOKEN_LEN {
         return Err(ApiError::bad_request(
             "invalid_token",

@@ -68,7 +68,7 @@ async fn rotate_key(
     Path(name): Path<String>,
     body: Unparsed<RotateInput>,
 ) -> Result<(axum::http::StatusCode, Json<Rotated>), ApiError> {
-    let decision = authorize(&caller, Action::Revoke)?;
+    authorize(&caller, Action::Revoke)?;
     let body = body.parse()?;
     let name = AgentName::parse(&name)?;
     let reason = match body.reason.as_deref() {
@@ -115,7 +115,8 @@ async fn rotate_key(
                 certificate_ttl,
                 expected_old_key: None,
             },
-            decision.policy_version,
+            // The new key's certificate records the version in force.
+            state.policy.version(),
         )
         .await?;
     state.hooks.wake();
@@ -173,6 +174,10 @@ struct CertificateRevoked {
     revoked_at: i64,
     /// True when it had been revoked before; nothing was changed.
     already_revoked: bool,
+    /// For keyCompromise: the other certificates for the same key, revoked
+    /// with it (the key is barred from being certified again).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    also_revoked: Vec<String>,
 }
 
 async fn revoke_certificate(
@@ -200,11 +205,13 @@ async fn revoke_certificate(
                 reason,
                 revoked_at,
                 already_revoked: true,
+                also_revoked: Vec::new(),
             }))
         }
-        CertificateRevocation::Revoked => {
+        CertificateRevocation::Revoked { serials } => {
             state.hooks.wake();
             let revoked = state.registry.revocations().certificate(&serial);
+            let also_revoked = serials.into_iter().filter(|s| *s != serial).collect();
             Ok(Json(CertificateRevoked {
                 serial,
                 reason: reason.as_str().to_owned(),
@@ -213,6 +220,7 @@ async fn revoke_certificate(
                     |r| r.revoked_at,
                 ),
                 already_revoked: false,
+                also_revoked,
             }))
         }
     }

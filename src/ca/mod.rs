@@ -21,10 +21,12 @@ use crate::audit::AuditEvent;
 use crate::identity::{AgentName, TrustDomain};
 use crate::keys::KeyId;
 use crate::pool::{KeyPool, PoolError};
-use crate::store::{AttestationRecord, CaRecord, CertificateRecord, Store, StoreError};
+use crate::store::{
+    AttestationRecord, CaRecord, CertificateInsert, CertificateRecord, Store, StoreError,
+};
 use cert::TbsCertificate;
 pub use cert::{parse_pem_chain, Certificate};
-use profile::{Kind, TbsRequest};
+use profile::{AgentKeyPurpose, Kind, TbsRequest};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -39,6 +41,13 @@ pub enum CaError {
     TtlOutOfRange { max: u64 },
     #[error("the CA certificate does not match the CA key on the token")]
     CaKeyMismatch,
+    /// The agent was revoked or suspended before its certificate could be
+    /// recorded; the certificate was never handed out.
+    #[error("agent {agent} is {status}")]
+    AgentNotActive { agent: String, status: String },
+    /// The key was reported compromised (keyCompromise): never certified.
+    #[error("the key was reported compromised: keyward certifies it no more")]
+    KeyCompromised,
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
@@ -411,9 +420,16 @@ impl Authority {
             policy_version,
         } = request;
         let spiffe_id = self.trust_domain.agent_spiffe_id(agent);
+        // A key on keyward's token signs only through keyward; any other
+        // key is the agent's own, good for authenticating and nothing else.
+        let purpose = match key_id {
+            Some(_) => AgentKeyPurpose::Signing,
+            None => AgentKeyPurpose::ClientAuth,
+        };
         let kind = Kind::Agent {
             spiffe_id: &spiffe_id,
             attestation: claims,
+            purpose,
         };
         let cert = self.issue(kind, agent.as_str(), subject_key, ttl).await?;
         let issued = self.describe(&cert)?;
@@ -438,10 +454,21 @@ impl Authority {
             .with("key_id", key_id.map(|k| k.to_string()))
             .with("attestation_digest", attestation_digest)
             .with("policy_version", policy_version);
-        self.store
+        // Checked again where the row is written, under the locks a
+        // revocation takes: a certificate signed while its agent was being
+        // revoked is dropped here, never recorded and never handed out.
+        match self
+            .store
             .insert_certificate(&record, new_evidence, &audit)
-            .await?;
-        Ok(issued)
+            .await?
+        {
+            CertificateInsert::Inserted => Ok(issued),
+            CertificateInsert::AgentNotActive { status } => Err(CaError::AgentNotActive {
+                agent: agent.to_string(),
+                status,
+            }),
+            CertificateInsert::KeyCompromised => Err(CaError::KeyCompromised),
+        }
     }
 
     /// A certificate for keyward's own HTTPS listener (key held in memory by
@@ -475,6 +502,7 @@ impl Authority {
         let kind = Kind::Agent {
             spiffe_id: &spiffe_id,
             attestation: None,
+            purpose: AgentKeyPurpose::ClientAuth,
         };
         let cert = self
             .issue(kind, &format!("admin {name}"), key, lifetime)

@@ -34,6 +34,18 @@ use super::CaError;
 pub static ATTESTATION_EXTENSION_OID: LazyLock<Vec<u8>> =
     LazyLock::new(|| oid_content(&[2, 25, 223_006_243_938_400_783_658_624_436_094_198_090_111]));
 
+/// The extended key usage of certificates for keys keyward holds for agents
+/// (custodial keys): id-kp-documentSigning, RFC 9336. Every signature such a
+/// key makes went through keyward's policy and signature log, so a verifier
+/// that accepts agent signatures and messages demands this purpose, and a
+/// certificate for a key the agent holds itself (client authentication)
+/// never carries it: an agent's own key cannot pass for one keyward signs
+/// with. A registered EKU with small arcs rather than one of keyward's own:
+/// RFC 9336 defines it for keys that sign statements meant to be read (an
+/// envelope's intent is printable text), and every PKI stack parses it.
+pub const ID_KP_DOCUMENT_SIGNING: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
+
 /// Certificates start this far in the past to absorb clock skew between
 /// keyward and relying parties.
 pub const BACKDATE: Duration = Duration::from_secs(30);
@@ -118,10 +130,11 @@ pub fn common_name(cn: &str) -> Result<Name, CaError> {
 pub enum Kind<'a> {
     /// keyward's own issuing CA, self-signed.
     RootCa,
-    /// An agent's certificate: SPIFFE URI SAN, client auth, attestation.
+    /// An agent's (or admin's) certificate: SPIFFE URI SAN, attestation.
     Agent {
         spiffe_id: &'a str,
         attestation: Option<Vec<u8>>,
+        purpose: AgentKeyPurpose,
     },
     /// keyward's HTTPS listener.
     Server {
@@ -130,6 +143,26 @@ pub enum Kind<'a> {
     },
     /// A key keyward uses to sign statements (attestation evidence).
     ServiceSigner,
+}
+
+/// What an agent certificate's key is for: never both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentKeyPurpose {
+    /// A key the agent holds (by CSR, or in its own TPM): TLS client
+    /// authentication (id-kp-clientAuth).
+    ClientAuth,
+    /// A key keyward holds for the agent: signatures and messages made
+    /// through keyward (id-kp-documentSigning).
+    Signing,
+}
+
+impl AgentKeyPurpose {
+    pub fn extended_key_usage(self) -> ObjectIdentifier {
+        match self {
+            AgentKeyPurpose::ClientAuth => ID_KP_CLIENT_AUTH,
+            AgentKeyPurpose::Signing => ID_KP_DOCUMENT_SIGNING,
+        }
+    }
 }
 
 /// Everything needed to build one TBSCertificate.
@@ -170,12 +203,13 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
         Kind::Agent {
             spiffe_id,
             attestation,
+            purpose,
         } => {
             extensions.push(Extension::typed(true, &leaf)?);
             extensions.push(Extension::typed(true, &signing_only)?);
             extensions.push(Extension::typed(
                 false,
-                &ExtendedKeyUsage(vec![ID_KP_CLIENT_AUTH]),
+                &ExtendedKeyUsage(vec![purpose.extended_key_usage()]),
             )?);
             let uri = GeneralName::UniformResourceIdentifier(Ia5String::new(*spiffe_id)?);
             extensions.push(Extension::typed(false, &SubjectAltName(vec![uri]))?);

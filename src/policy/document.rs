@@ -12,6 +12,14 @@
 //! An agent has the roles named by its scopes. A request is allowed when
 //! some role of the agent grants its action (and, for a message, its
 //! intent); the limits are those of the most generous such role.
+//!
+//! Renewal (a client certificate by enrollment, TPM attestation or
+//! `POST /v1/renew`) is granted by every policy, since an agent that cannot
+//! renew loses its identity; it is never held for approval, but the
+//! agent's roles cap its lifetime (`max_ttl_seconds`) and its rate.
+//!
+//! Every number is checked against a range a deployment could mean, so a
+//! policy that parses can never make a request fail in arithmetic.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -25,6 +33,9 @@ pub enum Grant {
     Sign,
     Message,
     IssueCert,
+    /// Not written in a policy: every policy grants it (see the module).
+    #[serde(skip)]
+    Renew,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -79,6 +90,19 @@ pub enum DocumentError {
 /// Longest policy accepted, in bytes.
 pub const MAX_POLICY_BYTES: usize = 32 * 1024;
 
+/// Slowest rate a role may set: one request a day. Slower than this is a
+/// role that grants nothing, which is better written without the action.
+pub const MIN_RATE_PER_SECOND: f64 = 1.0 / 86_400.0;
+/// Fastest rate a role may set; above it a limit limits nothing a token
+/// could do.
+pub const MAX_RATE_PER_SECOND: f64 = 1_000_000.0;
+pub const MAX_BURST: u32 = 1_000_000;
+/// Longest certificate lifetime a role may allow (keyward's own maximum
+/// still applies on top).
+pub const MAX_TTL_SECONDS: u64 = 366 * 86_400;
+/// Longest key age a role may allow before keyward rotates the key.
+pub const MAX_ROTATE_AFTER_SECONDS: u64 = 10 * 366 * 86_400;
+
 impl PolicyDocument {
     pub fn parse(text: &str) -> Result<Self, DocumentError> {
         if text.len() > MAX_POLICY_BYTES {
@@ -94,14 +118,20 @@ impl PolicyDocument {
             if role.actions.is_empty() {
                 return err("actions is empty");
             }
-            if role.max_ttl_seconds == Some(0) {
-                return err("max_ttl_seconds must be positive");
+            if role
+                .max_ttl_seconds
+                .is_some_and(|t| !(1..=MAX_TTL_SECONDS).contains(&t))
+            {
+                return err("max_ttl_seconds must be 1 to 31622400 (366 days)");
             }
             match (role.rate_per_second, role.burst) {
-                (Some(rate), _) if !(rate.is_finite() && rate > 0.0) => {
-                    return err("rate_per_second must be a positive number")
+                // NaN fails the range check too.
+                (Some(rate), _) if !(MIN_RATE_PER_SECOND..=MAX_RATE_PER_SECOND).contains(&rate) => {
+                    return err("rate_per_second must be between 1/86400 (one a day) and 1000000")
                 }
-                (Some(_), Some(0)) => return err("burst must be positive"),
+                (Some(_), Some(burst)) if !(1..=MAX_BURST).contains(&burst) => {
+                    return err("burst must be 1 to 1000000")
+                }
                 (None, Some(_)) => return err("burst needs rate_per_second"),
                 _ => {}
             }
@@ -112,8 +142,11 @@ impl PolicyDocument {
                 }
                 _ => {}
             }
-            if role.rotate_after_seconds == Some(0) {
-                return err("rotate_after_seconds must be positive");
+            if role
+                .rotate_after_seconds
+                .is_some_and(|t| !(1..=MAX_ROTATE_AFTER_SECONDS).contains(&t))
+            {
+                return err("rotate_after_seconds must be 1 to 316224000 (ten years)");
             }
             for pattern in role.intents.iter().flatten() {
                 let printable = pattern.bytes().all(|b| (0x20..=0x7e).contains(&b));
@@ -133,9 +166,12 @@ impl PolicyDocument {
         grant: Grant,
         intent: Option<&str>,
     ) -> Option<Allowance> {
+        let roles: Vec<&Role> = roles.iter().filter_map(|r| self.roles.get(r)).collect();
+        if grant == Grant::Renew {
+            return Some(Self::renewal(&roles));
+        }
         let granting: Vec<&Role> = roles
-            .iter()
-            .filter_map(|r| self.roles.get(r))
+            .into_iter()
             .filter(|role| role.actions.contains(&grant))
             .filter(|role| match (&role.intents, intent) {
                 (Some(patterns), Some(intent)) => patterns.iter().any(|p| glob_match(p, intent)),
@@ -145,25 +181,16 @@ impl PolicyDocument {
         if granting.is_empty() {
             return None;
         }
+        // A granting role without a limit grants without one.
         let max_ttl = if granting.iter().any(|r| r.max_ttl_seconds.is_none()) {
             None
         } else {
-            granting
-                .iter()
-                .filter_map(|r| r.max_ttl_seconds)
-                .max()
-                .map(Duration::from_secs)
+            most_generous_ttl(&granting)
         };
         let rate = if granting.iter().any(|r| r.rate_per_second.is_none()) {
             None
         } else {
-            granting
-                .iter()
-                .filter_map(|r| {
-                    r.rate_per_second
-                        .map(|rate| (rate, r.burst.unwrap_or_else(|| rate.ceil().max(1.0) as u32)))
-                })
-                .max_by(|a, b| a.0.total_cmp(&b.0))
+            most_generous_rate(&granting)
         };
         let approvals = granting
             .iter()
@@ -182,6 +209,37 @@ impl PolicyDocument {
             approvals,
         })
     }
+
+    /// Renewal is every role's, so a role that says nothing about
+    /// certificates or rates must not lift another role's limit: the most
+    /// generous limit among the roles that set one applies, and none only
+    /// when no role sets one. Never held for approval.
+    fn renewal(roles: &[&Role]) -> Allowance {
+        Allowance {
+            max_ttl: most_generous_ttl(roles),
+            rate: most_generous_rate(roles),
+            approvals: 0,
+        }
+    }
+}
+
+fn most_generous_ttl(roles: &[&Role]) -> Option<Duration> {
+    roles
+        .iter()
+        .filter_map(|r| r.max_ttl_seconds)
+        .max()
+        .map(Duration::from_secs)
+}
+
+/// (rate per second, burst) of the role with the highest rate that sets one.
+fn most_generous_rate(roles: &[&Role]) -> Option<(f64, u32)> {
+    roles
+        .iter()
+        .filter_map(|r| {
+            r.rate_per_second
+                .map(|rate| (rate, r.burst.unwrap_or_else(|| rate.ceil().max(1.0) as u32)))
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
 }
 
 impl PolicyDocument {
@@ -300,6 +358,202 @@ mod tests {
         ] {
             let e = PolicyDocument::parse(text).unwrap_err().to_string();
             assert!(e.contains(expected), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn numbers_outside_what_a_deployment_could_mean_are_refused() {
+        let role = |line: &str| format!("[roles.x]\nactions = [\"sign\"]\n{line}\n");
+        for (line, expected) in [
+            ("rate_per_second = 1e-300", "rate_per_second"),
+            ("rate_per_second = 0.00001", "rate_per_second"),
+            ("rate_per_second = 1e300", "rate_per_second"),
+            ("rate_per_second = nan", "rate_per_second"),
+            ("rate_per_second = inf", "rate_per_second"),
+            ("rate_per_second = 0", "rate_per_second"),
+            ("rate_per_second = 1\nburst = 0", "burst"),
+            ("rate_per_second = 1\nburst = 1000001", "burst"),
+            ("max_ttl_seconds = 0", "max_ttl_seconds"),
+            ("max_ttl_seconds = 31622401", "max_ttl_seconds"),
+            ("rotate_after_seconds = 0", "rotate_after_seconds"),
+            ("rotate_after_seconds = 316224001", "rotate_after_seconds"),
+            ("max_ttl_seconds = -1", ""),
+            ("burst = 4294967296\nrate_per_second = 1", ""),
+        ] {
+            let text = role(line);
+            let e = PolicyDocument::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{line}: {e}");
+        }
+        for line in [
+            "rate_per_second = 0.0000116",
+            "rate_per_second = 1000000\nburst = 1000000",
+            "max_ttl_seconds = 31622400",
+            "rotate_after_seconds = 316224000",
+        ] {
+            PolicyDocument::parse(&role(line)).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+    }
+
+    #[test]
+    fn renewal_is_granted_to_every_agent_within_its_roles_limits() {
+        let policy = PolicyDocument::parse(
+            r#"
+            [roles.limited]
+            actions = ["sign"]
+            max_ttl_seconds = 300
+            rate_per_second = 1
+            burst = 2
+
+            [roles.talker]
+            actions = ["message"]
+        "#,
+        )
+        .unwrap();
+        let renew = |roles: &[&str]| policy.allowance(&self::roles(roles), Grant::Renew, None);
+        let limited = renew(&["limited"]).unwrap();
+        assert_eq!(limited.max_ttl, Some(Duration::from_secs(300)));
+        assert_eq!(limited.rate, Some((1.0, 2)));
+        assert_eq!(limited.approvals, 0);
+        // A role that says nothing of lifetimes or rates lifts neither.
+        assert_eq!(renew(&["limited", "talker"]), Some(limited));
+        assert_eq!(
+            renew(&[]),
+            Some(Allowance {
+                max_ttl: None,
+                rate: None,
+                approvals: 0
+            })
+        );
+        // Not something a policy writes.
+        assert!(PolicyDocument::parse("[roles.x]\nactions = [\"renew\"]").is_err());
+    }
+
+    /// The parser fuzzed in the suite: documents assembled from a policy's
+    /// own vocabulary with hostile values, and byte-level mutations of a
+    /// valid one. Nothing panics, and whatever parses has limits the rate
+    /// arithmetic can use (a rate of 1e-300 once passed and then panicked
+    /// a request in `Duration::from_secs_f64`).
+    #[test]
+    fn no_policy_that_parses_breaks_the_arithmetic_that_uses_it() {
+        use rand::rngs::StdRng;
+        use rand::seq::SliceRandom;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0x6b65_7977_6172_6400);
+        let plausible = ["1", "2", "0.5", "60", "300", "true"];
+        let hostile = [
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "2",
+            "0.5",
+            "1e-300",
+            "5e-324",
+            "1e300",
+            "nan",
+            "inf",
+            "-inf",
+            "1.0e-5",
+            "0.0000116",
+            "86400",
+            "1e6",
+            "1000000",
+            "1000001",
+            "4294967295",
+            "4294967296",
+            "18446744073709551615",
+            "-9223372036854775808",
+            "31622400",
+            "3.4e38",
+            "true",
+            "\"1\"",
+            "[]",
+        ];
+        let keys = [
+            "max_ttl_seconds",
+            "rate_per_second",
+            "burst",
+            "requires_approval",
+            "approvals_required",
+            "rotate_after_seconds",
+            "renew_at_half_life",
+        ];
+        let actions = [
+            "\"sign\"",
+            "\"message\"",
+            "\"issue_cert\"",
+            "\"renew\"",
+            "\"x\"",
+        ];
+        let grants = [Grant::Sign, Grant::Message, Grant::IssueCert, Grant::Renew];
+        let mut accepted = 0;
+        for _ in 0..10_000 {
+            let mut text = String::new();
+            let role_count = rng.gen_range(1..=3);
+            for r in 0..role_count {
+                text.push_str(&format!("[roles.r{r}]\n"));
+                // Mostly grants that exist, so that many documents parse.
+                let pool = if rng.gen_bool(0.8) {
+                    &actions[..3]
+                } else {
+                    &actions[..]
+                };
+                let count = rng.gen_range(1..=3);
+                let chosen: Vec<&str> = pool.choose_multiple(&mut rng, count).copied().collect();
+                text.push_str(&format!("actions = [{}]\n", chosen.join(", ")));
+                let count = rng.gen_range(0..=3);
+                for key in keys.choose_multiple(&mut rng, count) {
+                    let value = if rng.gen_bool(0.5) {
+                        plausible.choose(&mut rng).unwrap()
+                    } else {
+                        hostile.choose(&mut rng).unwrap()
+                    };
+                    text.push_str(&format!("{key} = {value}\n"));
+                }
+            }
+            let Ok(policy) = PolicyDocument::parse(&text) else {
+                continue;
+            };
+            accepted += 1;
+            let all: Vec<String> = (0..role_count).map(|r| format!("r{r}")).collect();
+            for grant in grants {
+                let Some(allowance) = policy.allowance(&all, grant, Some("any intent")) else {
+                    continue;
+                };
+                if let Some((rate, burst)) = allowance.rate {
+                    assert!(
+                        (MIN_RATE_PER_SECOND..=MAX_RATE_PER_SECOND).contains(&rate),
+                        "{text}"
+                    );
+                    assert!((1..=MAX_BURST).contains(&burst), "{text}");
+                    // What the token bucket computes for a Retry-After.
+                    let wait = Duration::from_secs_f64(1.0 / rate);
+                    assert!(wait <= Duration::from_secs(86_400), "{text}");
+                }
+                if let Some(ttl) = allowance.max_ttl {
+                    assert!(ttl >= Duration::from_secs(1), "{text}");
+                }
+            }
+        }
+        assert!(
+            accepted > 1000,
+            "the generator should also make valid policies: {accepted}"
+        );
+
+        let valid = POLICY.as_bytes();
+        for _ in 0..10_000 {
+            let mut bytes = valid.to_vec();
+            for _ in 0..rng.gen_range(1..=8) {
+                let at = rng.gen_range(0..bytes.len());
+                match rng.gen_range(0..3) {
+                    0 => bytes[at] = rng.gen(),
+                    1 => bytes.insert(at, *b"=[]\"*.,1e9-\n".choose(&mut rng).unwrap()),
+                    _ => {
+                        bytes.remove(at);
+                    }
+                }
+            }
+            let _ = PolicyDocument::parse(&String::from_utf8_lossy(&bytes));
         }
     }
 

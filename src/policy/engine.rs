@@ -26,12 +26,30 @@ const SCHEDULED_RETENTION: Duration = Duration::from_secs(86_400);
 /// How often a replica looks for a version applied elsewhere.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A request an agent makes for itself, as the policy sees it.
+/// A certificate lifetime already within keyward's own limits, and whether
+/// the caller asked for it: a default above the policy's cap is lowered to
+/// it, an explicit request above it is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestedTtl {
+    pub ttl: Duration,
+    pub explicit: bool,
+}
+
+/// A request an agent makes for itself, as the policy sees it: everything
+/// the decision depends on, so that it is decided whole before the rate is
+/// charged (a request refused for what it asks costs the agent nothing).
 #[derive(Clone, Copy, Debug)]
 pub enum AgentRequest<'a> {
     Sign,
-    Message { intent: &'a str },
-    IssueCertificate,
+    Message {
+        intent: &'a str,
+    },
+    /// A certificate asked for by `POST /v1/agents/{name}/certificates`.
+    IssueCertificate(RequestedTtl),
+    /// A client certificate: enrollment, TPM-attested enrollment or
+    /// renewal. Granted by every policy, never held for approval, capped
+    /// and rate-limited by the agent's roles.
+    Renew(RequestedTtl),
 }
 
 impl AgentRequest<'_> {
@@ -39,7 +57,24 @@ impl AgentRequest<'_> {
         match self {
             AgentRequest::Sign => Grant::Sign,
             AgentRequest::Message { .. } => Grant::Message,
-            AgentRequest::IssueCertificate => Grant::IssueCert,
+            AgentRequest::IssueCertificate(_) => Grant::IssueCert,
+            AgentRequest::Renew(_) => Grant::Renew,
+        }
+    }
+
+    fn requested_ttl(&self) -> Option<RequestedTtl> {
+        match self {
+            AgentRequest::IssueCertificate(ttl) | AgentRequest::Renew(ttl) => Some(*ttl),
+            AgentRequest::Sign | AgentRequest::Message { .. } => None,
+        }
+    }
+
+    /// Renewals draw on a bucket of their own: an agent that spends its
+    /// rate on signing must still be able to keep its identity.
+    fn bucket(&self) -> BucketKind {
+        match self {
+            AgentRequest::Renew(_) => BucketKind::Renewals,
+            _ => BucketKind::Requests,
         }
     }
 }
@@ -48,11 +83,21 @@ impl AgentRequest<'_> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Permit {
     pub policy_version: i64,
-    /// The longest certificate the agent may get; `None`: keyward's limit.
-    pub max_ttl: Option<Duration>,
+    /// For a certificate request: the lifetime to issue.
+    pub certificate_ttl: Option<Duration>,
     /// Admins who must approve before the request runs; 0: none.
     pub approvals_required: u8,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum BucketKind {
+    Requests,
+    Renewals,
+}
+
+/// The longest `Retry-After` a rate limit answers: the slowest rate a
+/// policy may set refills a token in a day.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
 
 struct InForce {
     version: i64,
@@ -69,7 +114,7 @@ pub struct PolicyEngine {
     store: Arc<dyn Store>,
     signer: Arc<AgentSigner>,
     in_force: RwLock<Arc<InForce>>,
-    buckets: Mutex<HashMap<AgentName, Bucket>>,
+    buckets: Mutex<HashMap<(AgentName, BucketKind), Bucket>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +233,7 @@ impl PolicyEngine {
 
     /// Whether `caller` may make `request` for `agent` under the policy in
     /// force. Admins may do anything; an agent needs a role (scope) that
-    /// grants the request, within its rate.
+    /// grants the request, within its limits and its rate.
     pub async fn permit(
         &self,
         caller: &Caller,
@@ -196,13 +241,13 @@ impl PolicyEngine {
         request: AgentRequest<'_>,
     ) -> Result<Permit, PolicyError> {
         let in_force = self.in_force();
-        let unlimited = Permit {
-            policy_version: in_force.version,
-            max_ttl: None,
-            approvals_required: 0,
-        };
+        let requested_ttl = request.requested_ttl();
         let (Caller::Agent(_), Some(document)) = (caller, &in_force.document) else {
-            return Ok(unlimited);
+            return Ok(Permit {
+                policy_version: in_force.version,
+                certificate_ttl: requested_ttl.map(|r| r.ttl),
+                approvals_required: 0,
+            });
         };
         let roles = self
             .signer
@@ -224,27 +269,58 @@ impl PolicyEngine {
                 }
                 _ => "not_in_scope",
             };
-            // A denial is a decision too: on the record, with its version.
-            let audit = AuditEvent::new(caller.audit_name(), "policy.deny", agent.as_str())
-                .with("reason", reason)
-                .with("request", format!("{:?}", request.grant()))
-                .with("policy_version", in_force.version);
-            if let Err(e) = self.store.append_audit_event(&audit).await {
-                tracing::warn!(error = %e, "recording a policy denial failed");
-            }
+            self.record_denial(caller, agent, &request, reason, in_force.version)
+                .await;
             return Err(PolicyError::Denied {
                 reason,
                 policy_version: in_force.version,
             });
         };
+        let certificate_ttl = match (requested_ttl, allowance.max_ttl) {
+            (Some(asked), Some(max)) if asked.explicit && asked.ttl > max => {
+                self.record_denial(
+                    caller,
+                    agent,
+                    &request,
+                    "ttl_above_policy",
+                    in_force.version,
+                )
+                .await;
+                return Err(PolicyError::TtlAboveLimit {
+                    max,
+                    policy_version: in_force.version,
+                });
+            }
+            (Some(asked), Some(max)) => Some(asked.ttl.min(max)),
+            (Some(asked), None) => Some(asked.ttl),
+            (None, _) => None,
+        };
         if let Some((rate, burst)) = allowance.rate {
-            self.take(agent, rate, burst)?;
+            self.take(agent, request.bucket(), rate, burst)?;
         }
         Ok(Permit {
             policy_version: in_force.version,
-            max_ttl: allowance.max_ttl,
+            certificate_ttl,
             approvals_required: allowance.approvals,
         })
+    }
+
+    /// A denial is a decision too: on the record, with its version.
+    async fn record_denial(
+        &self,
+        caller: &Caller,
+        agent: &AgentName,
+        request: &AgentRequest<'_>,
+        reason: &str,
+        policy_version: i64,
+    ) {
+        let audit = AuditEvent::new(caller.audit_name(), "policy.deny", agent.as_str())
+            .with("reason", reason)
+            .with("request", format!("{:?}", request.grant()))
+            .with("policy_version", policy_version);
+        if let Err(e) = self.store.append_audit_event(&audit).await {
+            tracing::warn!(error = %e, "recording a policy denial failed");
+        }
     }
 
     /// The document in force and the agent's roles, when a policy (not the
@@ -320,10 +396,16 @@ impl PolicyEngine {
     }
 
     /// One token from the agent's bucket, or how long until there is one.
-    fn take(&self, agent: &AgentName, rate: f64, burst: u32) -> Result<(), PolicyError> {
+    fn take(
+        &self,
+        agent: &AgentName,
+        kind: BucketKind,
+        rate: f64,
+        burst: u32,
+    ) -> Result<(), PolicyError> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let bucket = buckets.entry(agent.clone()).or_insert(Bucket {
+        let bucket = buckets.entry((agent.clone(), kind)).or_insert(Bucket {
             tokens: f64::from(burst),
             last: now,
         });
@@ -334,10 +416,32 @@ impl PolicyEngine {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            let wait = (1.0 - bucket.tokens) / rate;
             Err(PolicyError::RateLimited {
-                retry_after: Duration::from_secs_f64(wait),
+                retry_after: retry_after((1.0 - bucket.tokens) / rate),
             })
+        }
+    }
+}
+
+/// `seconds` as a `Retry-After`, whatever arithmetic produced it: the
+/// document bounds rates, and this bounds the answer should that ever
+/// change (an unbounded one once panicked in `Duration::from_secs_f64`).
+fn retry_after(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds)
+        .unwrap_or(MAX_RETRY_AFTER)
+        .min(MAX_RETRY_AFTER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_after_is_bounded_whatever_the_arithmetic() {
+        assert_eq!(retry_after(0.5), Duration::from_millis(500));
+        for bad in [1e300, f64::INFINITY, f64::NAN, -1.0, f64::MAX] {
+            let d = retry_after(bad);
+            assert!(d <= MAX_RETRY_AFTER, "{bad}: {d:?}");
         }
     }
 }

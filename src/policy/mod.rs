@@ -21,19 +21,28 @@ pub const BUILTIN_POLICY_VERSION: i64 = 0;
 /// Who is calling, as proven by the API layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
-    /// An operator, authenticated by an admin token; the id tells admins
-    /// apart (the two-person rule) without revealing the token: the first
-    /// 8 hex digits of its SHA-256.
-    Admin(String),
+    /// An operator, by an admin token or an admin client certificate.
+    Admin(Admin),
     /// An agent, authenticated by its own client certificate.
     Agent(AgentName),
+}
+
+/// An admin: a person, named, holding one or more credentials. Everything
+/// that counts admins (the two-person rule) counts names, so one person
+/// with a token and a certificate is one admin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admin {
+    pub name: AgentName,
+    /// Which credential was used: `token:<first 8 hex digits of its
+    /// SHA-256>` or `cert:<serial>`. Never the secret itself.
+    pub credential: String,
 }
 
 impl Caller {
     /// How the caller is named in audit events.
     pub fn audit_name(&self) -> String {
         match self {
-            Caller::Admin(id) => format!("admin:{id}"),
+            Caller::Admin(admin) => format!("admin:{}", admin.name),
             Caller::Agent(name) => format!("agent:{name}"),
         }
     }
@@ -65,12 +74,6 @@ pub enum Action<'a> {
     ManagePolicy,
 }
 
-/// Permission granted, under a policy version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub policy_version: i64,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     /// `reason` is a machine-readable code.
@@ -84,6 +87,12 @@ pub enum PolicyError {
     },
     #[error("rate limit reached; retry in {retry_after:?}")]
     RateLimited { retry_after: std::time::Duration },
+    /// A certificate lifetime asked for above what the agent's roles allow.
+    #[error("the policy (version {policy_version}) allows certificates of at most {max:?}")]
+    TtlAboveLimit {
+        max: std::time::Duration,
+        policy_version: i64,
+    },
 }
 
 /// A line diff of two policy versions: `-` removed, `+` added, ` ` kept
@@ -118,12 +127,12 @@ pub fn diff_lines(old: &str, new: &str) -> String {
     out
 }
 
-pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, PolicyError> {
-    let allowed = Decision {
-        policy_version: BUILTIN_POLICY_VERSION,
-    };
+/// Partitioning: whether `caller` may act on `action`'s target at all.
+/// What an agent may do for itself is the versioned policy's to decide
+/// (`engine::PolicyEngine::permit`), which also names the version.
+pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<(), PolicyError> {
     match (caller, action) {
-        (Caller::Admin(_), _) => Ok(allowed),
+        (Caller::Admin(_), _) => Ok(()),
         (
             Caller::Agent(me),
             Action::ReadAgent(target)
@@ -132,14 +141,14 @@ pub fn authorize(caller: &Caller, action: Action<'_>) -> Result<Decision, Policy
             | Action::SignMessage(target),
         ) => {
             if me == target {
-                Ok(allowed)
+                Ok(())
             } else {
                 Err(PolicyError::Forbidden {
                     reason: "other_agent",
                 })
             }
         }
-        (Caller::Agent(_), Action::ReadAttestation | Action::Verify) => Ok(allowed),
+        (Caller::Agent(_), Action::ReadAttestation | Action::Verify) => Ok(()),
         (
             Caller::Agent(_),
             Action::CreateAgent
@@ -189,12 +198,12 @@ mod tests {
     }
 
     #[test]
-    fn an_admin_may_do_everything_under_the_builtin_policy() {
-        let d = authorize(
-            &Caller::Admin("test".into()),
-            Action::IssueCertificate(&agent("bob")),
-        )
-        .unwrap();
-        assert_eq!(d.policy_version, BUILTIN_POLICY_VERSION);
+    fn an_admin_may_act_on_every_agent() {
+        let admin = Caller::Admin(Admin {
+            name: agent("ops"),
+            credential: "token:00000000".into(),
+        });
+        assert!(authorize(&admin, Action::IssueCertificate(&agent("bob"))).is_ok());
+        assert!(authorize(&admin, Action::ManagePolicy).is_ok());
     }
 }

@@ -161,13 +161,38 @@ pub struct RevocationSnapshot {
     /// Keys retired by a rotation and still on the token: never an
     /// agent's current key, whatever a cache says.
     pub retired_keys: Vec<String>,
+    /// Custodial keys (key ids) reported compromised: they sign nothing.
+    pub compromised_keys: Vec<String>,
 }
+
+/// What recording an issued certificate did. The checks are made in the
+/// transaction that writes the row, under the locks a revocation takes, so
+/// no certificate is recorded (and none handed out) for an agent revoked or
+/// a key reported compromised before the row is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum CertificateInsert {
+    Inserted,
+    /// The agent is no longer active (revoked or suspended meanwhile).
+    AgentNotActive {
+        status: String,
+    },
+    /// A keyCompromise revocation reported the certificate's key.
+    KeyCompromised,
+}
+
+/// The RFC 5280 reason that bars a key for good.
+pub const KEY_COMPROMISE: &str = "keyCompromise";
 
 /// What revoking one certificate did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CertificateRevocation {
     NotFound,
-    Revoked,
+    /// `serials`: this certificate and, for keyCompromise, every other
+    /// unexpired certificate for the same key.
+    Revoked {
+        serials: Vec<String>,
+    },
     /// It was revoked before (for a reason other than certificateHold):
     /// nothing was written.
     AlreadyRevoked {
@@ -383,13 +408,14 @@ pub trait Store: Send + Sync + 'static {
     async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
     /// Stores an issued certificate (and the evidence it points at) with its
-    /// audit event, in one transaction.
+    /// audit event, in one transaction, if its agent is still active and its
+    /// key has not been reported compromised (see [`CertificateInsert`]).
     async fn insert_certificate(
         &self,
         certificate: &CertificateRecord,
         evidence: Option<&AttestationRecord>,
         audit: &AuditEvent,
-    ) -> Result<(), StoreError>;
+    ) -> Result<CertificateInsert, StoreError>;
     async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;
     async fn attestation(&self, digest: &str) -> Result<Option<AttestationRecord>, StoreError>;
 
@@ -413,12 +439,15 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
 
+    /// Stores the hash of an admin token that belongs to the admin `name`.
     async fn insert_admin_token(
         &self,
         token_sha256: &[u8; 32],
+        name: &str,
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
-    async fn admin_token_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// Every admin token's hash with the name of the admin it belongs to.
+    async fn admin_tokens(&self) -> Result<Vec<([u8; 32], String)>, StoreError>;
 
     /// The newest unexpired, unrevoked certificate of the key: its serial
     /// and notAfter (unix seconds).
@@ -440,7 +469,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Revokes one certificate at `at` (unix seconds) with its audit event,
     /// in one transaction that also tells other replicas. A certificate on
-    /// certificateHold is revoked for good by this.
+    /// certificateHold is revoked for good by this. `keyCompromise` also
+    /// bars the certificate's key and revokes every other certificate for
+    /// it, whatever they were revoked for before.
     async fn revoke_certificate(
         &self,
         serial: &str,
@@ -451,7 +482,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Moves an agent to revoked, suspended or (back to) active, with its
     /// certificates, in one transaction with its audit event (to which the
-    /// affected serials are added).
+    /// affected serials are added). Revoking for `keyCompromise` bars the
+    /// keys of the agent's unexpired certificates as `revoke_certificate`
+    /// does.
     async fn change_agent_status(
         &self,
         name: &str,
@@ -465,7 +498,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes a new key the agent's custodial key, retires the old one and
     /// revokes the old key's unexpired certificates, with the new key's
-    /// evidence and the audit event, in one transaction.
+    /// evidence and the audit event, in one transaction. A `keyCompromise`
+    /// rotation bars the old key.
     async fn rotate_agent_key(
         &self,
         name: &str,
@@ -608,6 +642,20 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a batch of signature records and one audit event covering
     /// them (its details hold the SHA-256 of the batch), in one transaction.
     async fn insert_signatures(&self, records: &[SignatureRecord]) -> Result<(), StoreError>;
+
+    /// When keyward first recorded a signature by `key_id` over `digest`
+    /// (lower-case hex), for `purpose` if given: unix milliseconds, or
+    /// `None` when keyward never made one.
+    async fn signature_made(
+        &self,
+        key_id: &str,
+        digest: &str,
+        purpose: Option<&str>,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// When the key (hex SHA-256 of its SubjectPublicKeyInfo) was reported
+    /// compromised, in unix seconds.
+    async fn key_compromised_at(&self, public_key_sha256: &str) -> Result<Option<i64>, StoreError>;
 
     /// Appends an event that records no other change (e.g. a failing hook).
     async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError>;

@@ -7,10 +7,10 @@ use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
-    CertificateRecord, CertificateRevocation, CustodialKeyAge, HookDelivery, HookRecord,
-    KeyRotation, KeyRotationOutcome, NewEnrollmentToken, PolicyRecord, RetiredKey,
+    CertificateInsert, CertificateRecord, CertificateRevocation, CustodialKeyAge, HookDelivery,
+    HookRecord, KeyRotation, KeyRotationOutcome, NewEnrollmentToken, PolicyRecord, RetiredKey,
     RevocationSnapshot, RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store, StoreError,
-    TpmChallengeRecord, TpmRedemption, VoteOutcome,
+    TpmChallengeRecord, TpmRedemption, VoteOutcome, KEY_COMPROMISE,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -61,6 +61,22 @@ impl SqlStore<Sqlite> {
     ) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// A transaction that holds SQLite's one write lock from its first
+    /// statement, so that what it reads is what it writes against: a
+    /// deferred one reads a snapshot that another writer may commit past
+    /// before this one upgrades.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// SQLite has one writer: a write transaction holds every lock already.
+    async fn lock_public_key(
+        _tx: &mut Transaction<'_, Sqlite>,
+        _public_key_sha256: &str,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 impl SqlStore<Postgres> {
@@ -77,6 +93,38 @@ impl SqlStore<Postgres> {
             .await?;
         Ok(())
     }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Serializes, until the transaction ends, everything done for one
+    /// public key: recording a certificate for it and reporting it
+    /// compromised. (The agent's row lock does not cover a key certified
+    /// for two agents.)
+    async fn lock_public_key(
+        tx: &mut Transaction<'_, Postgres>,
+        public_key_sha256: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(public_key_sha256)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A key reported compromised: its SubjectPublicKeyInfo's SHA-256 (as the
+/// certificates table holds it) and, for a custodial key, its id.
+struct CompromisedKey {
+    public_key_sha256: String,
+    key_id: Option<String>,
+}
+
+/// Hex SHA-256 of a DER SubjectPublicKeyInfo, as `certificates` holds it.
+fn public_key_sha256(spki_der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(spki_der))
 }
 
 fn now_ms() -> i64 {
@@ -235,6 +283,106 @@ macro_rules! impl_store {
                 Ok(())
             }
 
+            /// Takes the agent's row lock (the one every change of its
+            /// standing takes) and returns its status; `None` if there is
+            /// no such agent.
+            async fn lock_agent(
+                tx: &mut Transaction<'_, $db>,
+                name: &str,
+            ) -> Result<Option<String>, StoreError> {
+                let row = sqlx::query("UPDATE agents SET status = status WHERE name = $1 RETURNING status")
+                    .bind(name)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                Ok(row.map(|r| r.try_get("status")).transpose()?)
+            }
+
+            /// Records keys as compromised at `at` and revokes every
+            /// unexpired certificate for them for keyCompromise: those
+            /// standing or on hold from `at`, those revoked for another
+            /// reason keep their time and take this reason (RFC 5280 lets a
+            /// reason become keyCompromise). Returns the serials changed.
+            async fn bar_compromised_keys(
+                tx: &mut Transaction<'_, $db>,
+                keys: &[CompromisedKey],
+                reported_by: &str,
+                at: i64,
+            ) -> Result<Vec<String>, StoreError> {
+                let mut changed = Vec::new();
+                for key in keys {
+                    Self::lock_public_key(tx, &key.public_key_sha256).await?;
+                    sqlx::query(
+                        "INSERT INTO compromised_keys (public_key_sha256, key_id, compromised_at, reported_by)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (public_key_sha256) DO NOTHING",
+                    )
+                    .bind(&key.public_key_sha256)
+                    .bind(&key.key_id)
+                    .bind(at)
+                    .bind(reported_by)
+                    .execute(&mut **tx)
+                    .await?;
+                    let rows = sqlx::query(
+                        "UPDATE certificates
+                         SET revoked_at = CASE WHEN revoked_at IS NULL OR revocation_reason = $2
+                                               THEN $1 ELSE revoked_at END,
+                             revocation_reason = $3
+                         WHERE public_key_sha256 = $4 AND not_after > $1
+                           AND (revocation_reason IS NULL OR revocation_reason <> $3)
+                         RETURNING serial",
+                    )
+                    .bind(at)
+                    .bind(HOLD)
+                    .bind(KEY_COMPROMISE)
+                    .bind(&key.public_key_sha256)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                    for row in rows {
+                        changed.push(row.try_get::<String, _>("serial")?);
+                    }
+                }
+                Ok(changed)
+            }
+
+            /// The agent's custodial key and the keys of its certificates
+            /// still unexpired at `at`: what its compromise reports.
+            async fn agent_keys(
+                tx: &mut Transaction<'_, $db>,
+                name: &str,
+                at: i64,
+            ) -> Result<Vec<CompromisedKey>, StoreError> {
+                let mut keys: Vec<CompromisedKey> = Vec::new();
+                let agent = sqlx::query("SELECT key_id, public_key_der FROM agents WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                let custodial: (Option<String>, Option<Vec<u8>>) =
+                    (agent.try_get("key_id")?, agent.try_get("public_key_der")?);
+                if let (Some(key_id), Some(der)) = custodial {
+                    keys.push(CompromisedKey {
+                        public_key_sha256: public_key_sha256(&der),
+                        key_id: Some(key_id),
+                    });
+                }
+                let certified = sqlx::query(
+                    "SELECT DISTINCT public_key_sha256, key_id FROM certificates
+                     WHERE agent_name = $1 AND not_after > $2",
+                )
+                .bind(name)
+                .bind(at)
+                .fetch_all(&mut **tx)
+                .await?;
+                for row in certified {
+                    let key = CompromisedKey {
+                        public_key_sha256: row.try_get("public_key_sha256")?,
+                        key_id: row.try_get("key_id")?,
+                    };
+                    if !keys.iter().any(|k| k.public_key_sha256 == key.public_key_sha256) {
+                        keys.push(key);
+                    }
+                }
+                Ok(keys)
+            }
+
             fn agent_from_row(row: &<$db as sqlx::Database>::Row) -> Result<AgentRecord, StoreError> {
                 let scopes: String = row.try_get("scopes")?;
                 Ok(AgentRecord {
@@ -366,8 +514,25 @@ macro_rules! impl_store {
                 cert: &CertificateRecord,
                 evidence: Option<&AttestationRecord>,
                 audit: &AuditEvent,
-            ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+            ) -> Result<CertificateInsert, StoreError> {
+                let mut tx = self.begin_write().await?;
+                // The locks a revocation of the agent, or a compromise report
+                // for the key, takes: whichever commits first, the other sees
+                // it. Dropping `tx` rolls back.
+                let status = Self::lock_agent(&mut tx, &cert.agent_name)
+                    .await?
+                    .ok_or(StoreError::NotFound("agent"))?;
+                if status != "active" {
+                    return Ok(CertificateInsert::AgentNotActive { status });
+                }
+                Self::lock_public_key(&mut tx, &cert.public_key_sha256).await?;
+                let compromised = sqlx::query("SELECT 1 FROM compromised_keys WHERE public_key_sha256 = $1")
+                    .bind(&cert.public_key_sha256)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if compromised.is_some() {
+                    return Ok(CertificateInsert::KeyCompromised);
+                }
                 Self::append_audit(&mut tx, audit).await?;
                 Self::insert_evidence(&mut tx, evidence).await?;
                 sqlx::query(
@@ -389,7 +554,7 @@ macro_rules! impl_store {
                 .await
                 .map_err(|e| unique_violation(e, "certificate serial"))?;
                 tx.commit().await?;
-                Ok(())
+                Ok(CertificateInsert::Inserted)
             }
 
             async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
@@ -491,11 +656,17 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            async fn insert_admin_token(&self, token_sha256: &[u8; 32], audit: &AuditEvent) -> Result<(), StoreError> {
+            async fn insert_admin_token(
+                &self,
+                token_sha256: &[u8; 32],
+                name: &str,
+                audit: &AuditEvent,
+            ) -> Result<(), StoreError> {
                 let mut tx = self.pool.begin().await?;
                 Self::append_audit(&mut tx, audit).await?;
-                sqlx::query("INSERT INTO admin_tokens (token_sha256, created_at) VALUES ($1, $2)")
+                sqlx::query("INSERT INTO admin_tokens (token_sha256, name, created_at) VALUES ($1, $2, $3)")
                     .bind(token_sha256.to_vec())
+                    .bind(name)
                     .bind(now())
                     .execute(&mut *tx)
                     .await
@@ -504,12 +675,12 @@ macro_rules! impl_store {
                 Ok(())
             }
 
-            async fn admin_token_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError> {
-                let rows = sqlx::query("SELECT token_sha256 FROM admin_tokens")
+            async fn admin_tokens(&self) -> Result<Vec<([u8; 32], String)>, StoreError> {
+                let rows = sqlx::query("SELECT token_sha256, name FROM admin_tokens")
                     .fetch_all(&self.pool)
                     .await?;
                 rows.iter()
-                    .map(|r| hash32(r.try_get("token_sha256")?, "admin token hash"))
+                    .map(|r| Ok((hash32(r.try_get("token_sha256")?, "admin token hash")?, r.try_get("name")?)))
                     .collect()
             }
 
@@ -558,9 +729,10 @@ macro_rules! impl_store {
                 at: i64,
                 audit: &AuditEvent,
             ) -> Result<CertificateRevocation, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let row = sqlx::query(
-                    "SELECT agent_name, revoked_at, revocation_reason FROM certificates WHERE serial = $1",
+                    "SELECT agent_name, key_id, public_key_sha256, revoked_at, revocation_reason
+                     FROM certificates WHERE serial = $1",
                 )
                 .bind(serial)
                 .fetch_optional(&mut *tx)
@@ -571,27 +743,47 @@ macro_rules! impl_store {
                 let agent: String = row.try_get("agent_name")?;
                 let revoked_at: Option<i64> = row.try_get("revoked_at")?;
                 let previous: Option<String> = row.try_get("revocation_reason")?;
+                let compromise = reason == KEY_COMPROMISE;
                 if let (Some(revoked_at), Some(previous)) = (revoked_at, &previous) {
-                    if previous != HOLD {
+                    // A compromise report bars the key even when this one
+                    // certificate was revoked for something else before.
+                    if previous != HOLD && (previous == KEY_COMPROMISE || !compromise) {
                         return Ok(CertificateRevocation::AlreadyRevoked {
                             revoked_at,
                             reason: previous.clone(),
                         });
                     }
                 }
-                Self::append_audit(&mut tx, audit).await?;
-                sqlx::query(
-                    "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 WHERE serial = $3",
-                )
-                .bind(at)
-                .bind(reason)
-                .bind(serial)
-                .execute(&mut *tx)
-                .await?;
-                Self::enqueue_hook_event(&mut tx, audit, &agent, at).await?;
+                // Serialized with issuance for this agent (see insert_certificate).
+                Self::lock_agent(&mut tx, &agent).await?;
+                let serials = if compromise {
+                    let key = CompromisedKey {
+                        public_key_sha256: row.try_get("public_key_sha256")?,
+                        key_id: row.try_get("key_id")?,
+                    };
+                    Self::bar_compromised_keys(&mut tx, &[key], &format!("certificate:{serial}"), at)
+                        .await?
+                } else {
+                    sqlx::query(
+                        "UPDATE certificates SET revoked_at = $1, revocation_reason = $2 WHERE serial = $3",
+                    )
+                    .bind(at)
+                    .bind(reason)
+                    .bind(serial)
+                    .execute(&mut *tx)
+                    .await?;
+                    vec![serial.to_owned()]
+                };
+                let event = if serials.len() > 1 {
+                    audit.clone().with("serials", serials.clone())
+                } else {
+                    audit.clone()
+                };
+                Self::append_audit(&mut tx, &event).await?;
+                Self::enqueue_hook_event(&mut tx, &event, &agent, at).await?;
                 Self::announce_revocation(&mut tx, now_ms()).await?;
                 tx.commit().await?;
-                Ok(CertificateRevocation::Revoked)
+                Ok(CertificateRevocation::Revoked { serials })
             }
 
             async fn change_agent_status(
@@ -601,17 +793,12 @@ macro_rules! impl_store {
                 at: i64,
                 audit: &AuditEvent,
             ) -> Result<AgentStatusChange, StoreError> {
-                let mut tx = self.pool.begin().await?;
-                // Taking the row lock first serializes concurrent changes
-                // to one agent (PostgreSQL; SQLite has one writer anyway).
-                let row = sqlx::query("UPDATE agents SET status = status WHERE name = $1 RETURNING status")
-                    .bind(name)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let Some(row) = row else {
+                let mut tx = self.begin_write().await?;
+                // The row lock serializes concurrent changes to one agent,
+                // and this change with the agent's certificate issuance.
+                let Some(status) = Self::lock_agent(&mut tx, name).await? else {
                     return Ok(AgentStatusChange::NotFound);
                 };
-                let status: String = row.try_get("status")?;
                 let (target, certificates) = match (transition, status.as_str()) {
                     (AgentTransition::Revoke { .. }, "revoked")
                     | (AgentTransition::Suspend, "suspended")
@@ -663,10 +850,18 @@ macro_rules! impl_store {
                         .await?,
                     ),
                 };
-                let serials = certificates
+                let mut serials = certificates
                     .iter()
                     .map(|r| r.try_get::<String, _>("serial"))
                     .collect::<Result<Vec<_>, _>>()?;
+                if transition == (AgentTransition::Revoke { reason: KEY_COMPROMISE }) {
+                    let keys = Self::agent_keys(&mut tx, name, at).await?;
+                    for serial in Self::bar_compromised_keys(&mut tx, &keys, &format!("agent:{name}"), at).await? {
+                        if !serials.contains(&serial) {
+                            serials.push(serial);
+                        }
+                    }
+                }
                 let event = audit.clone().with("serials", serials.clone());
                 Self::append_audit(&mut tx, &event).await?;
                 Self::enqueue_hook_event(&mut tx, &event, name, at).await?;
@@ -717,10 +912,19 @@ macro_rules! impl_store {
                 .iter()
                 .map(|r| r.try_get::<String, _>("key_id"))
                 .collect::<Result<Vec<_>, _>>()?;
+                let compromised_keys = sqlx::query(
+                    "SELECT key_id FROM compromised_keys WHERE key_id IS NOT NULL ORDER BY key_id",
+                )
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("key_id"))
+                .collect::<Result<Vec<_>, _>>()?;
                 Ok(RevocationSnapshot {
                     certificates,
                     inactive_agents,
                     retired_keys,
+                    compromised_keys,
                 })
             }
 
@@ -730,7 +934,7 @@ macro_rules! impl_store {
                 rotation: &KeyRotation<'_>,
                 audit: &AuditEvent,
             ) -> Result<KeyRotationOutcome, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let row = sqlx::query(
                     "UPDATE agents SET status = status WHERE name = $1
                      RETURNING status, key_id, public_key_der",
@@ -754,19 +958,28 @@ macro_rules! impl_store {
                         status: "rotated meanwhile".into(),
                     });
                 }
-                let revoked = sqlx::query(
-                    "UPDATE certificates SET revoked_at = $1, revocation_reason = $2
-                     WHERE key_id = $3 AND not_after > $1 AND revoked_at IS NULL
-                     RETURNING serial",
-                )
-                .bind(rotation.at)
-                .bind(rotation.reason)
-                .bind(&old_key)
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| r.try_get::<String, _>("serial"))
-                .collect::<Result<Vec<_>, _>>()?;
+                let revoked = if rotation.reason == KEY_COMPROMISE {
+                    let key = CompromisedKey {
+                        public_key_sha256: public_key_sha256(&old_public),
+                        key_id: Some(old_key.clone()),
+                    };
+                    Self::bar_compromised_keys(&mut tx, &[key], &format!("rotation:{name}"), rotation.at)
+                        .await?
+                } else {
+                    sqlx::query(
+                        "UPDATE certificates SET revoked_at = $1, revocation_reason = $2
+                         WHERE key_id = $3 AND not_after > $1 AND revoked_at IS NULL
+                         RETURNING serial",
+                    )
+                    .bind(rotation.at)
+                    .bind(rotation.reason)
+                    .bind(&old_key)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get::<String, _>("serial"))
+                    .collect::<Result<Vec<_>, _>>()?
+                };
                 let event = audit
                     .clone()
                     .with("old_key_id", old_key.clone())
@@ -780,7 +993,7 @@ macro_rules! impl_store {
                 )
                 .bind(&old_key)
                 .bind(name)
-                .bind(old_public)
+                .bind(&old_public)
                 .bind(rotation.reason)
                 .bind(rotation.at)
                 .bind(rotation.sign_until)
@@ -1399,6 +1612,32 @@ macro_rules! impl_store {
                 .fetch_one(&self.pool)
                 .await?;
                 Ok(row.try_get("pending")?)
+            }
+
+            async fn signature_made(
+                &self,
+                key_id: &str,
+                digest: &str,
+                purpose: Option<&str>,
+            ) -> Result<Option<i64>, StoreError> {
+                let row = sqlx::query(
+                    "SELECT MIN(signed_at_ms) AS first FROM signatures
+                     WHERE key_id = $1 AND digest = $2 AND ($3 IS NULL OR purpose = $3)",
+                )
+                .bind(key_id)
+                .bind(digest)
+                .bind(purpose)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(row.try_get("first")?)
+            }
+
+            async fn key_compromised_at(&self, public_key_sha256: &str) -> Result<Option<i64>, StoreError> {
+                let row = sqlx::query("SELECT compromised_at FROM compromised_keys WHERE public_key_sha256 = $1")
+                    .bind(public_key_sha256)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|r| r.try_get("compromised_at")).transpose()?)
             }
 
             async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError> {

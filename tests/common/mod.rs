@@ -86,6 +86,15 @@ impl Drop for TestDatabase {
     }
 }
 
+/// A directory only its owner can read, as keyward requires of its data
+/// directory (a plain temporary directory is 0755 under the usual umask).
+pub fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
 /// A running `keyward serve` on its embedded SoftHSM2 token.
 pub struct Server {
     pub data_dir: tempfile::TempDir,
@@ -133,14 +142,14 @@ fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
 
 impl Server {
     pub async fn start(db: Db) -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
+        let data_dir = private_tempdir();
         let database = TestDatabase::create(db, data_dir.path()).await;
         Self::start_in(data_dir, database).await
     }
 
     /// A server whose `config.toml` (in its data directory) is `config`.
     pub async fn start_with_config(db: Db, config: &str) -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
+        let data_dir = private_tempdir();
         std::fs::write(data_dir.path().join("config.toml"), config).unwrap();
         let database = TestDatabase::create(db, data_dir.path()).await;
         Self::start_in(data_dir, database).await
@@ -170,7 +179,7 @@ impl Server {
     /// Stops the process and starts it again on the same data and database.
     pub async fn restart(mut self) -> Self {
         self.stop();
-        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        let data_dir = std::mem::replace(&mut self.data_dir, private_tempdir());
         let database = std::mem::replace(
             &mut self.database,
             TestDatabase {
