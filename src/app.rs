@@ -291,7 +291,7 @@ async fn ensure_service_key(
 /// Refuses to start on a data directory, or a SQLite database, that group
 /// or others can read: an existing one is not re-permissioned behind the
 /// operator's back, but it is not used either.
-fn refuse_shared_data(config: &Config) -> anyhow::Result<()> {
+pub fn refuse_shared_data(config: &Config) -> anyhow::Result<()> {
     let mut paths = vec![config.data_dir.clone()];
     if let Some(db) = sqlite_path(&config.database_url) {
         for suffix in ["", "-wal", "-shm"] {

@@ -464,6 +464,8 @@ fn key_store(config: &Config) -> anyhow::Result<KeyStoreConfig> {
 fn local(args: &ServerArgs) -> anyhow::Result<(Config, KeyStoreConfig, tokio::runtime::Runtime)> {
     keyward::telemetry::init_logging(args.log_json);
     let config = load_config(args)?;
+    // Before the embedded token is prepared in it.
+    keyward::app::refuse_shared_data(&config)?;
     let keys = key_store(&config)?;
     let rt = runtime(config.runtime_threads)?;
     Ok((config, keys, rt))

@@ -6,7 +6,7 @@ mod common;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{enrolled_with, mtls_client, post, run, Db, Server};
+use common::{enrolled_with, mtls_client, post, Db, Server};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
@@ -137,14 +137,14 @@ async fn the_two_person_rule_needs_two_different_admins(db: Db) {
     // A second admin, with a token of their own.
     server.stop();
     let second = server.path("second-admin.token");
-    let (ok, out) = run(std::process::Command::new(common::keyward_bin())
-        .args(["admin", "token-create", "--name", "second", "--out"])
-        .arg(&second)
-        .arg("--data-dir")
-        .arg(server.data_dir.path())
-        .arg("--database-url")
-        .arg(&server.database.url)
-        .env_remove("SOFTHSM2_CONF"));
+    let (ok, out) = server.operator([
+        "admin",
+        "token-create",
+        "--name",
+        "second",
+        "--out",
+        second.to_str().unwrap(),
+    ]);
     assert!(ok, "{out}");
     let server = server.restart().await;
     let second = std::fs::read_to_string(second).unwrap();

@@ -351,14 +351,8 @@ async fn admins_can_use_client_certificates_when_tokens_are_off(db: Db) {
         (401, Some("admin_token_disabled"))
     );
     let out = server.path("ops");
-    let (ok, text) = run(Command::new(common::keyward_bin())
-        .args(["admin", "cert-issue", "ops", "--out"])
-        .arg(&out)
-        .arg("--data-dir")
-        .arg(server.data_dir.path())
-        .arg("--database-url")
-        .arg(&server.database.url)
-        .env_remove("SOFTHSM2_CONF"));
+    let (ok, text) =
+        server.operator(["admin", "cert-issue", "ops", "--out", out.to_str().unwrap()]);
     assert!(ok, "{text}");
     let cert = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     let ops = mtls_client(&server, &cert, &out.join("key.pem"));

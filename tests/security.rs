@@ -42,6 +42,11 @@ async fn apply(server: &Server, content: &str) -> i64 {
     applied["version"].as_i64().unwrap()
 }
 
+/// A signing request: "hi".
+fn sign_body() -> Value {
+    json!({"message_b64": "aGk="})
+}
+
 fn code(answer: &Value) -> Option<&str> {
     answer["error"]["code"].as_str()
 }
@@ -355,13 +360,7 @@ async fn renewal_and_enrollment_go_through_the_policy(db: Db) {
         statuses.push(status);
     }
     assert_eq!(statuses, [201, 201, 429]);
-    let (status, _) = post(
-        &alice,
-        &server,
-        "/v1/agents/alice/sign",
-        json!({"message_b64": "aGk="}),
-    )
-    .await;
+    let (status, _) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
     assert_eq!(status, 200, "signing has its own bucket");
 }
 
@@ -639,11 +638,7 @@ async fn key_compromise_revokes_every_certificate_of_the_key(db: Db) {
         .await;
     assert_eq!(status, 200);
     let (status, answer) = server
-        .admin(
-            "POST",
-            "/v1/agents/frank/sign",
-            Some(json!({"message_b64": "aGk="})),
-        )
+        .admin("POST", "/v1/agents/frank/sign", Some(sign_body()))
         .await;
     assert_eq!(
         (status, code(&answer)),
@@ -659,11 +654,7 @@ async fn key_compromise_revokes_every_certificate_of_the_key(db: Db) {
         .await;
     assert_eq!(status, 200, "{answer}");
     let (status, answer) = server
-        .admin(
-            "POST",
-            "/v1/agents/frank/sign",
-            Some(json!({"message_b64": "aGk="})),
-        )
+        .admin("POST", "/v1/agents/frank/sign", Some(sign_body()))
         .await;
     assert_eq!(status, 200, "{answer}");
 }
@@ -816,7 +807,7 @@ async fn a_policy_number_cannot_crash_a_request(db: Db) {
     let tiny = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
     let sign = || {
         tiny.post(format!("{}/v1/agents/tiny/sign", server.url))
-            .json(&json!({"message_b64": "aGk="}))
+            .json(&sign_body())
             .send()
     };
     assert_eq!(sign().await.unwrap().status(), 200);
@@ -984,21 +975,9 @@ async fn a_refused_request_costs_the_agent_no_rate(db: Db) {
             "{path}: {answer}"
         );
     }
-    let (status, answer) = post(
-        &alice,
-        &server,
-        "/v1/agents/alice/sign",
-        json!({"message_b64": "aGk="}),
-    )
-    .await;
+    let (status, answer) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
     assert_eq!(status, 200, "the one token is still there: {answer}");
-    let (status, _) = post(
-        &alice,
-        &server,
-        "/v1/agents/alice/sign",
-        json!({"message_b64": "aGk="}),
-    )
-    .await;
+    let (status, _) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
     assert_eq!(status, 429, "and now it is spent");
 }
 
@@ -1008,26 +987,25 @@ async fn one_admin_with_two_credentials_is_one_approver(db: Db) {
     let mut server = Server::start(db).await;
     // The bootstrap token is the admin "admin"'s; so is this certificate.
     let cert_dir = server.path("admin-cert");
-    let (ok, out) = run(Command::new(common::keyward_bin())
-        .args(["admin", "cert-issue", "admin", "--out"])
-        .arg(&cert_dir)
-        .arg("--data-dir")
-        .arg(server.data_dir.path())
-        .arg("--database-url")
-        .arg(&server.database.url)
-        .env_remove("SOFTHSM2_CONF"));
+    let (ok, out) = server.operator([
+        "admin",
+        "cert-issue",
+        "admin",
+        "--out",
+        cert_dir.to_str().unwrap(),
+    ]);
     assert!(ok, "{out}");
     // And a second person's token.
     server.stop();
     let second = server.path("carol.token");
-    let (ok, out) = run(Command::new(common::keyward_bin())
-        .args(["admin", "token-create", "--name", "carol", "--out"])
-        .arg(&second)
-        .arg("--data-dir")
-        .arg(server.data_dir.path())
-        .arg("--database-url")
-        .arg(&server.database.url)
-        .env_remove("SOFTHSM2_CONF"));
+    let (ok, out) = server.operator([
+        "admin",
+        "token-create",
+        "--name",
+        "carol",
+        "--out",
+        second.to_str().unwrap(),
+    ]);
     assert!(ok, "{out}");
     let server = server.restart().await;
     let carol = std::fs::read_to_string(second).unwrap();
@@ -1044,13 +1022,7 @@ async fn one_admin_with_two_credentials_is_one_approver(db: Db) {
     .await;
     let (key, cert) = enrolled_with(&server, "alice", &["guarded"]).await;
     let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
-    let (status, held) = post(
-        &alice,
-        &server,
-        "/v1/agents/alice/sign",
-        json!({"message_b64": "aGk="}),
-    )
-    .await;
+    let (status, held) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
     assert_eq!(status, 202, "{held}");
     let approve = format!("/v1/approvals/{}/approve", held["id"].as_str().unwrap());
 

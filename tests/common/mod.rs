@@ -250,6 +250,22 @@ impl Server {
         )
     }
 
+    /// Runs a `keyward` command on this server's data directory and
+    /// database, as an operator on its host would.
+    pub fn operator<I, A>(&self, args: I) -> (bool, String)
+    where
+        I: IntoIterator<Item = A>,
+        A: AsRef<std::ffi::OsStr>,
+    {
+        run(Command::new(keyward_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .arg("--database-url")
+            .arg(&self.database.url)
+            .env_remove("SOFTHSM2_CONF"))
+    }
+
     /// Opens the server's database directly, to check what was written.
     pub async fn store(&self) -> std::sync::Arc<dyn keyward::store::Store> {
         keyward::store::connect(&self.database.url).await.unwrap()
