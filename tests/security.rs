@@ -764,22 +764,11 @@ async fn a_backdated_time_does_not_save_a_signature_by_a_compromised_key(db: Db)
         .unwrap();
     let verdict = check(genuine, &der, Some(before)).await;
     assert_eq!(verdict["valid"], true, "{verdict}");
-
-    // Without a compromise, a signature keyward did not make is no
-    // keyward signature either.
-    let beta = register_agent_with(&server, "beta", &[]).await;
-    issue_custodial(&server, "beta").await;
-    let outside = sign_on_the_token_outside_keyward(
-        &server,
-        beta["key_id"].as_str().unwrap(),
-        &Sha256::digest(genuine).into(),
+    let verdict = check(genuine, &der, None).await;
+    assert_eq!(
+        verdict["valid"], true,
+        "whatever time is asked about: {verdict}"
     );
-    let mut body = json!({"agent": "beta", "message_b64": B64.encode(genuine), "signature_b64": B64.encode(&outside)});
-    let (_, verdict) = server.admin("POST", "/v1/verify", Some(body.clone())).await;
-    assert_eq!(verdict["reason"], "unrecorded_signature", "{verdict}");
-    body["signature_b64"] = json!(B64.encode(&outside[..63]));
-    let (_, verdict) = server.admin("POST", "/v1/verify", Some(body)).await;
-    assert_eq!(verdict["valid"], false);
 }
 
 /// Finding 7: `rate_per_second = 1e-300` passed validation and the next

@@ -16,5 +16,9 @@ CREATE TABLE compromised_keys (
 );
 CREATE INDEX certificates_by_public_key ON certificates (public_key_sha256);
 
--- keyward's verifiers ask whether keyward made a signature: by key and digest.
-CREATE INDEX signatures_by_key_digest ON signatures (key_id, digest);
+-- keyward's verifiers ask whether keyward made a signature with a key, over a
+-- digest, within a time window (an envelope's iat second; before a key's
+-- compromise). Ordered by time within a key, so that a new row lands at the
+-- end of its key's range: an index led by the (random) digest cost HTTP
+-- signing a fifth of its throughput and doubled its p99 (keyward bench sign).
+CREATE INDEX signatures_by_key_time ON signatures (key_id, signed_at_ms, digest);

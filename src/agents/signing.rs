@@ -62,6 +62,25 @@ enum Purpose<'a> {
 /// How the signature log names an envelope's signature.
 pub const MESSAGE_PURPOSE: &str = "message";
 
+/// Who asked for a signature, under which policy version, and when the
+/// request was taken up: its record's `signed_at_ms`.
+struct SigningRequest<'a> {
+    id: &'a str,
+    policy_version: i64,
+    at: time::OffsetDateTime,
+}
+
+fn unix_ms(t: time::OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Where keyward's log holds the signature of an envelope issued at `iat`
+/// (unix seconds): its record carries the instant `iat` was taken from.
+pub fn message_made_ms(iat: i64) -> std::ops::Range<i64> {
+    let start = iat.saturating_mul(1000);
+    start..start.saturating_add(1000)
+}
+
 impl Purpose<'_> {
     fn as_str(&self) -> &'static str {
         match self {
@@ -194,22 +213,20 @@ impl AgentSigner {
         key_id: &KeyId,
         digest: [u8; 32],
         purpose: Purpose<'_>,
-        request_id: &str,
-        policy_version: i64,
+        request: SigningRequest<'_>,
     ) -> Result<Signature, AgentError> {
         // Queued first: a request the pool refuses at once (full queue,
         // open breaker) leaves no record.
         let pending = self.pool.start_sign(key_id, digest)?;
-        let now = time::OffsetDateTime::now_utc();
         let record = SignatureRecord {
-            request_id: request_id.to_owned(),
+            request_id: request.id.to_owned(),
             agent_name: agent.to_string(),
             key_id: key_id.to_string(),
             digest: hex::encode(digest),
             purpose: purpose.as_str().to_owned(),
             message: purpose.message(),
-            policy_version,
-            signed_at_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
+            policy_version: request.policy_version,
+            signed_at_ms: unix_ms(request.at),
         };
         // The token signs while the record commits (the record holds no
         // part of the signature), and the answer waits for both: no
@@ -255,8 +272,11 @@ impl AgentSigner {
                 &key,
                 digest,
                 Purpose::Sign,
-                request_id,
-                policy_version,
+                SigningRequest {
+                    id: request_id,
+                    policy_version,
+                    at: now,
+                },
             )
             .await?;
         Ok(AgentSignature {
@@ -331,14 +351,19 @@ impl AgentSigner {
             "exp": claims.exp(),
         })
         .to_string();
+        // Recorded at the instant `iat` is taken from, so that keyward's
+        // verifier finds it in the second `iat` names (`message_made_ms`).
         let signature = self
             .sign_and_record(
                 agent,
                 &key_id,
                 envelope::signing_digest(&input),
                 Purpose::Message(&what),
-                request_id,
-                policy_version,
+                SigningRequest {
+                    id: request_id,
+                    policy_version,
+                    at: now,
+                },
             )
             .await?;
         Ok(SignedMessage {

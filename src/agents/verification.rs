@@ -5,12 +5,14 @@
 //! an offline verifier runs. What this adds is what only keyward knows, so
 //! that `valid` here means "keyward made this signature for that agent,
 //! under its policy": the signer's certificate must be for a key keyward
-//! holds (message signing, never an agent's own client key); keyward's
-//! signature log must hold the signature (for an envelope, as a message:
-//! a raw signature over an envelope's digest, which an agent allowed only
-//! `sign` could ask for, does not pass); and keyward's revocation records
-//! apply. For a key reported compromised no caller-chosen time is safe:
-//! only a signature the log shows keyward made before the report stands.
+//! holds (message signing, never an agent's own client key); an envelope
+//! must be in keyward's signature log as a message (a raw signature over an
+//! envelope's digest, which an agent allowed only `sign` could ask for,
+//! does not pass); and keyward's revocation records apply. For a key
+//! reported compromised no caller-chosen time is safe: only a signature the
+//! log shows keyward made before the report stands. The log is searched by
+//! key within a time window: an envelope's `iat` second, or, for a
+//! compromised key only, the key's history up to the report.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -25,13 +27,22 @@ use crate::identity::AgentName;
 use crate::store::Store;
 use crate::verify::{self, VerifiedLeaf};
 
-use super::signing::MESSAGE_PURPOSE;
+use super::signing::{message_made_ms, MESSAGE_PURPOSE};
 use super::AgentError;
 
 /// How many of an agent's certificates are tried for one verification: it
 /// bounds the work a request can cause. An agent rarely holds more than two
 /// at once (the current one and its successor during renewal).
 const MAX_CANDIDATE_CERTIFICATES: i64 = 16;
+
+/// What kind of signature keyward's records are asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SignatureKind {
+    /// Over a digest the caller gives (`POST /v1/verify`).
+    Raw,
+    /// An envelope, made in the second its `iat` names.
+    Message { iat: i64 },
+}
 
 /// Whose signature is being checked.
 pub enum Signer<'a> {
@@ -100,13 +111,12 @@ impl Verifier {
 
     /// What keyward's records say of a signature over `digest` that the
     /// certificate `serial`'s key made (cryptographically checked already):
-    /// `None` when it stands, else the reason it does not. `purpose`
-    /// narrows the signature log to one kind of signature.
+    /// `None` when it stands, else the reason it does not.
     async fn keyward_verdict(
         &self,
         serial: &str,
         digest: &[u8; 32],
-        purpose: Option<&str>,
+        kind: SignatureKind,
         at: SystemTime,
     ) -> Result<Option<&'static str>, AgentError> {
         // A certificate for a key keyward holds is always recorded, with
@@ -117,16 +127,24 @@ impl Verifier {
         let Some(key_id) = record.key_id.as_deref() else {
             return Ok(Some("wrong_key_purpose"));
         };
-        let made_ms = self
-            .store
-            .signature_made(key_id, &hex::encode(digest), purpose)
-            .await?;
+        let digest = hex::encode(digest);
+        let (purpose, mut made_ms) = match kind {
+            SignatureKind::Message { iat } => (Some(MESSAGE_PURPOSE), message_made_ms(iat)),
+            SignatureKind::Raw => (None, i64::MIN..i64::MAX),
+        };
         let compromised_at = self
             .store
             .key_compromised_at(&record.public_key_sha256)
             .await?;
         if let Some(compromised_at) = compromised_at {
-            let before = made_ms.is_some_and(|ms| ms < compromised_at.saturating_mul(1000));
+            // No time a caller names is safe for a compromised key: only
+            // keyward's record of a signature made before the report.
+            made_ms.end = made_ms.end.min(compromised_at.saturating_mul(1000));
+            let before = !made_ms.is_empty()
+                && self
+                    .store
+                    .signature_made(key_id, &digest, purpose, made_ms)
+                    .await?;
             return Ok((!before).then_some("revoked"));
         }
         if record
@@ -135,7 +153,17 @@ impl Verifier {
         {
             return Ok(Some("revoked"));
         }
-        Ok(made_ms.is_none().then_some("unrecorded_signature"))
+        // A raw signature's time is unknown, and a search through all of a
+        // key's signatures is no price for every verification: a custodial
+        // key signs only through keyward until it is reported compromised.
+        if kind == SignatureKind::Raw {
+            return Ok(None);
+        }
+        let recorded = self
+            .store
+            .signature_made(key_id, &digest, purpose, made_ms)
+            .await?;
+        Ok((!recorded).then_some("unrecorded_signature"))
     }
 
     /// Checks `signature` (DER or P1363) over `digest` by `signer`, with the
@@ -203,7 +231,7 @@ impl Verifier {
             return Ok(Verdict::Invalid { reason: e.reason() });
         }
         if let Some(reason) = self
-            .keyward_verdict(verified.serial_hex(), digest, None, at)
+            .keyward_verdict(verified.serial_hex(), digest, SignatureKind::Raw, at)
             .await?
         {
             return Ok(Verdict::Invalid { reason });
@@ -233,7 +261,7 @@ impl Verifier {
             .keyward_verdict(
                 message.signer_serial(),
                 message.digest(),
-                Some(MESSAGE_PURPOSE),
+                SignatureKind::Message { iat: message.iat() },
                 now,
             )
             .await?

@@ -643,15 +643,17 @@ pub trait Store: Send + Sync + 'static {
     /// them (its details hold the SHA-256 of the batch), in one transaction.
     async fn insert_signatures(&self, records: &[SignatureRecord]) -> Result<(), StoreError>;
 
-    /// When keyward first recorded a signature by `key_id` over `digest`
-    /// (lower-case hex), for `purpose` if given: unix milliseconds, or
-    /// `None` when keyward never made one.
+    /// Whether keyward recorded a signature by `key_id` over `digest`
+    /// (lower-case hex), for `purpose` if given, made within `made_ms`
+    /// (unix milliseconds). The window is what makes this cheap: the
+    /// lookup walks the key's signatures of that window only.
     async fn signature_made(
         &self,
         key_id: &str,
         digest: &str,
         purpose: Option<&str>,
-    ) -> Result<Option<i64>, StoreError>;
+        made_ms: std::ops::Range<i64>,
+    ) -> Result<bool, StoreError>;
 
     /// When the key (hex SHA-256 of its SubjectPublicKeyInfo) was reported
     /// compromised, in unix seconds.

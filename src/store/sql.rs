@@ -1619,17 +1619,22 @@ macro_rules! impl_store {
                 key_id: &str,
                 digest: &str,
                 purpose: Option<&str>,
-            ) -> Result<Option<i64>, StoreError> {
+                made_ms: std::ops::Range<i64>,
+            ) -> Result<bool, StoreError> {
                 let row = sqlx::query(
-                    "SELECT MIN(signed_at_ms) AS first FROM signatures
-                     WHERE key_id = $1 AND digest = $2 AND ($3 IS NULL OR purpose = $3)",
+                    "SELECT 1 FROM signatures
+                     WHERE key_id = $1 AND signed_at_ms >= $2 AND signed_at_ms < $3
+                       AND digest = $4 AND ($5 IS NULL OR purpose = $5)
+                     LIMIT 1",
                 )
                 .bind(key_id)
+                .bind(made_ms.start)
+                .bind(made_ms.end)
                 .bind(digest)
                 .bind(purpose)
-                .fetch_one(&self.pool)
+                .fetch_optional(&self.pool)
                 .await?;
-                Ok(row.try_get("first")?)
+                Ok(row.is_some())
             }
 
             async fn key_compromised_at(&self, public_key_sha256: &str) -> Result<Option<i64>, StoreError> {
