@@ -133,21 +133,8 @@ async fn a_denied_request_never_runs(db: Db) {
 }
 
 async fn the_two_person_rule_needs_two_different_admins(db: Db) {
-    let mut server = Server::start(db).await;
     // A second admin, with a token of their own.
-    server.stop();
-    let second = server.path("second-admin.token");
-    let (ok, out) = server.operator([
-        "admin",
-        "token-create",
-        "--name",
-        "second",
-        "--out",
-        second.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let server = server.restart().await;
-    let second = std::fs::read_to_string(second).unwrap();
+    let (server, second) = common::with_admin_token(Server::start(db).await, "second").await;
 
     let (alice, pending) = pending_request(&server, 2).await;
     let id = pending["id"].as_str().unwrap();

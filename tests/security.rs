@@ -13,8 +13,8 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use common::{
-    enroll, enrolled_with, enrollment_token, key_and_csr, mtls_client, post, register_agent_with,
-    run, Db, Server,
+    agent_client, enroll, enrolled_with, enrollment_token, key_and_csr, mtls_client, post,
+    register_agent_with, run, Db, Server,
 };
 use keyward::ca::Certificate;
 use keyward::envelope::{self, Claims, Header};
@@ -106,18 +106,8 @@ async fn verify_as(
 async fn an_agent_cannot_forge_a_message_with_its_own_key_or_a_raw_signature(db: Db) {
     let server = Server::start(db).await;
     apply(&server, POLICY).await;
-    let (alice_key, alice_cert) = enrolled_with(&server, "alice", &["limited"]).await;
-    let (bob_key, bob_cert) = enrolled_with(&server, "bob", &["full"]).await;
-    let alice = mtls_client(
-        &server,
-        alice_cert["certificate_pem"].as_str().unwrap(),
-        &alice_key,
-    );
-    let bob = mtls_client(
-        &server,
-        bob_cert["certificate_pem"].as_str().unwrap(),
-        &bob_key,
-    );
+    let (alice, alice_key, alice_cert) = agent_client(&server, "alice", &["limited"]).await;
+    let (bob, _, _) = agent_client(&server, "bob", &["full"]).await;
     let (status, answer) = post(
         &alice,
         &server,
@@ -493,24 +483,9 @@ async fn no_certificate_issued_while_an_agent_is_revoked_survives_it(db: Db) {
 async fn a_third_party_cannot_spend_a_message_meant_for_another(db: Db) {
     let server = Server::start(db).await;
     apply(&server, POLICY).await;
-    let (alice_key, alice_cert) = enrolled_with(&server, "alice", &["limited"]).await;
-    let (bob_key, bob_cert) = enrolled_with(&server, "bob", &["full"]).await;
-    let (frank_key, frank_cert) = enrolled_with(&server, "frank", &["full"]).await;
-    let alice = mtls_client(
-        &server,
-        alice_cert["certificate_pem"].as_str().unwrap(),
-        &alice_key,
-    );
-    let bob = mtls_client(
-        &server,
-        bob_cert["certificate_pem"].as_str().unwrap(),
-        &bob_key,
-    );
-    let frank = mtls_client(
-        &server,
-        frank_cert["certificate_pem"].as_str().unwrap(),
-        &frank_key,
-    );
+    let (alice, _, _) = agent_client(&server, "alice", &["limited"]).await;
+    let (bob, _, _) = agent_client(&server, "bob", &["full"]).await;
+    let (frank, _, _) = agent_client(&server, "frank", &["full"]).await;
     issue_custodial(&server, "bob").await;
     let (status, sent) = post(
         &bob,
@@ -556,8 +531,7 @@ async fn a_third_party_cannot_spend_a_message_meant_for_another(db: Db) {
 /// key's other certificates standing and the key certifiable.
 async fn key_compromise_revokes_every_certificate_of_the_key(db: Db) {
     let server = Server::start(db).await;
-    let (key, enrolled) = enrolled_with(&server, "frank", &[]).await;
-    let frank = mtls_client(&server, enrolled["certificate_pem"].as_str().unwrap(), &key);
+    let (frank, key, enrolled) = agent_client(&server, "frank", &[]).await;
     let csr = std::fs::read_to_string(server.path("frank.csr")).unwrap();
     let mut renewed = Vec::new();
     for _ in 0..2 {
@@ -801,8 +775,7 @@ async fn a_policy_number_cannot_crash_a_request(db: Db) {
         "[roles.tiny]\nactions = [\"sign\"]\nrate_per_second = 0.0000116\nburst = 1\n",
     )
     .await;
-    let (key, cert) = enrolled_with(&server, "tiny", &["tiny"]).await;
-    let tiny = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
+    let (tiny, _, _) = agent_client(&server, "tiny", &["tiny"]).await;
     let sign = || {
         tiny.post(format!("{}/v1/agents/tiny/sign", server.url))
             .json(&sign_body())
@@ -921,9 +894,8 @@ async fn a_refused_request_costs_the_agent_no_rate(db: Db) {
         "[roles.slow]\nactions = [\"sign\", \"message\", \"issue_cert\"]\nmax_ttl_seconds = 300\nrate_per_second = 0.01\nburst = 1\n",
     )
     .await;
-    let (key, cert) = enrolled_with(&server, "alice", &["slow"]).await;
+    let (alice, _, _) = agent_client(&server, "alice", &["slow"]).await;
     register_agent_with(&server, "bob", &[]).await;
-    let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
     for (path, body, expected) in [
         (
             "/v1/agents/alice/sign",
@@ -982,7 +954,7 @@ async fn a_refused_request_costs_the_agent_no_rate(db: Db) {
 /// Finding 10: one admin holding an admin token and an admin certificate
 /// counted as two approvers.
 async fn one_admin_with_two_credentials_is_one_approver(db: Db) {
-    let mut server = Server::start(db).await;
+    let server = Server::start(db).await;
     // The bootstrap token is the admin "admin"'s; so is this certificate.
     let cert_dir = server.path("admin-cert");
     let (ok, out) = server.operator([
@@ -994,19 +966,7 @@ async fn one_admin_with_two_credentials_is_one_approver(db: Db) {
     ]);
     assert!(ok, "{out}");
     // And a second person's token.
-    server.stop();
-    let second = server.path("carol.token");
-    let (ok, out) = server.operator([
-        "admin",
-        "token-create",
-        "--name",
-        "carol",
-        "--out",
-        second.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let server = server.restart().await;
-    let carol = std::fs::read_to_string(second).unwrap();
+    let (server, carol) = common::with_admin_token(server, "carol").await;
     let admin_by_cert = mtls_client(
         &server,
         &std::fs::read_to_string(cert_dir.join("cert.pem")).unwrap(),
@@ -1018,8 +978,7 @@ async fn one_admin_with_two_credentials_is_one_approver(db: Db) {
         "[roles.guarded]\nactions = [\"sign\"]\nrequires_approval = true\napprovals_required = 2\n",
     )
     .await;
-    let (key, cert) = enrolled_with(&server, "alice", &["guarded"]).await;
-    let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
+    let (alice, _, _) = agent_client(&server, "alice", &["guarded"]).await;
     let (status, held) = post(&alice, &server, "/v1/agents/alice/sign", sign_body()).await;
     assert_eq!(status, 202, "{held}");
     let approve = format!("/v1/approvals/{}/approve", held["id"].as_str().unwrap());

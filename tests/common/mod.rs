@@ -495,6 +495,42 @@ pub async fn enrolled_with(server: &Server, name: &str, scopes: &[&str]) -> (Pat
     (key, issued)
 }
 
+/// Registers `name` with `scopes`, enrolls it, and connects as it: its mTLS
+/// client, key file and certificate JSON.
+pub async fn agent_client(
+    server: &Server,
+    name: &str,
+    scopes: &[&str],
+) -> (reqwest::Client, PathBuf, Value) {
+    let (key, certificate) = enrolled_with(server, name, scopes).await;
+    let client = mtls_client(
+        server,
+        certificate["certificate_pem"].as_str().unwrap(),
+        &key,
+    );
+    (client, key, certificate)
+}
+
+/// Gives the admin `name` a token of their own (`keyward admin
+/// token-create`) and restarts the server, which accepts new tokens at
+/// start: the restarted server and the token.
+pub async fn with_admin_token(mut server: Server, name: &str) -> (Server, String) {
+    server.stop();
+    let file = server.path(&format!("{name}.admin-token"));
+    let (ok, out) = server.operator([
+        "admin",
+        "token-create",
+        "--name",
+        name,
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let server = server.restart().await;
+    let token = std::fs::read_to_string(file).unwrap().trim().to_owned();
+    (server, token)
+}
+
 /// Runs a command, returning (success, stdout+stderr).
 pub fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("running a command");
