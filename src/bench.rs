@@ -35,6 +35,9 @@ pub struct BenchOptions {
     pub workers: usize,
     pub batch_size: usize,
     pub modes: Vec<String>,
+    /// `bench sign`: agents (each with its own key) that `http-many` spreads
+    /// its signatures over.
+    pub agents: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -54,6 +57,9 @@ pub struct BenchResult {
     pub workers: usize,
     pub concurrency: usize,
     pub errors: u64,
+    /// How many agents' keys the mode spread its work over, when not one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agents: Option<usize>,
 }
 
 struct Sample {
@@ -110,6 +116,7 @@ impl Sample {
             workers,
             concurrency,
             errors: self.errors,
+            agents: None,
         }
     }
 }
@@ -270,28 +277,21 @@ impl Connection {
         !self.broken
     }
 
-    async fn sign(&mut self, path: &str, token: &str, digest: &[u8; 32]) -> anyhow::Result<()> {
+    /// Makes the `i`-th call of `call`; a status other than 2xx is an error.
+    async fn call(&mut self, call: &Call, token: &str, i: u64) -> anyhow::Result<()> {
         self.broken = true;
-        let status = self.exchange(path, token, digest).await?;
+        let status = self.exchange(call, token, i).await?;
         self.broken = false;
-        anyhow::ensure!((200..300).contains(&status), "sign answered {status}");
+        anyhow::ensure!((200..300).contains(&status), "answered {status}");
         Ok(())
     }
 
-    /// Sends one sign request and reads its whole answer; returns the status.
-    async fn exchange(
-        &mut self,
-        path: &str,
-        token: &str,
-        digest: &[u8; 32],
-    ) -> anyhow::Result<u16> {
+    /// Sends one request and reads its whole answer; returns the status.
+    async fn exchange(&mut self, call: &Call, token: &str, i: u64) -> anyhow::Result<u16> {
         use std::io::Write;
         use tokio::io::AsyncWriteExt;
-        let body = format!(
-            "{{\"digest_sha256_b64\":\"{}\"}}",
-            base64::engine::general_purpose::STANDARD.encode(digest)
-        );
         self.request.clear();
+        let (path, body) = call.request(i);
         write!(
             self.request,
             "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\
@@ -343,13 +343,51 @@ impl Connection {
     }
 }
 
+/// What the benchmark's HTTP clients ask keyward for, again and again.
+#[derive(Clone)]
+enum Call {
+    /// A signature over a fresh digest, by each agent in turn.
+    Sign { paths: Arc<Vec<String>> },
+    /// The same request body each time (a certificate).
+    Post { path: Arc<str>, body: Arc<str> },
+}
+
+impl Call {
+    fn sign_by(agents: &[String]) -> Self {
+        Call::Sign {
+            paths: Arc::new(
+                agents
+                    .iter()
+                    .map(|a| format!("/v1/agents/{a}/sign"))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The path and body of the `i`-th call.
+    fn request(&self, i: u64) -> (&str, std::borrow::Cow<'_, str>) {
+        match self {
+            Call::Sign { paths } => {
+                // `i` carries the client in its high bits: spread by both.
+                let spread = (i ^ (i >> 40)) as usize;
+                let body = format!(
+                    "{{\"digest_sha256_b64\":\"{}\"}}",
+                    base64::engine::general_purpose::STANDARD.encode(digest_for(i))
+                );
+                (&paths[spread % paths.len()], body.into())
+            }
+            Call::Post { path, body } => (path, std::borrow::Cow::Borrowed(body)),
+        }
+    }
+}
+
 /// `concurrency` HTTPS keep-alive clients, each on its own connection
-/// (kept open across slices), calling the sign endpoint. With
-/// `per_client_rate`, each client paces itself to that many requests per
-/// second.
+/// (kept open across slices), making `call`. With `per_client_rate`, each
+/// client paces itself to that many requests per second.
 async fn http(
     server: &BenchServer,
     connections: &mut Vec<Connection>,
+    call: &Call,
     run_for: Duration,
     per_client_rate: Option<f64>,
 ) -> anyhow::Result<Sample> {
@@ -364,7 +402,7 @@ async fn http(
         .drain(..)
         .enumerate()
         .map(|(c, mut connection)| {
-            let (path, token) = (server.path.clone(), server.token.clone());
+            let (call, token) = (call.clone(), server.token.clone());
             server.clients.spawn(async move {
                 let (mut ops, mut errors, mut latencies) =
                     (0u64, 0u64, Vec::with_capacity(16 * 1024));
@@ -381,7 +419,7 @@ async fn http(
                         next += interval;
                     }
                     let t = Instant::now();
-                    match connection.sign(&path, &token, &digest_for(i)).await {
+                    match connection.call(&call, &token, i).await {
                         Ok(()) => {
                             ops += 1;
                             latencies.push(micros(t.elapsed()));
@@ -414,11 +452,15 @@ async fn http(
     Ok(sample)
 }
 
+/// The agent every single-agent mode calls for.
+const BENCH_AGENT: &str = "bench";
+
 /// A keyward server on the benchmark's token, in this process.
 struct BenchServer {
     addr: std::net::SocketAddr,
-    path: String,
     token: String,
+    /// For setting up (registering agents), not for measuring.
+    setup: reqwest::Client,
     tls: Arc<rustls::ClientConfig>,
     concurrency: usize,
     clients: ClientRuntime,
@@ -499,24 +541,12 @@ async fn start_server(
         .trim()
         .to_owned();
 
-    // Register the agent with an ordinary client, then build the lean one.
-    let client = reqwest::Client::builder()
+    // An ordinary client sets up; the lean one measures.
+    let setup = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
         .build()?;
-    let created = client
-        .post(format!("https://{addr}/v1/agents"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({ "name": "bench", "scopes": [] }))
-        .send()
-        .await?;
-    anyhow::ensure!(
-        created.status().is_success(),
-        "creating the bench agent: {}",
-        created.status()
-    );
-
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
         roots.add(cert?)?;
@@ -527,16 +557,75 @@ async fn start_server(
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    Ok(BenchServer {
+    let server = BenchServer {
         addr,
-        path: "/v1/agents/bench/sign".into(),
         token,
+        setup,
         tls: Arc::new(tls),
         concurrency: options.concurrency,
         clients: ClientRuntime::new()?,
         pool,
         _shutdown: shutdown,
-    })
+    };
+    server.register(BENCH_AGENT).await?;
+    Ok(server)
+}
+
+impl BenchServer {
+    /// `POST /v1/agents`: a custodial key on the token.
+    async fn register(&self, name: &str) -> anyhow::Result<()> {
+        register(&self.setup, self.addr, &self.token, name).await
+    }
+
+    /// Registers `names`, `clients` at a time; how many were refused.
+    async fn register_all(&self, names: &[String], clients: usize) -> u64 {
+        let queue = Arc::new(std::sync::Mutex::new(
+            names
+                .iter()
+                .cloned()
+                .collect::<std::collections::VecDeque<_>>(),
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..clients.max(1) {
+            let (setup, addr, token) = (self.setup.clone(), self.addr, self.token.clone());
+            let queue = queue.clone();
+            tasks.spawn(async move {
+                let mut refused = 0u64;
+                loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                    let Some(name) = next else { return refused };
+                    if register(&setup, addr, &token, &name).await.is_err() {
+                        refused += 1;
+                    }
+                }
+            });
+        }
+        let mut refused = 0;
+        while let Some(done) = tasks.join_next().await {
+            refused += done.unwrap_or(0);
+        }
+        refused
+    }
+}
+
+async fn register(
+    client: &reqwest::Client,
+    addr: std::net::SocketAddr,
+    token: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let created = client
+        .post(format!("https://{addr}/v1/agents"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "name": name, "scopes": [] }))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        created.status().is_success(),
+        "registering agent {name}: {}",
+        created.status()
+    );
+    Ok(())
 }
 
 /// What a run measured, and the pools it started: the caller joins their
@@ -600,17 +689,37 @@ pub async fn run(
     } else {
         None
     };
-    let mut connections = Vec::new();
-    let server = if wants("http") || wants("http-half") {
+    let one = Call::sign_by(&[BENCH_AGENT.to_owned()]);
+    let (mut connections, mut many_connections) = (Vec::new(), Vec::new());
+    let mut many = None;
+    let server = if wants("http") || wants("http-half") || wants("http-many") {
         let server = start_server(dir, pkcs11, options).await?;
         // Warm up (caches, allocator) outside the measurement.
-        http(&server, &mut connections, Duration::from_millis(300), None).await?;
+        http(
+            &server,
+            &mut connections,
+            &one,
+            Duration::from_millis(300),
+            None,
+        )
+        .await?;
+        if wants("http-many") {
+            let names: Vec<String> = (0..options.agents).map(|i| format!("agent-{i}")).collect();
+            let refused = server.register_all(&names, 16).await;
+            anyhow::ensure!(
+                refused == 0,
+                "{refused} of {} registrations refused",
+                names.len()
+            );
+            many = Some(Call::sign_by(&names));
+        }
         Some(server)
     } else {
         None
     };
 
-    let (mut raw_s, mut pool_s, mut http_s, mut half_s) = (
+    let (mut raw_s, mut pool_s, mut http_s, mut half_s, mut many_s) = (
+        Sample::empty(),
         Sample::empty(),
         Sample::empty(),
         Sample::empty(),
@@ -631,11 +740,15 @@ pub async fn run(
         }
         if let Some(server) = &server {
             // The peak is needed for http-half's rate even if not reported.
-            http_s.add(with_cpu(http(server, &mut connections, slice, None)).await?);
+            http_s.add(with_cpu(http(server, &mut connections, &one, slice, None)).await?);
             if wants("http-half") {
                 let rate = (http_s.rate() / 2.0).max(1.0);
-                let paced = http(server, &mut connections, slice, Some(rate / c as f64));
+                let paced = http(server, &mut connections, &one, slice, Some(rate / c as f64));
                 half_s.add(with_cpu(paced).await?);
+            }
+            if let Some(many) = &many {
+                let spread = http(server, &mut many_connections, many, slice, None);
+                many_s.add(with_cpu(spread).await?);
             }
         }
     }
@@ -656,18 +769,158 @@ pub async fn run(
     if wants("http-half") {
         results.push(half_s.result("http-half", w, c));
     }
-    let raw_rate = results
-        .iter()
-        .find(|r| r.mode == "raw")
-        .map(|r| r.ops_per_sec);
-    for r in &mut results {
-        r.ratio_to_raw = raw_rate.map(|raw| r.ops_per_sec / raw);
+    if many.is_some() {
+        let mut result = many_s.result("http-many", w, c);
+        result.agents = Some(options.agents);
+        results.push(result);
     }
+    with_ratios_to_raw(&mut results);
     let pools = pool_handle
         .into_iter()
         .chain(server.map(|s| s.pool))
         .collect();
     Ok(BenchRun { results, pools })
+}
+
+/// `keyward bench issue`: certificates per second and latency, side by side
+/// with the token's own signing rate in one run. Modes: `raw` (C_Sign loops,
+/// as in `bench sign`: every certificate costs the CA key one signature),
+/// `http-issue` (`POST /v1/agents/{name}/certificates` for the custodial
+/// key, keep-alive HTTPS clients), `http-issue-half` (the same at half of
+/// its measured rate), `http-csr` (the same with a CSR).
+pub async fn run_issue(
+    dir: &std::path::Path,
+    pkcs11: &Pkcs11Config,
+    options: &BenchOptions,
+) -> anyhow::Result<BenchRun> {
+    let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
+    let key = KeyId::random("bench");
+    backend.open_pkcs11_session().map(|mut s| {
+        use crate::keys::KeySession;
+        s.generate(&key)
+    })??;
+    let wants = |m: &str| options.modes.iter().any(|x| x == m);
+    let (w, c) = (options.workers, options.concurrency);
+    let (rounds, slice) = rounds_and_slice(options.seconds);
+    let server = start_server(dir, pkcs11, options).await?;
+    let path: Arc<str> = format!("/v1/agents/{BENCH_AGENT}/certificates").into();
+    let custodial = Call::Post {
+        path: path.clone(),
+        body: r#"{"ttl_seconds":600}"#.into(),
+    };
+    let (_, csr) = crate::credential::key_and_csr(BENCH_AGENT)?;
+    let with_csr = Call::Post {
+        path,
+        body: serde_json::json!({ "csr_pem": csr, "ttl_seconds": 600 })
+            .to_string()
+            .into(),
+    };
+    let (mut connections, mut csr_connections) = (Vec::new(), Vec::new());
+    http(
+        &server,
+        &mut connections,
+        &custodial,
+        Duration::from_millis(300),
+        None,
+    )
+    .await?;
+
+    let (mut raw_s, mut issue_s, mut half_s, mut csr_s) = (
+        Sample::empty(),
+        Sample::empty(),
+        Sample::empty(),
+        Sample::empty(),
+    );
+    for _ in 0..rounds {
+        if wants("raw") {
+            let (b, k) = (backend.clone(), key.clone());
+            raw_s.add(
+                with_cpu(async {
+                    tokio::task::spawn_blocking(move || raw(&b, &k, w, slice)).await?
+                })
+                .await?,
+            );
+        }
+        issue_s.add(with_cpu(http(&server, &mut connections, &custodial, slice, None)).await?);
+        if wants("http-issue-half") {
+            let rate = (issue_s.rate() / 2.0).max(1.0);
+            let paced = http(
+                &server,
+                &mut connections,
+                &custodial,
+                slice,
+                Some(rate / c as f64),
+            );
+            half_s.add(with_cpu(paced).await?);
+        }
+        if wants("http-csr") {
+            csr_s.add(with_cpu(http(&server, &mut csr_connections, &with_csr, slice, None)).await?);
+        }
+    }
+    let mut results = Vec::new();
+    for (mode, sample, workers, callers) in [
+        ("raw", raw_s, w, w),
+        ("http-issue", issue_s, w, c),
+        ("http-issue-half", half_s, w, c),
+        ("http-csr", csr_s, w, c),
+    ] {
+        if wants(mode) {
+            results.push(sample.result(mode, workers, callers));
+        }
+    }
+    with_ratios_to_raw(&mut results);
+    Ok(BenchRun {
+        results,
+        pools: vec![server.pool.clone()],
+    })
+}
+
+/// Sets each result's rate relative to `raw`'s, when `raw` ran.
+fn with_ratios_to_raw(results: &mut [BenchResult]) {
+    let raw_rate = results
+        .iter()
+        .find(|r| r.mode == "raw")
+        .map(|r| r.ops_per_sec);
+    for r in results {
+        r.ratio_to_raw = raw_rate.map(|raw| r.ops_per_sec / raw);
+    }
+}
+
+/// `keyward bench agents`: the registration rate as the number of agents
+/// grows, `clients` registrations at a time, one line per `step` agents.
+pub async fn run_agents(
+    dir: &std::path::Path,
+    pkcs11: &Pkcs11Config,
+    options: &BenchOptions,
+    step: usize,
+) -> anyhow::Result<BenchRun> {
+    let server = start_server(dir, pkcs11, options).await?;
+    let mut results = Vec::new();
+    let mut registered = 1;
+    while registered < options.agents {
+        let names: Vec<String> = (registered..(registered + step).min(options.agents))
+            .map(|i| format!("agent-{i}"))
+            .collect();
+        let start = Instant::now();
+        let cpu = process_cpu();
+        let refused = server.register_all(&names, options.concurrency).await;
+        let elapsed = start.elapsed();
+        registered += names.len();
+        let sample = Sample {
+            ops: names.len() as u64 - refused,
+            errors: refused,
+            elapsed,
+            cpu: process_cpu().saturating_sub(cpu),
+            latencies_us: Vec::new(),
+        };
+        let mut result = sample.result("agents", options.workers, options.concurrency);
+        result.agents = Some(registered);
+        results.push(result);
+    }
+    Ok(BenchRun {
+        results,
+        pools: vec![server.pool.clone()],
+    })
 }
 
 /// A table for people.

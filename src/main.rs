@@ -227,40 +227,72 @@ enum MsgCommand {
 enum BenchCommand {
     /// Signatures per second and latency: raw token, naive, pool, HTTP.
     Sign {
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Concurrent callers (pool tasks, HTTP clients).
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Pool workers and raw threads (default: number of cores).
-        #[arg(long)]
-        workers: Option<usize>,
-        #[arg(long, default_value_t = 16)]
-        batch_size: usize,
-        /// Threads of the runtime the pool's callers and the HTTP server run
-        /// on (default: the config's `server.runtime_threads`, else half
-        /// the cores, as for `serve`). The HTTP clients have a runtime of
-        /// their own.
-        #[arg(long)]
-        runtime_threads: Option<usize>,
-        /// Comma-separated modes.
+        #[command(flatten)]
+        bench: BenchArgs,
+        /// Comma-separated modes (http-many is added with --agents).
         #[arg(
             long,
             default_value = "raw,naive,pool,http,http-half",
             value_delimiter = ','
         )]
         modes: Vec<String>,
-        /// One JSON object per line instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Use this config's PKCS#11 token instead of a fresh SoftHSM2 token.
-        #[arg(long)]
-        config: Option<PathBuf>,
+        /// Mode http-many: HTTP signing spread over this many agents, each
+        /// with its own key, beside http's one agent in the same run.
+        #[arg(long, default_value_t = 1)]
+        agents: usize,
         /// Measure a TPM instead (a TCTI, e.g. swtpm:host=127.0.0.1,port=2321):
         /// modes tpm-raw (one connection's TPM2_Sign loop) and tpm (the pool).
         #[arg(long, conflicts_with = "config")]
         tpm: Option<String>,
     },
+    /// Certificates per second and latency: raw token signatures, HTTPS
+    /// issuance for a custodial key (at full and half load) and for a CSR.
+    Issue {
+        #[command(flatten)]
+        bench: BenchArgs,
+        #[arg(
+            long,
+            default_value = "raw,http-issue,http-issue-half,http-csr",
+            value_delimiter = ','
+        )]
+        modes: Vec<String>,
+    },
+    /// Registrations per second as the number of agents grows: one line
+    /// per --step agents, up to --agents.
+    Agents {
+        #[command(flatten)]
+        bench: BenchArgs,
+        #[arg(long, default_value_t = 2000)]
+        agents: usize,
+        #[arg(long, default_value_t = 500)]
+        step: usize,
+    },
+}
+
+/// What every benchmark on a PKCS#11 token takes.
+#[derive(Args, Clone)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Concurrent callers (pool tasks, HTTP clients).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Pool workers and raw threads (default: number of cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Threads of the runtime the pool's callers and the HTTP server run
+    /// on (default: the config's `server.runtime_threads`, else half the
+    /// cores, as for `serve`). The HTTP clients have a runtime of their own.
+    #[arg(long)]
+    runtime_threads: Option<usize>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Use this config's PKCS#11 token instead of a fresh SoftHSM2 token.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -555,77 +587,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Bench(BenchCommand::Sign {
-            seconds,
-            concurrency,
-            workers,
-            batch_size,
-            runtime_threads,
-            modes,
-            json,
-            config,
-            tpm,
-        }) => {
-            let print = |results: Vec<keyward::bench::BenchResult>| -> anyhow::Result<()> {
-                if json {
-                    for r in &results {
-                        println!("{}", serde_json::to_string(r)?);
-                    }
-                } else {
-                    print!("{}", keyward::bench::table(&results));
-                }
-                Ok(())
-            };
-            if let Some(tcti) = tpm {
-                let options = keyward::bench::BenchOptions {
-                    seconds,
-                    concurrency: concurrency.max(1),
-                    workers: 1,
-                    batch_size: batch_size.max(1),
-                    modes: vec!["tpm-raw".into(), "tpm".into()],
-                };
-                let threads = runtime_threads.unwrap_or_else(default_runtime_threads);
-                return print(
-                    runtime(threads)?.block_on(keyward::bench::run_tpm(&tcti, &options))?,
-                );
-            }
-            let dir = tempfile::tempdir()?;
-            let (pkcs11, configured_threads) = match config {
-                Some(path) => {
-                    let config = ConfigFile::load(&path)?.validate(&Overrides::default())?;
-                    let pkcs11 = match config.keys {
-                        KeysConfig::Pkcs11(p) => p,
-                        KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
-                        KeysConfig::Tpm(tpm) => {
-                            anyhow::bail!("for a TPM, run bench sign --tpm {}", tpm.tcti)
-                        }
-                    };
-                    (pkcs11, config.runtime_threads)
-                }
-                None => (
-                    keyward::embedded::prepare(dir.path())?,
-                    default_runtime_threads(),
-                ),
-            };
-            let options = keyward::bench::BenchOptions {
-                seconds,
-                concurrency: concurrency.max(1),
-                workers: workers
-                    .unwrap_or_else(|| keyward::pool::PoolConfig::default().workers)
-                    .max(1),
-                batch_size: batch_size.max(1),
-                modes,
-            };
-            let rt = runtime(runtime_threads.unwrap_or(configured_threads))?;
-            let run = rt.block_on(keyward::bench::run(dir.path(), &pkcs11, &options))?;
-            // The runtime first (its tasks hold the server's pool), then
-            // the pools' workers: none may still be in SoftHSM2 at exit.
-            drop(rt);
-            for pool in run.pools {
-                pool.join_workers(std::time::Duration::from_secs(5));
-            }
-            print(run.results)
-        }
+        Command::Bench(command) => bench_command(command),
         Command::Agent(command) => cli_runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => cli_runtime()?.block_on(cert_command(command)),
         Command::Admin(AdminCommand::CertIssue {
@@ -859,6 +821,93 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
             Ok(outcome["valid"] == json!(true))
         }
     }
+}
+
+fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
+    let (args, modes, agents) = match &command {
+        BenchCommand::Sign {
+            bench,
+            modes,
+            agents,
+            ..
+        } => {
+            let mut modes = modes.clone();
+            if *agents > 1 && !modes.iter().any(|m| m == "http-many") {
+                modes.push("http-many".into());
+            }
+            (bench, modes, *agents)
+        }
+        BenchCommand::Issue { bench, modes } => (bench, modes.clone(), 1),
+        BenchCommand::Agents { bench, agents, .. } => (bench, Vec::new(), *agents),
+    };
+    let json = args.json;
+    let print = |results: Vec<keyward::bench::BenchResult>| -> anyhow::Result<()> {
+        if json {
+            for r in &results {
+                println!("{}", serde_json::to_string(r)?);
+            }
+        } else {
+            print!("{}", keyward::bench::table(&results));
+        }
+        Ok(())
+    };
+    let mut options = keyward::bench::BenchOptions {
+        seconds: args.seconds,
+        concurrency: args.concurrency.max(1),
+        workers: args
+            .workers
+            .unwrap_or_else(|| keyward::pool::PoolConfig::default().workers)
+            .max(1),
+        batch_size: args.batch_size.max(1),
+        modes,
+        agents: agents.max(1),
+    };
+    if let BenchCommand::Sign {
+        tpm: Some(tcti), ..
+    } = &command
+    {
+        options.workers = 1;
+        options.modes = vec!["tpm-raw".into(), "tpm".into()];
+        let threads = args.runtime_threads.unwrap_or_else(default_runtime_threads);
+        return print(runtime(threads)?.block_on(keyward::bench::run_tpm(tcti, &options))?);
+    }
+    let dir = tempfile::tempdir()?;
+    let (pkcs11, configured_threads) = match &args.config {
+        Some(path) => {
+            let config = ConfigFile::load(path)?.validate(&Overrides::default())?;
+            let pkcs11 = match config.keys {
+                KeysConfig::Pkcs11(p) => p,
+                KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
+                KeysConfig::Tpm(tpm) => {
+                    anyhow::bail!("for a TPM, run bench sign --tpm {}", tpm.tcti)
+                }
+            };
+            (pkcs11, config.runtime_threads)
+        }
+        None => (
+            keyward::embedded::prepare(dir.path())?,
+            default_runtime_threads(),
+        ),
+    };
+    let rt = runtime(args.runtime_threads.unwrap_or(configured_threads))?;
+    let run = rt.block_on(async {
+        match &command {
+            BenchCommand::Sign { .. } => keyward::bench::run(dir.path(), &pkcs11, &options).await,
+            BenchCommand::Issue { .. } => {
+                keyward::bench::run_issue(dir.path(), &pkcs11, &options).await
+            }
+            BenchCommand::Agents { step, .. } => {
+                keyward::bench::run_agents(dir.path(), &pkcs11, &options, (*step).max(1)).await
+            }
+        }
+    })?;
+    // The runtime first (its tasks hold the server's pool), then the
+    // pools' workers: none may still be in SoftHSM2 at exit.
+    drop(rt);
+    for pool in run.pools {
+        pool.join_workers(std::time::Duration::from_secs(5));
+    }
+    print(run.results)
 }
 
 async fn serve(

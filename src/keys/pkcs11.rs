@@ -150,7 +150,9 @@ fn classify(e: CkError) -> KeyError {
 struct Shared {
     /// Invariant: initialized. Replaced (same library, re-initialized) by
     /// `recover`; token calls hold the read side of `calls` so that
-    /// `C_Finalize` never runs while another thread is inside the module.
+    /// `C_Finalize` never runs while another thread is inside the module,
+    /// and creating or destroying token objects holds the write side (see
+    /// `generate`).
     ctx: Pkcs11,
     calls: RwLock<()>,
     slot: RwLock<Slot>,
@@ -396,7 +398,15 @@ fn parse_ec_point(raw: &[u8]) -> Result<PublicKey, KeyError> {
 
 impl KeySession for Pkcs11Session {
     fn generate(&mut self, id: &KeyId) -> Result<PublicKey, KeyError> {
-        let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        // Alone in the module while token objects are created or
+        // destroyed: SoftHSM2's file store fails C_GenerateKeyPair with
+        // CKR_GENERAL_ERROR when another session works beside it (measured:
+        // 1 to 7 of 200 registrations by 16 clients, with generation alone
+        // serialized too), and that error reads as a device failure that
+        // re-initializes the module under every other session. Creating
+        // keys is rare next to signing; a token that scales to many agents
+        // keeps their keys out of its object store (wrapped keys).
+        let _exclusive = self.shared.calls.write().unwrap_or_else(|p| p.into_inner());
         if self.find(id, ObjectClass::PRIVATE_KEY)?.is_some()
             || self.find(id, ObjectClass::PUBLIC_KEY)?.is_some()
         {
@@ -522,7 +532,15 @@ impl KeySession for Pkcs11Session {
     }
 
     fn destroy(&mut self, id: &KeyId) -> Result<(), KeyError> {
-        let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        // Alone in the module while token objects are created or
+        // destroyed: SoftHSM2's file store fails C_GenerateKeyPair with
+        // CKR_GENERAL_ERROR when another session works beside it (measured:
+        // 1 to 7 of 200 registrations by 16 clients, with generation alone
+        // serialized too), and that error reads as a device failure that
+        // re-initializes the module under every other session. Creating
+        // keys is rare next to signing; a token that scales to many agents
+        // keeps their keys out of its object store (wrapped keys).
+        let _exclusive = self.shared.calls.write().unwrap_or_else(|p| p.into_inner());
         self.private_keys.remove(id);
         let mut found = false;
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {

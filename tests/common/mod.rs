@@ -95,6 +95,18 @@ pub fn private_tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// An HTTPS client that trusts `ca` (PEM) and nothing else, with a
+/// connection pool of its own.
+pub fn https_client(ca: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca).unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
 /// A running `keyward serve` on its embedded SoftHSM2 token.
 pub struct Server {
     pub data_dir: tempfile::TempDir,
@@ -158,13 +170,7 @@ impl Server {
     pub async fn start_in(data_dir: tempfile::TempDir, database: TestDatabase) -> Self {
         let (child, url) = spawn(data_dir.path(), &database.url);
         let ca = std::fs::read(data_dir.path().join("ca.pem")).unwrap();
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
+        let client = https_client(&ca);
         let admin_token = std::fs::read_to_string(data_dir.path().join("admin.token")).unwrap();
         Self {
             data_dir,
