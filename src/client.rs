@@ -97,6 +97,30 @@ impl Client {
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.call(reqwest::Method::GET, path, None).await
     }
+
+    /// Every item of a paged list (`{"<items>": [...], "next_cursor"}`),
+    /// following the cursors to the last page, as one answer of the same
+    /// shape.
+    pub async fn get_all(&self, path: &str, items: &str) -> anyhow::Result<Value> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page_path = match &cursor {
+                Some(c) => format!("{path}?limit=1000&cursor={c}"),
+                None => format!("{path}?limit=1000"),
+            };
+            let mut page = self.get(&page_path).await?;
+            match page[items].take() {
+                Value::Array(found) => all.extend(found),
+                _ => bail!("{path} answered without a list of {items}"),
+            }
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        Ok(serde_json::json!({ items: all }))
+    }
 }
 
 fn read_token(path: &Path) -> anyhow::Result<SecretString> {

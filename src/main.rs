@@ -622,7 +622,7 @@ fn main() -> anyhow::Result<()> {
         Command::Approvals(command) => cli_runtime()?.block_on(async {
             let out = match command {
                 ApprovalsCommand::List { client: args } => {
-                    client(&args)?.get("/v1/approvals").await?
+                    client(&args)?.get_all("/v1/approvals", "approvals").await?
                 }
                 ApprovalsCommand::Approve {
                     id,
@@ -696,8 +696,8 @@ async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             );
         }
         PolicyCommand::History { client: args } => {
-            let history = client(&args)?.get("/v1/policies").await?;
-            for v in history.as_array().into_iter().flatten() {
+            let history = client(&args)?.get_all("/v1/policies", "versions").await?;
+            for v in history["versions"].as_array().into_iter().flatten() {
                 println!(
                     "{:>4} {} {} {} {}{}",
                     v["version"],
@@ -1004,7 +1004,9 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
                 .post("/v1/agents", json!({ "name": name, "scopes": scopes }))
                 .await?
         }
-        AgentCommand::List { client: args } => client(&args)?.get("/v1/agents").await?,
+        AgentCommand::List { client: args } => {
+            client(&args)?.get_all("/v1/agents", "agents").await?
+        }
         AgentCommand::EkFingerprint { tpm } => {
             println!("{}", keyward::tpm_enrollment::ek_fingerprint(&tpm)?);
             return Ok(());

@@ -70,7 +70,7 @@ async fn a_held_request_runs_only_once_an_admin_approves_it(db: Db) {
     );
 
     let (_, listed) = server.admin("GET", "/v1/approvals", None).await;
-    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed["approvals"].as_array().unwrap().len(), 1);
     let (status, decided) = server
         .admin(
             "POST",

@@ -80,7 +80,7 @@ async fn a_rollback_changes_what_an_agent_may_do_on_its_next_request(db: Db) {
     // Every version is kept; the records name the version they were made
     // under; the denial is on the audit trail with its version.
     let (_, history) = server.admin("GET", "/v1/policies", None).await;
-    let versions: Vec<(i64, bool)> = history
+    let versions: Vec<(i64, bool)> = history["versions"]
         .as_array()
         .unwrap()
         .iter()
@@ -259,7 +259,7 @@ async fn bad_policies_are_refused_and_change_nothing(db: Db) {
     );
     assert_eq!(server.row_counts().await, before);
     let (_, history) = server.admin("GET", "/v1/policies", None).await;
-    assert_eq!(history.as_array().unwrap().len(), 1);
+    assert_eq!(history["versions"].as_array().unwrap().len(), 1);
 }
 
 /// `renew_at_half_life`: past half its lifetime, a client certificate

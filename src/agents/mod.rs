@@ -526,16 +526,6 @@ impl Registry {
             .ok_or_else(|| AgentError::NotFound(name.to_string()))
     }
 
-    pub async fn list(&self) -> Result<Vec<AgentView>, AgentError> {
-        Ok(self
-            .store
-            .agents()
-            .await?
-            .into_iter()
-            .map(AgentView::from_record)
-            .collect())
-    }
-
     /// Issues a certificate for the agent's custodial key (with attestation
     /// claims) or for a CSR key (without: keyward has no evidence for it).
     pub async fn issue_certificate(

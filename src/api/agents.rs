@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
+use super::paging::PageQuery;
 use super::AppState;
 use crate::agents::{AgentView, CertificateKey};
 use crate::ca::csr::VerifiedCsr;
@@ -22,7 +23,10 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/agents", post(create_agent).get(list_agents))
         .route("/v1/agents/{name}", get(get_agent).patch(update_agent))
-        .route("/v1/agents/{name}/certificates", post(issue_certificate))
+        .route(
+            "/v1/agents/{name}/certificates",
+            post(issue_certificate).get(list_certificates),
+        )
 }
 
 #[derive(Deserialize)]
@@ -119,10 +123,81 @@ async fn create_agent(
 async fn list_agents(
     State(state): State<Arc<AppState>>,
     caller: Caller,
+    query: PageQuery,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&caller, Action::ListAgents)?;
-    let agents = state.registry.list().await?;
-    Ok(Json(serde_json::json!({ "agents": agents })))
+    let page = query.page::<String>("agents")?;
+    let fetched = state
+        .store
+        .agents_page(page.after.as_deref(), page.fetch())
+        .await?;
+    let (agents, next_cursor) = page.split(fetched, |a| a.name.clone());
+    let agents: Vec<AgentView> = agents.into_iter().map(AgentView::from_record).collect();
+    Ok(Json(
+        serde_json::json!({ "agents": agents, "next_cursor": next_cursor }),
+    ))
+}
+
+/// A certificate keyward issued, as `GET /v1/agents/{name}/certificates`
+/// lists it.
+#[derive(Serialize)]
+struct CertificateView {
+    serial: String,
+    key_id: Option<String>,
+    not_before: String,
+    not_after: String,
+    policy_version: i64,
+    attestation: Option<String>,
+    revoked_at: Option<String>,
+    revocation_reason: Option<String>,
+    certificate_pem: String,
+}
+
+/// The agent's certificates, newest first (admin, or the agent itself).
+async fn list_certificates(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(name): Path<String>,
+    query: PageQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = agent_name(&name)?;
+    authorize(&caller, Action::ReadAgent(&name))?;
+    let page = query.page::<(i64, String)>("certificates")?;
+    state.registry.get(&name).await?;
+    let fetched = state
+        .store
+        .certificates_of_agent_page(
+            name.as_str(),
+            page.after
+                .as_ref()
+                .map(|(at, serial)| (*at, serial.as_str())),
+            page.fetch(),
+        )
+        .await?;
+    let (records, next_cursor) = page.split(fetched, |c| (c.created_at, c.serial.clone()));
+    let certificates = records
+        .into_iter()
+        .map(|c| {
+            let pem = der::Document::try_from(c.der.as_slice())
+                .map_err(ApiError::internal)?
+                .to_pem("CERTIFICATE", der::pem::LineEnding::LF)
+                .map_err(ApiError::internal)?;
+            Ok(CertificateView {
+                serial: c.serial,
+                key_id: c.key_id,
+                not_before: rfc3339(c.not_before),
+                not_after: rfc3339(c.not_after),
+                policy_version: c.policy_version,
+                attestation: c.attestation_digest,
+                revoked_at: c.revoked_at.map(rfc3339),
+                revocation_reason: c.revocation_reason,
+                certificate_pem: pem,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Json(
+        serde_json::json!({ "certificates": certificates, "next_cursor": next_cursor }),
+    ))
 }
 
 async fn get_agent(

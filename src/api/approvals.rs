@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
+use super::paging::PageQuery;
 use super::{AppState, RequestId};
 use crate::audit::AuditEvent;
 use crate::identity::AgentName;
@@ -122,11 +123,24 @@ fn admin_of(caller: &Caller) -> Result<&Admin, ApiError> {
 async fn list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-) -> Result<Json<Vec<ApprovalView>>, ApiError> {
+    query: PageQuery,
+) -> Result<Json<Value>, ApiError> {
     admin_of(&caller)?;
+    let page = query.page::<(i64, String)>("approvals")?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let pending = state.store.pending_approvals(now).await?;
-    Ok(Json(pending.into_iter().map(view).collect()))
+    let fetched = state
+        .store
+        .pending_approvals_page(
+            now,
+            page.after.as_ref().map(|(at, id)| (*at, id.as_str())),
+            page.fetch(),
+        )
+        .await?;
+    let (pending, next_cursor) = page.split(fetched, |a| (a.created_at, a.id.clone()));
+    let approvals: Vec<ApprovalView> = pending.into_iter().map(view).collect();
+    Ok(Json(
+        serde_json::json!({ "approvals": approvals, "next_cursor": next_cursor }),
+    ))
 }
 
 async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<ApprovalRecord, ApiError> {

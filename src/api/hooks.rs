@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
+use super::paging::PageQuery;
 use super::AppState;
 use crate::audit::AuditEvent;
 use crate::hooks::{check_url, new_secret};
@@ -75,19 +76,23 @@ async fn register(
 async fn list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-) -> Result<Json<Vec<HookOutput>>, ApiError> {
+    query: PageQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&caller, Action::ManageHooks)?;
-    let hooks = state.store.hooks().await?;
+    let page = query.page::<i64>("hooks")?;
+    let fetched = state.store.hooks_page(page.after, page.fetch()).await?;
+    let (hooks, next_cursor) = page.split(fetched, |h| h.id);
+    let hooks: Vec<HookOutput> = hooks
+        .into_iter()
+        .map(|h| HookOutput {
+            id: h.id,
+            url: h.url,
+            created_at: h.created_at,
+            secret: None,
+        })
+        .collect();
     Ok(Json(
-        hooks
-            .into_iter()
-            .map(|h| HookOutput {
-                id: h.id,
-                url: h.url,
-                created_at: h.created_at,
-                secret: None,
-            })
-            .collect(),
+        serde_json::json!({ "hooks": hooks, "next_cursor": next_cursor }),
     ))
 }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 mod hooks;
 mod messages;
+mod paging;
 mod policies;
 mod revocation;
 mod signing;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
+use super::paging::PageQuery;
 use super::AppState;
 use crate::policy::engine::ApplyError;
 use crate::policy::{authorize, Action, Caller};
@@ -105,15 +106,19 @@ async fn rollback(
 async fn history(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-) -> Result<Json<Vec<Version>>, ApiError> {
+    query: PageQuery,
+) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&caller, Action::ManagePolicy)?;
+    let page = query.page::<i64>("policies")?;
     let in_force = state.policy.version();
-    let records = state.store.policies().await?;
+    let fetched = state.store.policies_page(page.after, page.fetch()).await?;
+    let (records, next_cursor) = page.split(fetched, |r| r.version);
+    let versions: Vec<Version> = records
+        .into_iter()
+        .map(|r| version(r, in_force, false))
+        .collect();
     Ok(Json(
-        records
-            .into_iter()
-            .map(|r| version(r, in_force, false))
-            .collect(),
+        serde_json::json!({ "versions": versions, "next_cursor": next_cursor }),
     ))
 }
 

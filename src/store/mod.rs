@@ -405,7 +405,20 @@ pub trait Store: Send + Sync + 'static {
         scopes: &[String],
         audit: &AuditEvent,
     ) -> Result<bool, StoreError>;
-    async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Agents by name, after `after`, at most `limit`.
+    async fn agents_page(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AgentRecord>, StoreError>;
+    /// The agent's certificates, newest first (by issuance, then serial),
+    /// after the `(created_at, serial)` given, at most `limit`.
+    async fn certificates_of_agent_page(
+        &self,
+        agent: &str,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
 
     /// Stores an issued certificate (and the evidence it points at) with its
     /// audit event, in one transaction, if its agent is still active and its
@@ -531,8 +544,12 @@ pub trait Store: Send + Sync + 'static {
     /// The version in force: 0 when none was ever applied.
     async fn latest_policy_version(&self) -> Result<i64, StoreError>;
     async fn policy(&self, version: i64) -> Result<Option<PolicyRecord>, StoreError>;
-    /// Every version, oldest first.
-    async fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError>;
+    /// Versions, oldest first, after `after`, at most `limit`.
+    async fn policies_page(
+        &self,
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<PolicyRecord>, StoreError>;
 
     async fn insert_approval(
         &self,
@@ -540,8 +557,14 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     async fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError>;
-    /// Pending requests not expired at `now`, oldest first.
-    async fn pending_approvals(&self, now: i64) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// Pending requests not expired at `now`, oldest first (by creation,
+    /// then id), after the `(created_at, id)` given, at most `limit`.
+    async fn pending_approvals_page(
+        &self,
+        now: i64,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<ApprovalRecord>, StoreError>;
     /// Casts `admin`'s vote: a denial decides at once; enough approvals
     /// approve. One transaction with its audit event.
     async fn vote_on_approval(
@@ -614,7 +637,14 @@ pub trait Store: Send + Sync + 'static {
         secret: &str,
         audit: &AuditEvent,
     ) -> Result<HookRecord, StoreError>;
+    /// Every active hook (what the deliverer sends to).
     async fn hooks(&self) -> Result<Vec<HookRecord>, StoreError>;
+    /// Active hooks by id, after `after`, at most `limit`.
+    async fn hooks_page(
+        &self,
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<HookRecord>, StoreError>;
     /// Stops deliveries to a hook; false when there is no such active hook.
     async fn deactivate_hook(&self, id: i64, audit: &AuditEvent) -> Result<bool, StoreError>;
     /// Leases, until `now + lease_secs`, the oldest undelivered event of

@@ -502,11 +502,36 @@ macro_rules! impl_store {
                 Ok(true)
             }
 
-            async fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-                let rows = sqlx::query("SELECT * FROM agents ORDER BY name")
-                    .fetch_all(&self.pool)
-                    .await?;
+            async fn agents_page(&self, after: Option<&str>, limit: i64) -> Result<Vec<AgentRecord>, StoreError> {
+                let rows = sqlx::query(
+                    "SELECT * FROM agents WHERE ($1 IS NULL OR name > $1) ORDER BY name LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
                 rows.iter().map(Self::agent_from_row).collect()
+            }
+
+            async fn certificates_of_agent_page(
+                &self,
+                agent: &str,
+                after: Option<(i64, &str)>,
+                limit: i64,
+            ) -> Result<Vec<CertificateRecord>, StoreError> {
+                let (created_at, serial) = after.unzip();
+                let rows = sqlx::query(
+                    "SELECT * FROM certificates WHERE agent_name = $1
+                       AND ($2 IS NULL OR created_at < $2 OR (created_at = $2 AND serial < $3))
+                     ORDER BY created_at DESC, serial DESC LIMIT $4",
+                )
+                .bind(agent)
+                .bind(created_at)
+                .bind(serial)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(Self::certificate_from_row).collect()
             }
 
             async fn insert_certificate(
@@ -1150,8 +1175,10 @@ macro_rules! impl_store {
                     .transpose()
             }
 
-            async fn policies(&self) -> Result<Vec<PolicyRecord>, StoreError> {
-                sqlx::query("SELECT * FROM policies ORDER BY version")
+            async fn policies_page(&self, after: Option<i64>, limit: i64) -> Result<Vec<PolicyRecord>, StoreError> {
+                sqlx::query("SELECT * FROM policies WHERE ($1 IS NULL OR version > $1) ORDER BY version LIMIT $2")
+                    .bind(after)
+                    .bind(limit)
                     .fetch_all(&self.pool)
                     .await?
                     .iter()
@@ -1196,12 +1223,22 @@ macro_rules! impl_store {
                     .transpose()
             }
 
-            async fn pending_approvals(&self, now: i64) -> Result<Vec<ApprovalRecord>, StoreError> {
+            async fn pending_approvals_page(
+                &self,
+                now: i64,
+                after: Option<(i64, &str)>,
+                limit: i64,
+            ) -> Result<Vec<ApprovalRecord>, StoreError> {
+                let (created_at, id) = after.unzip();
                 sqlx::query(
                     "SELECT * FROM approvals WHERE status = 'pending' AND expires_at > $1
-                     ORDER BY created_at LIMIT 500",
+                       AND ($2 IS NULL OR created_at > $2 OR (created_at = $2 AND id > $3))
+                     ORDER BY created_at, id LIMIT $4",
                 )
                 .bind(now)
+                .bind(created_at)
+                .bind(id)
+                .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
@@ -1517,6 +1554,17 @@ macro_rules! impl_store {
 
             async fn hooks(&self) -> Result<Vec<HookRecord>, StoreError> {
                 sqlx::query("SELECT * FROM hooks WHERE active = 1 ORDER BY id")
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(Self::hook_from_row)
+                    .collect()
+            }
+
+            async fn hooks_page(&self, after: Option<i64>, limit: i64) -> Result<Vec<HookRecord>, StoreError> {
+                sqlx::query("SELECT * FROM hooks WHERE active = 1 AND ($1 IS NULL OR id > $1) ORDER BY id LIMIT $2")
+                    .bind(after)
+                    .bind(limit)
                     .fetch_all(&self.pool)
                     .await?
                     .iter()
