@@ -403,3 +403,37 @@ async fn a_network_hsm_whose_connection_drops_is_reinitialized_and_recovers() {
     );
     assert_eq!(pool.breaker_state(), BreakerState::Closed);
 }
+
+/// A key's handle is looked up once for the whole application, not once
+/// per session: a key generated in one session signs in every other, and
+/// still does after every session closed (SoftHSM2 then forgets all
+/// handles, and the backend finds the key again).
+#[test]
+fn a_key_signs_in_every_session_and_after_every_session_closed() {
+    use keyward::keys::KeySession;
+    let (_dir, config) = token();
+    let backend = Pkcs11Backend::open(&config).unwrap();
+    let key = KeyId::random("agent");
+    let public = backend
+        .open_pkcs11_session()
+        .unwrap()
+        .generate(&key)
+        .unwrap();
+    let verifier = VerifyingKey::from(&public);
+    for round in 0..3u64 {
+        // Each round's sessions are the only ones open, and close at its end.
+        let mut first = backend.open_pkcs11_session().unwrap();
+        let mut second = backend.open_pkcs11_session().unwrap();
+        for (n, session) in [&mut first, &mut second].into_iter().enumerate() {
+            let digest = digest(round, n as u64);
+            let signature = session.sign_digest(&key, &digest).unwrap();
+            verifier.verify_prehash(&digest, &signature).unwrap();
+        }
+    }
+    let mut session = backend.open_pkcs11_session().unwrap();
+    session.destroy(&key).unwrap();
+    assert!(matches!(
+        session.sign_digest(&key, &digest(9, 9)),
+        Err(keyward::keys::KeyError::NotFound(_))
+    ));
+}

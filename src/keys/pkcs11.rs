@@ -160,6 +160,40 @@ struct Shared {
     token: TokenDescription,
     label: String,
     generation: AtomicU64,
+    /// Private-key handles by key id, for every session: PKCS#11 makes a
+    /// handle one session can use good for every session of the
+    /// application, and a lookup (C_FindObjects) costs time proportional
+    /// to the token's objects on SoftHSM2. Filled when a key is generated
+    /// or first found; emptied when the module is re-initialized.
+    handles: RwLock<HashMap<KeyId, ObjectHandle>>,
+}
+
+/// Handles the directory keeps at most: a few megabytes. Past it, lookups
+/// of keys not in it go to the token again.
+const MAX_SHARED_HANDLES: usize = 200_000;
+
+impl Shared {
+    fn shared_handle(&self, id: &KeyId) -> Option<ObjectHandle> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    fn remember_handle(&self, id: &KeyId, handle: ObjectHandle) {
+        let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        if handles.len() < MAX_SHARED_HANDLES {
+            handles.insert(id.clone(), handle);
+        }
+    }
+
+    fn forget_handle(&self, id: &KeyId) {
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
 }
 
 /// A PKCS#11 token used as keyward's key store.
@@ -181,6 +215,7 @@ impl Pkcs11Backend {
                 token,
                 label: config.token_label.clone(),
                 generation: AtomicU64::new(0),
+                handles: RwLock::new(HashMap::new()),
             }),
         };
         // Fail at start-up on a wrong PIN rather than on the first request.
@@ -268,6 +303,11 @@ impl KeyBackend for Pkcs11Backend {
         initialize(&shared.ctx)?;
         let slot = find_slot(&shared.ctx, &shared.label)?;
         *shared.slot.write().unwrap_or_else(|p| p.into_inner()) = slot;
+        shared
+            .handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         shared.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -286,9 +326,11 @@ pub struct Pkcs11Session {
     private_keys: HashMap<KeyId, ObjectHandle>,
 }
 
-/// The private key's handle, looked up once per session (handles are
-/// stable for the life of the session).
+/// The private key's handle: from the session's own cache (no lock on the
+/// hot path), else the backend's directory, else the token (once for the
+/// application, not once per session).
 fn cached_private_key(
+    shared: &Shared,
     session: &Session,
     cache: &mut HashMap<KeyId, ObjectHandle>,
     id: &KeyId,
@@ -296,10 +338,49 @@ fn cached_private_key(
     if let Some(handle) = cache.get(id) {
         return Ok(*handle);
     }
-    let handle = find_object(session, id, ObjectClass::PRIVATE_KEY)?
-        .ok_or_else(|| KeyError::NotFound(id.clone()))?;
+    let handle = match shared.shared_handle(id) {
+        Some(handle) => handle,
+        None => {
+            let handle = find_object(session, id, ObjectClass::PRIVATE_KEY)?
+                .ok_or_else(|| KeyError::NotFound(id.clone()))?;
+            shared.remember_handle(id, handle);
+            handle
+        }
+    };
     cache.insert(id.clone(), handle);
     Ok(handle)
+}
+
+/// CKM_ECDSA over `digest` (computed here: SoftHSM2 does not offer
+/// CKM_ECDSA_SHA256, and hashing in process is cheaper anyway) with the
+/// key's cached handle. A handle the module no longer knows is looked up
+/// again once: the key may have been destroyed (rotation), or the module
+/// dropped every handle when the application's last session closed, as
+/// SoftHSM2 does.
+fn sign_with_cached_key(
+    shared: &Shared,
+    session: &Session,
+    cache: &mut HashMap<KeyId, ObjectHandle>,
+    id: &KeyId,
+    digest: &[u8; 32],
+) -> Result<Vec<u8>, KeyError> {
+    let mut retried = false;
+    loop {
+        let key = cached_private_key(shared, session, cache, id)?;
+        match session.sign(&Mechanism::Ecdsa, key, digest) {
+            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _))
+                if !retried =>
+            {
+                cache.remove(id);
+                shared.forget_handle(id);
+                retried = true;
+            }
+            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
+                return Err(KeyError::NotFound(id.clone()))
+            }
+            other => return other.map_err(classify),
+        }
+    }
 }
 
 fn find_object(
@@ -327,15 +408,18 @@ impl Pkcs11Session {
     }
 
     fn private_key(&mut self, id: &KeyId) -> Result<ObjectHandle, KeyError> {
-        cached_private_key(&self.session, &mut self.private_keys, id)
+        cached_private_key(&self.shared, &self.session, &mut self.private_keys, id)
     }
 
     /// Signs with the raw session, for the benchmark's `raw` mode.
     pub fn sign_raw(&mut self, id: &KeyId, digest: &[u8; 32]) -> Result<Vec<u8>, KeyError> {
-        let key = self.private_key(id)?;
-        self.session
-            .sign(&Mechanism::Ecdsa, key, digest)
-            .map_err(classify)
+        sign_with_cached_key(
+            &self.shared,
+            &self.session,
+            &mut self.private_keys,
+            id,
+            digest,
+        )
     }
 
     fn read_attributes(&self, key: ObjectHandle) -> Result<KeyAttributes, KeyError> {
@@ -482,6 +566,7 @@ impl KeySession for Pkcs11Session {
             }
         };
         self.private_keys.insert(id.clone(), private);
+        self.shared.remember_handle(id, private);
         Ok(key)
     }
 
@@ -507,18 +592,13 @@ impl KeySession for Pkcs11Session {
         // cache without cloning the shared Arc per signature (two workers
         // doing that bounce its counter between cores).
         let _calls = self.shared.calls.read().unwrap_or_else(|p| p.into_inner());
-        let key = cached_private_key(&self.session, &mut self.private_keys, id)?;
-        // CKM_ECDSA over a digest computed here: SoftHSM2 does not offer
-        // CKM_ECDSA_SHA256, and hashing in process is cheaper anyway.
-        let raw = match self.session.sign(&Mechanism::Ecdsa, key, digest) {
-            Ok(raw) => raw,
-            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
-                // The key was destroyed (rotation) since it was cached.
-                self.private_keys.remove(id);
-                return Err(KeyError::NotFound(id.clone()));
-            }
-            Err(e) => return Err(classify(e)),
-        };
+        let raw = sign_with_cached_key(
+            &self.shared,
+            &self.session,
+            &mut self.private_keys,
+            id,
+            digest,
+        )?;
         let signature = Signature::from_slice(&raw)
             .map_err(|_| KeyError::Malformed("C_Sign returned no P-256 (r, s) pair".into()))?;
         Ok(signature.normalize_s().unwrap_or(signature))
@@ -542,6 +622,7 @@ impl KeySession for Pkcs11Session {
         // keeps their keys out of its object store (wrapped keys).
         let _exclusive = self.shared.calls.write().unwrap_or_else(|p| p.into_inner());
         self.private_keys.remove(id);
+        self.shared.forget_handle(id);
         let mut found = false;
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             if let Some(handle) = self.find(id, class)? {
