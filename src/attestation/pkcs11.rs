@@ -123,7 +123,9 @@ pub async fn attest_custodial_key(
     };
     let statement_bytes = serde_json::to_vec(&statement).expect("plain data serializes");
     let digest: [u8; 32] = Sha256::digest(&statement_bytes).into();
-    let signature = pool.sign(&signer.key, digest).await?;
+    let signature = pool
+        .sign_within(&signer.key, digest, pool.key_creation_deadline())
+        .await?;
     let format = format_for(pool.backend_kind());
     let document = EvidenceDocument {
         // The document names its own schema: keyward-<format>-v1.

@@ -306,7 +306,10 @@ impl KeyPool {
     /// Generates a P-256 signing key on the token.
     pub async fn generate(&self, key: &KeyId) -> Result<PublicKey, PoolError> {
         match self
-            .submit(KeyOp::Generate { key: key.clone() }, self.deadline * 5)
+            .submit(
+                KeyOp::Generate { key: key.clone() },
+                self.key_creation_deadline(),
+            )
             .await?
         {
             KeyOutput::PublicKey(k) => Ok(k),
@@ -324,9 +327,21 @@ impl KeyPool {
         }
     }
 
+    /// How long the jobs of creating a key (generating it, reading back
+    /// its attributes, signing its evidence) may wait: longer than a
+    /// signature's, since a token may create objects one at a time and
+    /// make everything else wait meanwhile (`keys::pkcs11`), and a burst of
+    /// registrations must not time out behind each other.
+    pub fn key_creation_deadline(&self) -> Duration {
+        self.deadline * 5
+    }
+
     pub async fn attributes(&self, key: &KeyId) -> Result<KeyAttributes, PoolError> {
         match self
-            .submit(KeyOp::Attributes { key: key.clone() }, self.deadline)
+            .submit(
+                KeyOp::Attributes { key: key.clone() },
+                self.key_creation_deadline(),
+            )
             .await?
         {
             KeyOutput::Attributes(a) => Ok(a),
