@@ -98,7 +98,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     let authority = Arc::new(
         Authority::load(
             pool.clone(),
-            store.clone(),
+            crate::store::CertificateLog::start(store.clone()),
             &ca_record,
             config.trust_domain.clone(),
             config.ttl,

@@ -10,7 +10,6 @@ pub mod ocsp;
 pub mod profile;
 pub mod status;
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use der::{Decode, Encode, EncodePem};
@@ -22,7 +21,8 @@ use crate::identity::{AgentName, TrustDomain};
 use crate::keys::KeyId;
 use crate::pool::{KeyPool, PoolError};
 use crate::store::{
-    AttestationRecord, CaRecord, CertificateInsert, CertificateRecord, Store, StoreError,
+    AttestationRecord, CaRecord, CertificateInsert, CertificateLog, CertificateRecord,
+    NewCertificate, StoreError,
 };
 use cert::TbsCertificate;
 pub use cert::{parse_pem_chain, Certificate};
@@ -116,7 +116,7 @@ pub struct AgentCertificateRequest<'a> {
 /// The issuing CA: its key on the token, its certificate and chain.
 pub struct Authority {
     pool: KeyPool,
-    store: Arc<dyn Store>,
+    certificates: CertificateLog,
     key: KeyId,
     public_key: PublicKey,
     certificate: Certificate,
@@ -163,10 +163,11 @@ async fn sign_tbs(
 }
 
 impl Authority {
-    /// Loads the active CA from the store and checks its key is on the token.
+    /// Loads the active CA from the store and checks its key is on the
+    /// token. Issued certificates are recorded through `certificates`.
     pub async fn load(
         pool: KeyPool,
-        store: Arc<dyn Store>,
+        certificates: CertificateLog,
         record: &CaRecord,
         trust_domain: TrustDomain,
         ttl: TtlLimits,
@@ -185,7 +186,7 @@ impl Authority {
         }
         Ok(Self {
             pool,
-            store,
+            certificates,
             key,
             public_key,
             certificate,
@@ -457,11 +458,15 @@ impl Authority {
         // Checked again where the row is written, under the locks a
         // revocation takes: a certificate signed while its agent was being
         // revoked is dropped here, never recorded and never handed out.
-        match self
-            .store
-            .insert_certificate(&record, new_evidence, &audit)
-            .await?
-        {
+        let recorded = self
+            .certificates
+            .record(NewCertificate {
+                record,
+                evidence: new_evidence.cloned(),
+                audit,
+            })
+            .await?;
+        match recorded {
             CertificateInsert::Inserted => Ok(issued),
             CertificateInsert::AgentNotActive { status } => Err(CaError::AgentNotActive {
                 agent: agent.to_string(),

@@ -5,6 +5,7 @@
 //! same transaction, so there is never a change without its record, nor a
 //! record of a change that did not happen.
 
+mod certificate_log;
 mod signature_log;
 mod sql;
 
@@ -18,6 +19,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 use crate::audit::{AuditEvent, AuditRecord};
 
+pub use certificate_log::CertificateLog;
 pub use signature_log::SignatureLog;
 pub use sql::{SqlStore, REVOCATION_CHANNEL};
 
@@ -179,6 +181,15 @@ pub enum CertificateInsert {
     },
     /// A keyCompromise revocation reported the certificate's key.
     KeyCompromised,
+}
+
+/// An issued certificate to record: its row, the evidence it points at
+/// when that is new, and its audit event.
+#[derive(Clone, Debug)]
+pub struct NewCertificate {
+    pub record: CertificateRecord,
+    pub evidence: Option<AttestationRecord>,
+    pub audit: AuditEvent,
 }
 
 /// The RFC 5280 reason that bars a key for good.
@@ -420,15 +431,15 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<CertificateRecord>, StoreError>;
 
-    /// Stores an issued certificate (and the evidence it points at) with its
-    /// audit event, in one transaction, if its agent is still active and its
-    /// key has not been reported compromised (see [`CertificateInsert`]).
-    async fn insert_certificate(
+    /// Stores issued certificates (and the evidence they point at), each
+    /// with its audit event, in one transaction: each one if its agent is
+    /// still active and its key has not been reported compromised (see
+    /// [`CertificateInsert`]), in the order given; the outcomes in that
+    /// order.
+    async fn insert_certificates(
         &self,
-        certificate: &CertificateRecord,
-        evidence: Option<&AttestationRecord>,
-        audit: &AuditEvent,
-    ) -> Result<CertificateInsert, StoreError>;
+        certificates: &[NewCertificate],
+    ) -> Result<Vec<CertificateInsert>, StoreError>;
     async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;
     async fn attestation(&self, digest: &str) -> Result<Option<AttestationRecord>, StoreError>;
 

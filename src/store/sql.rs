@@ -8,9 +8,9 @@ use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
     CertificateInsert, CertificateRecord, CertificateRevocation, CustodialKeyAge, HookDelivery,
-    HookRecord, KeyRotation, KeyRotationOutcome, NewEnrollmentToken, PolicyRecord, RetiredKey,
-    RevocationSnapshot, RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store, StoreError,
-    TpmChallengeRecord, TpmRedemption, VoteOutcome, KEY_COMPROMISE,
+    HookRecord, KeyRotation, KeyRotationOutcome, NewCertificate, NewEnrollmentToken, PolicyRecord,
+    RetiredKey, RevocationSnapshot, RevokedCertificate, ServiceKeyRecord, SignatureRecord, Store,
+    StoreError, TpmChallengeRecord, TpmRedemption, VoteOutcome, KEY_COMPROMISE,
 };
 use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 
@@ -534,52 +534,76 @@ macro_rules! impl_store {
                 rows.iter().map(Self::certificate_from_row).collect()
             }
 
-            async fn insert_certificate(
+            async fn insert_certificates(
                 &self,
-                cert: &CertificateRecord,
-                evidence: Option<&AttestationRecord>,
-                audit: &AuditEvent,
-            ) -> Result<CertificateInsert, StoreError> {
+                certificates: &[NewCertificate],
+            ) -> Result<Vec<CertificateInsert>, StoreError> {
+                use std::collections::{BTreeMap, BTreeSet};
                 let mut tx = self.begin_write().await?;
-                // The locks a revocation of the agent, or a compromise report
-                // for the key, takes: whichever commits first, the other sees
-                // it. Dropping `tx` rolls back.
-                let status = Self::lock_agent(&mut tx, &cert.agent_name)
-                    .await?
-                    .ok_or(StoreError::NotFound("agent"))?;
-                if status != "active" {
-                    return Ok(CertificateInsert::AgentNotActive { status });
+                // The locks a revocation of an agent, or a compromise report
+                // for a key, takes: whichever commits first, the other sees
+                // it. Agents first, then keys, each in one order, as those
+                // take them, so that no two transactions wait on each other.
+                let mut status = BTreeMap::new();
+                for certificate in certificates {
+                    status.entry(certificate.record.agent_name.as_str()).or_insert(None);
                 }
-                Self::lock_public_key(&mut tx, &cert.public_key_sha256).await?;
-                let compromised = sqlx::query("SELECT 1 FROM compromised_keys WHERE public_key_sha256 = $1")
+                for (agent, found) in status.iter_mut() {
+                    *found = Self::lock_agent(&mut tx, agent).await?;
+                }
+                let keys: BTreeSet<&str> = certificates
+                    .iter()
+                    .map(|c| c.record.public_key_sha256.as_str())
+                    .collect();
+                let mut compromised = BTreeSet::new();
+                for key in keys {
+                    Self::lock_public_key(&mut tx, key).await?;
+                    let barred = sqlx::query("SELECT 1 FROM compromised_keys WHERE public_key_sha256 = $1")
+                        .bind(key)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if barred.is_some() {
+                        compromised.insert(key);
+                    }
+                }
+                let mut outcomes = Vec::with_capacity(certificates.len());
+                for NewCertificate { record: cert, evidence, audit } in certificates {
+                    match status.get(cert.agent_name.as_str()).cloned().flatten() {
+                        Some(status) if status == "active" => {}
+                        other => {
+                            let status = other.unwrap_or_else(|| "absent".to_owned());
+                            outcomes.push(CertificateInsert::AgentNotActive { status });
+                            continue;
+                        }
+                    }
+                    if compromised.contains(cert.public_key_sha256.as_str()) {
+                        outcomes.push(CertificateInsert::KeyCompromised);
+                        continue;
+                    }
+                    Self::append_audit(&mut tx, audit).await?;
+                    Self::insert_evidence(&mut tx, evidence.as_ref()).await?;
+                    sqlx::query(
+                        "INSERT INTO certificates (serial, agent_name, key_id, public_key_sha256, not_before,
+                            not_after, der, attestation_digest, policy_version, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    )
+                    .bind(&cert.serial)
+                    .bind(&cert.agent_name)
+                    .bind(&cert.key_id)
                     .bind(&cert.public_key_sha256)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if compromised.is_some() {
-                    return Ok(CertificateInsert::KeyCompromised);
+                    .bind(cert.not_before)
+                    .bind(cert.not_after)
+                    .bind(&cert.der)
+                    .bind(&cert.attestation_digest)
+                    .bind(cert.policy_version)
+                    .bind(cert.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| unique_violation(e, "certificate serial"))?;
+                    outcomes.push(CertificateInsert::Inserted);
                 }
-                Self::append_audit(&mut tx, audit).await?;
-                Self::insert_evidence(&mut tx, evidence).await?;
-                sqlx::query(
-                    "INSERT INTO certificates (serial, agent_name, key_id, public_key_sha256, not_before,
-                        not_after, der, attestation_digest, policy_version, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                )
-                .bind(&cert.serial)
-                .bind(&cert.agent_name)
-                .bind(&cert.key_id)
-                .bind(&cert.public_key_sha256)
-                .bind(cert.not_before)
-                .bind(cert.not_after)
-                .bind(&cert.der)
-                .bind(&cert.attestation_digest)
-                .bind(cert.policy_version)
-                .bind(cert.created_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| unique_violation(e, "certificate serial"))?;
                 tx.commit().await?;
-                Ok(CertificateInsert::Inserted)
+                Ok(outcomes)
             }
 
             async fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
@@ -779,7 +803,7 @@ macro_rules! impl_store {
                         });
                     }
                 }
-                // Serialized with issuance for this agent (see insert_certificate).
+                // Serialized with issuance for this agent (see insert_certificates).
                 Self::lock_agent(&mut tx, &agent).await?;
                 let serials = if compromise {
                     let key = CompromisedKey {
