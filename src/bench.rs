@@ -636,6 +636,28 @@ pub struct BenchRun {
     pub pools: Vec<KeyPool>,
 }
 
+/// The token the `raw` mode signs on, opened apart from any server, and a
+/// key on it.
+fn raw_key(pkcs11: &Pkcs11Config) -> anyhow::Result<(Arc<Pkcs11Backend>, KeyId)> {
+    use crate::keys::KeySession;
+    let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
+    let key = KeyId::random("bench");
+    backend.open_pkcs11_session()?.generate(&key)?;
+    Ok((backend, key))
+}
+
+/// One slice of `raw` on `workers` threads, with its CPU time.
+async fn raw_slice(
+    backend: &Arc<Pkcs11Backend>,
+    key: &KeyId,
+    workers: usize,
+    slice: Duration,
+) -> anyhow::Result<Sample> {
+    let (b, k) = (backend.clone(), key.clone());
+    with_cpu(async { tokio::task::spawn_blocking(move || raw(&b, &k, workers, slice)).await? })
+        .await
+}
+
 /// Cuts a run of `seconds` per mode into rounds of short slices. Short
 /// slices spread every mode evenly over the run: the load other tenants put
 /// on a shared machine drifts over seconds, and a mode measured in one
@@ -652,12 +674,7 @@ pub async fn run(
     pkcs11: &Pkcs11Config,
     options: &BenchOptions,
 ) -> anyhow::Result<BenchRun> {
-    let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
-    let key = KeyId::random("bench");
-    backend.open_pkcs11_session().map(|mut s| {
-        use crate::keys::KeySession;
-        s.generate(&key)
-    })??;
+    let (backend, key) = raw_key(pkcs11)?;
     let wants = |m: &str| options.modes.iter().any(|x| x == m);
     let (w, c) = (options.workers, options.concurrency);
     let (rounds, slice) = rounds_and_slice(options.seconds);
@@ -727,13 +744,7 @@ pub async fn run(
     );
     for _ in 0..rounds {
         if wants("raw") {
-            let (b, k) = (backend.clone(), key.clone());
-            raw_s.add(
-                with_cpu(async {
-                    tokio::task::spawn_blocking(move || raw(&b, &k, w, slice)).await?
-                })
-                .await?,
-            );
+            raw_s.add(raw_slice(&backend, &key, w, slice).await?);
         }
         if let Some(pool_handle) = &pool_handle {
             pool_s.add(with_cpu(async { Ok(pool(pool_handle, &key, c, slice).await) }).await?);
@@ -793,12 +804,7 @@ pub async fn run_issue(
     pkcs11: &Pkcs11Config,
     options: &BenchOptions,
 ) -> anyhow::Result<BenchRun> {
-    let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
-    let key = KeyId::random("bench");
-    backend.open_pkcs11_session().map(|mut s| {
-        use crate::keys::KeySession;
-        s.generate(&key)
-    })??;
+    let (backend, key) = raw_key(pkcs11)?;
     let wants = |m: &str| options.modes.iter().any(|x| x == m);
     let (w, c) = (options.workers, options.concurrency);
     let (rounds, slice) = rounds_and_slice(options.seconds);
@@ -833,13 +839,7 @@ pub async fn run_issue(
     );
     for _ in 0..rounds {
         if wants("raw") {
-            let (b, k) = (backend.clone(), key.clone());
-            raw_s.add(
-                with_cpu(async {
-                    tokio::task::spawn_blocking(move || raw(&b, &k, w, slice)).await?
-                })
-                .await?,
-            );
+            raw_s.add(raw_slice(&backend, &key, w, slice).await?);
         }
         issue_s.add(with_cpu(http(&server, &mut connections, &custodial, slice, None)).await?);
         if wants("http-issue-half") {
