@@ -61,7 +61,6 @@ pub struct Keyward {
 /// CA, the attestation key and an admin token exist.
 pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Keyward> {
     private_dir(&config.data_dir).context("creating the data directory")?;
-    refuse_shared_data(config)?;
     let metrics = Metrics::new();
     let backend = keys.open().context("opening the key store")?;
     let mut pool_config = config.pool.clone();
@@ -290,7 +289,9 @@ async fn ensure_service_key(
 
 /// Refuses to start on a data directory, or a SQLite database, that group
 /// or others can read: an existing one is not re-permissioned behind the
-/// operator's back, but it is not used either.
+/// operator's back, but it is not used either. The CLI calls it for every
+/// command that opens keyward's state, before the embedded token is
+/// prepared in the directory.
 pub fn refuse_shared_data(config: &Config) -> anyhow::Result<()> {
     let mut paths = vec![config.data_dir.clone()];
     if let Some(db) = sqlite_path(&config.database_url) {

@@ -439,7 +439,7 @@ impl Authority {
             serial: issued.serial.clone(),
             agent_name: agent.to_string(),
             key_id: key_id.map(|k| k.to_string()),
-            public_key_sha256: hex::encode(Sha256::digest(spki_der)),
+            public_key_sha256: crate::store::public_key_sha256(&spki_der),
             not_before: issued.not_before,
             not_after: issued.not_after,
             der: issued.der.clone(),

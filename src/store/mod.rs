@@ -192,6 +192,13 @@ pub struct NewCertificate {
     pub audit: AuditEvent,
 }
 
+/// Hex SHA-256 of a DER SubjectPublicKeyInfo: how `certificates` and
+/// `compromised_keys` name a key.
+pub fn public_key_sha256(spki_der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(spki_der))
+}
+
 /// The RFC 5280 reason that bars a key for good.
 pub const KEY_COMPROMISE: &str = "keyCompromise";
 

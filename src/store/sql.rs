@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 use sqlx::{Pool, Postgres, QueryBuilder, Row, Sqlite, Transaction};
 
+use super::public_key_sha256;
 use super::{
     AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
     CertificateInsert, CertificateRecord, CertificateRevocation, CustodialKeyAge, HookDelivery,
@@ -119,12 +120,6 @@ impl SqlStore<Postgres> {
 struct CompromisedKey {
     public_key_sha256: String,
     key_id: Option<String>,
-}
-
-/// Hex SHA-256 of a DER SubjectPublicKeyInfo, as `certificates` holds it.
-fn public_key_sha256(spki_der: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(spki_der))
 }
 
 fn now_ms() -> i64 {
