@@ -32,8 +32,8 @@ use crate::ca::status::StatusPublisher;
 use crate::ca::Authority;
 use crate::config::Config;
 use crate::embedded::{private_dir, write_private_file};
-use crate::keys::KeyId;
 use crate::keys::KeyStoreConfig;
+use crate::keys::{KeyId, KeyRef, KeyStorage};
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
 use tower::Layer;
@@ -125,6 +125,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         .await
         .context("loading the revocation set")?;
     revocations.watch(&config.database_url);
+    check_custodial_storage(&pool, config.custodial_storage).await?;
     let registry = Arc::new(Registry::new(
         pool.clone(),
         store.clone(),
@@ -132,6 +133,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         evidence_signer,
         agent_cache.clone(),
         revocations.clone(),
+        config.custodial_storage,
     ));
     let signature_log = SignatureLog::start(&config.database_url)
         .await
@@ -240,6 +242,35 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         authority,
         tls,
     })
+}
+
+/// Fails at start, not at the first registration, when the token cannot
+/// keep custodial keys as configured (no wrapping key, or one that could let
+/// keys out): a key is generated, checked and let go of.
+async fn check_custodial_storage(pool: &KeyPool, storage: KeyStorage) -> anyhow::Result<()> {
+    if storage == KeyStorage::Token {
+        return Ok(());
+    }
+    let probe = KeyId::random("probe");
+    let generated = pool
+        .generate_custodial(&probe, storage)
+        .await
+        .with_context(|| format!("custodial_storage = \"{}\"", storage.as_str()))?;
+    generated
+        .attributes
+        .check_custody(storage)
+        .map_err(|attribute| {
+            anyhow::anyhow!("the token generated a key with the wrong {attribute}")
+        })?;
+    if let Some(blob) = generated.wrapped {
+        let key = KeyRef::Wrapped {
+            id: probe,
+            blob: blob.into(),
+            public_key: generated.public_key,
+        };
+        pool.destroy_custodial(&key).await?;
+    }
+    Ok(())
 }
 
 async fn ensure_service_key(

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::ca::TtlLimits;
 use crate::identity::TrustDomain;
 use crate::keys::pkcs11::Pkcs11Config;
+use crate::keys::KeyStorage;
 use crate::pool::PoolConfig;
 
 pub const DEFAULT_DATA_DIR: &str = "./keyward-data";
@@ -93,12 +94,19 @@ pub const DEFAULT_HOOK_HOSTS: [&str; 3] = ["127.0.0.1", "localhost", "[::1]"];
 #[serde(tag = "backend", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum KeysFile {
     /// SoftHSM2 token created and owned by keyward under the data directory.
-    EmbeddedSofthsm,
+    /// Custodial keys are kept wrapped unless `custodial_storage = "token"`.
+    EmbeddedSofthsm {
+        custodial_storage: Option<KeyStorage>,
+    },
+    /// Custodial keys are token objects unless `custodial_storage =
+    /// "wrapped"`, which needs the token's wrapping key (`keyward keys
+    /// create-wrapping-key`).
     Pkcs11 {
         module: PathBuf,
         token_label: String,
         user_pin_env: Option<String>,
         user_pin_file: Option<PathBuf>,
+        custodial_storage: Option<KeyStorage>,
     },
     /// A TPM 2.0 through a TCTI; key blobs under `key_dir` (default
     /// `<data-dir>/tpm-keys`).
@@ -176,6 +184,8 @@ pub struct Config {
     pub trust_domain: TrustDomain,
     pub database_url: String,
     pub keys: KeysConfig,
+    /// Where agents' custodial keys are kept (see `keys::KeyStorage`).
+    pub custodial_storage: KeyStorage,
     pub pool: PoolConfig,
     pub ttl: TtlLimits,
     pub ca_validity: Duration,
@@ -264,13 +274,29 @@ impl ConfigFile {
             Some(url) => url,
             None => format!("sqlite://{}", data_dir.join("keyward.db").display()),
         };
-        let keys = match self.keys.unwrap_or(KeysFile::EmbeddedSofthsm) {
-            KeysFile::EmbeddedSofthsm => KeysConfig::EmbeddedSoftHsm,
+        let keys_file = self.keys.unwrap_or(KeysFile::EmbeddedSofthsm {
+            custodial_storage: None,
+        });
+        // The embedded token has a wrapping key from its first start; an
+        // operator's token needs one made by its security officer first.
+        let custodial_storage = match &keys_file {
+            KeysFile::EmbeddedSofthsm { custodial_storage } => {
+                custodial_storage.unwrap_or(KeyStorage::Wrapped)
+            }
+            KeysFile::Pkcs11 {
+                custodial_storage, ..
+            } => custodial_storage.unwrap_or(KeyStorage::Token),
+            // TPM keys already live outside the TPM only as blobs it seals.
+            KeysFile::Tpm { .. } => KeyStorage::Token,
+        };
+        let keys = match keys_file {
+            KeysFile::EmbeddedSofthsm { .. } => KeysConfig::EmbeddedSoftHsm,
             KeysFile::Pkcs11 {
                 module,
                 token_label,
                 user_pin_env,
                 user_pin_file,
+                ..
             } => {
                 let user_pin = match (user_pin_env, user_pin_file) {
                     (Some(var), None) => SecretString::from(std::env::var(&var).map_err(|_| {
@@ -359,6 +385,7 @@ impl ConfigFile {
             trust_domain,
             database_url,
             keys,
+            custodial_storage,
             pool,
             ttl,
             ca_validity,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use secrecy::SecretString;
 
 use crate::config::{read_secret_file, EMBEDDED_TOKEN_LABEL};
-use crate::keys::pkcs11::{init_token, load_module, Pkcs11Config};
+use crate::keys::pkcs11::{create_wrapping_key, init_token, load_module, Pkcs11Config};
 
 /// Where Debian, Ubuntu, Fedora and source builds put the module.
 const SOFTHSM_MODULE_PATHS: [&str; 4] = [
@@ -123,9 +123,20 @@ pub fn prepare(data_dir: &Path) -> anyhow::Result<Pkcs11Config> {
         write_private_file(&pin_file, user_pin.expose_secret().as_bytes())?;
         tracing::info!(token = EMBEDDED_TOKEN_LABEL, dir = %dir.display(), "initialized the embedded SoftHSM2 token");
     }
+    let user_pin = read_secret_file(&pin_file)?;
+    // Custodial keys are kept wrapped by default (KeyStorage::Wrapped); a
+    // token made before wrapped keys existed gets its wrapping key now.
+    let ctx = load_module(&module)?;
+    let so_pin = read_secret_file(&dir.join("so.pin"))?;
+    if create_wrapping_key(&ctx, EMBEDDED_TOKEN_LABEL, &so_pin, &user_pin)? {
+        tracing::info!(
+            token = EMBEDDED_TOKEN_LABEL,
+            "created the embedded token's wrapping key"
+        );
+    }
     Ok(Pkcs11Config {
         module,
         token_label: EMBEDDED_TOKEN_LABEL.into(),
-        user_pin: read_secret_file(&pin_file)?,
+        user_pin,
     })
 }

@@ -57,8 +57,64 @@ fn openssl_verify(server: &Server, issued: &Value) -> (bool, String) {
         .arg(leaf))
 }
 
-async fn a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token(db: Db) {
+/// The default: the agent's key is generated on the token and kept wrapped
+/// in the database, under a wrapping key that never leaves the token.
+async fn a_registered_agent_gets_a_spiffe_id_and_a_key_wrapped_by_the_token(db: Db) {
     let server = Server::start(db).await;
+    let agent = create_agent(&server, "alpha").await;
+    assert_eq!(agent["spiffe_id"], "spiffe://keyward.local/agent/alpha");
+    let key_id = agent["key_id"].as_str().unwrap();
+    assert!(server.custodial_key_held(key_id).await);
+    let listing = server.token_private_keys();
+    assert!(
+        !listing.contains(&format!("label:      {key_id}")),
+        "a wrapped key is no token object: {listing}"
+    );
+    assert_service_keys_are_hardware_resident(&listing);
+    // The wrapping key: on the token, private, sensitive, never
+    // extractable, trusted (the one key wrapped keys may leave under).
+    let secret_keys = server.token_objects("secrkey");
+    let wrapping: Vec<&str> = secret_keys
+        .split("Secret Key Object")
+        .filter(|k| k.contains("keyward-wrapping-key"))
+        .collect();
+    assert_eq!(wrapping.len(), 1, "{secret_keys}");
+    assert!(
+        wrapping[0].contains("sensitive") && wrapping[0].contains("never extractable"),
+        "{secret_keys}"
+    );
+    assert!(
+        wrapping[0].contains("Usage:      wrap, unwrap") || wrapping[0].contains("wrap, unwrap"),
+        "{secret_keys}"
+    );
+    assert!(
+        !server
+            .token_objects_without_login("secrkey")
+            .contains("keyward-wrapping-key"),
+        "the wrapping key is private: no session without the PIN sees it"
+    );
+
+    let (status, signed) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/sign",
+            Some(json!({"message_b64": "aGk="})),
+        )
+        .await;
+    assert_eq!(status, 200, "{signed}");
+    assert_eq!(signed["key_id"], key_id);
+    let (status, fetched) = server.admin("GET", "/v1/agents/alpha", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(fetched["key_id"], agent["key_id"]);
+    assert!(
+        fetched.get("key_wrapped").is_none(),
+        "the blob is not served: {fetched}"
+    );
+}
+
+/// With `custodial_storage = "token"`, one token object per agent.
+async fn a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token(db: Db) {
+    let server = Server::start_with_config(db, common::TOKEN_STORAGE).await;
     let agent = create_agent(&server, "alpha").await;
     assert_eq!(agent["spiffe_id"], "spiffe://keyward.local/agent/alpha");
     assert!(agent["public_key_pem"]
@@ -72,17 +128,12 @@ async fn a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token(db: Db) {
         listing.contains(&format!("label:      {key_id}")),
         "{listing}"
     );
-    // Every private key on the token, the CA's included: generated there,
-    // sensitive, never extractable, and good for signing only.
-    let keys: Vec<&str> = listing.split("Private Key Object").skip(1).collect();
-    assert!(keys.len() >= 3, "CA, attestation and agent keys: {listing}");
-    for key in keys {
-        assert!(
-            key.contains("Access:     sensitive, always sensitive, never extractable, local"),
-            "{key}"
-        );
-        assert!(key.lines().any(|l| l.trim() == "Usage:      sign"), "{key}");
-    }
+    assert_eq!(server.wrapped_key_count().await, 0);
+    assert!(
+        listing.split("Private Key Object").skip(1).count() > common::SERVICE_KEYS,
+        "CA, attestation and agent keys: {listing}"
+    );
+    assert_service_keys_are_hardware_resident(&listing);
 
     let (status, listed) = server.admin("GET", "/v1/agents", None).await;
     assert_eq!(status, 200);
@@ -90,6 +141,20 @@ async fn a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token(db: Db) {
     let (status, fetched) = server.admin("GET", "/v1/agents/alpha", None).await;
     assert_eq!(status, 200);
     assert_eq!(fetched["key_id"], agent["key_id"]);
+}
+
+/// Every private key on the token, the CA's included: generated there,
+/// sensitive, never extractable, and good for signing only.
+fn assert_service_keys_are_hardware_resident(listing: &str) {
+    let keys: Vec<&str> = listing.split("Private Key Object").skip(1).collect();
+    assert!(keys.len() >= common::SERVICE_KEYS, "{listing}");
+    for key in keys {
+        assert!(
+            key.contains("Access:     sensitive, always sensitive, never extractable, local"),
+            "{key}"
+        );
+        assert!(key.lines().any(|l| l.trim() == "Usage:      sign"), "{key}");
+    }
 }
 
 async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
@@ -179,10 +244,22 @@ async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
             .unwrap(),
     )
     .unwrap();
-    for claim in ["local", "always_sensitive", "never_extractable", "sign"] {
+    // Kept wrapped (the default): generated on the token, always
+    // sensitive, and extractable only under the token's trusted wrapping
+    // key; the evidence and the certificate say so.
+    for claim in ["local", "always_sensitive", "sign", "wrap_with_trusted"] {
         assert_eq!(statement["attributes"][claim], true, "{claim}");
     }
-    assert_eq!(statement["attributes"]["extractable"], false);
+    for claim in ["never_extractable", "decrypt", "derive", "unwrap"] {
+        assert_eq!(statement["attributes"][claim], false, "{claim}");
+    }
+    assert_eq!(statement["attributes"]["extractable"], true);
+    assert_eq!(statement["storage"], "wrapped");
+    assert!(
+        claims.key_location.ends_with(", wrapped"),
+        "{}",
+        claims.key_location
+    );
     assert_eq!(statement["key_id"], agent["key_id"]);
 
     // The certificate's key is the agent's custodial key.
@@ -478,11 +555,15 @@ async fn bad_input_is_refused_and_writes_nothing(db: Db) {
         before,
         "a refused request wrote a row"
     );
-    let listing = server.token_private_keys();
     assert_eq!(
-        listing.matches("Private Key Object").count(),
-        3,
-        "a refused request left a key: {listing}"
+        server.token_private_key_count(),
+        common::SERVICE_KEYS,
+        "a refused request left a key on the token"
+    );
+    assert_eq!(
+        server.wrapped_key_count().await,
+        1,
+        "a refused request left a wrapped key"
     );
 }
 
@@ -541,13 +622,16 @@ async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
     let issued = issue(&server, "alpha", json!({})).await;
     let (ok, out) = openssl_verify(&server, &issued);
     assert!(ok, "{out}");
-    assert_eq!(
-        server
-            .token_private_keys()
-            .matches("Private Key Object")
-            .count(),
-        3
-    );
+    // The wrapped key, read back from the database, signs in the new process.
+    let (status, signed) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/sign",
+            Some(json!({"message_b64": "aGk="})),
+        )
+        .await;
+    assert_eq!(status, 200, "{signed}");
+    assert_eq!(server.token_private_key_count(), common::SERVICE_KEYS);
 }
 
 async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
@@ -579,13 +663,28 @@ async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
     assert!(!text.contains(server.admin_token.trim()) && !text.contains(pin.trim()));
 }
 
-/// 200 registrations from 16 concurrent clients all succeed, and the
-/// token holds exactly one key per agent besides keyward's own (the CA's
-/// and the attestation key): none failed half-way, none was left behind.
-/// SoftHSM2 refused a second concurrent C_GenerateKeyPair (7 of 300
-/// registrations answered 503 before key creation was serialized).
+/// 200 registrations from 16 concurrent clients all succeed, each with
+/// one wrapped key in the database and none on the token besides keyward's
+/// own (the CA's and the attestation key).
 async fn concurrent_registrations_all_succeed_and_leave_no_stray_key(db: Db) {
     let server = Server::start(db).await;
+    register_200_concurrently(&server).await;
+    assert_eq!(server.wrapped_key_count().await, 200);
+    assert_eq!(server.token_private_key_count(), common::SERVICE_KEYS);
+}
+
+/// With token objects, the token holds exactly one key per agent besides
+/// keyward's own: none failed half-way, none was left behind. SoftHSM2
+/// refused a second concurrent C_GenerateKeyPair (7 of 300 registrations
+/// answered 503 before key creation was serialized).
+async fn concurrent_registrations_of_token_keys_all_succeed_and_leave_no_stray_key(db: Db) {
+    let server = Server::start_with_config(db, common::TOKEN_STORAGE).await;
+    register_200_concurrently(&server).await;
+    assert_eq!(server.wrapped_key_count().await, 0);
+    assert_eq!(server.token_private_key_count(), 200 + common::SERVICE_KEYS);
+}
+
+async fn register_200_concurrently(server: &Server) {
     let ca = std::fs::read(server.path("ca.pem")).unwrap();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut clients = Vec::new();
@@ -628,17 +727,12 @@ async fn concurrent_registrations_all_succeed_and_leave_no_stray_key(db: Db) {
         &failures[..failures.len().min(3)]
     );
     assert_eq!(server.sql("SELECT COUNT(*) FROM agents").await, Some(200));
-    assert_eq!(
-        server
-            .token_private_keys()
-            .matches("Private Key Object")
-            .count(),
-        200 + 2
-    );
 }
 
 on_both_databases!(
     concurrent_registrations_all_succeed_and_leave_no_stray_key,
+    concurrent_registrations_of_token_keys_all_succeed_and_leave_no_stray_key,
+    a_registered_agent_gets_a_spiffe_id_and_a_key_wrapped_by_the_token,
     a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token,
     a_custodial_certificate_verifies_and_follows_the_profile,
     a_csr_certificate_carries_the_csr_key_and_keywards_names,

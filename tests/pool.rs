@@ -74,6 +74,7 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
         custody: "custodial".into(),
         key_id: Some(key.to_string()),
         public_key_der: None,
+        key_wrapped: None,
         attestation_digest: None,
         scopes: vec![],
         status: "active".into(),

@@ -41,17 +41,27 @@ async fn verdict(server: &Server, certificate_pem: &Value, signature: &Value) ->
     verdict
 }
 
-fn on_token(server: &Server, key_id: &str) -> bool {
-    server
-        .token_private_keys()
-        .contains(&format!("label:      {key_id}"))
+/// The default: custodial keys kept wrapped in the database.
+async fn a_rotated_key_signs_only_in_its_grace_and_is_destroyed_after_retention(db: Db) {
+    let server = Server::start(db).await;
+    rotated_key_lifecycle(&server).await;
+    assert_eq!(
+        server.token_private_key_count(),
+        common::SERVICE_KEYS,
+        "wrapped keys never become token objects"
+    );
 }
 
-async fn a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retention(db: Db) {
-    let server = Server::start(db).await;
+async fn a_rotated_token_key_signs_only_in_its_grace_and_leaves_the_token_after_retention(db: Db) {
+    let server = Server::start_with_config(db, common::TOKEN_STORAGE).await;
+    rotated_key_lifecycle(&server).await;
+    assert_eq!(server.token_private_key_count(), common::SERVICE_KEYS + 1);
+}
+
+async fn rotated_key_lifecycle(server: &Server) {
     let (agent, old_cert) = (
-        common::register_agent(&server, "alpha").await,
-        common::issue_certificate(&server, "alpha").await,
+        common::register_agent(server, "alpha").await,
+        common::issue_certificate(server, "alpha").await,
     );
     let old_key = agent["key_id"].as_str().unwrap().to_owned();
 
@@ -66,15 +76,15 @@ async fn a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retent
     assert_eq!(rotated["old_key_id"], old_key);
     let new_key = rotated["new_key_id"].as_str().unwrap().to_owned();
     assert_ne!(new_key, old_key);
-    assert!(on_token(&server, &new_key) && on_token(&server, &old_key));
+    assert!(server.custodial_key_held(&new_key).await && server.custodial_key_held(&old_key).await);
 
     // The current key signs by default, under the new certificate.
-    let (status, signed) = sign(&server, "alpha", None).await;
+    let (status, signed) = sign(server, "alpha", None).await;
     assert_eq!(status, 200, "{signed}");
     assert_eq!(signed["key_id"], new_key);
     assert_eq!(signed["certificate_serial"], rotated["serial"]);
     let checked = verdict(
-        &server,
+        server,
         &rotated["certificate_pem"],
         &signed["signature_der_b64"],
     )
@@ -83,12 +93,12 @@ async fn a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retent
 
     // The old key, named, signs during its grace; its certificate is
     // revoked, so the signature no longer verifies as keyward's.
-    let (status, by_old) = sign(&server, "alpha", Some(&old_key)).await;
+    let (status, by_old) = sign(server, "alpha", Some(&old_key)).await;
     assert_eq!(status, 200, "{by_old}");
     assert_eq!(by_old["key_id"], old_key);
     assert!(by_old["certificate_serial"].is_null());
     let checked = verdict(
-        &server,
+        server,
         &old_cert["certificate_pem"],
         &by_old["signature_der_b64"],
     )
@@ -96,22 +106,22 @@ async fn a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retent
     assert_eq!(checked["reason"], "revoked", "{checked}");
 
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let (status, refused) = sign(&server, "alpha", Some(&old_key)).await;
+    let (status, refused) = sign(server, "alpha", Some(&old_key)).await;
     assert_eq!(
         (status, refused["error"]["code"].as_str()),
         (403, Some("key_retired"))
     );
 
-    // After retention the old key is gone from the token; the new one stays.
+    // After retention the old key is destroyed; the new one stays.
     let start = Instant::now();
-    while on_token(&server, &old_key) {
+    while server.custodial_key_held(&old_key).await {
         assert!(
             start.elapsed() < Duration::from_secs(15),
             "the retired key is still on the token"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(on_token(&server, &new_key));
+    assert!(server.custodial_key_held(&new_key).await);
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
     keyward::audit::verify_chain(&records).unwrap();
     let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
@@ -173,10 +183,8 @@ async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
             Some(json!({"reason": "cessationOfOperation"})),
         )
         .await;
-    let keys_before = server
-        .token_private_keys()
-        .matches("Private Key Object")
-        .count();
+    let keys_before = server.token_private_key_count();
+    let wrapped_before = server.wrapped_key_count().await;
     let rows_before = server.row_counts().await;
     let cases = [
         ("alpha", json!({"reason": "whim"}), 400, "invalid_reason"),
@@ -219,12 +227,14 @@ async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
     }
     assert_eq!(server.row_counts().await, rows_before);
     assert_eq!(
-        server
-            .token_private_keys()
-            .matches("Private Key Object")
-            .count(),
+        server.token_private_key_count(),
         keys_before,
         "a refused rotation left a key on the token"
+    );
+    assert_eq!(
+        server.wrapped_key_count().await,
+        wrapped_before,
+        "a refused rotation left a wrapped key"
     );
 }
 
@@ -424,7 +434,8 @@ async fn the_other_replica_stops_using_a_rotated_key_at_once() {
 on_both_databases!(
     the_policy_rotates_old_keys_on_schedule,
     a_rotated_ca_keeps_validating_what_it_issued,
-    a_rotated_key_signs_only_in_its_grace_and_leaves_the_token_after_retention,
+    a_rotated_key_signs_only_in_its_grace_and_is_destroyed_after_retention,
+    a_rotated_token_key_signs_only_in_its_grace_and_leaves_the_token_after_retention,
     a_key_rotated_for_compromise_signs_nothing_more,
     bad_rotations_are_refused_and_leave_no_key_behind,
 );

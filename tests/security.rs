@@ -681,7 +681,8 @@ fn rfc3339(unix: i64) -> String {
 /// Finding 6: a signature made with a compromised key, checked "as of"
 /// a time before the revocation.
 async fn a_backdated_time_does_not_save_a_signature_by_a_compromised_key(db: Db) {
-    let server = Server::start(db).await;
+    // The thief signs on the token itself, so the key is a token object.
+    let server = Server::start_with_config(db, common::TOKEN_STORAGE).await;
     let agent = register_agent_with(&server, "alpha", &[]).await;
     let certificate = issue_custodial(&server, "alpha").await;
     let before = time::OffsetDateTime::now_utc().unix_timestamp();

@@ -10,14 +10,15 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::identity::AgentName;
-use crate::keys::KeyId;
+use crate::keys::KeyRef;
 
 /// How long an entry is trusted without asking the database again.
 pub const TTL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct SigningView {
-    pub key_id: Option<KeyId>,
+    /// The custodial key, with its blob when it is kept wrapped.
+    pub key: Option<KeyRef>,
     pub status: String,
     /// The agent's scopes: its roles under the policy.
     pub scopes: Vec<String>,

@@ -16,7 +16,7 @@ use crate::ca::crl::RevocationReason;
 use crate::ca::csr::VerifiedCsr;
 use crate::ca::{AgentCertificateRequest, Authority, CaError, IssuedCertificate};
 use crate::identity::{AgentName, Scope};
-use crate::keys::KeyId;
+use crate::keys::{GeneratedKey, KeyId, KeyRef, KeyStorage};
 use crate::pool::{KeyPool, PoolError};
 use crate::revocation::RevocationSet;
 use crate::store::{
@@ -137,6 +137,32 @@ pub struct Registry {
     evidence_signer: EvidenceSigner,
     cache: Arc<AgentCache>,
     revocations: Arc<RevocationSet>,
+    /// Where new custodial keys are kept.
+    storage: KeyStorage,
+}
+
+/// The pool's reference to a custodial key, from its stored record: a
+/// token object, or a blob the token unwraps (with the public key it must
+/// sign for).
+pub fn custodial_key_ref(
+    key_id: &str,
+    public_key_der: Option<&[u8]>,
+    wrapped: Option<&[u8]>,
+) -> Result<KeyRef, AgentError> {
+    let id = KeyId::parse(key_id).map_err(|e| AgentError::Corrupt(e.to_string()))?;
+    let Some(blob) = wrapped else {
+        return Ok(KeyRef::Token(id));
+    };
+    let public_key = public_key_der
+        .map(PublicKey::from_public_key_der)
+        .transpose()
+        .map_err(|e| AgentError::Corrupt(e.to_string()))?
+        .ok_or_else(|| AgentError::Corrupt(format!("wrapped key {id} has no public key")))?;
+    Ok(KeyRef::Wrapped {
+        id,
+        blob: Arc::from(blob),
+        public_key,
+    })
 }
 
 /// How to rotate an agent's key.
@@ -176,6 +202,7 @@ impl Registry {
         evidence_signer: EvidenceSigner,
         cache: Arc<AgentCache>,
         revocations: Arc<RevocationSet>,
+        storage: KeyStorage,
     ) -> Self {
         Self {
             pool,
@@ -184,6 +211,20 @@ impl Registry {
             evidence_signer,
             cache,
             revocations,
+            storage,
+        }
+    }
+
+    /// A generated custodial key as the pool refers to it, to let go of it
+    /// when it is not recorded after all.
+    fn generated_ref(key: &KeyId, generated: &GeneratedKey) -> KeyRef {
+        match &generated.wrapped {
+            Some(blob) => KeyRef::Wrapped {
+                id: key.clone(),
+                blob: Arc::from(blob.as_slice()),
+                public_key: generated.public_key,
+            },
+            None => KeyRef::Token(key.clone()),
         }
     }
 
@@ -267,14 +308,15 @@ impl Registry {
         policy_version: i64,
     ) -> Result<RotatedKey, AgentError> {
         let key = KeyId::random("agent");
-        let public_key = self.pool.generate(&key).await?;
+        let generated = self.pool.generate_custodial(&key, self.storage).await?;
         let outcome = self
-            .record_rotation(actor, name, &key, &public_key, &rotation)
+            .record_rotation(actor, name, &key, &generated, &rotation)
             .await;
         let old_key_id = match outcome {
             Ok(KeyRotationOutcome::Rotated { old_key_id, .. }) => old_key_id,
             other => {
-                if let Err(e) = self.pool.destroy(&key).await {
+                let unrecorded = Self::generated_ref(&key, &generated);
+                if let Err(e) = self.pool.destroy_custodial(&unrecorded).await {
                     tracing::error!(key = %key, error = %e, "could not remove the key of a rotation that did not happen");
                 }
                 return Err(match other {
@@ -310,12 +352,13 @@ impl Registry {
         actor: &str,
         name: &AgentName,
         key: &KeyId,
-        public_key: &PublicKey,
+        generated: &GeneratedKey,
         rotation: &Rotation,
     ) -> Result<KeyRotationOutcome, AgentError> {
         let attested =
-            attest_custodial_key(&self.pool, &self.evidence_signer, key, public_key).await?;
-        let public_key_der = public_key
+            attest_custodial_key(&self.pool, &self.evidence_signer, key, generated).await?;
+        let public_key_der = generated
+            .public_key
             .to_public_key_der()
             .map_err(|e| AgentError::Corrupt(e.to_string()))?
             .into_vec();
@@ -334,6 +377,7 @@ impl Registry {
                 &KeyRotation {
                     new_key_id: key.as_str(),
                     new_public_key_der: &public_key_der,
+                    new_key_wrapped: generated.wrapped.as_deref(),
                     new_evidence: &attested.evidence,
                     reason: rotation.reason.as_str(),
                     at,
@@ -353,14 +397,17 @@ impl Registry {
         let due = self.store.retired_keys_due(now).await?;
         let mut destroyed = 0;
         for retired in due {
-            let key =
-                KeyId::parse(&retired.key_id).map_err(|e| AgentError::Corrupt(e.to_string()))?;
-            match self.pool.destroy(&key).await {
+            let key = custodial_key_ref(
+                &retired.key_id,
+                Some(&retired.public_key_der),
+                retired.key_wrapped.as_deref(),
+            )?;
+            match self.pool.destroy_custodial(&key).await {
                 Ok(()) => {}
                 // Another replica destroyed it between our query and now.
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "destroying a retired key failed");
+                    tracing::warn!(key = %key.id(), error = %e, "destroying a retired key failed");
                     continue;
                 }
             }
@@ -392,12 +439,13 @@ impl Registry {
             return Err(AgentError::AlreadyExists(name.to_string()));
         }
         let key = KeyId::random("agent");
-        let public_key = self.pool.generate(&key).await?;
+        let generated = self.pool.generate_custodial(&key, self.storage).await?;
         let result = self
-            .record_new_agent(actor, name, scopes, &key, &public_key, policy_version)
+            .record_new_agent(actor, name, scopes, &key, &generated, policy_version)
             .await;
         if result.is_err() {
-            if let Err(e) = self.pool.destroy(&key).await {
+            let unrecorded = Self::generated_ref(&key, &generated);
+            if let Err(e) = self.pool.destroy_custodial(&unrecorded).await {
                 tracing::error!(key = %key, error = %e, "could not remove the key of an agent that was not created");
             }
         }
@@ -410,13 +458,14 @@ impl Registry {
         name: &AgentName,
         scopes: Vec<Scope>,
         key: &KeyId,
-        public_key: &PublicKey,
+        generated: &GeneratedKey,
         policy_version: i64,
     ) -> Result<AgentView, AgentError> {
         let attested =
-            attest_custodial_key(&self.pool, &self.evidence_signer, key, public_key).await?;
+            attest_custodial_key(&self.pool, &self.evidence_signer, key, generated).await?;
         let evidence = &attested.evidence;
-        let public_key_der = public_key
+        let public_key_der = generated
+            .public_key
             .to_public_key_der()
             .map_err(|e| AgentError::Corrupt(e.to_string()))?
             .into_vec();
@@ -426,6 +475,7 @@ impl Registry {
             custody: CUSTODIAL.into(),
             key_id: Some(key.to_string()),
             public_key_der: Some(public_key_der),
+            key_wrapped: generated.wrapped.clone(),
             attestation_digest: Some(evidence.digest.clone()),
             scopes: scopes.into_iter().map(String::from).collect(),
             status: ACTIVE.into(),
@@ -469,6 +519,7 @@ impl Registry {
             custody: AGENT_TPM.into(),
             key_id: None,
             public_key_der: None,
+            key_wrapped: None,
             attestation_digest: None,
             scopes: scopes.into_iter().map(String::from).collect(),
             status: ACTIVE.into(),

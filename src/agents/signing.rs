@@ -14,7 +14,7 @@ use crate::ca::cert::Certificate;
 use crate::ca::Authority;
 use crate::envelope::{self, Claims, Header};
 use crate::identity::AgentName;
-use crate::keys::KeyId;
+use crate::keys::{KeyId, KeyRef};
 use crate::pool::KeyPool;
 use crate::revocation::{RevocationSet, RevocationView};
 use crate::store::{SignatureLog, SignatureRecord, Store};
@@ -129,16 +129,18 @@ impl AgentSigner {
             .agent(agent.as_str())
             .await?
             .ok_or_else(|| AgentError::NotFound(agent.to_string()))?;
-        let key_id = record
-            .key_id
-            .as_deref()
-            .map(KeyId::parse)
-            .transpose()
-            .map_err(|e| AgentError::Corrupt(e.to_string()))?;
-        let newest = match &key_id {
+        let key = match &record.key_id {
+            Some(id) => Some(super::custodial_key_ref(
+                id,
+                record.public_key_der.as_deref(),
+                record.key_wrapped.as_deref(),
+            )?),
+            None => None,
+        };
+        let newest = match &key {
             Some(key) => {
                 self.store
-                    .newest_certificate_for_key(key.as_str(), now)
+                    .newest_certificate_for_key(key.id().as_str(), now)
                     .await?
             }
             None => None,
@@ -148,7 +150,7 @@ impl AgentSigner {
             None => (None, 0),
         };
         let view = SigningView {
-            key_id,
+            key,
             status: record.status,
             scopes: record.scopes,
             certificate_serial,
@@ -171,7 +173,7 @@ impl AgentSigner {
         &self,
         agent: &AgentName,
         now: i64,
-    ) -> Result<(Arc<SigningView>, KeyId, Arc<RevocationView>), AgentError> {
+    ) -> Result<(Arc<SigningView>, KeyRef, Arc<RevocationView>), AgentError> {
         // The revocation set first: it is current within a second on every
         // replica, where the cached view may be a second old.
         let revoked = self.revocations.current();
@@ -181,9 +183,9 @@ impl AgentSigner {
         let mut view = self.view(agent, now).await?;
         // Rotated on another replica since this entry was cached.
         if view
-            .key_id
+            .key
             .as_ref()
-            .is_some_and(|key| revoked.key_retired(key.as_str()))
+            .is_some_and(|key| revoked.key_retired(key.id().as_str()))
         {
             self.cache.invalidate(agent);
             view = self.view(agent, now).await?;
@@ -194,34 +196,34 @@ impl AgentSigner {
                 view.status.clone(),
             ));
         }
-        let key_id = view
-            .key_id
+        let key = view
+            .key
             .clone()
             .ok_or_else(|| AgentError::NoCustodialKey(agent.to_string()))?;
         // A compromised key signs nothing more: its signatures could not be
         // told from a thief's. The agent needs a new key (rotate-key).
-        if revoked.key_compromised(key_id.as_str()) {
-            return Err(AgentError::KeyCompromised(key_id.to_string()));
+        if revoked.key_compromised(key.id().as_str()) {
+            return Err(AgentError::KeyCompromised(key.id().to_string()));
         }
-        Ok((view, key_id, revoked))
+        Ok((view, key, revoked))
     }
 
     /// Signs on the token and records the signature durably.
     async fn sign_and_record(
         &self,
         agent: &AgentName,
-        key_id: &KeyId,
+        key: &KeyRef,
         digest: [u8; 32],
         purpose: Purpose<'_>,
         request: SigningRequest<'_>,
     ) -> Result<Signature, AgentError> {
         // Queued first: a request the pool refuses at once (full queue,
         // open breaker) leaves no record.
-        let pending = self.pool.start_sign(key_id, digest)?;
+        let pending = self.pool.start_sign(key.clone(), digest)?;
         let record = SignatureRecord {
             request_id: request.id.to_owned(),
             agent_name: agent.to_string(),
-            key_id: key_id.to_string(),
+            key_id: key.id().to_string(),
             digest: hex::encode(digest),
             purpose: purpose.as_str().to_owned(),
             message: purpose.message(),
@@ -255,7 +257,7 @@ impl AgentSigner {
         let now = time::OffsetDateTime::now_utc();
         let (view, current, revoked) = self.signing_agent(agent, now.unix_timestamp()).await?;
         let (key, certificate_serial) = match key_id {
-            Some(requested) if requested != current.as_str() => (
+            Some(requested) if requested != current.id().as_str() => (
                 self.retired_key_in_grace(agent, requested, now).await?,
                 None,
             ),
@@ -281,7 +283,7 @@ impl AgentSigner {
             .await?;
         Ok(AgentSignature {
             signature,
-            key_id: key,
+            key_id: key.id().clone(),
             certificate_serial,
         })
     }
@@ -292,7 +294,7 @@ impl AgentSigner {
         agent: &AgentName,
         key_id: &str,
         now: time::OffsetDateTime,
-    ) -> Result<KeyId, AgentError> {
+    ) -> Result<KeyRef, AgentError> {
         let retired = self.store.retired_key(key_id).await?;
         match retired {
             Some(r)
@@ -300,7 +302,11 @@ impl AgentSigner {
                     && r.destroyed_at.is_none()
                     && now.unix_timestamp() < r.sign_until =>
             {
-                KeyId::parse(&r.key_id).map_err(|e| AgentError::Corrupt(e.to_string()))
+                super::custodial_key_ref(
+                    &r.key_id,
+                    Some(&r.public_key_der),
+                    r.key_wrapped.as_deref(),
+                )
             }
             _ => Err(AgentError::KeyRetired(key_id.to_owned())),
         }
@@ -318,7 +324,7 @@ impl AgentSigner {
         policy_version: i64,
     ) -> Result<SignedMessage, AgentError> {
         let now = time::OffsetDateTime::now_utc();
-        let (view, key_id, revoked) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let (view, key, revoked) = self.signing_agent(agent, now.unix_timestamp()).await?;
         let serial = view
             .certificate_serial
             .clone()
@@ -356,7 +362,7 @@ impl AgentSigner {
         let signature = self
             .sign_and_record(
                 agent,
-                &key_id,
+                &key,
                 envelope::signing_digest(&input),
                 Purpose::Message(&what),
                 SigningRequest {

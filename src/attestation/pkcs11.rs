@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{AttestationError, AttestedKey, Verified};
-use crate::keys::{KeyAttributes, KeyId, TokenDescription};
+use crate::keys::{GeneratedKey, KeyAttributes, KeyId, KeyStorage, TokenDescription};
 use crate::pool::KeyPool;
 use crate::store::AttestationRecord;
 
@@ -56,8 +56,18 @@ pub struct Statement {
     pub spki_sha256: String,
     pub curve: String,
     pub token: TokenDescription,
+    /// Where the key is kept between uses: `token` (a token object) or
+    /// `wrapped` (in keyward's database, wrapped under a key that never
+    /// leaves the token). Evidence written before wrapped keys existed has
+    /// none and means `token`.
+    #[serde(default = "token_storage")]
+    pub storage: KeyStorage,
     pub attributes: AttributeClaims,
     pub observed_at: i64,
+}
+
+fn token_storage() -> KeyStorage {
+    KeyStorage::Token
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,6 +81,8 @@ pub struct AttributeClaims {
     pub decrypt: bool,
     pub derive: bool,
     pub unwrap: bool,
+    #[serde(default)]
+    pub wrap_with_trusted: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -92,22 +104,31 @@ fn claims_of(a: &KeyAttributes) -> AttributeClaims {
         decrypt: a.decrypt,
         derive: a.derive,
         unwrap: a.unwrap,
+        wrap_with_trusted: a.wrap_with_trusted,
     }
 }
 
-/// Reads the key's attributes from the token, refuses a key that is not
-/// hardware-resident, and signs the statement with the attestation key.
+/// Takes the token's account of a key as generated, refuses a key whose
+/// attributes do not match its storage (never extractable on the token;
+/// extractable only under a trusted wrapping key when wrapped), and signs
+/// the statement with the attestation key.
 pub async fn attest_custodial_key(
     pool: &KeyPool,
     signer: &EvidenceSigner,
     key: &KeyId,
-    public_key: &PublicKey,
+    generated: &GeneratedKey,
 ) -> Result<Verified<AttestedKey>, AttestationError> {
     use p256::pkcs8::EncodePublicKey;
 
-    let attributes = pool.attributes(key).await?;
+    let attributes = &generated.attributes;
+    let public_key: &PublicKey = &generated.public_key;
+    let storage = if generated.wrapped.is_some() {
+        KeyStorage::Wrapped
+    } else {
+        KeyStorage::Token
+    };
     attributes
-        .check_hardware_resident()
+        .check_custody(storage)
         .map_err(AttestationError::NotHardwareResident)?;
     let spki = public_key
         .to_public_key_der()
@@ -118,7 +139,8 @@ pub async fn attest_custodial_key(
         spki_sha256: hex::encode(Sha256::digest(spki.as_bytes())),
         curve: "P-256".into(),
         token: attributes.token.clone(),
-        attributes: claims_of(&attributes),
+        storage,
+        attributes: claims_of(attributes),
         observed_at: now,
     };
     let statement_bytes = serde_json::to_vec(&statement).expect("plain data serializes");
@@ -137,7 +159,7 @@ pub async fn attest_custodial_key(
     let evidence = serde_json::to_vec(&document).expect("plain data serializes");
     Ok(Verified::new(AttestedKey {
         format,
-        key_location: attributes.token.to_string(),
+        key_location: key_location(&attributes.token, storage),
         evidence: AttestationRecord {
             digest: hex::encode(Sha256::digest(&evidence)),
             format: format.into(),
@@ -145,6 +167,15 @@ pub async fn attest_custodial_key(
             created_at: now,
         },
     }))
+}
+
+/// Where the evidence says the key is, as certificates and the audit trail
+/// name it.
+fn key_location(token: &TokenDescription, storage: KeyStorage) -> String {
+    match storage {
+        KeyStorage::Token => token.to_string(),
+        KeyStorage::Wrapped => format!("{token}, wrapped"),
+    }
 }
 
 /// Re-reads stored evidence that keyward itself produced and stored (the
@@ -165,7 +196,7 @@ pub fn from_stored(record: AttestationRecord) -> Result<Verified<AttestedKey>, A
         })?;
     Ok(Verified::new(AttestedKey {
         format,
-        key_location: statement.token.to_string(),
+        key_location: key_location(&statement.token, statement.storage),
         evidence: record,
     }))
 }

@@ -118,18 +118,39 @@ pub struct KeyAttributes {
     pub decrypt: bool,
     pub derive: bool,
     pub unwrap: bool,
+    /// CKA_WRAP_WITH_TRUSTED: the key can leave the token only wrapped by
+    /// a key the token's security officer marked trusted. Absent from
+    /// evidence written before wrapped keys existed, where it was false.
+    #[serde(default)]
+    pub wrap_with_trusted: bool,
 }
 
 impl KeyAttributes {
-    /// The attributes every key keyward uses must have. Returns the name of
-    /// the first attribute that is wrong.
-    pub fn check_hardware_resident(&self) -> Result<(), &'static str> {
-        let expectations: [(&'static str, bool, bool); 9] = [
+    /// The attributes a key kept in `storage` must have, as read back right
+    /// after generation. Returns the name of the first attribute that is
+    /// wrong.
+    pub fn check_custody(&self, storage: KeyStorage) -> Result<(), &'static str> {
+        // A wrapped key must be extractable (that is how it leaves the
+        // token), but only under a trusted wrapping key, never in the clear.
+        let (extractable, never_extractable, wrap_with_trusted) = match storage {
+            KeyStorage::Token => (false, true, self.wrap_with_trusted),
+            KeyStorage::Wrapped => (true, false, true),
+        };
+        let expectations: [(&'static str, bool, bool); 10] = [
             ("CKA_LOCAL", self.local, true),
             ("CKA_SENSITIVE", self.sensitive, true),
             ("CKA_ALWAYS_SENSITIVE", self.always_sensitive, true),
-            ("CKA_EXTRACTABLE", self.extractable, false),
-            ("CKA_NEVER_EXTRACTABLE", self.never_extractable, true),
+            ("CKA_EXTRACTABLE", self.extractable, extractable),
+            (
+                "CKA_NEVER_EXTRACTABLE",
+                self.never_extractable,
+                never_extractable,
+            ),
+            (
+                "CKA_WRAP_WITH_TRUSTED",
+                self.wrap_with_trusted,
+                wrap_with_trusted,
+            ),
             ("CKA_SIGN", self.sign, true),
             ("CKA_DECRYPT", self.decrypt, false),
             ("CKA_DERIVE", self.derive, false),
@@ -142,6 +163,68 @@ impl KeyAttributes {
         }
         Ok(())
     }
+
+    /// The attributes of a key that never leaves the token.
+    pub fn check_hardware_resident(&self) -> Result<(), &'static str> {
+        self.check_custody(KeyStorage::Token)
+    }
+}
+
+/// Where an agent's custodial key is kept between uses.
+///
+/// `Token`: a token object, one per agent; the token's object store bounds
+/// the number of agents (a YubiHSM 2 holds 256 objects, and SoftHSM2's file
+/// store slows with every object). `Wrapped`: generated on the token, then
+/// kept in keyward's database encrypted under a wrapping key that never
+/// leaves the token (AES key wrap with padding, RFC 5649), and unwrapped
+/// into a session object when it signs, as the TPM backend keeps its keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStorage {
+    Token,
+    Wrapped,
+}
+
+impl KeyStorage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStorage::Token => "token",
+            KeyStorage::Wrapped => "wrapped",
+        }
+    }
+}
+
+/// A custodial key as the pool is asked to use it.
+#[derive(Clone, Debug)]
+pub enum KeyRef {
+    /// A token object, found by its id.
+    Token(KeyId),
+    /// A key the token wrapped: `blob` is what it unwraps, `public_key` what
+    /// the unwrapped key must sign for (a blob stored under the wrong key
+    /// id is refused, never used).
+    Wrapped {
+        id: KeyId,
+        blob: Arc<[u8]>,
+        public_key: PublicKey,
+    },
+}
+
+impl KeyRef {
+    pub fn id(&self) -> &KeyId {
+        match self {
+            KeyRef::Token(id) | KeyRef::Wrapped { id, .. } => id,
+        }
+    }
+}
+
+/// A custodial key just generated: its public half, the token's account of
+/// it as generated (the evidence's source), and for a wrapped key the blob
+/// to store.
+#[derive(Clone, Debug)]
+pub struct GeneratedKey {
+    pub public_key: PublicKey,
+    pub attributes: KeyAttributes,
+    pub wrapped: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +250,10 @@ pub enum KeyError {
     Token { function: String, detail: String },
     #[error("token returned malformed data: {0}")]
     Malformed(String),
+    /// The token refused to unwrap a stored key, or the key it unwrapped is
+    /// not the one recorded: the blob is damaged or not this key's.
+    #[error("wrapped key {0} does not unwrap to its recorded public key")]
+    WrappedKeyInvalid(KeyId),
     #[error("key backend configuration: {0}")]
     Config(String),
 }
@@ -241,6 +328,46 @@ pub trait KeySession: Send {
 
     /// Destroys the key (both halves) on the token.
     fn destroy(&mut self, id: &KeyId) -> Result<(), KeyError>;
+
+    /// Generates a custodial key kept in `storage`, with the token's
+    /// account of it as generated.
+    fn generate_custodial(
+        &mut self,
+        id: &KeyId,
+        storage: KeyStorage,
+    ) -> Result<GeneratedKey, KeyError> {
+        match storage {
+            KeyStorage::Token => {
+                let public_key = self.generate(id)?;
+                let attributes = self.attributes(id)?;
+                Ok(GeneratedKey {
+                    public_key,
+                    attributes,
+                    wrapped: None,
+                })
+            }
+            KeyStorage::Wrapped => Err(KeyError::Config(
+                "this key store keeps no wrapped keys (custodial_storage = \"token\")".into(),
+            )),
+        }
+    }
+
+    /// Signs with a wrapped key (see [`KeyRef::Wrapped`]).
+    fn sign_wrapped(
+        &mut self,
+        id: &KeyId,
+        _blob: &[u8],
+        _public_key: &PublicKey,
+        _digest: &[u8; 32],
+    ) -> Result<Signature, KeyError> {
+        Err(KeyError::NotFound(id.clone()))
+    }
+
+    /// Lets go of a wrapped key: every session drops its unwrapped copy.
+    /// The blob itself is the caller's to delete.
+    fn forget_wrapped(&mut self, _id: &KeyId) -> Result<(), KeyError> {
+        Ok(())
+    }
 
     /// A cheap call that fails when the session or device is unusable.
     fn ping(&mut self) -> Result<(), KeyError>;

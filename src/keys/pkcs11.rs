@@ -6,10 +6,10 @@
 //! session logs in only if the application is not logged in yet and never
 //! calls `C_Logout`: logging out one session would log out every worker.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -18,13 +18,30 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use p256::ecdsa::Signature;
+use hashlink::LruCache;
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use p256::ecdsa::{Signature, VerifyingKey};
 use p256::PublicKey;
 use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
 
 use super::{
-    BackendKind, KeyAttributes, KeyBackend, KeyError, KeyId, KeySession, TokenDescription,
+    BackendKind, GeneratedKey, KeyAttributes, KeyBackend, KeyError, KeyId, KeySession, KeyStorage,
+    TokenDescription,
 };
+
+/// CKA_LABEL of the token's wrapping key for custodial keys kept wrapped
+/// (`KeyStorage::Wrapped`).
+pub const WRAPPING_KEY_LABEL: &str = "keyward-wrapping-key";
+
+/// Unwrapped keys a session keeps live (as session objects) at most; past
+/// it the least recently used is destroyed and unwrapped again when next
+/// needed. Each worker has its own: a few tens of megabytes in the module.
+pub const LIVE_WRAPPED_KEYS_PER_SESSION: usize = 16_384;
+
+/// Wrapped-key ids forgotten lately, for sessions to catch up on; a
+/// session further behind drops every live key it holds.
+const FORGOTTEN_REMEMBERED: usize = 1024;
 
 /// DER of the namedCurve OID prime256v1 (1.2.840.10045.3.1.7), as CKA_EC_PARAMS.
 const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -166,6 +183,12 @@ struct Shared {
     /// to the token's objects on SoftHSM2. Filled when a key is generated
     /// or first found; emptied when the module is re-initialized.
     handles: RwLock<HashMap<KeyId, ObjectHandle>>,
+    /// Wrapped keys let go of (`forget_wrapped`), numbered: every session
+    /// destroys its live copy when it next signs with a wrapped key.
+    forgotten: Mutex<VecDeque<(u64, KeyId)>>,
+    forgotten_epoch: AtomicU64,
+    /// Invariant: >= 1. See `LIVE_WRAPPED_KEYS_PER_SESSION`.
+    live_wrapped_capacity: usize,
 }
 
 /// Handles the directory keeps at most: a few megabytes. Past it, lookups
@@ -216,6 +239,9 @@ impl Pkcs11Backend {
                 label: config.token_label.clone(),
                 generation: AtomicU64::new(0),
                 handles: RwLock::new(HashMap::new()),
+                forgotten: Mutex::new(VecDeque::new()),
+                forgotten_epoch: AtomicU64::new(0),
+                live_wrapped_capacity: LIVE_WRAPPED_KEYS_PER_SESSION,
             }),
         };
         // Fail at start-up on a wrong PIN rather than on the first request.
@@ -225,6 +251,15 @@ impl Pkcs11Backend {
 
     pub fn token(&self) -> &TokenDescription {
         &self.shared.token
+    }
+
+    /// Keeps at most `capacity` unwrapped keys live per session (default
+    /// [`LIVE_WRAPPED_KEYS_PER_SESSION`]). Call before opening sessions.
+    pub fn with_live_wrapped_capacity(mut self, capacity: usize) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.live_wrapped_capacity = capacity.max(1);
+        }
+        self
     }
 
     /// A new logged-in session with its own handle cache.
@@ -247,6 +282,9 @@ impl Pkcs11Backend {
             shared: Arc::clone(&self.shared),
             session,
             private_keys: HashMap::new(),
+            wrapping_key: None,
+            live_wrapped: LruCache::new(shared.live_wrapped_capacity),
+            forgotten_seen: shared.forgotten_epoch.load(Ordering::Acquire),
         })
     }
 }
@@ -324,6 +362,16 @@ pub struct Pkcs11Session {
     /// Object handles are stable for the life of the session, so each key is
     /// looked up once (C_FindObjects halves the signing rate on SoftHSM2).
     private_keys: HashMap<KeyId, ObjectHandle>,
+    /// The token's wrapping key, once found.
+    wrapping_key: Option<ObjectHandle>,
+    /// Wrapped keys unwrapped into session objects of this session, least
+    /// recently used first. Per session, not shared: this session alone
+    /// creates and destroys them, so no other thread can hold a handle to
+    /// an object destroyed here (a module may reuse the number for another
+    /// agent's key).
+    live_wrapped: LruCache<KeyId, ObjectHandle>,
+    /// The last `Shared::forgotten_epoch` this session acted on.
+    forgotten_seen: u64,
 }
 
 /// The private key's handle: from the session's own cache (no lock on the
@@ -433,6 +481,7 @@ impl Pkcs11Session {
             AttributeType::Decrypt,
             AttributeType::Derive,
             AttributeType::Unwrap,
+            AttributeType::WrapWithTrusted,
         ];
         let values = self
             .session
@@ -450,6 +499,7 @@ impl Pkcs11Session {
             decrypt: true,
             derive: true,
             unwrap: true,
+            wrap_with_trusted: false,
         };
         for value in values {
             match value {
@@ -462,6 +512,7 @@ impl Pkcs11Session {
                 Attribute::Decrypt(v) => attrs.decrypt = v,
                 Attribute::Derive(v) => attrs.derive = v,
                 Attribute::Unwrap(v) => attrs.unwrap = v,
+                Attribute::WrapWithTrusted(v) => attrs.wrap_with_trusted = v,
                 _ => {}
             }
         }
@@ -478,6 +529,394 @@ fn parse_ec_point(raw: &[u8]) -> Result<PublicKey, KeyError> {
     };
     PublicKey::from_sec1_bytes(point)
         .map_err(|_| KeyError::Malformed("CKA_EC_POINT is not a P-256 point".into()))
+}
+
+/// The private-key template of a custodial key kept wrapped: sensitive,
+/// and extractable only under a trusted wrapping key.
+fn wrapped_private_template(id: &KeyId) -> Vec<Attribute> {
+    let id_bytes = id.as_str().as_bytes().to_vec();
+    vec![
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Derive(false),
+        Attribute::Unwrap(false),
+        Attribute::Copyable(false),
+        Attribute::Id(id_bytes.clone()),
+        Attribute::Label(id_bytes),
+    ]
+}
+
+/// What an unwrapped copy is: the same key, but never wrapped again (the
+/// stored blob is its only form outside the token).
+fn unwrapped_template(id: &KeyId) -> Vec<Attribute> {
+    let id_bytes = id.as_str().as_bytes().to_vec();
+    vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Derive(false),
+        Attribute::Unwrap(false),
+        Attribute::Copyable(false),
+        Attribute::Id(id_bytes.clone()),
+        Attribute::Label(id_bytes),
+    ]
+}
+
+/// The digest an unwrapped key signs once to show it is the key its
+/// record names.
+fn probe_digest(id: &KeyId) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(b"keyward wrapped-key probe\0")
+        .chain_update(id.as_str())
+        .finalize()
+        .into()
+}
+
+/// Creates the token's wrapping key for custodial keys kept wrapped, if it
+/// has none: an AES-256 key that wraps and unwraps only, is sensitive, can
+/// never be extracted, is marked CKA_TRUSTED (so keys generated with
+/// CKA_WRAP_WITH_TRUSTED can leave the token under it and under nothing
+/// else), and is private (so no session without the user PIN can unwrap
+/// with it). Returns whether it created one.
+///
+/// Only the security officer may set CKA_TRUSTED, and the security officer
+/// cannot create private objects (PKCS#11 §4.1), so the key is born public
+/// and copyable under the SO, copied by the user into a private,
+/// uncopyable object (the copy keeps CKA_TRUSTED), and the public original
+/// destroyed. Runs with no other session logged in on the token.
+pub fn create_wrapping_key(
+    ctx: &Pkcs11,
+    token_label: &str,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<bool, KeyError> {
+    let slot = find_slot(ctx, token_label)?;
+    let user = ctx.open_rw_session(slot).map_err(classify)?;
+    let user_pin = AuthPin::from(user_pin.expose_secret());
+    match user.login(UserType::User, Some(&user_pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => return Err(classify(e)),
+    }
+    if find_wrapping_key(&user)?.is_some() {
+        return Ok(false);
+    }
+    user.logout().map_err(classify)?;
+    let so = ctx.open_rw_session(slot).map_err(classify)?;
+    so.login(UserType::So, Some(&AuthPin::from(so_pin.expose_secret())))
+        .map_err(classify)?;
+    let born = so
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::ValueLen(32.into()),
+                Attribute::Trusted(true),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Derive(false),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Copyable(true),
+                Attribute::Label(b"keyward-wrapping-key-unsealed".to_vec()),
+            ],
+        )
+        .map_err(classify)?;
+    so.logout().map_err(classify)?;
+    drop(so);
+    user.login(UserType::User, Some(&user_pin))
+        .map_err(classify)?;
+    let copied = user.copy_object(
+        born,
+        &[
+            Attribute::Private(true),
+            Attribute::Label(WRAPPING_KEY_LABEL.as_bytes().to_vec()),
+        ],
+    );
+    let destroyed = user.destroy_object(born);
+    let key = copied.map_err(classify)?;
+    destroyed.map_err(classify)?;
+    // Copies could only be as strong (sensitive, unextractable), but there
+    // is no use for one; a module that keeps CKA_COPYABLE read-only keeps it.
+    let _ = user.update_attributes(key, &[Attribute::Copyable(false)]);
+    check_wrapping_key(&user, key)?;
+    user.logout().map_err(classify)?;
+    Ok(true)
+}
+
+fn find_wrapping_key(session: &Session) -> Result<Option<ObjectHandle>, KeyError> {
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(WRAPPING_KEY_LABEL.as_bytes().to_vec()),
+    ];
+    let found = session.find_objects(&template).map_err(classify)?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(KeyError::Config(format!(
+            "several keys on the token are labelled {WRAPPING_KEY_LABEL}"
+        ))),
+    }
+}
+
+/// Refuses a wrapping key that could let a custodial key out in the clear
+/// or be used without the user PIN.
+fn check_wrapping_key(session: &Session, key: ObjectHandle) -> Result<(), KeyError> {
+    let wanted = [
+        AttributeType::Trusted,
+        AttributeType::Private,
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+        AttributeType::KeyType,
+    ];
+    let values = session.get_attributes(key, &wanted).map_err(classify)?;
+    let mut ok = [false; 5];
+    for value in values {
+        match value {
+            Attribute::Trusted(v) => ok[0] = v,
+            Attribute::Private(v) => ok[1] = v,
+            Attribute::Sensitive(v) => ok[2] = v,
+            Attribute::Extractable(v) => ok[3] = !v,
+            Attribute::KeyType(t) => ok[4] = t == KeyType::AES,
+            _ => {}
+        }
+    }
+    let names = [
+        "CKA_TRUSTED true",
+        "CKA_PRIVATE true",
+        "CKA_SENSITIVE true",
+        "CKA_EXTRACTABLE false",
+        "CKA_KEY_TYPE CKK_AES",
+    ];
+    match ok.iter().position(|good| !good) {
+        None => Ok(()),
+        Some(i) => Err(KeyError::Config(format!(
+            "the token's {WRAPPING_KEY_LABEL} must have {}",
+            names[i]
+        ))),
+    }
+}
+
+/// Maps a failed C_UnwrapKey: a blob the token cannot open is the blob's
+/// fault, not the device's (SoftHSM2 answers a damaged one with
+/// CKR_GENERAL_ERROR, which elsewhere means re-initialize the module).
+fn classify_unwrap(e: CkError, id: &KeyId) -> KeyError {
+    match classify(e) {
+        KeyError::DeviceFailure { detail, .. } if detail.contains("GeneralError") => {
+            KeyError::WrappedKeyInvalid(id.clone())
+        }
+        KeyError::Token { detail, .. }
+            if detail.contains("WrappedKey")
+                || detail.contains("EncryptedData")
+                || detail.contains("TemplateInconsistent") =>
+        {
+            KeyError::WrappedKeyInvalid(id.clone())
+        }
+        other => other,
+    }
+}
+
+impl Pkcs11Session {
+    fn wrapping_key(&mut self) -> Result<ObjectHandle, KeyError> {
+        if let Some(key) = self.wrapping_key {
+            return Ok(key);
+        }
+        let key = find_wrapping_key(&self.session)?.ok_or_else(|| {
+            KeyError::Config(format!(
+                "custodial_storage = \"wrapped\" needs a key labelled {WRAPPING_KEY_LABEL} on \
+                 the token (keyward keys create-wrapping-key)"
+            ))
+        })?;
+        check_wrapping_key(&self.session, key)?;
+        self.wrapping_key = Some(key);
+        Ok(key)
+    }
+
+    /// Destroys the live copies of wrapped keys forgotten since this
+    /// session last looked.
+    fn catch_up_on_forgotten(&mut self) {
+        let epoch = self.shared.forgotten_epoch.load(Ordering::Acquire);
+        if epoch == self.forgotten_seen {
+            return;
+        }
+        let forgotten: Vec<(u64, KeyId)> = {
+            let list = self
+                .shared
+                .forgotten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            list.iter()
+                .filter(|(n, _)| *n > self.forgotten_seen)
+                .cloned()
+                .collect()
+        };
+        let fell_behind = forgotten
+            .first()
+            .is_none_or(|(n, _)| *n > self.forgotten_seen + 1);
+        if fell_behind {
+            self.drop_live_wrapped();
+        } else {
+            for (_, id) in &forgotten {
+                if let Some(handle) = self.live_wrapped.remove(id) {
+                    let _ = self.session.destroy_object(handle);
+                }
+            }
+        }
+        self.forgotten_seen = epoch;
+    }
+
+    fn drop_live_wrapped(&mut self) {
+        let handles: Vec<ObjectHandle> = self.live_wrapped.iter().map(|(_, h)| *h).collect();
+        self.live_wrapped.clear();
+        for handle in handles {
+            let _ = self.session.destroy_object(handle);
+        }
+    }
+
+    fn keep_live(&mut self, id: &KeyId, handle: ObjectHandle) {
+        if self.live_wrapped.len() >= self.live_wrapped.capacity() {
+            if let Some((_, oldest)) = self.live_wrapped.remove_lru() {
+                let _ = self.session.destroy_object(oldest);
+            }
+        }
+        self.live_wrapped.insert(id.clone(), handle);
+    }
+
+    /// Unwraps `blob` into a session object and proves it is the key whose
+    /// public half the caller recorded.
+    fn unwrap_live(
+        &mut self,
+        id: &KeyId,
+        blob: &[u8],
+        public_key: &PublicKey,
+    ) -> Result<ObjectHandle, KeyError> {
+        let wrapping = self.wrapping_key()?;
+        let handle = self
+            .session
+            .unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                wrapping,
+                blob,
+                &unwrapped_template(id),
+            )
+            .map_err(|e| classify_unwrap(e, id))?;
+        let probe = probe_digest(id);
+        let proven = self
+            .session
+            .sign(&Mechanism::Ecdsa, handle, &probe)
+            .map_err(classify)
+            .and_then(|raw| {
+                Signature::from_slice(&raw)
+                    .map_err(|_| KeyError::Malformed("C_Sign returned no P-256 (r, s) pair".into()))
+            })
+            .map(|signature| {
+                VerifyingKey::from(public_key)
+                    .verify_prehash(&probe, &signature)
+                    .is_ok()
+            });
+        match proven {
+            Ok(true) => Ok(handle),
+            Ok(false) => {
+                let _ = self.session.destroy_object(handle);
+                Err(KeyError::WrappedKeyInvalid(id.clone()))
+            }
+            Err(e) => {
+                let _ = self.session.destroy_object(handle);
+                Err(e)
+            }
+        }
+    }
+
+    fn generate_wrapped(&mut self, id: &KeyId) -> Result<GeneratedKey, KeyError> {
+        let wrapping = self.wrapping_key()?;
+        let public_template = [
+            Attribute::Token(false),
+            Attribute::Private(false),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Derive(false),
+        ];
+        let (public, private) = self
+            .session
+            .generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &public_template,
+                &wrapped_private_template(id),
+            )
+            .map_err(classify)?;
+        let made = self.finish_wrapped(id, wrapping, public, private);
+        // The public half is in the blob's record, not on the token.
+        let _ = self.session.destroy_object(public);
+        match made {
+            Ok(generated) => {
+                self.keep_live(id, private);
+                Ok(generated)
+            }
+            Err(e) => {
+                let _ = self.session.destroy_object(private);
+                Err(e)
+            }
+        }
+    }
+
+    fn finish_wrapped(
+        &mut self,
+        id: &KeyId,
+        wrapping: ObjectHandle,
+        public: ObjectHandle,
+        private: ObjectHandle,
+    ) -> Result<GeneratedKey, KeyError> {
+        let attributes = self.read_attributes(private)?;
+        attributes
+            .check_custody(KeyStorage::Wrapped)
+            .map_err(|attribute| KeyError::NotHardwareResident {
+                key: id.clone(),
+                attribute,
+            })?;
+        let public_key = self.read_public_point(public)?;
+        let blob = self
+            .session
+            .wrap_key(&Mechanism::AesKeyWrapPad, wrapping, private)
+            .map_err(classify)?;
+        Ok(GeneratedKey {
+            public_key,
+            attributes,
+            wrapped: Some(blob),
+        })
+    }
+
+    fn read_public_point(&self, public: ObjectHandle) -> Result<PublicKey, KeyError> {
+        let point = self
+            .session
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(classify)?;
+        match point.as_slice() {
+            [Attribute::EcPoint(p)] => parse_ec_point(p),
+            _ => Err(KeyError::Malformed(
+                "no CKA_EC_POINT on the public key".into(),
+            )),
+        }
+    }
 }
 
 impl KeySession for Pkcs11Session {
@@ -635,6 +1074,90 @@ impl KeySession for Pkcs11Session {
         } else {
             Err(KeyError::NotFound(id.clone()))
         }
+    }
+
+    fn generate_custodial(
+        &mut self,
+        id: &KeyId,
+        storage: KeyStorage,
+    ) -> Result<GeneratedKey, KeyError> {
+        match storage {
+            KeyStorage::Token => {
+                let public_key = self.generate(id)?;
+                let attributes = self.attributes(id)?;
+                Ok(GeneratedKey {
+                    public_key,
+                    attributes,
+                    wrapped: None,
+                })
+            }
+            // Session objects only: nothing is written to the token's
+            // object store, so generations need not run alone.
+            KeyStorage::Wrapped => {
+                let shared = Arc::clone(&self.shared);
+                let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
+                self.catch_up_on_forgotten();
+                self.generate_wrapped(id)
+            }
+        }
+    }
+
+    fn sign_wrapped(
+        &mut self,
+        id: &KeyId,
+        blob: &[u8],
+        public_key: &PublicKey,
+        digest: &[u8; 32],
+    ) -> Result<Signature, KeyError> {
+        let shared = Arc::clone(&self.shared);
+        let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        self.catch_up_on_forgotten();
+        let mut retried = false;
+        let raw = loop {
+            let handle = match self.live_wrapped.get(id) {
+                Some(handle) => *handle,
+                None => {
+                    let handle = self.unwrap_live(id, blob, public_key)?;
+                    self.keep_live(id, handle);
+                    handle
+                }
+            };
+            match self.session.sign(&Mechanism::Ecdsa, handle, digest) {
+                // The module dropped the object (it cannot have been
+                // another key's: only this session destroys its objects).
+                Err(CkError::Pkcs11(
+                    RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+                    _,
+                )) if !retried => {
+                    self.live_wrapped.remove(id);
+                    retried = true;
+                }
+                other => break other.map_err(classify)?,
+            }
+        };
+        let signature = Signature::from_slice(&raw)
+            .map_err(|_| KeyError::Malformed("C_Sign returned no P-256 (r, s) pair".into()))?;
+        Ok(signature.normalize_s().unwrap_or(signature))
+    }
+
+    fn forget_wrapped(&mut self, id: &KeyId) -> Result<(), KeyError> {
+        {
+            let mut list = self
+                .shared
+                .forgotten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let epoch = self.shared.forgotten_epoch.load(Ordering::Acquire) + 1;
+            list.push_back((epoch, id.clone()));
+            while list.len() > FORGOTTEN_REMEMBERED {
+                list.pop_front();
+            }
+            self.shared.forgotten_epoch.store(epoch, Ordering::Release);
+        }
+        let shared = Arc::clone(&self.shared);
+        let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        self.catch_up_on_forgotten();
+        Ok(())
     }
 
     fn ping(&mut self) -> Result<(), KeyError> {

@@ -99,6 +99,7 @@ impl KeySession for SoftwareBackend {
                 decrypt: false,
                 derive: false,
                 unwrap: false,
+                wrap_with_trusted: false,
             })
         })
     }

@@ -237,6 +237,9 @@ fn key_attributes(token: TokenDescription, a: ObjectAttributes) -> KeyAttributes
         // Unwrapping (loading or importing children, ActivateCredential) is
         // what a restricted decryption key, i.e. a storage key, does.
         unwrap: a.decrypt() && a.restricted(),
+        // TPM keys leave the TPM only as blobs its own storage key
+        // protects; PKCS#11's wrap-with-trusted does not apply.
+        wrap_with_trusted: false,
     }
 }
 

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 pub use breaker::{Breaker, BreakerState};
 
 use crate::handoff::Handoff;
-use crate::keys::{KeyAttributes, KeyBackend, KeyError, KeyId, KeySession};
+use crate::keys::{GeneratedKey, KeyBackend, KeyError, KeyId, KeyRef, KeySession, KeyStorage};
 use crate::telemetry::PoolMetrics;
 
 #[derive(Clone, Debug)]
@@ -74,11 +74,12 @@ impl PoolError {
 }
 
 enum KeyOp {
-    Sign { key: KeyId, digest: [u8; 32] },
+    Sign { key: KeyRef, digest: [u8; 32] },
     Generate { key: KeyId },
+    GenerateCustodial { key: KeyId, storage: KeyStorage },
     PublicKey { key: KeyId },
-    Attributes { key: KeyId },
     Destroy { key: KeyId },
+    ForgetWrapped { key: KeyId },
     Ping,
 }
 
@@ -86,10 +87,9 @@ impl KeyOp {
     fn name(&self) -> &'static str {
         match self {
             KeyOp::Sign { .. } => "sign",
-            KeyOp::Generate { .. } => "generate",
+            KeyOp::Generate { .. } | KeyOp::GenerateCustodial { .. } => "generate",
             KeyOp::PublicKey { .. } => "public_key",
-            KeyOp::Attributes { .. } => "attributes",
-            KeyOp::Destroy { .. } => "destroy",
+            KeyOp::Destroy { .. } | KeyOp::ForgetWrapped { .. } => "destroy",
             KeyOp::Ping => "ping",
         }
     }
@@ -97,14 +97,17 @@ impl KeyOp {
     /// Whether running the operation twice is harmless, so it may be retried
     /// on a fresh session after a connection failure.
     fn is_idempotent(&self) -> bool {
-        !matches!(self, KeyOp::Generate { .. } | KeyOp::Destroy { .. })
+        !matches!(
+            self,
+            KeyOp::Generate { .. } | KeyOp::GenerateCustodial { .. } | KeyOp::Destroy { .. }
+        )
     }
 }
 
 enum KeyOutput {
     Signature(Signature),
     PublicKey(PublicKey),
-    Attributes(KeyAttributes),
+    Generated(Box<GeneratedKey>),
     Done,
 }
 
@@ -253,15 +256,9 @@ impl KeyPool {
     /// Queues a signature and returns at once, or refuses it as `sign`
     /// would; `PendingSignature::wait` gives the result. For callers with
     /// something else to do while the token works.
-    pub fn start_sign(&self, key: &KeyId, digest: [u8; 32]) -> Result<PendingSignature, PoolError> {
+    pub fn start_sign(&self, key: KeyRef, digest: [u8; 32]) -> Result<PendingSignature, PoolError> {
         let expected_at = self.expected_completion();
-        let answer = self.enqueue(
-            KeyOp::Sign {
-                key: key.clone(),
-                digest,
-            },
-            self.deadline,
-        )?;
+        let answer = self.enqueue(KeyOp::Sign { key, digest }, self.deadline)?;
         Ok(PendingSignature {
             answer,
             expected_at,
@@ -291,7 +288,7 @@ impl KeyPool {
         match self
             .submit(
                 KeyOp::Sign {
-                    key: key.clone(),
+                    key: KeyRef::Token(key.clone()),
                     digest,
                 },
                 deadline,
@@ -336,16 +333,25 @@ impl KeyPool {
         self.deadline * 5
     }
 
-    pub async fn attributes(&self, key: &KeyId) -> Result<KeyAttributes, PoolError> {
+    /// Generates an agent's custodial key, kept in `storage`, with the
+    /// token's account of it as generated.
+    pub async fn generate_custodial(
+        &self,
+        key: &KeyId,
+        storage: KeyStorage,
+    ) -> Result<GeneratedKey, PoolError> {
         match self
             .submit(
-                KeyOp::Attributes { key: key.clone() },
+                KeyOp::GenerateCustodial {
+                    key: key.clone(),
+                    storage,
+                },
                 self.key_creation_deadline(),
             )
             .await?
         {
-            KeyOutput::Attributes(a) => Ok(a),
-            _ => unreachable!("an attributes job is answered with attributes"),
+            KeyOutput::Generated(k) => Ok(*k),
+            _ => unreachable!("a custodial generate job is answered with the key"),
         }
     }
 
@@ -353,6 +359,16 @@ impl KeyPool {
         self.submit(KeyOp::Destroy { key: key.clone() }, self.deadline)
             .await
             .map(|_| ())
+    }
+
+    /// Destroys a custodial key: a token object on the token; a wrapped
+    /// key's live copies in every session (its blob is the caller's).
+    pub async fn destroy_custodial(&self, key: &KeyRef) -> Result<(), PoolError> {
+        let op = match key {
+            KeyRef::Token(id) => KeyOp::Destroy { key: id.clone() },
+            KeyRef::Wrapped { id, .. } => KeyOp::ForgetWrapped { key: id.clone() },
+        };
+        self.submit(op, self.deadline).await.map(|_| ())
     }
 
     /// Succeeds when a worker can reach the token.
@@ -562,10 +578,28 @@ impl Worker {
 
 fn run_op(session: &mut dyn KeySession, op: &KeyOp) -> Result<KeyOutput, KeyError> {
     Ok(match op {
-        KeyOp::Sign { key, digest } => KeyOutput::Signature(session.sign_digest(key, digest)?),
+        KeyOp::Sign {
+            key: KeyRef::Token(key),
+            digest,
+        } => KeyOutput::Signature(session.sign_digest(key, digest)?),
+        KeyOp::Sign {
+            key:
+                KeyRef::Wrapped {
+                    id,
+                    blob,
+                    public_key,
+                },
+            digest,
+        } => KeyOutput::Signature(session.sign_wrapped(id, blob, public_key, digest)?),
         KeyOp::Generate { key } => KeyOutput::PublicKey(session.generate(key)?),
+        KeyOp::GenerateCustodial { key, storage } => {
+            KeyOutput::Generated(Box::new(session.generate_custodial(key, *storage)?))
+        }
         KeyOp::PublicKey { key } => KeyOutput::PublicKey(session.public_key(key)?),
-        KeyOp::Attributes { key } => KeyOutput::Attributes(session.attributes(key)?),
+        KeyOp::ForgetWrapped { key } => {
+            session.forget_wrapped(key)?;
+            KeyOutput::Done
+        }
         KeyOp::Destroy { key } => {
             session.destroy(key)?;
             KeyOutput::Done
@@ -650,7 +684,13 @@ mod tests {
         // All queued before any is awaited: the worker takes them in
         // batches, and the dispatcher must route each answer to its caller.
         let pending: Vec<_> = (0..16u8)
-            .map(|i| ([i; 32], pool.start_sign(&key, [i; 32]).unwrap()))
+            .map(|i| {
+                (
+                    [i; 32],
+                    pool.start_sign(KeyRef::Token(key.clone()), [i; 32])
+                        .unwrap(),
+                )
+            })
             .collect();
         for (digest, signature) in pending {
             verifier
@@ -717,7 +757,9 @@ mod tests {
         assert!(job > Duration::ZERO, "served jobs are timed");
 
         let before = Instant::now();
-        let pending = pool.start_sign(&key, [2; 32]).unwrap();
+        let pending = pool
+            .start_sign(KeyRef::Token(key.clone()), [2; 32])
+            .unwrap();
         let after = Instant::now();
         assert!(pending.expected_at() >= before + job);
         assert!(pending.expected_at() <= after + job);

@@ -31,6 +31,9 @@ pub struct AgentRecord {
     pub custody: String,
     pub key_id: Option<String>,
     pub public_key_der: Option<Vec<u8>>,
+    /// The custodial key wrapped by the token, when it is kept wrapped
+    /// (`keys::KeyStorage::Wrapped`); `None` for a token object.
+    pub key_wrapped: Option<Vec<u8>>,
     /// Digest of the key's attestation evidence (custodial keys).
     pub attestation_digest: Option<String>,
     pub scopes: Vec<String>,
@@ -251,6 +254,8 @@ pub enum AgentStatusChange {
 pub struct KeyRotation<'a> {
     pub new_key_id: &'a str,
     pub new_public_key_der: &'a [u8],
+    /// The new key's blob when it is kept wrapped.
+    pub new_key_wrapped: Option<&'a [u8]>,
     pub new_evidence: &'a AttestationRecord,
     /// RFC 5280 reason for the old key's certificates.
     pub reason: &'a str,
@@ -291,6 +296,8 @@ pub struct RetiredKey {
     pub key_id: String,
     pub agent_name: String,
     pub public_key_der: Vec<u8>,
+    /// Its blob while it is kept wrapped and not destroyed.
+    pub key_wrapped: Option<Vec<u8>>,
     pub reason: String,
     pub retired_at: i64,
     pub sign_until: i64,

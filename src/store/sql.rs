@@ -177,6 +177,7 @@ macro_rules! impl_store {
                     key_id: row.try_get("key_id")?,
                     agent_name: row.try_get("agent_name")?,
                     public_key_der: row.try_get("public_key_der")?,
+                    key_wrapped: row.try_get("key_wrapped")?,
                     reason: row.try_get("reason")?,
                     retired_at: row.try_get("retired_at")?,
                     sign_until: row.try_get("sign_until")?,
@@ -386,6 +387,7 @@ macro_rules! impl_store {
                     custody: row.try_get("custody")?,
                     key_id: row.try_get("key_id")?,
                     public_key_der: row.try_get("public_key_der")?,
+                    key_wrapped: row.try_get("key_wrapped")?,
                     attestation_digest: row.try_get("attestation_digest")?,
                     scopes: serde_json::from_str(&scopes)
                         .map_err(|e| StoreError::Corrupt(format!("agent scopes: {e}")))?,
@@ -437,8 +439,8 @@ macro_rules! impl_store {
                 Self::insert_evidence(&mut tx, evidence).await?;
                 sqlx::query(
                     "INSERT INTO agents (name, spiffe_id, custody, key_id, public_key_der, attestation_digest,
-                        scopes, status, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                        scopes, status, created_at, key_wrapped)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                 )
                 .bind(&agent.name)
                 .bind(&agent.spiffe_id)
@@ -449,6 +451,7 @@ macro_rules! impl_store {
                 .bind(serde_json::to_string(&agent.scopes).expect("strings serialize"))
                 .bind(&agent.status)
                 .bind(agent.created_at)
+                .bind(&agent.key_wrapped)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| unique_violation(e, "agent"))?;
@@ -981,7 +984,7 @@ macro_rules! impl_store {
                 let mut tx = self.begin_write().await?;
                 let row = sqlx::query(
                     "UPDATE agents SET status = status WHERE name = $1
-                     RETURNING status, key_id, public_key_der",
+                     RETURNING status, key_id, public_key_der, key_wrapped",
                 )
                 .bind(name)
                 .fetch_optional(&mut *tx)
@@ -992,6 +995,7 @@ macro_rules! impl_store {
                 let status: String = row.try_get("status")?;
                 let old_key: Option<String> = row.try_get("key_id")?;
                 let old_public: Option<Vec<u8>> = row.try_get("public_key_der")?;
+                let old_wrapped: Option<Vec<u8>> = row.try_get("key_wrapped")?;
                 let (Some(old_key), Some(old_public), "active") =
                     (old_key, old_public, status.as_str())
                 else {
@@ -1032,8 +1036,8 @@ macro_rules! impl_store {
                 Self::insert_evidence(&mut tx, Some(rotation.new_evidence)).await?;
                 sqlx::query(
                     "INSERT INTO retired_keys (key_id, agent_name, public_key_der, reason, retired_at,
-                         sign_until, destroy_after)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                         sign_until, destroy_after, key_wrapped)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 )
                 .bind(&old_key)
                 .bind(name)
@@ -1042,15 +1046,18 @@ macro_rules! impl_store {
                 .bind(rotation.at)
                 .bind(rotation.sign_until)
                 .bind(rotation.destroy_after)
+                .bind(&old_wrapped)
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "UPDATE agents SET key_id = $1, public_key_der = $2, attestation_digest = $3
-                     WHERE name = $4",
+                    "UPDATE agents SET key_id = $1, public_key_der = $2, attestation_digest = $3,
+                         key_wrapped = $4
+                     WHERE name = $5",
                 )
                 .bind(rotation.new_key_id)
                 .bind(rotation.new_public_key_der)
                 .bind(&rotation.new_evidence.digest)
+                .bind(rotation.new_key_wrapped)
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
@@ -1118,7 +1125,8 @@ macro_rules! impl_store {
             ) -> Result<(), StoreError> {
                 let mut tx = self.pool.begin().await?;
                 let changed = sqlx::query(
-                    "UPDATE retired_keys SET destroyed_at = $1 WHERE key_id = $2 AND destroyed_at IS NULL",
+                    "UPDATE retired_keys SET destroyed_at = $1, key_wrapped = NULL
+                     WHERE key_id = $2 AND destroyed_at IS NULL",
                 )
                 .bind(at)
                 .bind(key_id)

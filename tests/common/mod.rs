@@ -152,6 +152,14 @@ fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
     (child, addr)
 }
 
+/// A config that keeps custodial keys as token objects, one per agent, on
+/// the embedded token (the default keeps them wrapped).
+pub const TOKEN_STORAGE: &str =
+    "[keys]\nbackend = \"embedded-softhsm\"\ncustodial_storage = \"token\"\n";
+
+/// keyward's own keys on its token: the CA's and the attestation key.
+pub const SERVICE_KEYS: usize = 2;
+
 impl Server {
     pub async fn start(db: Db) -> Self {
         let data_dir = private_tempdir();
@@ -322,23 +330,77 @@ impl Server {
         row
     }
 
+    /// Whether keyward still holds the custodial key `key_id`: as an object
+    /// on its token, or as a wrapped blob in its database (an agent's
+    /// current key or a retired one not yet destroyed).
+    pub async fn custodial_key_held(&self, key_id: &str) -> bool {
+        assert!(key_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        let wrapped = self
+            .sql(&format!(
+                "SELECT (SELECT COUNT(*) FROM agents WHERE key_id = '{key_id}' AND key_wrapped IS NOT NULL)
+                      + (SELECT COUNT(*) FROM retired_keys WHERE key_id = '{key_id}' AND key_wrapped IS NOT NULL)"
+            ))
+            .await
+            .unwrap_or(0);
+        wrapped > 0
+            || self
+                .token_private_keys()
+                .contains(&format!("label:      {key_id}"))
+    }
+
+    /// Wrapped custodial keys in the database (current and retired).
+    pub async fn wrapped_key_count(&self) -> i64 {
+        self.sql(
+            "SELECT (SELECT COUNT(*) FROM agents WHERE key_wrapped IS NOT NULL)
+                  + (SELECT COUNT(*) FROM retired_keys WHERE key_wrapped IS NOT NULL)",
+        )
+        .await
+        .unwrap_or(0)
+    }
+
+    /// Private keys on the token: keyward's own service keys (CA and
+    /// attestation) and, with `custodial_storage = "token"`, one per agent
+    /// key.
+    pub fn token_private_key_count(&self) -> usize {
+        self.token_private_keys()
+            .matches("Private Key Object")
+            .count()
+    }
+
     /// The private keys on the server's token, as the OpenSC `pkcs11-tool`
     /// (an independent PKCS#11 client) lists them.
     pub fn token_private_keys(&self) -> String {
-        let conf = self.path("softhsm/softhsm2.conf");
+        self.token_objects("privkey")
+    }
+
+    /// The token's objects of one type (`privkey`, `secrkey`, ...), as
+    /// `pkcs11-tool` lists them to a session logged in with the user PIN.
+    pub fn token_objects(&self, kind: &str) -> String {
         let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
+        self.pkcs11_tool(&[
+            "--login",
+            "--pin",
+            pin.trim(),
+            "--list-objects",
+            "--type",
+            kind,
+        ])
+    }
+
+    /// The same, to a session that has not logged in.
+    pub fn token_objects_without_login(&self, kind: &str) -> String {
+        self.pkcs11_tool(&["--list-objects", "--type", kind])
+    }
+
+    fn pkcs11_tool(&self, args: &[&str]) -> String {
+        let conf = self.path("softhsm/softhsm2.conf");
         let module = keyward::embedded::find_softhsm_module().unwrap();
         let out = Command::new("pkcs11-tool")
             .arg("--module")
             .arg(module)
-            .args([
-                "--login",
-                "--pin",
-                pin.trim(),
-                "--list-objects",
-                "--type",
-                "privkey",
-            ])
+            .args(args)
             .env("SOFTHSM2_CONF", conf)
             .output()
             .expect("pkcs11-tool (package opensc) is installed by the test command");
