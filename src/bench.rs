@@ -38,6 +38,8 @@ pub struct BenchOptions {
     /// `bench sign`: agents (each with its own key) that `http-many` spreads
     /// its signatures over.
     pub agents: usize,
+    /// Where the server keeps the agents' custodial keys.
+    pub custodial_storage: crate::keys::KeyStorage,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -513,7 +515,7 @@ async fn start_server(
     options: &BenchOptions,
 ) -> anyhow::Result<BenchServer> {
     let data_dir = dir.join("server");
-    let config: Config = ConfigFile::default().validate(&Overrides {
+    let mut config: Config = ConfigFile::default().validate(&Overrides {
         data_dir: Some(data_dir.clone()),
         listen: Some("127.0.0.1:0".into()),
         database_url: None,
@@ -521,6 +523,7 @@ async fn start_server(
         tpm_ek_roots: None,
         tpm_ek_allowlist: None,
     })?;
+    config.custodial_storage = options.custodial_storage;
     let keyward = crate::app::start(
         &config,
         &crate::keys::KeyStoreConfig::Pkcs11(pkcs11.clone()),

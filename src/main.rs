@@ -63,6 +63,27 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The key store (run on the keyward host, against its config).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create the token's wrapping key for `custodial_storage = "wrapped"`
+    /// (AES-256, trusted, private, never extractable), as the token's
+    /// security officer. Does nothing if the token has one. The embedded
+    /// token gets its own on first start.
+    CreateWrappingKey {
+        /// Environment variable holding the security officer's PIN.
+        #[arg(long, conflicts_with = "so_pin_file")]
+        so_pin_env: Option<String>,
+        /// File (0600) holding the security officer's PIN.
+        #[arg(long)]
+        so_pin_file: Option<PathBuf>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -293,6 +314,18 @@ struct BenchArgs {
     /// Use this config's PKCS#11 token instead of a fresh SoftHSM2 token.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Where the benchmark's agents keep their custodial keys: `wrapped`
+    /// (the embedded default) or `token` (one token object per agent).
+    #[arg(long, default_value = "wrapped", value_parser = parse_custodial_storage)]
+    custodial_storage: keyward::keys::KeyStorage,
+}
+
+fn parse_custodial_storage(text: &str) -> Result<keyward::keys::KeyStorage, String> {
+    match text {
+        "token" => Ok(keyward::keys::KeyStorage::Token),
+        "wrapped" => Ok(keyward::keys::KeyStorage::Wrapped),
+        _ => Err("token or wrapped".into()),
+    }
 }
 
 #[derive(Args, Clone)]
@@ -588,6 +621,45 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Bench(command) => bench_command(command),
+        Command::Keys(KeysCommand::CreateWrappingKey {
+            so_pin_env,
+            so_pin_file,
+            server,
+        }) => {
+            keyward::telemetry::init_logging(server.log_json);
+            let config = load_config(&server)?;
+            let KeysConfig::Pkcs11(token) = &config.keys else {
+                anyhow::bail!(
+                    "only a [keys] backend = \"pkcs11\" token needs this: the embedded token \
+                     makes its own, and a TPM keeps its keys as blobs already"
+                );
+            };
+            let so_pin = match (so_pin_env, so_pin_file) {
+                (Some(var), None) => secrecy::SecretString::from(
+                    std::env::var(&var)
+                        .map_err(|_| anyhow::anyhow!("{var} (the SO PIN) is not set"))?,
+                ),
+                (None, Some(file)) => keyward::config::read_secret_file(&file)?,
+                _ => anyhow::bail!("give --so-pin-env or --so-pin-file"),
+            };
+            let ctx = keyward::keys::pkcs11::load_module(&token.module)?;
+            let created = keyward::keys::pkcs11::create_wrapping_key(
+                &ctx,
+                &token.token_label,
+                &so_pin,
+                &token.user_pin,
+            )?;
+            println!(
+                "{} {}",
+                keyward::keys::pkcs11::WRAPPING_KEY_LABEL,
+                if created {
+                    "created"
+                } else {
+                    "already on the token"
+                }
+            );
+            Ok(())
+        }
         Command::Agent(command) => cli_runtime()?.block_on(agent_command(command)),
         Command::Cert(command) => cli_runtime()?.block_on(cert_command(command)),
         Command::Admin(AdminCommand::CertIssue {
@@ -861,6 +933,7 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
         batch_size: args.batch_size.max(1),
         modes,
         agents: agents.max(1),
+        custodial_storage: args.custodial_storage,
     };
     if let BenchCommand::Sign {
         tpm: Some(tcti), ..

@@ -7,6 +7,9 @@
 //! SoftHSM2 reads SOFTHSM2_CONF once per process, so each test needs a
 //! process of its own: the suite runs under cargo nextest (scripts/test.sh).
 
+mod common;
+
+use std::process::Command;
 use std::sync::Arc;
 
 use cryptoki::error::{Error as CkError, RvError};
@@ -351,4 +354,81 @@ fn live_copies_are_bounded_and_evicted_keys_unwrap_again() {
             .sum();
         assert!(live <= 3, "{live} live copies with room for 3");
     }
+}
+
+/// An operator's PKCS#11 token (here a SoftHSM2 token the operator made
+/// with softhsm2-util) keeps keys wrapped only once its security officer
+/// made the wrapping key: before that keyward refuses to start and says
+/// how; after it, keyward starts and the token holds the key.
+#[test]
+fn an_operator_token_keeps_keys_wrapped_once_its_security_officer_made_the_wrapping_key() {
+    let dir = common::private_tempdir();
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!("directories.tokendir = {}\n", tokens.display()),
+    )
+    .unwrap();
+    let (ok, out) = common::run(
+        Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", "operator"])
+            .args(["--so-pin", "5150-so", "--pin", "2112-user"])
+            .env("SOFTHSM2_CONF", &conf),
+    );
+    assert!(ok, "{out}");
+    let pin_file = dir.path().join("user.pin");
+    std::fs::write(&pin_file, "2112-user").unwrap();
+    let module = keyward::embedded::find_softhsm_module().unwrap();
+    let config = dir.path().join("keyward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[keys]\nbackend = \"pkcs11\"\nmodule = \"{}\"\n\
+             token_label = \"operator\"\nuser_pin_file = \"{}\"\ncustodial_storage = \"wrapped\"\n",
+            dir.path().join("data").display(),
+            module.display(),
+            pin_file.display()
+        ),
+    )
+    .unwrap();
+    let keyward = |args: &[&str]| {
+        common::run(
+            Command::new(common::keyward_bin())
+                .args(args)
+                .arg("--config")
+                .arg(&config)
+                .env("SOFTHSM2_CONF", &conf)
+                .env("KEYWARD_TEST_SO_PIN", "5150-so"),
+        )
+    };
+
+    let (ok, out) = keyward(&["init"]);
+    assert!(!ok, "started without a wrapping key: {out}");
+    assert!(out.contains("keyward keys create-wrapping-key"), "{out}");
+    assert!(
+        !out.contains("2112-user"),
+        "the PIN is never printed: {out}"
+    );
+
+    let (ok, out) = keyward(&["keys", "create-wrapping-key", "--so-pin-env", "WRONG_VAR"]);
+    assert!(!ok && out.contains("WRONG_VAR"), "{out}");
+    let (ok, out) = keyward(&[
+        "keys",
+        "create-wrapping-key",
+        "--so-pin-env",
+        "KEYWARD_TEST_SO_PIN",
+    ]);
+    assert!(ok && out.contains("keyward-wrapping-key created"), "{out}");
+    let (ok, out) = keyward(&[
+        "keys",
+        "create-wrapping-key",
+        "--so-pin-env",
+        "KEYWARD_TEST_SO_PIN",
+    ]);
+    assert!(ok && out.contains("already on the token"), "{out}");
+
+    let (ok, out) = keyward(&["init"]);
+    assert!(ok, "{out}");
 }
