@@ -380,6 +380,8 @@ fn an_operator_token_keeps_keys_wrapped_once_its_security_officer_made_the_wrapp
     assert!(ok, "{out}");
     let pin_file = dir.path().join("user.pin");
     std::fs::write(&pin_file, "2112-user").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let module = keyward::embedded::find_softhsm_module().unwrap();
     let config = dir.path().join("keyward.toml");
     std::fs::write(
