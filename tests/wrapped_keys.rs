@@ -318,6 +318,48 @@ async fn a_destroyed_wrapped_key_keeps_no_live_copy_in_any_session() {
     );
 }
 
+/// A wrapped key has a home worker: at a load its home keeps up with, it
+/// is unwrapped in one session, not in every worker's (an unwrap costs
+/// SoftHSM2 about twelve signatures), and the copy generation left live is
+/// the one that signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_key_lives_in_one_session_at_moderate_load() {
+    let (_dir, config) = token();
+    let backend: Arc<dyn KeyBackend> = Arc::new(Pkcs11Backend::open(&config).unwrap());
+    let pool = KeyPool::start(
+        backend,
+        &PoolConfig {
+            workers: 2,
+            ..PoolConfig::default()
+        },
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
+    let inspector = inspector(&config);
+    for i in 0..20 {
+        let id = KeyId::parse(&format!("agent-home-{i}")).unwrap();
+        let generated = pool
+            .generate_custodial(&id, KeyStorage::Wrapped)
+            .await
+            .unwrap();
+        let key = wrapped(
+            &id,
+            generated.wrapped.as_ref().unwrap(),
+            generated.public_key,
+        );
+        for round in 0..10u8 {
+            let signature = pool
+                .start_sign(key.clone(), [round; 32])
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            assert!(verifies(&generated.public_key, &[round; 32], &signature));
+        }
+        assert_eq!(private_keys_with_id(&inspector, &id).len(), 1, "{id}");
+    }
+}
+
 #[test]
 fn live_copies_are_bounded_and_evicted_keys_unwrap_again() {
     let (_dir, config) = token();

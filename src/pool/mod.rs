@@ -6,6 +6,14 @@
 //! back to back. It never waits for a batch to fill, so an idle pool adds no
 //! latency; under load, batching cuts the per-request hand-over cost.
 //!
+//! Wrapped keys (`keys::KeyRef::Wrapped`) have a home worker, chosen by
+//! their id: their jobs wait in that worker's own queue, so a key is
+//! unwrapped into one session rather than into every one (an unwrap costs
+//! about twelve signatures on SoftHSM2), and a key generated there is
+//! already live where it will sign. A home queue deeper than
+//! `HOME_QUEUE_DEPTH` spills into the shared queue, so one busy agent still
+//! gets every worker.
+//!
 //! Failure handling: a request whose deadline passed is answered without
 //! touching the token; a lost session is reopened (and a failed device
 //! re-initialized) with back-off; repeated failures open a circuit breaker
@@ -73,6 +81,10 @@ impl PoolError {
     }
 }
 
+/// Jobs waiting in a worker's own queue beyond which its wrapped-key jobs
+/// go to the shared queue instead (two batches).
+const HOME_QUEUE_DEPTH_BATCHES: usize = 2;
+
 enum KeyOp {
     Sign { key: KeyRef, digest: [u8; 32] },
     Generate { key: KeyId },
@@ -101,6 +113,21 @@ impl KeyOp {
             self,
             KeyOp::Generate { .. } | KeyOp::GenerateCustodial { .. } | KeyOp::Destroy { .. }
         )
+    }
+
+    /// The wrapped key this job would rather run beside, if any.
+    fn home_key(&self) -> Option<&KeyId> {
+        match self {
+            KeyOp::Sign {
+                key: KeyRef::Wrapped { id, .. },
+                ..
+            }
+            | KeyOp::GenerateCustodial {
+                key: id,
+                storage: KeyStorage::Wrapped,
+            } => Some(id),
+            _ => None,
+        }
     }
 }
 
@@ -138,6 +165,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct KeyPool {
     queue: Sender<Job>,
+    /// Each worker's own queue (see the module's note on wrapped keys).
+    home_queues: Arc<Vec<Sender<Job>>>,
     shared: Arc<Shared>,
     deadline: Duration,
     /// The worker threads, for an orderly end (see [`KeyPool::join_workers`]).
@@ -161,19 +190,24 @@ impl KeyPool {
             handoff: Handoff::start(),
         });
         let mut workers = Vec::new();
+        let mut home_queues = Vec::new();
         for index in 0..shared.workers {
             let shared = Arc::clone(&shared);
             let receiver = receiver.clone();
+            let (home, home_receiver) =
+                crossbeam_channel::bounded(shared.batch_size * HOME_QUEUE_DEPTH_BATCHES);
+            home_queues.push(home);
             // A worker exits once every handle (and so the sending side of
-            // the queue) is gone, closing its session on the way out.
+            // the queues) is gone, closing its session on the way out.
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("keyward-pool-{index}"))
-                    .spawn(move || Worker::new(shared).run(receiver))?,
+                    .spawn(move || Worker::new(shared).run(receiver, home_receiver))?,
             );
         }
         Ok(Self {
             queue,
+            home_queues: Arc::new(home_queues),
             shared,
             deadline: config.deadline,
             workers: Arc::new(std::sync::Mutex::new(workers)),
@@ -204,7 +238,15 @@ impl KeyPool {
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.home_queues.iter().map(Sender::len).sum::<usize>()
+    }
+
+    /// The worker a wrapped key lives on.
+    fn home_of(&self, key: &KeyId) -> &Sender<Job> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        &self.home_queues[(hasher.finish() % self.home_queues.len() as u64) as usize]
     }
 
     async fn submit(&self, op: KeyOp, deadline: Duration) -> Result<KeyOutput, PoolError> {
@@ -234,6 +276,14 @@ impl KeyPool {
             enqueued: now,
             deadline: now + deadline,
             reply,
+        };
+        // Home first, the shared queue when home is busy.
+        let job = match job.op.home_key().map(|key| self.home_of(key)) {
+            Some(home) => match home.try_send(job) {
+                Ok(()) => return Ok(answer),
+                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
+            },
+            None => job,
         };
         match self.queue.try_send(job) {
             Ok(()) => {}
@@ -270,7 +320,7 @@ impl KeyPool {
     /// know how far the workers are into their current batches.
     fn expected_completion(&self) -> Instant {
         let job = Duration::from_nanos(self.shared.job_nanos.load(Ordering::Relaxed));
-        let rounds = self.queue.len() / self.shared.workers + 1;
+        let rounds = self.queue_depth() / self.shared.workers + 1;
         Instant::now() + job * rounds as u32
     }
 
@@ -409,18 +459,20 @@ impl Worker {
         }
     }
 
-    fn run(mut self, queue: Receiver<Job>) {
+    fn run(mut self, queue: Receiver<Job>, home: Receiver<Job>) {
         let mut batch = Vec::with_capacity(self.shared.batch_size);
         let mut served = Vec::with_capacity(self.shared.batch_size);
-        // recv() fails only when every KeyPool handle is gone and the queue is
-        // empty: the pool is shutting down.
-        while let Ok(first) = queue.recv() {
+        // Both receives fail only when every KeyPool handle is gone and the
+        // queues are empty: the pool is shutting down.
+        while let Some(first) = Self::next_job(&queue, &home) {
             let started = Instant::now();
             batch.push(first);
-            while batch.len() < self.shared.batch_size {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
+            for source in [&home, &queue] {
+                while batch.len() < self.shared.batch_size {
+                    match source.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
                 }
             }
             let batch_len = batch.len();
@@ -436,6 +488,35 @@ impl Worker {
             self.shared.handoff.deliver(answers);
             self.record_batch(batch_len, queue.len(), &mut served);
         }
+    }
+
+    /// The next job from either queue, waiting for one; `None` once both
+    /// are closed and empty.
+    fn next_job(queue: &Receiver<Job>, home: &Receiver<Job>) -> Option<Job> {
+        if let Ok(job) = home.try_recv() {
+            return Some(job);
+        }
+        let mut open = [true, true];
+        while open.iter().any(|o| *o) {
+            crossbeam_channel::select! {
+                recv(home) -> job => match job {
+                    Ok(job) => return Some(job),
+                    Err(_) => open[0] = false,
+                },
+                recv(queue) -> job => match job {
+                    Ok(job) => return Some(job),
+                    Err(_) => open[1] = false,
+                },
+            }
+            // A closed queue is always ready: wait on the other alone.
+            if !open[0] {
+                return queue.recv().ok();
+            }
+            if !open[1] {
+                return home.recv().ok();
+            }
+        }
+        None
     }
 
     /// Moves the average time per job an eighth of the way to `job`.
