@@ -97,7 +97,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     let authority = Arc::new(
         Authority::load(
             pool.clone(),
-            crate::store::CertificateLog::start(store.clone()),
+            crate::store::CertificateLog::start(store.clone(), &config.database_url)?,
             &ca_record,
             config.trust_domain.clone(),
             config.ttl,

@@ -95,7 +95,7 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
         .unwrap();
     let authority = Authority::load(
         pool.clone(),
-        keyward::store::CertificateLog::start(store.clone()),
+        keyward::store::CertificateLog::start(store.clone(), &url).unwrap(),
         &ca,
         TrustDomain::parse("keyward.local").unwrap(),
         TtlLimits::default(),

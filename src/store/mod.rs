@@ -6,6 +6,7 @@
 //! record of a change that did not happen.
 
 mod certificate_log;
+mod checkpoint;
 mod signature_log;
 mod sql;
 
@@ -743,7 +744,9 @@ pub async fn open(
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("wal_autocheckpoint", "0");
+        let path = options.get_filename().to_owned();
         let pool = SqlitePoolOptions::new()
             .max_connections(connections.min(8))
             .connect_with(options)
@@ -751,7 +754,10 @@ pub async fn open(
         if migrate {
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         }
-        Ok(Arc::new(SqlStore::new(pool, "sqlite")))
+        let checkpoints = checkpoint::Checkpointer::start(path)?;
+        Ok(Arc::new(
+            SqlStore::new(pool, "sqlite").with_checkpoints(checkpoints),
+        ))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()
             .max_connections(connections)

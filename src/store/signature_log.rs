@@ -183,7 +183,7 @@ fn sqlite_path(url: &str) -> Result<PathBuf, StoreError> {
 }
 
 /// The same settings as the sqlx pool (`store::open`).
-fn open_sqlite(url: &str) -> Result<rusqlite::Connection, StoreError> {
+pub(super) fn open_sqlite(url: &str) -> Result<rusqlite::Connection, StoreError> {
     let failed = |e: rusqlite::Error| StoreError::BatchFailed(e.to_string());
     let conn = rusqlite::Connection::open(sqlite_path(url)?).map_err(failed)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))
@@ -193,6 +193,9 @@ fn open_sqlite(url: &str) -> Result<rusqlite::Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(failed)?;
     conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(failed)?;
+    // Checkpoints are store::checkpoint's, off the commit path.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(failed)?;
     Ok(conn)
 }

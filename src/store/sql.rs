@@ -18,11 +18,22 @@ use crate::audit::{chain_hash, AuditEvent, AuditRecord};
 pub struct SqlStore<DB: sqlx::Database> {
     pool: Pool<DB>,
     name: &'static str,
+    /// SQLite's log checkpoints, for as long as the store is open.
+    _checkpoints: Option<super::checkpoint::Checkpointer>,
 }
 
 impl<DB: sqlx::Database> SqlStore<DB> {
     pub fn new(pool: Pool<DB>, name: &'static str) -> Self {
-        Self { pool, name }
+        Self {
+            pool,
+            name,
+            _checkpoints: None,
+        }
+    }
+
+    pub fn with_checkpoints(mut self, checkpoints: super::checkpoint::Checkpointer) -> Self {
+        self._checkpoints = Some(checkpoints);
+        self
     }
 
     pub fn pool(&self) -> &Pool<DB> {
