@@ -350,6 +350,34 @@ impl Server {
                 .contains(&format!("label:      {key_id}"))
     }
 
+    /// The first column of every row a query returns, as text.
+    pub async fn sql_strings(&self, sql: &str) -> Vec<String> {
+        use sqlx::{Connection, Row};
+        if self.database.url.starts_with("sqlite") {
+            let mut c = sqlx::SqliteConnection::connect(&self.database.url)
+                .await
+                .unwrap();
+            sqlx::query(sql)
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect()
+        } else {
+            let mut c = sqlx::PgConnection::connect(&self.database.url)
+                .await
+                .unwrap();
+            sqlx::query(sql)
+                .fetch_all(&mut c)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect()
+        }
+    }
+
     /// Wrapped custodial keys in the database (current and retired).
     pub async fn wrapped_key_count(&self) -> i64 {
         self.sql(
