@@ -49,11 +49,10 @@ impl Checkpointer {
                 while !stopped.load(Ordering::Relaxed) {
                     std::thread::sleep(INTERVAL);
                     // (busy, pages in the log, pages copied)
-                    let done = conn.query_row(
-                        &format!("PRAGMA wal_checkpoint({mode})"),
-                        [],
-                        |row| row.get::<_, i64>(1),
-                    );
+                    let done =
+                        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+                            row.get::<_, i64>(1)
+                        });
                     mode = match done {
                         Ok(pages) if pages > RESTART_PAGES => "TRUNCATE",
                         Ok(_) => "PASSIVE",
