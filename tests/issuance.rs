@@ -729,7 +729,58 @@ async fn register_200_concurrently(server: &Server) {
     assert_eq!(server.sql("SELECT COUNT(*) FROM agents").await, Some(200));
 }
 
+/// Issuance reads agents from a short-lived cache: a change made through
+/// keyward shows in the very next certificate, and a revoked agent gets
+/// none, however recently its record was read.
+async fn a_certificate_right_after_a_change_reflects_it(db: Db) {
+    let server = Server::start(db).await;
+    create_agent(&server, "alpha").await;
+    issue(&server, "alpha", json!({"ttl_seconds": 600})).await;
+    let (status, answer) = server
+        .admin(
+            "PATCH",
+            "/v1/agents/alpha",
+            Some(json!({"scopes": ["orders:write"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let issued = issue(&server, "alpha", json!({"ttl_seconds": 600})).await;
+    let pem = issued["certificate_pem"].as_str().unwrap();
+    let (_, pem) = parse_x509_pem(pem.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid.as_bytes() == attestation_oid().as_slice())
+        .expect("attestation extension");
+    use der::Decode;
+    let claims = keyward::attestation::AttestationClaims::from_der(ext.value).unwrap();
+    assert_eq!(claims.scopes, vec!["orders:write".to_owned()]);
+
+    let (status, _) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/revoke",
+            Some(json!({"reason": "keyCompromise"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, answer) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/certificates",
+            Some(json!({"ttl_seconds": 600})),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (403, Some("agent_not_active")),
+        "{answer}"
+    );
+}
+
 on_both_databases!(
+    a_certificate_right_after_a_change_reflects_it,
     concurrent_registrations_all_succeed_and_leave_no_stray_key,
     concurrent_registrations_of_token_keys_all_succeed_and_leave_no_stray_key,
     a_registered_agent_gets_a_spiffe_id_and_a_key_wrapped_by_the_token,

@@ -587,56 +587,71 @@ impl Registry {
         ttl: Duration,
         policy_version: i64,
     ) -> Result<(IssuedCertificate, Option<String>), AgentError> {
-        let agent = self.get(name).await?;
+        let agent = match self.cache.record(name) {
+            Some(agent) => agent,
+            None => self.cache.put_record(name, self.get(name).await?),
+        };
         if agent.status != ACTIVE {
-            return Err(AgentError::NotActive(agent.name, agent.status));
+            return Err(AgentError::NotActive(
+                agent.name.clone(),
+                agent.status.clone(),
+            ));
+        }
+        // Revoked or suspended since the record was cached, on any replica.
+        if let Some(status) = self.revocations.current().inactive_status(name.as_str()) {
+            return Err(AgentError::NotActive(name.to_string(), status.to_owned()));
         }
         let tpm_custody = agent.custody == AGENT_TPM;
         match (&key, tpm_custody) {
             (CertificateKey::TpmAttested(_), false) => {
-                return Err(AgentError::NotTpmCustody(agent.name))
+                return Err(AgentError::NotTpmCustody(agent.name.clone()))
             }
             (CertificateKey::Custodial | CertificateKey::Csr(_), true) => {
-                return Err(AgentError::AttestationRequired(agent.name))
+                return Err(AgentError::AttestationRequired(agent.name.clone()))
             }
             _ => {}
         }
         // The signing path shows the newest certificate: let it see this one.
-        self.cache.invalidate(name);
+        self.cache.certificate_issued(name);
         // What each kind of key brings: the custodial key's id, the subject
         // key, and the attested key with whether its evidence is new.
-        let (key_id, public_key, attested, evidence_is_new) =
-            match key {
-                CertificateKey::Custodial => {
-                    let key_id = agent
-                        .key_id
-                        .as_deref()
-                        .map(KeyId::parse)
-                        .transpose()
-                        .map_err(|e| AgentError::Corrupt(e.to_string()))?
-                        .ok_or_else(|| AgentError::Corrupt("agent has no custodial key".into()))?;
-                    let public_key = agent
-                        .public_key_der
-                        .as_deref()
-                        .map(PublicKey::from_public_key_der)
-                        .transpose()
-                        .map_err(|e| AgentError::Corrupt(e.to_string()))?
-                        .ok_or_else(|| AgentError::Corrupt("agent has no public key".into()))?;
-                    let digest = agent.attestation_digest.as_deref().ok_or_else(|| {
-                        AgentError::Corrupt("custodial key without evidence".into())
-                    })?;
-                    let evidence = self.store.attestation(digest).await?.ok_or_else(|| {
-                        AgentError::Corrupt("attestation evidence missing".into())
-                    })?;
-                    let attested = from_stored(evidence)?.into_inner();
-                    (Some(key_id), public_key, Some(attested), false)
-                }
-                CertificateKey::TpmAttested(attested) => {
-                    let attested = attested.into_inner();
-                    (None, attested.public_key, Some(attested.attested), true)
-                }
-                CertificateKey::Csr(csr) => (None, *csr.public_key(), None, false),
-            };
+        let (key_id, public_key, attested, evidence_is_new) = match key {
+            CertificateKey::Custodial => {
+                let key_id = agent
+                    .key_id
+                    .as_deref()
+                    .map(KeyId::parse)
+                    .transpose()
+                    .map_err(|e| AgentError::Corrupt(e.to_string()))?
+                    .ok_or_else(|| AgentError::Corrupt("agent has no custodial key".into()))?;
+                let public_key = agent
+                    .public_key_der
+                    .as_deref()
+                    .map(PublicKey::from_public_key_der)
+                    .transpose()
+                    .map_err(|e| AgentError::Corrupt(e.to_string()))?
+                    .ok_or_else(|| AgentError::Corrupt("agent has no public key".into()))?;
+                let digest = agent
+                    .attestation_digest
+                    .as_deref()
+                    .ok_or_else(|| AgentError::Corrupt("custodial key without evidence".into()))?;
+                let attested = match self.cache.evidence(digest) {
+                    Some(attested) => attested,
+                    None => {
+                        let evidence = self.store.attestation(digest).await?.ok_or_else(|| {
+                            AgentError::Corrupt("attestation evidence missing".into())
+                        })?;
+                        self.cache.put_evidence(from_stored(evidence)?.into_inner())
+                    }
+                };
+                (Some(key_id), public_key, Some((*attested).clone()), false)
+            }
+            CertificateKey::TpmAttested(attested) => {
+                let attested = attested.into_inner();
+                (None, attested.public_key, Some(attested.attested), true)
+            }
+            CertificateKey::Csr(csr) => (None, *csr.public_key(), None, false),
+        };
         let claims = attested
             .as_ref()
             .map(|a| {
