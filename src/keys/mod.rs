@@ -312,6 +312,21 @@ pub trait KeyBackend: Send + Sync + 'static {
     fn generation(&self) -> u64;
 }
 
+/// A custodial key as a token object: generated, then the token's account
+/// of it read back.
+pub fn generate_on_token<S: KeySession + ?Sized>(
+    session: &mut S,
+    id: &KeyId,
+) -> Result<GeneratedKey, KeyError> {
+    let public_key = session.generate(id)?;
+    let attributes = session.attributes(id)?;
+    Ok(GeneratedKey {
+        public_key,
+        attributes,
+        wrapped: None,
+    })
+}
+
 /// One logged-in session on the key store. Owned by one thread at a time.
 pub trait KeySession: Send {
     /// Generates a P-256 signing key on the token.
@@ -337,15 +352,7 @@ pub trait KeySession: Send {
         storage: KeyStorage,
     ) -> Result<GeneratedKey, KeyError> {
         match storage {
-            KeyStorage::Token => {
-                let public_key = self.generate(id)?;
-                let attributes = self.attributes(id)?;
-                Ok(GeneratedKey {
-                    public_key,
-                    attributes,
-                    wrapped: None,
-                })
-            }
+            KeyStorage::Token => generate_on_token(self, id),
             KeyStorage::Wrapped => Err(KeyError::Config(
                 "this key store keeps no wrapped keys (custodial_storage = \"token\")".into(),
             )),

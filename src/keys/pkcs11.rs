@@ -531,16 +531,36 @@ fn parse_ec_point(raw: &[u8]) -> Result<PublicKey, KeyError> {
         .map_err(|_| KeyError::Malformed("CKA_EC_POINT is not a P-256 point".into()))
 }
 
-/// The private-key template of a custodial key kept wrapped: sensitive,
-/// and extractable only under a trusted wrapping key.
-fn wrapped_private_template(id: &KeyId) -> Vec<Attribute> {
+/// The private-key template of a P-256 signing key: sensitive, sign-only,
+/// uncopyable, every protective attribute set explicitly (SoftHSM2's
+/// defaults, and some HSMs', would make the key extractable). What differs
+/// is where it is kept:
+///
+/// - `Generated(Token)`: a token object that can never leave the token;
+/// - `Generated(Wrapped)`: a session object extractable only under a
+///   trusted wrapping key (CKA_WRAP_WITH_TRUSTED), which is how it leaves;
+/// - `Unwrapped`: a wrapped key's live copy, never wrapped again (the
+///   stored blob is its only form outside the token).
+fn private_key_template(id: &KeyId, made: Made) -> Vec<Attribute> {
     let id_bytes = id.as_str().as_bytes().to_vec();
-    vec![
-        Attribute::Token(false),
+    let mut template = match made {
+        Made::Generated(KeyStorage::Token) => {
+            vec![Attribute::Token(true), Attribute::Extractable(false)]
+        }
+        Made::Generated(KeyStorage::Wrapped) => vec![
+            Attribute::Token(false),
+            Attribute::Extractable(true),
+            Attribute::WrapWithTrusted(true),
+        ],
+        Made::Unwrapped => vec![
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Token(false),
+            Attribute::Extractable(false),
+        ],
+    };
+    template.extend([
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(true),
-        Attribute::WrapWithTrusted(true),
         Attribute::KeyType(KeyType::EC),
         Attribute::Sign(true),
         Attribute::SignRecover(false),
@@ -550,29 +570,15 @@ fn wrapped_private_template(id: &KeyId) -> Vec<Attribute> {
         Attribute::Copyable(false),
         Attribute::Id(id_bytes.clone()),
         Attribute::Label(id_bytes),
-    ]
+    ]);
+    template
 }
 
-/// What an unwrapped copy is: the same key, but never wrapped again (the
-/// stored blob is its only form outside the token).
-fn unwrapped_template(id: &KeyId) -> Vec<Attribute> {
-    let id_bytes = id.as_str().as_bytes().to_vec();
-    vec![
-        Attribute::Class(ObjectClass::PRIVATE_KEY),
-        Attribute::KeyType(KeyType::EC),
-        Attribute::Token(false),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Sign(true),
-        Attribute::SignRecover(false),
-        Attribute::Decrypt(false),
-        Attribute::Derive(false),
-        Attribute::Unwrap(false),
-        Attribute::Copyable(false),
-        Attribute::Id(id_bytes.clone()),
-        Attribute::Label(id_bytes),
-    ]
+/// How a private key comes to be on the token.
+#[derive(Clone, Copy)]
+enum Made {
+    Generated(KeyStorage),
+    Unwrapped,
 }
 
 /// The digest an unwrapped key signs once to show it is the key its
@@ -814,7 +820,7 @@ impl Pkcs11Session {
                 &Mechanism::AesKeyWrapPad,
                 wrapping,
                 blob,
-                &unwrapped_template(id),
+                &private_key_template(id, Made::Unwrapped),
             )
             .map_err(|e| classify_unwrap(e, id))?;
         let probe = probe_digest(id);
@@ -861,7 +867,7 @@ impl Pkcs11Session {
             .generate_key_pair(
                 &Mechanism::EccKeyPairGen,
                 &public_template,
-                &wrapped_private_template(id),
+                &private_key_template(id, Made::Generated(KeyStorage::Wrapped)),
             )
             .map_err(classify)?;
         let made = self.finish_wrapped(id, wrapping, public, private);
@@ -948,23 +954,7 @@ impl KeySession for Pkcs11Session {
             Attribute::Id(id_bytes.clone()),
             Attribute::Label(id_bytes.clone()),
         ];
-        // Every protective attribute is set explicitly: SoftHSM2's defaults
-        // (and some HSMs') would make the key extractable.
-        let private_template = [
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::Sign(true),
-            Attribute::SignRecover(false),
-            Attribute::Decrypt(false),
-            Attribute::Derive(false),
-            Attribute::Unwrap(false),
-            Attribute::Copyable(false),
-            Attribute::Id(id_bytes.clone()),
-            Attribute::Label(id_bytes),
-        ];
+        let private_template = private_key_template(id, Made::Generated(KeyStorage::Token));
         let (public, private) = self
             .session
             .generate_key_pair(
@@ -1082,15 +1072,7 @@ impl KeySession for Pkcs11Session {
         storage: KeyStorage,
     ) -> Result<GeneratedKey, KeyError> {
         match storage {
-            KeyStorage::Token => {
-                let public_key = self.generate(id)?;
-                let attributes = self.attributes(id)?;
-                Ok(GeneratedKey {
-                    public_key,
-                    attributes,
-                    wrapped: None,
-                })
-            }
+            KeyStorage::Token => super::generate_on_token(self, id),
             // Session objects only: nothing is written to the token's
             // object store, so generations need not run alone.
             KeyStorage::Wrapped => {

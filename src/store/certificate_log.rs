@@ -24,7 +24,6 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{CertificateInsert, NewCertificate, Store, StoreError};
-use crate::audit::chain_hash;
 
 /// Certificates per transaction at most.
 const MAX_BATCH: usize = 256;
@@ -173,37 +172,8 @@ fn insert_sqlite(
         outcomes.push(CertificateInsert::Inserted);
     }
     if !accepted.is_empty() {
-        let count = accepted.len() as i64;
-        let (last, prev): (i64, Vec<u8>) = tx
-            .prepare_cached(
-                "UPDATE audit_head SET seq = seq + ?1 WHERE id = 1 RETURNING seq, hash",
-            )?
-            .query_row(params![count], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        let mut prev: [u8; 32] = prev.try_into().map_err(|_| {
-            rusqlite::Error::InvalidColumnType(1, "hash".into(), rusqlite::types::Type::Blob)
-        })?;
-        let at = time::OffsetDateTime::now_utc().unix_timestamp();
-        for (seq, certificate) in (last - count + 1..).zip(&accepted) {
-            let event = &certificate.audit;
-            let hash = chain_hash(&prev, seq, at, event);
-            tx.prepare_cached(
-                "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                seq,
-                at,
-                event.actor,
-                event.action,
-                event.subject,
-                event.details.to_string(),
-                prev,
-                hash
-            ])?;
-            prev = hash;
-        }
-        tx.prepare_cached("UPDATE audit_head SET hash = ?1 WHERE id = 1")?
-            .execute(params![prev])?;
+        let events: Vec<&crate::audit::AuditEvent> = accepted.iter().map(|c| &c.audit).collect();
+        super::signature_log::append_audit_sqlite(&tx, &events)?;
         for certificate in &accepted {
             let cert = &certificate.record;
             tx.prepare_cached(
