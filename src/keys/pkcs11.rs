@@ -574,6 +574,24 @@ fn private_key_template(id: &KeyId, made: Made) -> Vec<Attribute> {
     template
 }
 
+/// The public half of a P-256 key pair: verify-only, a token object or a
+/// session object.
+fn public_key_template(id: &KeyId, token: bool) -> Vec<Attribute> {
+    let id_bytes = id.as_str().as_bytes().to_vec();
+    vec![
+        Attribute::Token(token),
+        Attribute::Private(false),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Derive(false),
+        Attribute::Id(id_bytes.clone()),
+        Attribute::Label(id_bytes),
+    ]
+}
+
 /// How a private key comes to be on the token.
 #[derive(Clone, Copy)]
 enum Made {
@@ -852,16 +870,8 @@ impl Pkcs11Session {
 
     fn generate_wrapped(&mut self, id: &KeyId) -> Result<GeneratedKey, KeyError> {
         let wrapping = self.wrapping_key()?;
-        let public_template = [
-            Attribute::Token(false),
-            Attribute::Private(false),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
-            Attribute::Verify(true),
-            Attribute::Encrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Derive(false),
-        ];
+        // The public half lives only until its point is read.
+        let public_template = public_key_template(id, false);
         let (public, private) = self
             .session
             .generate_key_pair(
@@ -941,19 +951,7 @@ impl KeySession for Pkcs11Session {
         {
             return Err(KeyError::AlreadyExists(id.clone()));
         }
-        let id_bytes = id.as_str().as_bytes().to_vec();
-        let public_template = [
-            Attribute::Token(true),
-            Attribute::Private(false),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
-            Attribute::Verify(true),
-            Attribute::Encrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Derive(false),
-            Attribute::Id(id_bytes.clone()),
-            Attribute::Label(id_bytes.clone()),
-        ];
+        let public_template = public_key_template(id, true);
         let private_template = private_key_template(id, Made::Generated(KeyStorage::Token));
         let (public, private) = self
             .session
@@ -982,18 +980,7 @@ impl KeySession for Pkcs11Session {
                 return Err(e);
             }
         }
-        let point = self
-            .session
-            .get_attributes(public, &[AttributeType::EcPoint])
-            .map_err(classify)?;
-        let key = match point.as_slice() {
-            [Attribute::EcPoint(p)] => parse_ec_point(p)?,
-            _ => {
-                return Err(KeyError::Malformed(
-                    "no CKA_EC_POINT on the public key".into(),
-                ))
-            }
-        };
+        let key = self.read_public_point(public)?;
         self.private_keys.insert(id.clone(), private);
         self.shared.remember_handle(id, private);
         Ok(key)
@@ -1004,16 +991,7 @@ impl KeySession for Pkcs11Session {
         let public = self
             .find(id, ObjectClass::PUBLIC_KEY)?
             .ok_or_else(|| KeyError::NotFound(id.clone()))?;
-        let point = self
-            .session
-            .get_attributes(public, &[AttributeType::EcPoint])
-            .map_err(classify)?;
-        match point.as_slice() {
-            [Attribute::EcPoint(p)] => parse_ec_point(p),
-            _ => Err(KeyError::Malformed(
-                "no CKA_EC_POINT on the public key".into(),
-            )),
-        }
+        self.read_public_point(public)
     }
 
     fn sign_digest(&mut self, id: &KeyId, digest: &[u8; 32]) -> Result<Signature, KeyError> {
