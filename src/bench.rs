@@ -40,6 +40,8 @@ pub struct BenchOptions {
     pub agents: usize,
     /// Where the server keeps the agents' custodial keys.
     pub custodial_storage: crate::keys::KeyStorage,
+    /// The server's database; `None`: a fresh SQLite file.
+    pub database_url: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -518,7 +520,7 @@ async fn start_server(
     let mut config: Config = ConfigFile::default().validate(&Overrides {
         data_dir: Some(data_dir.clone()),
         listen: Some("127.0.0.1:0".into()),
-        database_url: None,
+        database_url: options.database_url.clone(),
         pool_workers: Some(options.workers),
         tpm_ek_roots: None,
         tpm_ek_allowlist: None,

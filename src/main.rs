@@ -318,6 +318,10 @@ struct BenchArgs {
     /// (the embedded default) or `token` (one token object per agent).
     #[arg(long, default_value = "wrapped", value_parser = parse_custodial_storage)]
     custodial_storage: keyward::keys::KeyStorage,
+    /// The server's database (default: a fresh SQLite file); it must be
+    /// empty, e.g. a database just made with createdb.
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 fn parse_custodial_storage(text: &str) -> Result<keyward::keys::KeyStorage, String> {
@@ -934,6 +938,7 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
         modes,
         agents: agents.max(1),
         custodial_storage: args.custodial_storage,
+        database_url: args.database_url.clone(),
     };
     if let BenchCommand::Sign {
         tpm: Some(tcti), ..
