@@ -246,7 +246,8 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
 
 /// Fails at start, not at the first registration, when the token cannot
 /// keep custodial keys as configured (no wrapping key, or one that could let
-/// keys out): a key is generated, checked and let go of.
+/// keys out): a key is generated (the backend refuses one whose attributes
+/// are wrong) and let go of.
 async fn check_custodial_storage(pool: &KeyPool, storage: KeyStorage) -> anyhow::Result<()> {
     if storage == KeyStorage::Token {
         return Ok(());
@@ -256,12 +257,6 @@ async fn check_custodial_storage(pool: &KeyPool, storage: KeyStorage) -> anyhow:
         .generate_custodial(&probe, storage)
         .await
         .with_context(|| format!("custodial_storage = \"{}\"", storage.as_str()))?;
-    generated
-        .attributes
-        .check_custody(storage)
-        .map_err(|attribute| {
-            anyhow::anyhow!("the token generated a key with the wrong {attribute}")
-        })?;
     if let Some(blob) = generated.wrapped {
         let key = KeyRef::Wrapped {
             id: probe,

@@ -28,10 +28,7 @@ use super::{CertificateInsert, NewCertificate, Store, StoreError};
 /// Certificates per transaction at most.
 const MAX_BATCH: usize = 256;
 
-type Pending = (
-    NewCertificate,
-    oneshot::Sender<Result<CertificateInsert, String>>,
-);
+type Pending = (NewCertificate, Answer);
 
 #[derive(Clone)]
 pub struct CertificateLog {
@@ -79,13 +76,7 @@ fn write_sqlite_batches(mut conn: rusqlite::Connection, mut receiver: mpsc::Rece
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let (certificates, answers): (Vec<NewCertificate>, Vec<_>) = batch.drain(..).unzip();
+        let (certificates, answers) = take_batch(&mut receiver, &mut batch);
         answer(
             answers,
             insert_sqlite(&mut conn, &certificates).map_err(|e| e.to_string()),
@@ -93,10 +84,24 @@ fn write_sqlite_batches(mut conn: rusqlite::Connection, mut receiver: mpsc::Rece
     }
 }
 
-fn answer(
-    answers: Vec<oneshot::Sender<Result<CertificateInsert, String>>>,
-    written: Result<Vec<CertificateInsert>, String>,
-) {
+/// Adds what is waiting to `batch` (up to `MAX_BATCH`) and splits it into
+/// the certificates and where their answers go.
+fn take_batch(
+    receiver: &mut mpsc::Receiver<Pending>,
+    batch: &mut Vec<Pending>,
+) -> (Vec<NewCertificate>, Vec<Answer>) {
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    batch.drain(..).unzip()
+}
+
+type Answer = oneshot::Sender<Result<CertificateInsert, String>>;
+
+fn answer(answers: Vec<Answer>, written: Result<Vec<CertificateInsert>, String>) {
     match written {
         Ok(outcomes) => {
             for (answer, outcome) in answers.into_iter().zip(outcomes) {
@@ -145,22 +150,8 @@ fn insert_sqlite(
             compromised.insert(key);
         }
     }
-    let mut outcomes = Vec::with_capacity(certificates.len());
-    let mut accepted = Vec::with_capacity(certificates.len());
-    for certificate in certificates {
-        let cert = &certificate.record;
-        match status.get(cert.agent_name.as_str()).cloned().flatten() {
-            Some(status) if status == "active" => {}
-            other => {
-                let status = other.unwrap_or_else(|| "absent".to_owned());
-                outcomes.push(CertificateInsert::AgentNotActive { status });
-                continue;
-            }
-        }
-        if compromised.contains(cert.public_key_sha256.as_str()) {
-            outcomes.push(CertificateInsert::KeyCompromised);
-            continue;
-        }
+    let (outcomes, accepted) = super::admit_certificates(certificates, &status, &compromised);
+    for certificate in &accepted {
         if let Some(ev) = &certificate.evidence {
             tx.prepare_cached(
                 "INSERT INTO attestations (digest, format, evidence, created_at)
@@ -168,8 +159,6 @@ fn insert_sqlite(
             )?
             .execute(params![ev.digest, ev.format, ev.evidence, ev.created_at])?;
         }
-        accepted.push(certificate);
-        outcomes.push(CertificateInsert::Inserted);
     }
     if !accepted.is_empty() {
         let events: Vec<&crate::audit::AuditEvent> = accepted.iter().map(|c| &c.audit).collect();
@@ -203,26 +192,11 @@ async fn write_batches(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pendi
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.recv().await {
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let (certificates, answers): (Vec<NewCertificate>, Vec<_>) = batch.drain(..).unzip();
-        match store.insert_certificates(&certificates).await {
-            Ok(outcomes) => {
-                for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                    let _ = answer.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, count = certificates.len(), "writing a batch of certificates failed");
-                let message = e.to_string();
-                for answer in answers {
-                    let _ = answer.send(Err(message.clone()));
-                }
-            }
-        }
+        let (certificates, answers) = take_batch(&mut receiver, &mut batch);
+        let written = store
+            .insert_certificates(&certificates)
+            .await
+            .map_err(|e| e.to_string());
+        answer(answers, written);
     }
 }

@@ -196,6 +196,37 @@ pub struct NewCertificate {
     pub audit: AuditEvent,
 }
 
+/// What each certificate of a batch comes to, from its agent's status and
+/// the keys barred as read under the write locks (`None`: no such agent),
+/// and the certificates to write, in order. Both databases' writers decide
+/// with it.
+pub(crate) fn admit_certificates<'a>(
+    certificates: &'a [NewCertificate],
+    status: &std::collections::BTreeMap<&str, Option<String>>,
+    compromised: &std::collections::BTreeSet<&str>,
+) -> (Vec<CertificateInsert>, Vec<&'a NewCertificate>) {
+    let mut outcomes = Vec::with_capacity(certificates.len());
+    let mut accepted = Vec::with_capacity(certificates.len());
+    for certificate in certificates {
+        let cert = &certificate.record;
+        match status.get(cert.agent_name.as_str()).cloned().flatten() {
+            Some(status) if status == "active" => {}
+            other => {
+                let status = other.unwrap_or_else(|| "absent".to_owned());
+                outcomes.push(CertificateInsert::AgentNotActive { status });
+                continue;
+            }
+        }
+        if compromised.contains(cert.public_key_sha256.as_str()) {
+            outcomes.push(CertificateInsert::KeyCompromised);
+            continue;
+        }
+        accepted.push(certificate);
+        outcomes.push(CertificateInsert::Inserted);
+    }
+    (outcomes, accepted)
+}
+
 /// Hex SHA-256 of a DER SubjectPublicKeyInfo: how `certificates` and
 /// `compromised_keys` name a key.
 pub fn public_key_sha256(spki_der: &[u8]) -> String {

@@ -626,25 +626,10 @@ macro_rules! impl_store {
                         compromised.insert(key);
                     }
                 }
-                let mut outcomes = Vec::with_capacity(certificates.len());
-                let mut accepted = Vec::with_capacity(certificates.len());
-                for certificate in certificates {
-                    let cert = &certificate.record;
-                    match status.get(cert.agent_name.as_str()).cloned().flatten() {
-                        Some(status) if status == "active" => {}
-                        other => {
-                            let status = other.unwrap_or_else(|| "absent".to_owned());
-                            outcomes.push(CertificateInsert::AgentNotActive { status });
-                            continue;
-                        }
-                    }
-                    if compromised.contains(cert.public_key_sha256.as_str()) {
-                        outcomes.push(CertificateInsert::KeyCompromised);
-                        continue;
-                    }
+                let (outcomes, accepted) =
+                    super::admit_certificates(certificates, &status, &compromised);
+                for certificate in &accepted {
                     Self::insert_evidence(&mut tx, certificate.evidence.as_ref()).await?;
-                    accepted.push(certificate);
-                    outcomes.push(CertificateInsert::Inserted);
                 }
                 let events: Vec<&AuditEvent> = accepted.iter().map(|c| &c.audit).collect();
                 Self::append_audit_many(&mut tx, &events).await?;
