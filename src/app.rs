@@ -126,15 +126,18 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         .context("loading the revocation set")?;
     revocations.watch(&config.database_url);
     check_custodial_storage(&pool, config.custodial_storage).await?;
-    let registry = Arc::new(Registry::new(
-        pool.clone(),
-        store.clone(),
-        authority.clone(),
-        evidence_signer,
-        agent_cache.clone(),
-        revocations.clone(),
-        config.custodial_storage,
-    ));
+    let registry = Arc::new(
+        Registry::new(
+            pool.clone(),
+            store.clone(),
+            authority.clone(),
+            evidence_signer,
+            agent_cache.clone(),
+            revocations.clone(),
+            config.custodial_storage,
+        )
+        .with_orphan_key_grace(config.orphan_key_grace),
+    );
     let signature_log = SignatureLog::start(&config.database_url)
         .await
         .context("starting the signature log")?;
@@ -170,6 +173,23 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
             let day_ago = time::OffsetDateTime::now_utc().unix_timestamp() - 86_400;
             if let Err(e) = janitor_store.delete_expired_tpm_challenges(day_ago).await {
                 tracing::warn!(error = %e, "deleting expired TPM challenges failed");
+            }
+        }
+    });
+    let orphan_janitor = Arc::downgrade(&registry);
+    // Twice per grace period, so a key goes between one and one and a half
+    // periods after it was first found unowned.
+    let orphan_sweep = (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(orphan_sweep);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(registry) = orphan_janitor.upgrade() else {
+                return;
+            };
+            if let Err(e) = registry.destroy_orphan_keys().await {
+                tracing::warn!(error = %e, "looking for keys no agent owns failed");
             }
         }
     });

@@ -55,6 +55,18 @@ pub struct ConfigFile {
     pub hooks: HooksFile,
     #[serde(default)]
     pub attestation: AttestationFile,
+    #[serde(default)]
+    pub maintenance: MaintenanceFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceFile {
+    /// How long a custodial key on the token must have been owned by no
+    /// agent before keyward destroys it (default 600). It must exceed the
+    /// longest a registration takes between generating a key and recording
+    /// it, on any replica.
+    pub orphan_key_grace_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +210,8 @@ pub struct Config {
     pub admin_token_enabled: bool,
     pub runtime_threads: usize,
     pub hook_allowed_hosts: Vec<String>,
+    /// See `MaintenanceFile::orphan_key_grace_seconds`.
+    pub orphan_key_grace: Duration,
     /// See `TpmAttestationFile`.
     pub tpm_ek_roots: Option<PathBuf>,
     pub tpm_ek_allowlist: Option<PathBuf>,
@@ -370,7 +384,18 @@ impl ConfigFile {
                 "[attestation.tpm] challenge_ttl_seconds must be 1 to 3600".into(),
             ));
         }
+        let orphan_key_grace = Duration::from_secs(
+            self.maintenance
+                .orphan_key_grace_seconds
+                .unwrap_or(crate::agents::DEFAULT_ORPHAN_KEY_GRACE.as_secs()),
+        );
+        if orphan_key_grace.is_zero() || orphan_key_grace > Duration::from_secs(7 * 86_400) {
+            return Err(invalid(
+                "[maintenance] orphan_key_grace_seconds must be 1 to 604800".into(),
+            ));
+        }
         Ok(Config {
+            orphan_key_grace,
             tpm_ek_roots: overrides
                 .tpm_ek_roots
                 .clone()
@@ -479,6 +504,23 @@ mod tests {
             file.validate(&Overrides::default()),
             Err(ConfigError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn orphan_key_grace_defaults_to_ten_minutes_and_must_be_one_second_to_a_week() {
+        let c = ConfigFile::default()
+            .validate(&Overrides::default())
+            .unwrap();
+        assert_eq!(c.orphan_key_grace, Duration::from_secs(600));
+        for (seconds, accepted) in [(0, false), (1, true), (604_800, true), (604_801, false)] {
+            let text = format!("[maintenance]\norphan_key_grace_seconds = {seconds}\n");
+            let file: ConfigFile = toml::from_str(&text).unwrap();
+            assert_eq!(
+                file.validate(&Overrides::default()).is_ok(),
+                accepted,
+                "{seconds}"
+            );
+        }
     }
 
     #[test]

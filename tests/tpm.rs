@@ -210,3 +210,63 @@ async fn keyward_runs_with_its_keys_in_a_tpm() {
         "{evidence}"
     );
 }
+
+/// On a TPM the custodial keys are blobs in keyward's key directory: one no
+/// agent owns (both files, or a half left by an interrupted removal) goes
+/// after the grace period; the agents' and keyward's own stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_blobs_no_agent_owns_leave_the_key_directory() {
+    let tpm = Swtpm::start();
+    let config = format!(
+        "[keys]\nbackend = \"tpm\"\ntcti = \"swtpm:host=127.0.0.1,port={}\"\n\
+         [maintenance]\norphan_key_grace_seconds = 1\n",
+        tpm.port
+    );
+    let server = common::Server::start_with_config(common::Db::Sqlite, &config).await;
+    let alpha = common::register_agent(&server, "alpha").await;
+    let alpha_key = alpha["key_id"].as_str().unwrap();
+    let key_dir = server.path("tpm-keys");
+    let blobs_before = std::fs::read_dir(&key_dir).unwrap().count();
+    for (orphan, halves) in [
+        ("agent-00000000000000aa", &["pub", "priv"][..]),
+        ("agent-00000000000000bb", &["pub"][..]),
+    ] {
+        for ext in halves {
+            std::fs::copy(
+                key_dir.join(format!("{alpha_key}.{ext}")),
+                key_dir.join(format!("{orphan}.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+
+    let gone = server
+        .eventually(std::time::Duration::from_secs(20), || {
+            std::fs::read_dir(&key_dir).unwrap().count() == blobs_before
+        })
+        .await;
+    let left: Vec<_> = std::fs::read_dir(&key_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(gone, "orphan blobs are still there: {left:?}");
+    assert!(left
+        .iter()
+        .all(|name| !name.starts_with("agent-00000000000000")));
+    assert!(left.contains(&format!("{alpha_key}.priv")), "{left:?}");
+    let audited = server
+        .sql(
+            "SELECT COUNT(*) FROM audit_events WHERE action = 'key.destroy_orphan'
+             AND subject IN ('agent-00000000000000aa', 'agent-00000000000000bb')",
+        )
+        .await;
+    assert_eq!(audited, Some(2));
+    let (status, signed) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/sign",
+            Some(serde_json::json!({"message_b64": "aGVsbG8="})),
+        )
+        .await;
+    assert_eq!(status, 200, "{signed}");
+}

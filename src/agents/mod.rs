@@ -25,6 +25,7 @@ use crate::store::{
 };
 
 pub mod cache;
+pub mod orphans;
 pub mod signing;
 pub mod verification;
 
@@ -74,6 +75,11 @@ pub enum AgentError {
 }
 
 pub const MAX_SCOPES: usize = 64;
+
+/// Ten minutes: far past the longest a registration or rotation can hold a
+/// generated key before recording it (the pool's key-creation deadline and
+/// one transaction).
+pub const DEFAULT_ORPHAN_KEY_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// An agent as the API shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -139,6 +145,10 @@ pub struct Registry {
     revocations: Arc<RevocationSet>,
     /// Where new custodial keys are kept.
     storage: KeyStorage,
+    /// How long a key must have been found unowned before it is destroyed
+    /// (`orphans`).
+    orphan_grace: std::time::Duration,
+    orphans: std::sync::Mutex<orphans::OrphanSuspects>,
 }
 
 /// The pool's reference to a custodial key, from its stored record: a
@@ -212,7 +222,17 @@ impl Registry {
             cache,
             revocations,
             storage,
+            orphan_grace: DEFAULT_ORPHAN_KEY_GRACE,
+            orphans: std::sync::Mutex::new(orphans::OrphanSuspects::new(DEFAULT_ORPHAN_KEY_GRACE)),
         }
+    }
+
+    /// Sets how long a token key must have been found unowned before the
+    /// janitor destroys it (`destroy_orphan_keys`).
+    pub fn with_orphan_key_grace(mut self, grace: std::time::Duration) -> Self {
+        self.orphan_grace = grace;
+        self.orphans = std::sync::Mutex::new(orphans::OrphanSuspects::new(grace));
+        self
     }
 
     /// A generated custodial key as the pool refers to it, to let go of it

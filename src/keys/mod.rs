@@ -344,6 +344,11 @@ pub trait KeySession: Send {
     /// Destroys the key (both halves) on the token.
     fn destroy(&mut self, id: &KeyId) -> Result<(), KeyError>;
 
+    /// The ids of the keys the store holds for itself (token objects, TPM
+    /// blobs; not wrapped keys, which it never holds) that begin with
+    /// `prefix`, each once, in order.
+    fn key_ids(&mut self, prefix: &str) -> Result<Vec<KeyId>, KeyError>;
+
     /// Generates a custodial key kept in `storage`, with the token's
     /// account of it as generated.
     fn generate_custodial(

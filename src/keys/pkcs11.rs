@@ -1044,6 +1044,35 @@ impl KeySession for Pkcs11Session {
         }
     }
 
+    fn key_ids(&mut self, prefix: &str) -> Result<Vec<KeyId>, KeyError> {
+        let shared = Arc::clone(&self.shared);
+        let _calls = shared.calls.read().unwrap_or_else(|p| p.into_inner());
+        let mut ids = std::collections::BTreeSet::new();
+        // Both halves: a pair whose removal stopped half-way leaves a
+        // public key that is still the key's, to be removed with it.
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            let handles = self
+                .session
+                .find_objects(&[Attribute::Class(class), Attribute::Token(true)])
+                .map_err(classify)?;
+            for handle in handles {
+                let found = self
+                    .session
+                    .get_attributes(handle, &[AttributeType::Id])
+                    .map_err(classify)?;
+                let Some(Attribute::Id(raw)) = found.first() else {
+                    continue;
+                };
+                // Objects keyward did not make may carry any id at all.
+                let id = std::str::from_utf8(raw).ok().map(KeyId::parse);
+                if let Some(Ok(id)) = id.filter(|_| raw.starts_with(prefix.as_bytes())) {
+                    ids.insert(id);
+                }
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+
     fn generate_custodial(
         &mut self,
         id: &KeyId,

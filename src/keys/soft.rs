@@ -111,6 +111,17 @@ impl KeySession for SoftwareBackend {
             .ok_or_else(|| KeyError::NotFound(id.clone()))
     }
 
+    fn key_ids(&mut self, prefix: &str) -> Result<Vec<KeyId>, KeyError> {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<KeyId> = keys
+            .keys()
+            .filter(|id| id.as_str().starts_with(prefix))
+            .cloned()
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     fn ping(&mut self) -> Result<(), KeyError> {
         Ok(())
     }

@@ -555,6 +555,27 @@ impl KeySession for TpmSession {
         }
     }
 
+    fn key_ids(&mut self, prefix: &str) -> Result<Vec<KeyId>, KeyError> {
+        let dir = &self.shared.key_dir;
+        let entries = fs::read_dir(dir).map_err(|e| io_error("listing", dir, e))?;
+        let mut ids = std::collections::BTreeSet::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("listing", dir, e))?;
+            let name = entry.file_name();
+            // Either blob names the key: a half left by an interrupted
+            // write or removal is still the key's, to be removed with it.
+            // Temporary files (`.<id>.<ext>.tmp`) start with a dot and are
+            // no key's.
+            let Some((id, "pub" | "priv")) = name.to_str().and_then(|n| n.rsplit_once('.')) else {
+                continue;
+            };
+            if let (true, Ok(id)) = (id.starts_with(prefix), KeyId::parse(id)) {
+                ids.insert(id);
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+
     fn ping(&mut self) -> Result<(), KeyError> {
         self.ctx
             .execute_without_session(|ctx| ctx.get_random(1))

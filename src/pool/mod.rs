@@ -92,6 +92,7 @@ enum KeyOp {
     PublicKey { key: KeyId },
     Destroy { key: KeyId },
     ForgetWrapped { key: KeyId },
+    ListKeys { prefix: &'static str },
     Ping,
 }
 
@@ -102,6 +103,7 @@ impl KeyOp {
             KeyOp::Generate { .. } | KeyOp::GenerateCustodial { .. } => "generate",
             KeyOp::PublicKey { .. } => "public_key",
             KeyOp::Destroy { .. } | KeyOp::ForgetWrapped { .. } => "destroy",
+            KeyOp::ListKeys { .. } => "list",
             KeyOp::Ping => "ping",
         }
     }
@@ -135,6 +137,7 @@ enum KeyOutput {
     Signature(Signature),
     PublicKey(PublicKey),
     Generated(Box<GeneratedKey>),
+    KeyIds(Vec<KeyId>),
     Done,
 }
 
@@ -421,6 +424,17 @@ impl KeyPool {
         self.submit(op, self.deadline).await.map(|_| ())
     }
 
+    /// The keys the key store holds itself (token objects, TPM blobs) whose
+    /// ids begin with `prefix`.
+    pub async fn key_ids(&self, prefix: &'static str) -> Result<Vec<KeyId>, PoolError> {
+        // Not latency-bound; it must not lose to a burst of registrations.
+        let deadline = self.key_creation_deadline();
+        match self.submit(KeyOp::ListKeys { prefix }, deadline).await? {
+            KeyOutput::KeyIds(ids) => Ok(ids),
+            _ => unreachable!("a list job is answered with key ids"),
+        }
+    }
+
     /// Succeeds when a worker can reach the token.
     pub async fn ping(&self) -> Result<(), PoolError> {
         self.submit(KeyOp::Ping, self.deadline).await.map(|_| ())
@@ -685,6 +699,7 @@ fn run_op(session: &mut dyn KeySession, op: &KeyOp) -> Result<KeyOutput, KeyErro
             session.destroy(key)?;
             KeyOutput::Done
         }
+        KeyOp::ListKeys { prefix } => KeyOutput::KeyIds(session.key_ids(prefix)?),
         KeyOp::Ping => {
             session.ping()?;
             KeyOutput::Done

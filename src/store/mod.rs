@@ -579,6 +579,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every active agent's custodial key with the time it became current.
     async fn custodial_key_ages(&self) -> Result<Vec<CustodialKeyAge>, StoreError>;
     async fn retired_key(&self, key_id: &str) -> Result<Option<RetiredKey>, StoreError>;
+    /// Every custodial key id an agent owns: current keys and retired keys
+    /// not yet destroyed.
+    async fn custodial_key_ids(&self) -> Result<Vec<String>, StoreError>;
     /// Retired keys past their retention and not yet destroyed.
     async fn retired_keys_due(&self, now: i64) -> Result<Vec<RetiredKey>, StoreError>;
     async fn mark_key_destroyed(

@@ -1162,6 +1162,15 @@ macro_rules! impl_store {
                     .transpose()
             }
 
+            async fn custodial_key_ids(&self) -> Result<Vec<String>, StoreError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT key_id FROM agents WHERE key_id IS NOT NULL
+                     UNION SELECT key_id FROM retired_keys WHERE destroyed_at IS NULL",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn retired_keys_due(&self, now: i64) -> Result<Vec<RetiredKey>, StoreError> {
                 sqlx::query(
                     "SELECT * FROM retired_keys WHERE destroyed_at IS NULL AND destroy_after <= $1

@@ -417,6 +417,53 @@ impl Server {
         ])
     }
 
+    /// Generates a P-256 key pair on the server's token with `pkcs11-tool`,
+    /// labelled `label` and with `label` as its CKA_ID (as keyward names its
+    /// keys): a key keyward did not make and no agent owns.
+    pub fn generate_token_key_outside_keyward(&self, label: &str) {
+        let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
+        self.pkcs11_tool(&[
+            "--login",
+            "--pin",
+            pin.trim(),
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            label,
+            "--id",
+            &hex::encode(label),
+        ]);
+    }
+
+    /// Deletes one object (`privkey`, `pubkey`) labelled `label` from the
+    /// server's token with `pkcs11-tool`.
+    pub fn delete_token_object_outside_keyward(&self, kind: &str, label: &str) {
+        let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
+        self.pkcs11_tool(&[
+            "--login",
+            "--pin",
+            pin.trim(),
+            "--delete-object",
+            "--type",
+            kind,
+            "--label",
+            label,
+        ]);
+    }
+
+    /// Polls for up to `limit` until `done` holds; whether it did.
+    pub async fn eventually(&self, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        done()
+    }
+
     /// The same, to a session that has not logged in.
     pub fn token_objects_without_login(&self, kind: &str) -> String {
         self.pkcs11_tool(&["--list-objects", "--type", kind])
