@@ -155,44 +155,31 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         store.clone(),
         revocations.clone(),
     ));
-    let janitor = Arc::downgrade(&registry);
-    let janitor_store = store.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RETIRED_KEY_SWEEP);
-        loop {
-            tick.tick().await;
-            let Some(registry) = janitor.upgrade() else {
-                return;
-            };
-            if let Err(e) = registry.destroy_retired_keys().await {
-                tracing::warn!(error = %e, "destroying retired keys failed");
-            }
-            // A day past expiry a challenge can only be refused as
-            // unknown (stale) instead of expired: the difference no longer
-            // matters to anyone.
+    crate::periodic::every(
+        RETIRED_KEY_SWEEP,
+        &registry,
+        "destroying retired keys",
+        |registry| async move { registry.destroy_retired_keys().await },
+    );
+    // A day past expiry a challenge can only be refused as unknown (stale)
+    // instead of expired: the difference no longer matters to anyone.
+    crate::periodic::every(
+        RETIRED_KEY_SWEEP,
+        &store,
+        "deleting expired TPM challenges",
+        |store| async move {
             let day_ago = time::OffsetDateTime::now_utc().unix_timestamp() - 86_400;
-            if let Err(e) = janitor_store.delete_expired_tpm_challenges(day_ago).await {
-                tracing::warn!(error = %e, "deleting expired TPM challenges failed");
-            }
-        }
-    });
-    let orphan_janitor = Arc::downgrade(&registry);
+            store.delete_expired_tpm_challenges(day_ago).await
+        },
+    );
     // Twice per grace period, so a key goes between one and one and a half
     // periods after it was first found unowned.
-    let orphan_sweep = (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(orphan_sweep);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(registry) = orphan_janitor.upgrade() else {
-                return;
-            };
-            if let Err(e) = registry.destroy_orphan_keys().await {
-                tracing::warn!(error = %e, "looking for keys no agent owns failed");
-            }
-        }
-    });
+    crate::periodic::every(
+        (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1)),
+        &registry,
+        "looking for keys no agent owns",
+        |registry| async move { registry.destroy_orphan_keys().await },
+    );
     let hooks = crate::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
         .context("building the hook client")?;
     hooks.start();
@@ -200,19 +187,21 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         .await
         .context("loading the policy")?;
     policy.watch();
-    let (scheduler, scheduled) = (Arc::downgrade(&policy), Arc::downgrade(&registry));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(SCHEDULED_ROTATION_SWEEP);
-        loop {
-            tick.tick().await;
-            let (Some(policy), Some(registry)) = (scheduler.upgrade(), scheduled.upgrade()) else {
-                return;
-            };
-            if let Err(e) = policy.rotate_due_keys(&registry).await {
-                tracing::warn!(error = %e, "scheduled key rotation failed");
+    let scheduled = Arc::downgrade(&registry);
+    crate::periodic::every(
+        SCHEDULED_ROTATION_SWEEP,
+        &policy,
+        "scheduled key rotation",
+        move |policy| {
+            let registry = scheduled.upgrade();
+            async move {
+                match registry {
+                    Some(registry) => policy.rotate_due_keys(&registry).await,
+                    None => Ok(0),
+                }
             }
-        }
-    });
+        },
+    );
     let ek_roots = match &config.tpm_ek_roots {
         Some(dir) => {
             let roots = crate::attestation::tpm::ek::EkRoots::load_dir(dir).map_err(|e| {

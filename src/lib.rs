@@ -41,6 +41,7 @@ pub mod handoff;
 pub mod hooks;
 pub mod identity;
 pub mod keys;
+pub mod periodic;
 pub mod policy;
 pub mod pool;
 pub mod revocation;

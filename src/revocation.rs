@@ -153,20 +153,12 @@ impl RevocationSet {
     /// every `RELOAD_INTERVAL`, and on PostgreSQL one on every announced
     /// revocation.
     pub fn watch(self: &Arc<Self>, database_url: &str) {
-        let periodic = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RELOAD_INTERVAL);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(set) = periodic.upgrade() else {
-                    return;
-                };
-                if let Err(e) = set.reload().await {
-                    tracing::warn!(error = %e, "reloading the revocation set failed");
-                }
-            }
-        });
+        crate::periodic::every(
+            RELOAD_INTERVAL,
+            self,
+            "reloading the revocation set",
+            |set| async move { set.reload().await },
+        );
         if database_url.starts_with("postgres") {
             let listening = Arc::downgrade(self);
             let url = database_url.to_owned();

@@ -188,19 +188,12 @@ impl PolicyEngine {
 
     /// Keeps the version in force current for the life of the runtime.
     pub fn watch(self: &Arc<Self>) {
-        let engine = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REFRESH_INTERVAL);
-            loop {
-                tick.tick().await;
-                let Some(engine) = engine.upgrade() else {
-                    return;
-                };
-                if let Err(e) = engine.refresh().await {
-                    tracing::warn!(error = %e, "refreshing the policy failed");
-                }
-            }
-        });
+        crate::periodic::every(
+            REFRESH_INTERVAL,
+            self,
+            "refreshing the policy",
+            |engine| async move { engine.refresh().await },
+        );
     }
 
     /// Checks `content` and makes it the next version, in force here at once.
