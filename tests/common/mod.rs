@@ -406,26 +406,19 @@ impl Server {
     /// The token's objects of one type (`privkey`, `secrkey`, ...), as
     /// `pkcs11-tool` lists them to a session logged in with the user PIN.
     pub fn token_objects(&self, kind: &str) -> String {
-        let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
-        self.pkcs11_tool(&[
-            "--login",
-            "--pin",
-            pin.trim(),
-            "--list-objects",
-            "--type",
-            kind,
-        ])
+        self.pkcs11_tool_as_user(&["--list-objects", "--type", kind])
+    }
+
+    /// The same, to a session that has not logged in.
+    pub fn token_objects_without_login(&self, kind: &str) -> String {
+        self.pkcs11_tool(&["--list-objects", "--type", kind])
     }
 
     /// Generates a P-256 key pair on the server's token with `pkcs11-tool`,
     /// labelled `label` and with `label` as its CKA_ID (as keyward names its
     /// keys): a key keyward did not make and no agent owns.
     pub fn generate_token_key_outside_keyward(&self, label: &str) {
-        let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
-        self.pkcs11_tool(&[
-            "--login",
-            "--pin",
-            pin.trim(),
+        self.pkcs11_tool_as_user(&[
             "--keypairgen",
             "--key-type",
             "EC:prime256v1",
@@ -439,17 +432,7 @@ impl Server {
     /// Deletes one object (`privkey`, `pubkey`) labelled `label` from the
     /// server's token with `pkcs11-tool`.
     pub fn delete_token_object_outside_keyward(&self, kind: &str, label: &str) {
-        let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
-        self.pkcs11_tool(&[
-            "--login",
-            "--pin",
-            pin.trim(),
-            "--delete-object",
-            "--type",
-            kind,
-            "--label",
-            label,
-        ]);
+        self.pkcs11_tool_as_user(&["--delete-object", "--type", kind, "--label", label]);
     }
 
     /// Polls for up to `limit` until `done` holds; whether it did.
@@ -464,9 +447,11 @@ impl Server {
         done()
     }
 
-    /// The same, to a session that has not logged in.
-    pub fn token_objects_without_login(&self, kind: &str) -> String {
-        self.pkcs11_tool(&["--list-objects", "--type", kind])
+    /// `pkcs11-tool` in a session logged in with the user PIN.
+    fn pkcs11_tool_as_user(&self, args: &[&str]) -> String {
+        let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
+        let login = ["--login", "--pin", pin.trim()];
+        self.pkcs11_tool(&[&login[..], args].concat())
     }
 
     fn pkcs11_tool(&self, args: &[&str]) -> String {
