@@ -4,9 +4,16 @@
 //!
 //! Changes made through this process invalidate the entry at once. Changes
 //! made by another replica are seen within `TTL`.
+//!
+//! A signing view is renewed before it expires: a hit on an entry older
+//! than `REFRESH_AFTER` lets its caller start one reload in the background
+//! (`claim_refresh`). Without that, every request for a busy agent missed
+//! at once each time its entry expired, each read the database, and all
+//! of them waited for those reads together.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::attestation::AttestedKey;
@@ -16,6 +23,10 @@ use crate::store::AgentRecord;
 
 /// How long an entry is trusted without asking the database again.
 pub const TTL: Duration = Duration::from_secs(1);
+
+/// Past this age a hit starts a reload of the signing view, well before
+/// it expires.
+pub const REFRESH_AFTER: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
 pub struct SigningView {
@@ -32,6 +43,11 @@ pub struct SigningView {
 #[derive(Default)]
 pub struct AgentCache {
     entries: RwLock<HashMap<AgentName, (Instant, Arc<SigningView>)>>,
+    /// Agents whose signing view is being reloaded in the background.
+    refreshing: Mutex<HashSet<AgentName>>,
+    /// Counts invalidations: a view read from the database before one is
+    /// not cached after it (it may predate the change).
+    generation: AtomicU64,
     /// Agents' records as issuance reads them. A stale status costs at most
     /// a wasted CA signature: the certificate's row is written only for an
     /// agent active under the lock a revocation takes (`CertificateInsert`).
@@ -53,9 +69,44 @@ impl AgentCache {
         }
     }
 
-    pub fn put(&self, name: &AgentName, view: SigningView) -> Arc<SigningView> {
+    /// Whether the caller should reload the agent's signing view in the
+    /// background: its entry is past `REFRESH_AFTER` and no reload is under
+    /// way. A `true` must be followed by `refresh_done`.
+    pub fn claim_refresh(&self, name: &AgentName) -> bool {
+        let due = self
+            .entries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some_and(|(fetched, _)| fetched.elapsed() >= REFRESH_AFTER);
+        due && self
+            .refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone())
+    }
+
+    pub fn refresh_done(&self, name: &AgentName) {
+        self.refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// Read before the database, passed to `put`.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches a view read from the database after `generation` was read,
+    /// unless something was invalidated since; returns it either way.
+    pub fn put(&self, name: &AgentName, view: SigningView, generation: u64) -> Arc<SigningView> {
         let view = Arc::new(view);
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `certificate_issued` takes to remove.
+        if self.generation.load(Ordering::Acquire) != generation {
+            return view;
+        }
         if entries.len() > MAX_ENTRIES {
             entries.retain(|_, (fetched, _)| fetched.elapsed() < TTL);
         }
@@ -74,10 +125,9 @@ impl AgentCache {
 
     /// The signing view names the newest certificate: it is read again.
     pub fn certificate_issued(&self, name: &AgentName) {
-        self.entries
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.remove(name);
     }
 
     pub fn record(&self, name: &AgentName) -> Option<Arc<AgentRecord>> {
@@ -114,5 +164,55 @@ impl AgentCache {
         }
         evidence.insert(attested.evidence.digest.clone(), attested.clone());
         attested
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(status: &str) -> SigningView {
+        SigningView {
+            key: None,
+            status: status.to_owned(),
+            scopes: Vec::new(),
+            certificate_serial: None,
+            certificate_not_after: 0,
+        }
+    }
+
+    fn alpha() -> AgentName {
+        AgentName::parse("alpha").unwrap()
+    }
+
+    #[test]
+    fn a_view_read_before_an_invalidation_is_not_cached_after_it() {
+        let cache = AgentCache::default();
+        let before = cache.generation();
+        cache.invalidate(&alpha());
+        let answered = cache.put(&alpha(), view("active"), before);
+        assert_eq!(answered.status, "active", "the reader still gets its view");
+        assert!(cache.get(&alpha()).is_none());
+
+        cache.put(&alpha(), view("suspended"), cache.generation());
+        assert_eq!(cache.get(&alpha()).unwrap().status, "suspended");
+    }
+
+    #[test]
+    fn a_young_entry_needs_no_refresh_and_an_aging_one_gets_exactly_one() {
+        let cache = AgentCache::default();
+        assert!(
+            !cache.claim_refresh(&alpha()),
+            "nothing cached, nothing to refresh"
+        );
+        cache.put(&alpha(), view("active"), cache.generation());
+        assert!(!cache.claim_refresh(&alpha()));
+
+        std::thread::sleep(REFRESH_AFTER);
+        assert!(cache.claim_refresh(&alpha()));
+        assert!(!cache.claim_refresh(&alpha()), "one reload at a time");
+        assert!(cache.get(&alpha()).is_some(), "still served meanwhile");
+        cache.refresh_done(&alpha());
+        assert!(cache.claim_refresh(&alpha()), "claimable again once done");
     }
 }

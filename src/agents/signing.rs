@@ -97,6 +97,45 @@ impl Purpose<'_> {
     }
 }
 
+/// The agent's signing view as the database has it now.
+async fn load_view(
+    store: &dyn Store,
+    agent: &AgentName,
+    now: i64,
+) -> Result<SigningView, AgentError> {
+    let record = store
+        .agent(agent.as_str())
+        .await?
+        .ok_or_else(|| AgentError::NotFound(agent.to_string()))?;
+    let key = match &record.key_id {
+        Some(id) => Some(super::custodial_key_ref(
+            id,
+            record.public_key_der.as_deref(),
+            record.key_wrapped.as_deref(),
+        )?),
+        None => None,
+    };
+    let newest = match &key {
+        Some(key) => {
+            store
+                .newest_certificate_for_key(key.id().as_str(), now)
+                .await?
+        }
+        None => None,
+    };
+    let (certificate_serial, certificate_not_after) = match newest {
+        Some((serial, not_after)) => (Some(serial), not_after),
+        None => (None, 0),
+    };
+    Ok(SigningView {
+        key,
+        status: record.status,
+        scopes: record.scopes,
+        certificate_serial,
+        certificate_not_after,
+    })
+}
+
 impl AgentSigner {
     pub fn new(
         pool: KeyPool,
@@ -117,46 +156,33 @@ impl AgentSigner {
     }
 
     /// What signing needs to know about the agent, from the cache or the
-    /// database.
+    /// database. A busy agent's entry is reloaded in the background before
+    /// it expires, so its requests do not wait for the database.
     async fn view(&self, agent: &AgentName, now: i64) -> Result<Arc<SigningView>, AgentError> {
         if let Some(view) = self.cache.get(agent) {
             if view.certificate_serial.is_none() || view.certificate_not_after > now {
+                if self.cache.claim_refresh(agent) {
+                    let (store, cache, agent) =
+                        (self.store.clone(), self.cache.clone(), agent.clone());
+                    tokio::spawn(async move {
+                        let generation = cache.generation();
+                        match load_view(store.as_ref(), &agent, now).await {
+                            Ok(view) => {
+                                cache.put(&agent, view, generation);
+                            }
+                            Err(e) => {
+                                tracing::debug!(agent = %agent, error = %e, "reloading an agent's signing view failed")
+                            }
+                        }
+                        cache.refresh_done(&agent);
+                    });
+                }
                 return Ok(view);
             }
         }
-        let record = self
-            .store
-            .agent(agent.as_str())
-            .await?
-            .ok_or_else(|| AgentError::NotFound(agent.to_string()))?;
-        let key = match &record.key_id {
-            Some(id) => Some(super::custodial_key_ref(
-                id,
-                record.public_key_der.as_deref(),
-                record.key_wrapped.as_deref(),
-            )?),
-            None => None,
-        };
-        let newest = match &key {
-            Some(key) => {
-                self.store
-                    .newest_certificate_for_key(key.id().as_str(), now)
-                    .await?
-            }
-            None => None,
-        };
-        let (certificate_serial, certificate_not_after) = match newest {
-            Some((serial, not_after)) => (Some(serial), not_after),
-            None => (None, 0),
-        };
-        let view = SigningView {
-            key,
-            status: record.status,
-            scopes: record.scopes,
-            certificate_serial,
-            certificate_not_after,
-        };
-        Ok(self.cache.put(agent, view))
+        let generation = self.cache.generation();
+        let view = load_view(self.store.as_ref(), agent, now).await?;
+        Ok(self.cache.put(agent, view, generation))
     }
 
     /// The agent's scopes (its roles under the policy), from the same
