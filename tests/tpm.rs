@@ -254,12 +254,20 @@ async fn key_blobs_no_agent_owns_leave_the_key_directory() {
         .iter()
         .all(|name| !name.starts_with("agent-00000000000000")));
     assert!(left.contains(&format!("{alpha_key}.priv")), "{left:?}");
-    let audited = server
-        .sql(
-            "SELECT COUNT(*) FROM audit_events WHERE action = 'key.destroy_orphan'
-             AND subject IN ('agent-00000000000000aa', 'agent-00000000000000bb')",
-        )
-        .await;
+    // Each entry is written just after its key is destroyed.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let audited = loop {
+        let audited = server
+            .sql(
+                "SELECT COUNT(*) FROM audit_events WHERE action = 'key.destroy_orphan'
+                 AND subject IN ('agent-00000000000000aa', 'agent-00000000000000bb')",
+            )
+            .await;
+        if audited == Some(2) || std::time::Instant::now() > until {
+            break audited;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(audited, Some(2));
     let (status, signed) = server
         .admin(
