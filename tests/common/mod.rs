@@ -157,6 +157,22 @@ fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
 pub const TOKEN_STORAGE: &str =
     "[keys]\nbackend = \"embedded-softhsm\"\ncustodial_storage = \"token\"\n";
 
+/// Runs `$body` with `$c` a fresh connection to the database at `$url`,
+/// SQLite or PostgreSQL (the two connection types share no trait the
+/// queries below could be written against once).
+macro_rules! with_connection {
+    ($url:expr, |$c:ident| $body:expr) => {{
+        use sqlx::Connection;
+        if $url.starts_with("sqlite") {
+            let mut $c = sqlx::SqliteConnection::connect($url).await.unwrap();
+            $body
+        } else {
+            let mut $c = sqlx::PgConnection::connect($url).await.unwrap();
+            $body
+        }
+    }};
+}
+
 /// keyward's own keys on its token: the CA's and the attestation key.
 pub const SERVICE_KEYS: usize = 2;
 
@@ -287,47 +303,24 @@ impl Server {
 
     /// Rows in each table a request could write: (agents, certificates, audit events).
     pub async fn row_counts(&self) -> (i64, i64, i64) {
-        use sqlx::Connection;
         let sql = "SELECT (SELECT COUNT(*) FROM agents), (SELECT COUNT(*) FROM certificates), \
                    (SELECT COUNT(*) FROM audit_events)";
-        if self.database.url.starts_with("sqlite") {
-            let mut c = sqlx::SqliteConnection::connect(&self.database.url)
-                .await
-                .unwrap();
-            sqlx::query_as(sql).fetch_one(&mut c).await.unwrap()
-        } else {
-            let mut c = sqlx::PgConnection::connect(&self.database.url)
-                .await
-                .unwrap();
-            sqlx::query_as(sql).fetch_one(&mut c).await.unwrap()
-        }
+        with_connection!(&self.database.url, |c| sqlx::query_as(sql)
+            .fetch_one(&mut c)
+            .await
+            .unwrap())
     }
 
     /// Runs one statement on the server's database, as another replica or
     /// an operator with database access would; returns the first column of
     /// the first row as an integer when the statement is a query.
     pub async fn sql(&self, sql: &str) -> Option<i64> {
-        use sqlx::{Connection, Row};
-        let row = if self.database.url.starts_with("sqlite") {
-            let mut c = sqlx::SqliteConnection::connect(&self.database.url)
-                .await
-                .unwrap();
-            sqlx::query(sql)
-                .fetch_optional(&mut c)
-                .await
-                .unwrap()
-                .map(|r| r.get::<i64, _>(0))
-        } else {
-            let mut c = sqlx::PgConnection::connect(&self.database.url)
-                .await
-                .unwrap();
-            sqlx::query(sql)
-                .fetch_optional(&mut c)
-                .await
-                .unwrap()
-                .map(|r| r.get::<i64, _>(0))
-        };
-        row
+        use sqlx::Row;
+        with_connection!(&self.database.url, |c| sqlx::query(sql)
+            .fetch_optional(&mut c)
+            .await
+            .unwrap()
+            .map(|r| r.get::<i64, _>(0)))
     }
 
     /// Whether keyward still holds the custodial key `key_id`: as an object
@@ -352,30 +345,14 @@ impl Server {
 
     /// The first column of every row a query returns, as text.
     pub async fn sql_strings(&self, sql: &str) -> Vec<String> {
-        use sqlx::{Connection, Row};
-        if self.database.url.starts_with("sqlite") {
-            let mut c = sqlx::SqliteConnection::connect(&self.database.url)
-                .await
-                .unwrap();
-            sqlx::query(sql)
-                .fetch_all(&mut c)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<String, _>(0))
-                .collect()
-        } else {
-            let mut c = sqlx::PgConnection::connect(&self.database.url)
-                .await
-                .unwrap();
-            sqlx::query(sql)
-                .fetch_all(&mut c)
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<String, _>(0))
-                .collect()
-        }
+        use sqlx::Row;
+        with_connection!(&self.database.url, |c| sqlx::query(sql)
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect())
     }
 
     /// Wrapped custodial keys in the database (current and retired).
