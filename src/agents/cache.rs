@@ -61,29 +61,29 @@ pub struct AgentCache {
 const MAX_ENTRIES: usize = 100_000;
 
 impl AgentCache {
-    pub fn get(&self, name: &AgentName) -> Option<Arc<SigningView>> {
+    /// The agent's signing view, if cached and younger than `TTL`, with
+    /// its age (for `claim_refresh`).
+    pub fn get(&self, name: &AgentName) -> Option<(Arc<SigningView>, Duration)> {
         let entries = self.entries.read().unwrap_or_else(|p| p.into_inner());
         match entries.get(name) {
-            Some((fetched, view)) if fetched.elapsed() < TTL => Some(view.clone()),
+            Some((fetched, view)) if fetched.elapsed() < TTL => {
+                Some((view.clone(), fetched.elapsed()))
+            }
             _ => None,
         }
     }
 
     /// Whether the caller should reload the agent's signing view in the
-    /// background: its entry is past `REFRESH_AFTER` and no reload is under
-    /// way. A `true` must be followed by `refresh_done`.
-    pub fn claim_refresh(&self, name: &AgentName) -> bool {
-        let due = self
-            .entries
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .is_some_and(|(fetched, _)| fetched.elapsed() >= REFRESH_AFTER);
-        due && self
-            .refreshing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone())
+    /// background: its entry (of `age`, from `get`) is past `REFRESH_AFTER`
+    /// and no reload is under way. A `true` must be followed by
+    /// `refresh_done`.
+    pub fn claim_refresh(&self, name: &AgentName, age: Duration) -> bool {
+        age >= REFRESH_AFTER
+            && self
+                .refreshing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone())
     }
 
     pub fn refresh_done(&self, name: &AgentName) {
@@ -195,24 +195,24 @@ mod tests {
         assert!(cache.get(&alpha()).is_none());
 
         cache.put(&alpha(), view("suspended"), cache.generation());
-        assert_eq!(cache.get(&alpha()).unwrap().status, "suspended");
+        assert_eq!(cache.get(&alpha()).unwrap().0.status, "suspended");
     }
 
     #[test]
     fn a_young_entry_needs_no_refresh_and_an_aging_one_gets_exactly_one() {
         let cache = AgentCache::default();
-        assert!(
-            !cache.claim_refresh(&alpha()),
-            "nothing cached, nothing to refresh"
-        );
         cache.put(&alpha(), view("active"), cache.generation());
-        assert!(!cache.claim_refresh(&alpha()));
+        let (_, age) = cache.get(&alpha()).unwrap();
+        assert!(!cache.claim_refresh(&alpha(), age));
 
         std::thread::sleep(REFRESH_AFTER);
-        assert!(cache.claim_refresh(&alpha()));
-        assert!(!cache.claim_refresh(&alpha()), "one reload at a time");
-        assert!(cache.get(&alpha()).is_some(), "still served meanwhile");
+        let (_, age) = cache.get(&alpha()).expect("still served meanwhile");
+        assert!(cache.claim_refresh(&alpha(), age));
+        assert!(!cache.claim_refresh(&alpha(), age), "one reload at a time");
         cache.refresh_done(&alpha());
-        assert!(cache.claim_refresh(&alpha()), "claimable again once done");
+        assert!(
+            cache.claim_refresh(&alpha(), age),
+            "claimable again once done"
+        );
     }
 }

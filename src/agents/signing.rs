@@ -159,9 +159,9 @@ impl AgentSigner {
     /// database. A busy agent's entry is reloaded in the background before
     /// it expires, so its requests do not wait for the database.
     async fn view(&self, agent: &AgentName, now: i64) -> Result<Arc<SigningView>, AgentError> {
-        if let Some(view) = self.cache.get(agent) {
+        if let Some((view, age)) = self.cache.get(agent) {
             if view.certificate_serial.is_none() || view.certificate_not_after > now {
-                if self.cache.claim_refresh(agent) {
+                if self.cache.claim_refresh(agent, age) {
                     let (store, cache, agent) =
                         (self.store.clone(), self.cache.clone(), agent.clone());
                     tokio::spawn(async move {
