@@ -20,6 +20,16 @@ struct Answered {
     signature_requests: Vec<String>,
 }
 
+/// Those of `answered` that `query` (one text column) does not return.
+async fn not_recorded(server: &Server, answered: &[String], query: &str) -> Vec<String> {
+    let recorded: HashSet<String> = server.sql_strings(query).await.into_iter().collect();
+    answered
+        .iter()
+        .filter(|a| !recorded.contains(*a))
+        .cloned()
+        .collect()
+}
+
 async fn every_answered_certificate_and_signature_survives_kill_9_under_load(db: Db) {
     let mut server = Server::start(db).await;
     common::certified_agent(&server, "alpha").await;
@@ -98,27 +108,19 @@ async fn every_answered_certificate_and_signature_survives_kill_9_under_load(db:
     );
 
     let server = server.restart().await;
-    let serials: HashSet<String> = server
-        .sql_strings("SELECT serial FROM certificates")
-        .await
-        .into_iter()
-        .collect();
-    let lost: Vec<_> = answered
-        .certificate_serials
-        .iter()
-        .filter(|s| !serials.contains(*s))
-        .collect();
+    let lost = not_recorded(
+        &server,
+        &answered.certificate_serials,
+        "SELECT serial FROM certificates",
+    )
+    .await;
     assert!(lost.is_empty(), "answered certificates lost: {lost:?}");
-    let requests: HashSet<String> = server
-        .sql_strings("SELECT request_id FROM signatures")
-        .await
-        .into_iter()
-        .collect();
-    let lost: Vec<_> = answered
-        .signature_requests
-        .iter()
-        .filter(|r| !requests.contains(*r))
-        .collect();
+    let lost = not_recorded(
+        &server,
+        &answered.signature_requests,
+        "SELECT request_id FROM signatures",
+    )
+    .await;
     assert!(lost.is_empty(), "answered signatures lost: {lost:?}");
     let records = server
         .store()
