@@ -22,5 +22,5 @@ ensure_packages() {
 
 # What building and running the service needs (libtss2 for the TPM backend).
 RUNTIME_PACKAGES=(softhsm2 openssl ca-certificates pkg-config libtss2-dev)
-# What the test suite needs besides: independent PKCS#11, X.509 and TPM tools, swtpm.
-TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-cryptography swtpm swtpm-tools tpm2-tools)
+# What the test suite needs besides: independent PKCS#11, X.509 (Go's crypto/x509, pyca) and TPM tools, swtpm.
+TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-cryptography golang-go swtpm swtpm-tools tpm2-tools)

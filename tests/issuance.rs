@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
 
-/// DER content octets of 2.25.223006243938400783658624436094198090111.
+/// DER content octets of id-pe-cmw, the attestation extension's OID.
 fn attestation_oid() -> Vec<u8> {
-    keyward::ca::cert::oid_content(&[2, 25, 223_006_243_938_400_783_658_624_436_094_198_090_111])
+    keyward::ca::profile::ID_PE_CMW.as_bytes().to_vec()
 }
 
 async fn create_agent(server: &Server, name: &str) -> Value {
@@ -209,8 +209,7 @@ async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
         .find(|e| e.oid.as_bytes() == attestation_oid().as_slice())
         .expect("attestation extension");
     assert!(!ext.critical);
-    use der::Decode;
-    let claims = keyward::attestation::AttestationClaims::from_der(ext.value).unwrap();
+    let claims = keyward::attestation::AttestationClaims::from_extension_value(ext.value).unwrap();
     assert_eq!(claims.format, "pkcs11-key-attributes");
     assert!(
         claims.key_location.contains("SoftHSM"),
@@ -218,7 +217,7 @@ async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
         claims.key_location
     );
     assert_eq!(claims.scopes, vec!["orders:read".to_owned()]);
-    let digest = hex::encode(claims.evidence_digest.as_bytes());
+    let digest = claims.evidence_sha256.clone();
     assert_eq!(issued["attestation"], digest.as_str());
     assert_eq!(agent["attestation_digest"], digest.as_str());
 
@@ -753,8 +752,7 @@ async fn a_certificate_right_after_a_change_reflects_it(db: Db) {
         .iter()
         .find(|e| e.oid.as_bytes() == attestation_oid().as_slice())
         .expect("attestation extension");
-    use der::Decode;
-    let claims = keyward::attestation::AttestationClaims::from_der(ext.value).unwrap();
+    let claims = keyward::attestation::AttestationClaims::from_extension_value(ext.value).unwrap();
     assert_eq!(claims.scopes, vec!["orders:write".to_owned()]);
 
     let (status, _) = server

@@ -9,9 +9,10 @@ use std::process::Command;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use common::readers::{self, Purpose};
 use common::swtpm::Swtpm;
 use common::{run, Db, Server};
-use der::{Decode, Encode};
+use der::Encode;
 use keyward::attestation::tpm::evidence::CertifyEvidence;
 use keyward::attestation::AttestationClaims;
 use keyward::keys::tpm::{TpmBackend, TpmConfig};
@@ -169,10 +170,10 @@ fn attestation_claims(certificate: &[u8]) -> AttestationClaims {
     let extension = cert
         .extensions()
         .iter()
-        .find(|e| e.oid.as_bytes() == keyward::ca::profile::ATTESTATION_EXTENSION_OID.as_slice())
+        .find(|e| e.oid.as_bytes() == keyward::ca::profile::ID_PE_CMW.as_bytes())
         .expect("the certificate carries the attestation extension");
     assert!(!extension.critical);
-    AttestationClaims::from_der(extension.value).unwrap()
+    AttestationClaims::from_extension_value(extension.value).unwrap()
 }
 
 fn subject_key(certificate: &[u8]) -> p256::PublicKey {
@@ -209,8 +210,24 @@ async fn an_agent_enrolls_with_keyward_agent_enroll_and_its_key_provably_lives_i
         .arg(&cert_file));
     assert!(ok, "{output}");
 
+    // So do Go's crypto/x509 and pyca, for TLS client authentication; Go
+    // reads the same claims from id-pe-cmw without keyward's code.
+    let chain_file = out.join("leaf-and-chain.pem");
+    std::fs::write(
+        &chain_file,
+        std::fs::read_to_string(&cert_file).unwrap()
+            + &std::fs::read_to_string(out.join("chain.pem")).unwrap(),
+    )
+    .unwrap();
+    let read = readers::accept(&server.path("ca.pem"), &[(Purpose::Client, &chain_file)]);
+
     let certificate = der_of_pem(&std::fs::read_to_string(&cert_file).unwrap());
     let claims = attestation_claims(&certificate);
+    assert_eq!(read[0]["cmw"]["payload"]["format"], "tpm2-certify");
+    assert_eq!(
+        read[0]["cmw"]["payload"]["evidence_sha256"],
+        claims.evidence_sha256.as_str()
+    );
     assert_eq!(claims.format, "tpm2-certify");
     assert!(
         claims.key_location.contains("EK certificate sha256:"),
@@ -224,7 +241,7 @@ async fn an_agent_enrolls_with_keyward_agent_enroll_and_its_key_provably_lives_i
     );
 
     // The evidence is stored and served under the digest the certificate names.
-    let digest = hex::encode(claims.evidence_digest.as_bytes());
+    let digest = claims.evidence_sha256.clone();
     let (status, evidence) = server
         .admin("GET", &format!("/v1/attestations/{digest}"), None)
         .await;

@@ -1,12 +1,10 @@
 //! X.509 certificate structure with extension OIDs kept as raw DER.
 //!
-//! keyward's attestation extension lives under the 2.25 (UUID) arc, whose
-//! 128-bit arc does not fit the 32-bit arcs of `const-oid` and therefore
-//! cannot be encoded or parsed by `x509-cert`'s `Extension`. These types
-//! mirror RFC 5280's `Certificate` and `TBSCertificate` field for field but
-//! hold each extension's `extnID` as an opaque `OBJECT IDENTIFIER` TLV;
-//! standard extensions are still encoded and decoded with `x509-cert`'s
-//! typed values.
+//! These types mirror RFC 5280's `Certificate` and `TBSCertificate` field
+//! for field but hold each extension's `extnID` as an opaque `OBJECT
+//! IDENTIFIER` TLV: the attestation extension used to sit under a UUID arc
+//! (2.25.…) that `const-oid` cannot hold. It is on id-pe-cmw now, so these
+//! can give way to `x509-cert`'s own types (issue 14, item 2).
 
 use const_oid::AssociatedOid;
 use der::asn1::{Any, BitString, OctetString};
@@ -129,50 +127,4 @@ pub fn parse_pem_chain(pem: &str) -> Result<Vec<Certificate>, CaError> {
         rest = &after[end + END.len()..];
     }
     Ok(out)
-}
-
-/// Content octets of an OBJECT IDENTIFIER whose arcs may exceed 32 bits.
-pub fn oid_content(arcs: &[u128]) -> Vec<u8> {
-    assert!(
-        arcs.len() >= 2 && arcs[0] <= 2,
-        "an OID has at least two arcs, the first 0..=2"
-    );
-    let mut out = Vec::new();
-    let mut push_arc = |mut v: u128| {
-        let mut groups = vec![(v & 0x7f) as u8];
-        v >>= 7;
-        while v > 0 {
-            groups.push(0x80 | (v & 0x7f) as u8);
-            v >>= 7;
-        }
-        out.extend(groups.iter().rev());
-    };
-    push_arc(arcs[0] * 40 + arcs[1]);
-    for arc in &arcs[2..] {
-        push_arc(*arc);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn oid_encoding_matches_const_oid_for_small_arcs() {
-        let expected = const_oid::db::rfc5280::ID_CE_BASIC_CONSTRAINTS;
-        assert_eq!(oid_content(&[2, 5, 29, 19]), expected.as_bytes());
-        let ecdsa = const_oid::db::rfc5912::ECDSA_WITH_SHA_256;
-        assert_eq!(oid_content(&[1, 2, 840, 10045, 4, 3, 2]), ecdsa.as_bytes());
-    }
-
-    #[test]
-    fn uuid_arcs_encode_in_base_128() {
-        // 2.25.2^127: 0x69, then 2^127 in 7-bit groups: 0x82 followed by 18 x 0x80 and 0x00.
-        let bytes = oid_content(&[2, 25, 1u128 << 127]);
-        assert_eq!(bytes[0], 0x69);
-        assert_eq!(bytes[1], 0x82);
-        assert!(bytes[2..bytes.len() - 1].iter().all(|b| *b == 0x80));
-        assert_eq!(*bytes.last().unwrap(), 0x00);
-    }
 }

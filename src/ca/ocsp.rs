@@ -3,10 +3,11 @@
 //! hands the signature to [`assemble_basic`].
 //!
 //! The ASN.1 is written out rather than taken from `x509-ocsp`: that crate
-//! holds certificates as `x509_cert::Certificate`, which cannot carry
-//! keyward's 2.25-arc attestation extension (see `cert.rs`), and a
+//! holds certificates as `x509_cert::Certificate`, which could not carry
+//! the attestation extension while it sat under a 2.25 arc, and a
 //! responder needs to echo each CertID byte for byte, which is simplest
-//! with the request's own bytes kept.
+//! with the request's own bytes kept. With the extension on id-pe-cmw the
+//! first reason is gone; moving to `x509-ocsp` is issue 14's item 2.
 
 use std::time::{Duration, SystemTime};
 

@@ -3,7 +3,6 @@
 //! the TBS digest on the token; `ca::Authority` assembles the result.
 
 use std::net::IpAddr;
-use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_SERVER_AUTH};
@@ -25,14 +24,16 @@ use x509_cert::name::Name;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
 
-use super::cert::{oid_content, Extension, TbsCertificate};
+use super::cert::{Extension, TbsCertificate};
 use super::CaError;
 
-/// Content octets of keyward's attestation extension OID,
-/// 2.25.223006243938400783658624436094198090111 (a UUID arc, so it needs no
-/// registration).
-pub static ATTESTATION_EXTENSION_OID: LazyLock<Vec<u8>> =
-    LazyLock::new(|| oid_content(&[2, 25, 223_006_243_938_400_783_658_624_436_094_198_090_111]));
+/// id-pe-cmw (RFC 9999): the attestation extension, a RATS Conceptual
+/// Message Wrapper in a certificate. keyward's claims travel in it as a
+/// JSON CMW record (see `attestation::AttestationClaims`). An IANA-assigned
+/// OID with small arcs, so every X.509 stack parses the certificate; the
+/// UUID arc (2.25.…) used before it made Go's crypto/x509 and pkilint refuse
+/// the whole certificate.
+pub const ID_PE_CMW: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.1.35");
 
 /// The extended key usage of certificates for keys keyward holds for agents
 /// (custodial keys): id-kp-documentSigning, RFC 9336. Every signature such a
@@ -214,11 +215,7 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
             let uri = GeneralName::UniformResourceIdentifier(Ia5String::new(*spiffe_id)?);
             extensions.push(Extension::typed(false, &SubjectAltName(vec![uri]))?);
             if let Some(claims) = attestation {
-                extensions.push(Extension::raw(
-                    &ATTESTATION_EXTENSION_OID,
-                    false,
-                    claims.clone(),
-                )?);
+                extensions.push(Extension::raw(ID_PE_CMW.as_bytes(), false, claims.clone())?);
             }
         }
         Kind::Server { dns_names, ips } => {

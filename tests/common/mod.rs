@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod readers;
 pub mod swtpm;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,3 @@
+module keyward.test/x509check
+
+go 1.19
