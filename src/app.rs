@@ -115,7 +115,14 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         .context("loading the previous CAs")?,
     );
     let evidence_signer =
-        ensure_service_key(&pool, store.as_ref(), &authority, "attestation").await?;
+        ensure_service_key(&pool, store.as_ref(), &authority, ServiceKey::Attestation).await?;
+    let ocsp_responder = {
+        let key = ensure_service_key(&pool, store.as_ref(), &authority, ServiceKey::OcspResponder)
+            .await?
+            .key;
+        let public_key = pool.public_key(&key).await?;
+        crate::ca::responder::OcspResponder::new(key, public_key)
+    };
     let admin_tokens = ensure_admin_token(store.as_ref(), &config.data_dir).await?;
     write_trust_anchor(&config.data_dir, &authority)?;
 
@@ -154,6 +161,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         authority.clone(),
         store.clone(),
         revocations.clone(),
+        ocsp_responder,
     ));
     crate::periodic::every(
         RETIRED_KEY_SWEEP,
@@ -277,12 +285,60 @@ async fn check_custodial_storage(pool: &KeyPool, storage: KeyStorage) -> anyhow:
     Ok(())
 }
 
+/// The keys keyward signs its own statements with, one per purpose, shared
+/// by every replica.
+#[derive(Clone, Copy)]
+enum ServiceKey {
+    /// Attestation evidence (`pkcs11-key-attributes` statements).
+    Attestation,
+    /// OCSP answers: the delegated responder (`ca::responder`).
+    OcspResponder,
+}
+
+impl ServiceKey {
+    fn purpose(self) -> &'static str {
+        match self {
+            ServiceKey::Attestation => "attestation",
+            ServiceKey::OcspResponder => "ocsp-responder",
+        }
+    }
+
+    /// The certificate recorded with a new key. The responder's is its
+    /// first day-long certificate from the active CA: the responder renews
+    /// its own, per CA, as it answers.
+    async fn certify(
+        self,
+        authority: &Authority,
+        public_key: &p256::PublicKey,
+    ) -> Result<crate::ca::cert::Certificate, crate::ca::CaError> {
+        match self {
+            ServiceKey::Attestation => {
+                authority
+                    .issue_service_certificate(self.purpose(), public_key, SERVICE_CERT_LIFETIME)
+                    .await
+            }
+            ServiceKey::OcspResponder => {
+                authority
+                    .issue_ocsp_responder_certificate(
+                        authority.key_id(),
+                        public_key,
+                        crate::ca::responder::RESPONDER_CERT_LIFETIME,
+                    )
+                    .await
+            }
+        }
+    }
+}
+
+/// The service key for `which`, generated on the token (and certified) by
+/// the first replica to need it.
 async fn ensure_service_key(
     pool: &KeyPool,
     store: &dyn Store,
     authority: &Authority,
-    purpose: &str,
+    which: ServiceKey,
 ) -> anyhow::Result<EvidenceSigner> {
+    let purpose = which.purpose();
     if let Some(record) = store.service_key(purpose).await? {
         return Ok(EvidenceSigner {
             key: KeyId::parse(&record.key_id)?,
@@ -291,9 +347,7 @@ async fn ensure_service_key(
     }
     let key = KeyId::random(purpose);
     let public_key = pool.generate(&key).await?;
-    let cert = authority
-        .issue_service_certificate(purpose, &public_key, SERVICE_CERT_LIFETIME)
-        .await?;
+    let cert = which.certify(authority, &public_key).await?;
     let record = ServiceKeyRecord {
         purpose: purpose.into(),
         key_id: key.to_string(),

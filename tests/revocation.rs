@@ -336,6 +336,80 @@ async fn a_suspension_holds_the_agent_and_resuming_releases_it(db: Db) {
     }
 }
 
+/// Signatures the token has made for this server, from its metrics.
+async fn token_signatures(server: &Server) -> u64 {
+    let (_, metrics) = server.admin("GET", "/metrics", None).await;
+    metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("keyward_pool_operations_total{op=\"sign\",outcome=\"ok\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// RFC 6960 §4.2.2.2: OCSP answers are signed by a responder key of their
+/// own, certified by the CA for OCSP signing only, never by the CA key; a
+/// flood of requests for one certificate is answered from the one signed
+/// answer.
+async fn ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing(db: Db) {
+    let server = Server::start(db).await;
+    let issued = common::certified_agent(&server, "alpha").await;
+    let leaf = write(
+        &server,
+        "leaf.pem",
+        issued["certificate_pem"].as_str().unwrap().as_bytes(),
+    );
+    let (ok, out) = run(Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(server.path("ca.pem"))
+        .arg("-CAfile")
+        .arg(server.path("ca.pem"))
+        .arg("-cert")
+        .arg(&leaf)
+        .arg("-url")
+        .arg(format!("{}/v1/ocsp", server.url))
+        .arg("-resp_text"));
+    assert!(ok && out.contains("Response verify OK"), "{out}");
+    assert!(out.contains("leaf.pem: good"), "{out}");
+    assert!(
+        out.contains("OCSP Signing"),
+        "the signer is an OCSP responder: {out}"
+    );
+    assert!(out.contains("OCSP No Check"), "{out}");
+    assert!(out.contains("keyward OCSP responder"), "{out}");
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    assert!(records
+        .iter()
+        .any(|r| r.event.action == "ocsp_responder.certify"));
+
+    let request = server.path("leaf.req");
+    let (ok, out) = run(Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(server.path("ca.pem"))
+        .arg("-cert")
+        .arg(&leaf)
+        .arg("-reqout")
+        .arg(&request));
+    assert!(ok, "{out}");
+    let request = std::fs::read(request).unwrap();
+    let (_, first) = post_ocsp(&server, request.clone(), "application/ocsp-request").await;
+    let signed_before = token_signatures(&server).await;
+    for _ in 0..50 {
+        let (status, answer) =
+            post_ocsp(&server, request.clone(), "application/ocsp-request").await;
+        assert_eq!((status, &answer), (200, &first), "the same signed answer");
+    }
+    assert_eq!(
+        token_signatures(&server).await,
+        signed_before,
+        "the flood cost no signature"
+    );
+}
+
 /// The raw OCSP answer to `body` (DER), posted as an OCSP client would.
 async fn post_ocsp(server: &Server, body: Vec<u8>, content_type: &str) -> (u16, Vec<u8>) {
     let response = server
@@ -607,4 +681,5 @@ on_both_databases!(
     one_certificate_can_be_revoked_alone,
     a_suspension_holds_the_agent_and_resuming_releases_it,
     bad_revocation_requests_are_refused_and_write_nothing,
+    ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing,
 );

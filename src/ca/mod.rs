@@ -8,6 +8,7 @@ pub mod crl;
 pub mod csr;
 pub mod ocsp;
 pub mod profile;
+pub mod responder;
 pub mod status;
 
 use std::time::{Duration, SystemTime};
@@ -315,7 +316,8 @@ impl Authority {
             .map(|p| (&p.certificate, &p.key))
     }
 
-    /// Signs a digest with the given CA key (an active or previous one).
+    /// Signs a digest with one of the authority's keys: a CA key (active
+    /// or previous) or the OCSP responder's.
     pub async fn sign_digest_with(
         &self,
         key: &KeyId,
@@ -492,6 +494,36 @@ impl Authority {
             lifetime,
         )
         .await
+    }
+
+    /// The OCSP responder's certificate from the CA whose key is `ca_key`
+    /// (the active one or one it replaced: RFC 6960 §4.2.2.2 wants the
+    /// responder certified by the CA that issued what it answers for),
+    /// signed by that CA's key. No revocation pointers: it carries
+    /// id-pkix-ocsp-nocheck.
+    pub async fn issue_ocsp_responder_certificate(
+        &self,
+        ca_key: &KeyId,
+        responder_key: &PublicKey,
+        lifetime: Duration,
+    ) -> Result<Certificate, CaError> {
+        let (ca, key) = std::iter::once((&self.certificate, &self.key))
+            .chain(self.previous.iter().map(|p| (&p.certificate, &p.key)))
+            .find(|(_, key)| *key == ca_key)
+            .ok_or_else(|| CaError::Internal(format!("no CA with key {ca_key}")))?;
+        let issuer_key = profile::p256_key_of(&ca.tbs_certificate.subject_public_key_info)?;
+        let now = SystemTime::now();
+        let ca_not_after = ca.tbs_certificate.validity.not_after.to_system_time();
+        let tbs = profile::build_tbs(TbsRequest {
+            kind: Kind::OcspResponder,
+            subject: profile::common_name("keyward OCSP responder")?,
+            subject_key: responder_key,
+            issuer: ca.tbs_certificate.subject.clone(),
+            issuer_key: &issuer_key,
+            not_before: now - profile::BACKDATE,
+            not_after: (now + lifetime).min(ca_not_after),
+        })?;
+        sign_tbs(&self.pool, key, tbs).await
     }
 
     /// A certificate for a key keyward signs its own statements with.

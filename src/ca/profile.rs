@@ -5,11 +5,12 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_SERVER_AUTH};
+use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_OCSP_SIGNING, ID_KP_SERVER_AUTH};
 use const_oid::db::rfc5912::{ECDSA_WITH_SHA_256, ID_EC_PUBLIC_KEY, SECP_256_R_1};
+use const_oid::db::rfc6960::ID_PKIX_OCSP_NOCHECK;
 use const_oid::ObjectIdentifier;
 use der::asn1::{BitString, GeneralizedTime, Ia5String, OctetString, UtcTime};
-use der::Decode;
+use der::{Decode, Encode};
 use p256::pkcs8::EncodePublicKey;
 use p256::PublicKey;
 use sha2::{Digest, Sha256};
@@ -144,6 +145,10 @@ pub enum Kind<'a> {
     },
     /// A key keyward uses to sign statements (attestation evidence).
     ServiceSigner,
+    /// The delegated OCSP responder (RFC 6960 §4.2.2.2): id-kp-OCSPSigning,
+    /// and id-pkix-ocsp-nocheck, so that clients do not ask about the
+    /// responder's own certificate (it lives a day and is renewed at half).
+    OcspResponder,
 }
 
 /// What an agent certificate's key is for: never both.
@@ -237,6 +242,21 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
         Kind::ServiceSigner => {
             extensions.push(Extension::typed(true, &leaf)?);
             extensions.push(Extension::typed(true, &signing_only)?);
+        }
+        Kind::OcspResponder => {
+            extensions.push(Extension::typed(true, &leaf)?);
+            extensions.push(Extension::typed(true, &signing_only)?);
+            extensions.push(Extension::typed(
+                false,
+                &ExtendedKeyUsage(vec![ID_KP_OCSP_SIGNING]),
+            )?);
+            // Its value is NULL (RFC 6960 §4.2.2.2.1).
+            let null = der::asn1::Null.to_der()?;
+            extensions.push(Extension::raw(
+                ID_PKIX_OCSP_NOCHECK.as_bytes(),
+                false,
+                null,
+            )?);
         }
     }
     extensions.push(Extension::typed(

@@ -1,5 +1,6 @@
-//! Publishing revocation status: the CRL and the OCSP responder, both
-//! signed by the CA key on the token, through the pool.
+//! Publishing revocation status: the CRL, signed by the CA key on the
+//! token, and OCSP answers, signed by the delegated responder's key
+//! (`responder`), both through the pool.
 //!
 //! Both read the database, not the in-memory set: a relying party asks
 //! rarely compared with signing, and the answer must hold even on a replica
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::crl::{self, CrlRequest, RevocationReason, RevokedEntry};
 use super::ocsp::{self, CertStatus, ResponseStatus, SingleResponseInfo};
+use super::responder::OcspResponder;
 use super::{Authority, CaError};
 use crate::revocation::RevocationSet;
 use crate::store::Store;
@@ -24,6 +26,8 @@ pub const CRL_LIFETIME: Duration = Duration::from_secs(600);
 const CRL_REFRESH_MARGIN: Duration = Duration::from_secs(120);
 /// How long an OCSP answer is valid (its nextUpdate).
 pub const OCSP_LIFETIME: Duration = Duration::from_secs(300);
+/// A kept OCSP answer is signed anew this long before its nextUpdate.
+const OCSP_REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
 struct PublishedCrl {
     der: Arc<Vec<u8>>,
@@ -38,6 +42,7 @@ pub struct StatusPublisher {
     /// Held while a CRL is built, so concurrent requests wait for one
     /// build instead of each signing their own.
     crl: tokio::sync::Mutex<Option<PublishedCrl>>,
+    responder: OcspResponder,
 }
 
 fn at_unix(seconds: i64) -> SystemTime {
@@ -56,12 +61,14 @@ impl StatusPublisher {
         authority: Arc<Authority>,
         store: Arc<dyn Store>,
         revocations: Arc<RevocationSet>,
+        responder: OcspResponder,
     ) -> Self {
         Self {
             authority,
             store,
             revocations,
             crl: tokio::sync::Mutex::new(None),
+            responder,
         }
     }
 
@@ -130,10 +137,20 @@ impl StatusPublisher {
             ocsp::parse_request(request_der).map_err(|_| ResponseStatus::MalformedRequest)?;
         // keyward answers only for its own CAs (RFC 6960 §2.3): the active
         // one or one it replaced, and one per request.
-        let (issuer, issuer_key) = self
+        let (_, issuer_key) = self
             .authority
             .issuer_matching(|ca| request.cert_ids.iter().all(|id| id.matches_issuer(ca)))
             .ok_or(ResponseStatus::Unauthorized)?;
+        // Read before the statuses: a revocation landing meanwhile makes
+        // this answer's generation stale at once.
+        let generation = self.revocations.generation();
+        let mut request_key = issuer_key.to_string().into_bytes();
+        for id in &request.cert_ids {
+            request_key.extend_from_slice(id.der());
+        }
+        if let Some(answer) = self.responder.cached(&request_key, generation) {
+            return Ok(answer.as_ref().clone());
+        }
         let now = whole_seconds(SystemTime::now());
         let mut statuses = Vec::with_capacity(request.cert_ids.len());
         for id in &request.cert_ids {
@@ -171,16 +188,40 @@ impl StatusPublisher {
             tracing::warn!(error = %e, "building an OCSP response failed");
             ResponseStatus::InternalError
         };
-        let data = ocsp::response_data(issuer, &responses, now, request.nonce.as_deref())
-            .map_err(internal)?;
+        let unavailable = |e: CaError| match e {
+            CaError::Pool(_) | CaError::Store(_) => {
+                tracing::warn!(error = %e, "OCSP responder unavailable");
+                ResponseStatus::TryLater
+            }
+            other => internal(other),
+        };
+        let responder_cert = self
+            .responder
+            .certificate_from(&self.authority, self.store.as_ref(), issuer_key)
+            .await
+            .map_err(unavailable)?;
+        // No nonce, even when asked for one (see `responder`).
+        let data = ocsp::response_data(&responder_cert, &responses, now, None).map_err(internal)?;
         let signature = self
             .authority
-            .sign_digest_with(issuer_key, Sha256::digest(&data).into())
+            .sign_digest_with(self.responder.key(), Sha256::digest(&data).into())
             .await
-            .map_err(|e| match e {
-                CaError::Pool(_) => ResponseStatus::TryLater,
-                other => internal(other),
-            })?;
-        ocsp::assemble_basic(&data, signature.to_der().as_bytes(), &[]).map_err(internal)
+            .map_err(unavailable)?;
+        let der = ocsp::assemble_basic(
+            &data,
+            signature.to_der().as_bytes(),
+            std::slice::from_ref(responder_cert.as_ref()),
+        )
+        .map_err(internal)?;
+        // An unknown serial may be one issued a moment from now.
+        if responses
+            .iter()
+            .all(|r| !matches!(r.status, CertStatus::Unknown))
+        {
+            let refresh_at = now + OCSP_LIFETIME - OCSP_REFRESH_MARGIN;
+            self.responder
+                .remember(request_key, Arc::new(der.clone()), refresh_at, generation);
+        }
+        Ok(der)
     }
 }

@@ -174,8 +174,9 @@ macro_rules! with_connection {
     }};
 }
 
-/// keyward's own keys on its token: the CA's and the attestation key.
-pub const SERVICE_KEYS: usize = 2;
+/// keyward's own keys on its token: the CA's, the attestation key and the
+/// OCSP responder's.
+pub const SERVICE_KEYS: usize = 3;
 
 impl Server {
     pub async fn start(db: Db) -> Self {
