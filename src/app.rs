@@ -2,9 +2,8 @@
 //! listener.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,11 +12,7 @@ use der::Encode;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use p256::pkcs8::EncodePrivateKey;
 use rand::RngCore;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
@@ -36,6 +31,7 @@ use crate::keys::KeyStoreConfig;
 use crate::keys::{KeyId, KeyRef, KeyStorage};
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
+use crate::server_identity::{ServerIdentity, ServerNames};
 use tower::Layer;
 
 /// How often keys due for a scheduled rotation are looked for.
@@ -45,8 +41,6 @@ const RETIRED_KEY_SWEEP: std::time::Duration = std::time::Duration::from_secs(2)
 use crate::store::{self, CaRecord, ServiceKeyRecord, SignatureLog, Store, StoreError};
 use crate::telemetry::Metrics;
 
-/// Lifetime of the HTTPS listener's certificate; renewed at half-life.
-const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Lifetime of the attestation key's certificate.
 const SERVICE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 
@@ -54,7 +48,10 @@ const SERVICE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 pub struct Keyward {
     pub state: Arc<AppState>,
     pub authority: Arc<Authority>,
-    pub tls: Arc<ServerIdentity>,
+    /// The names the HTTPS listener's certificate carries; its key is made
+    /// on the token when `serve` starts (CLI commands start keyward too,
+    /// and need none).
+    pub server_names: ServerNames,
 }
 
 /// Opens the token, starts the pool, opens the database, and makes sure the
@@ -126,7 +123,6 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     let admin_tokens = ensure_admin_token(store.as_ref(), &config.data_dir).await?;
     write_trust_anchor(&config.data_dir, &authority)?;
 
-    let tls = Arc::new(ServerIdentity::issue(&authority, config).await?);
     let agent_cache = Arc::new(AgentCache::default());
     let revocations = RevocationSet::load(store.clone(), metrics.revocation.clone())
         .await
@@ -187,6 +183,19 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         &registry,
         "looking for keys no agent owns",
         |registry| async move { registry.destroy_orphan_keys().await },
+    );
+    // With the custodial-key janitor's cadence, which tests can shorten.
+    let listener_keys = pool.clone();
+    crate::periodic::every(
+        (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1)),
+        &store,
+        "looking for TLS keys of listeners that did not shut down",
+        move |store| {
+            let pool = listener_keys.clone();
+            async move {
+                crate::server_identity::destroy_stale_listener_keys(&pool, store.as_ref()).await
+            }
+        },
     );
     let hooks = crate::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
         .context("building the hook client")?;
@@ -257,7 +266,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     Ok(Keyward {
         state,
         authority,
-        tls,
+        server_names: ServerNames::for_config(config),
     })
 }
 
@@ -558,126 +567,34 @@ fn write_trust_anchor(data_dir: &Path, authority: &Authority) -> anyhow::Result<
     Ok(())
 }
 
-/// The HTTPS listener's certificate: a key held in memory by rustls (never
-/// written to disk), certified by keyward's CA, replaced at half-life.
-pub struct ServerIdentity {
-    current: RwLock<Arc<CertifiedKey>>,
-    dns_names: Vec<String>,
-    ips: Vec<IpAddr>,
-}
-
-impl std::fmt::Debug for ServerIdentity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerIdentity")
-            .field("dns_names", &self.dns_names)
-            .finish()
-    }
-}
-
-impl ServerIdentity {
-    async fn issue(authority: &Authority, config: &Config) -> anyhow::Result<Self> {
-        let mut dns_names = vec!["localhost".to_owned()];
-        dns_names.extend(config.server_dns_names.iter().cloned());
-        let mut ips = vec![
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ];
-        let listen_ip = config.listen.ip();
-        if !listen_ip.is_unspecified() && !ips.contains(&listen_ip) {
-            ips.push(listen_ip);
-        }
-        let key = certified_key(authority, &dns_names, &ips).await?;
-        Ok(Self {
-            current: RwLock::new(key),
-            dns_names,
-            ips,
-        })
-    }
-
-    /// Replaces the certificate before it expires; runs until the process ends.
-    pub async fn renew_forever(self: Arc<Self>, authority: Arc<Authority>) {
-        loop {
-            tokio::time::sleep(SERVER_CERT_LIFETIME / 2).await;
-            match certified_key(&authority, &self.dns_names, &self.ips).await {
-                Ok(key) => *self.current.write().unwrap_or_else(|p| p.into_inner()) = key,
-                Err(e) => tracing::error!(error = %e, "renewing the server certificate failed"),
-            }
-        }
-    }
-
-    /// TLS with an optional client certificate: one that is presented must
-    /// chain to one of `roots` (keyward's CAs), or the handshake fails;
-    /// which agent it names is decided per connection by
-    /// `api::extract::identify_client`.
-    pub fn rustls_config(
-        self: &Arc<Self>,
-        roots: &[crate::ca::Certificate],
-    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut trusted = rustls::RootCertStore::empty();
-        for root in roots {
-            trusted.add(rustls::pki_types::CertificateDer::from(root.to_der()?))?;
-        }
-        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(trusted),
-            provider.clone(),
-        )
-        .allow_unauthenticated()
-        .build()?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(clients)
-            .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
-    }
-}
-
-impl ResolvesServerCert for ServerIdentity {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
-    }
-}
-
-async fn certified_key(
-    authority: &Authority,
-    dns_names: &[String],
-    ips: &[IpAddr],
-) -> anyhow::Result<Arc<CertifiedKey>> {
-    let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
-    let cert = authority
-        .issue_server_certificate(&secret.public_key(), dns_names, ips, SERVER_CERT_LIFETIME)
-        .await?;
-    let pkcs8 = secret.to_pkcs8_der()?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec()));
-    let signer = rustls::crypto::ring::sign::any_ecdsa_type(&key)?;
-    let mut chain = vec![CertificateDer::from(cert.to_der()?)];
-    for c in crate::ca::parse_pem_chain(authority.chain_pem())? {
-        chain.push(CertificateDer::from(c.to_der()?));
-    }
-    Ok(Arc::new(CertifiedKey::new(chain, signer)))
-}
-
 /// Serves the API over TLS on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     keyward: &Keyward,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let identity = Arc::new(
+        ServerIdentity::issue(
+            &keyward.state.pool,
+            &keyward.authority,
+            keyward.server_names.clone(),
+        )
+        .await
+        .context("the HTTPS listener's key and certificate")?,
+    );
     let acceptor =
-        tokio_rustls::TlsAcceptor::from(keyward.tls.rustls_config(&keyward.authority.roots())?);
+        tokio_rustls::TlsAcceptor::from(identity.rustls_config(&keyward.authority.roots())?);
     let identify = api::extract::ClientIdentifier::new(&keyward.authority);
     let app = api::router(keyward.state.clone());
-    tokio::spawn(keyward.tls.clone().renew_forever(keyward.authority.clone()));
+    let renewal = tokio::spawn(identity.clone().renew_forever(keyward.authority.clone()));
     tokio::pin!(shutdown);
     loop {
         let (tcp, _peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                renewal.abort();
+                identity.retire().await;
+                return Ok(());
+            }
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {

@@ -45,6 +45,7 @@ pub mod periodic;
 pub mod policy;
 pub mod pool;
 pub mod revocation;
+pub mod server_identity;
 pub mod store;
 pub mod telemetry;
 pub mod tpm_enrollment;

@@ -646,6 +646,7 @@ async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
         [
             "ca.create",
             "service_key.create",
+            "service_key.create",
             "admin_token.create",
             "agent.create",
             "agent.create",
@@ -664,7 +665,7 @@ async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
 
 /// 200 registrations from 16 concurrent clients all succeed, each with
 /// one wrapped key in the database and none on the token besides keyward's
-/// own (the CA's and the attestation key).
+/// own (`common::SERVICE_KEYS`).
 async fn concurrent_registrations_all_succeed_and_leave_no_stray_key(db: Db) {
     let server = Server::start(db).await;
     register_200_concurrently(&server).await;

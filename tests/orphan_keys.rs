@@ -118,7 +118,51 @@ async fn a_public_half_left_alone_is_removed_too(db: Db) {
     assert_eq!(orphan_audit_entries(&server, ORPHAN).await, Some(1));
 }
 
+/// A listener's TLS key is named for its creation time; one older than two
+/// certificate lifetimes belongs to a process that died without shutting
+/// down (a live one replaces its key every half lifetime), and goes. The
+/// running listener's own key stays, and it still shakes hands.
+async fn tls_keys_of_listeners_that_did_not_shut_down_are_destroyed(db: Db) {
+    let server = Server::start_with_config(db, &config()).await;
+    let three_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 3 * 86_400;
+    let stale = format!("tls-{three_days_ago}-00000000000000bb");
+    server.generate_token_key_outside_keyward(&stale);
+    let live_before: Vec<String> = tls_key_labels(&server);
+    assert_eq!(live_before.len(), 2, "{live_before:?}");
+
+    let gone = server
+        .eventually(Duration::from_secs(20), || {
+            !server.token_private_keys().contains(&stale)
+        })
+        .await;
+    assert!(gone, "the stale listener key is still on the token");
+    assert_eq!(orphan_audit_entries(&server, &stale).await, Some(1));
+    let live_after = tls_key_labels(&server);
+    assert_eq!(live_after.len(), 1, "{live_after:?}");
+    assert!(live_before.contains(&live_after[0]));
+    let (status, _) = server.admin("GET", "/v1/agents", None).await;
+    assert_eq!(
+        status, 200,
+        "a new connection's handshake is signed on the token"
+    );
+}
+
+fn tls_key_labels(server: &Server) -> Vec<String> {
+    server
+        .token_private_keys()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("label:"))
+        .map(|l| l.trim().to_owned())
+        .filter(|l| l.starts_with("tls-"))
+        .collect()
+}
+
 on_both_databases!(
     a_token_key_no_agent_owns_is_destroyed_with_an_audit_entry,
     a_public_half_left_alone_is_removed_too,
+    tls_keys_of_listeners_that_did_not_shut_down_are_destroyed,
 );

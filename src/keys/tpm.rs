@@ -487,10 +487,22 @@ impl KeySession for TpmSession {
             return Err(KeyError::AlreadyExists(id.clone()));
         }
         let template = signing_key_template().map_err(|e| classify("Create", e))?;
-        let created = self
-            .ctx
-            .create(self.primary, template, None, None, None, None)
-            .map_err(|e| classify("Create", e))?;
+        let created = loop {
+            match self
+                .ctx
+                .create(self.primary, template.clone(), None, None, None, None)
+            {
+                Ok(created) => break created,
+                // TPM2_Create needs an object slot of its own; without a
+                // resource manager the other sessions' keys may hold them
+                // all (seen with swtpm once keyward's own keys were four).
+                Err(e) if is_object_memory(&e) && !self.loaded.is_empty() => {
+                    self.unload(0)?;
+                    self.capacity = self.loaded.len().max(1);
+                }
+                Err(e) => return Err(classify("Create", e)),
+            }
+        };
         // The TPM echoes back the attributes it enforced; check them as the
         // PKCS#11 backend does rather than trust our own template.
         let attributes = key_attributes(

@@ -174,9 +174,9 @@ macro_rules! with_connection {
     }};
 }
 
-/// keyward's own keys on its token: the CA's, the attestation key and the
-/// OCSP responder's.
-pub const SERVICE_KEYS: usize = 3;
+/// keyward's own keys on a serving keyward's token: the CA's, the
+/// attestation key, the OCSP responder's and the HTTPS listener's.
+pub const SERVICE_KEYS: usize = 4;
 
 impl Server {
     pub async fn start(db: Db) -> Self {
@@ -208,9 +208,11 @@ impl Server {
         }
     }
 
-    /// Stops the process and starts it again on the same data and database.
+    /// Stops the process as an operator would (SIGTERM, see `terminate`)
+    /// and starts it again on the same data and database. After `stop`, it
+    /// restarts a killed process.
     pub async fn restart(mut self) -> Self {
-        self.stop();
+        self.terminate();
         let data_dir = std::mem::replace(&mut self.data_dir, private_tempdir());
         let database = std::mem::replace(
             &mut self.database,
@@ -222,6 +224,26 @@ impl Server {
         Self::start_in(data_dir, database).await
     }
 
+    /// SIGTERM, and up to 10 s for keyward to shut down (it destroys its
+    /// listener's key on the way out); SIGKILL after that.
+    pub fn terminate(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.stop();
+    }
+
+    /// SIGKILL: the process ends at once, as in a crash.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
