@@ -332,6 +332,59 @@ async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
         ok && out.contains("Response verify OK") && out.contains("old.pem: good"),
         "{out}"
     );
+    // Each CA's certificates point at that CA's own CRL, which the CA
+    // signs: the old certificate stays checkable by CRL too.
+    let crl_url = |name: &str| {
+        let (ok, out) = common::run(
+            std::process::Command::new("openssl")
+                .args(["x509", "-noout", "-ext", "crlDistributionPoints", "-in"])
+                .arg(dir.join(name)),
+        );
+        assert!(ok, "{out}");
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("URI:"))
+            .expect("a CRL distribution point")
+            .to_owned()
+    };
+    let (old_url, new_url) = (crl_url("old.pem"), crl_url("new.pem"));
+    assert_ne!(old_url, new_url);
+    let old_path = &old_url[old_url.find("/v1/crl/").expect("the CA's own CRL")..];
+    let (status, old_crl) = server
+        .request("GET", &format!("{old_path}?format=pem"), None, None)
+        .await;
+    assert_eq!(status, 200, "{old_crl}");
+    std::fs::write(dir.join("old-crl.pem"), old_crl.as_str().unwrap()).unwrap();
+    let (ok, out) = common::run(
+        std::process::Command::new("openssl")
+            .args(["crl", "-noout", "-in"])
+            .arg(dir.join("old-crl.pem"))
+            .arg("-CAfile")
+            .arg(dir.join("old-root.pem")),
+    );
+    assert!(
+        ok && out.contains("verify OK"),
+        "the old CA signs its CRL: {out}"
+    );
+    std::fs::write(
+        dir.join("old-root+crl.pem"),
+        old_root.clone() + old_crl.as_str().unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = common::run(
+        std::process::Command::new("openssl")
+            .args(["verify", "-crl_check", "-CAfile"])
+            .arg(dir.join("old-root+crl.pem"))
+            .arg(dir.join("old.pem")),
+    );
+    assert!(ok, "{out}");
+    let (status, answer) = server
+        .request("GET", &format!("/v1/crl/{}", "0".repeat(40)), None, None)
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (404, Some("unknown_ca"))
+    );
+
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
     keyward::audit::verify_chain(&records).unwrap();
     assert!(records.iter().any(|r| r.event.action == "ca.rotate"));

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Router;
-use der::{Decode, DecodePem};
+use der::Decode;
 use serde::{Deserialize, Serialize};
 
 use super::agents::{rfc3339, IssuedCertificateView};
@@ -119,12 +119,13 @@ async fn challenge(
     let ek_certificate_der = match (&body.ek_certificate_pem, &body.ek_certificate_b64) {
         (None, None) => None,
         (Some(pem), None) => Some({
-            let cert = x509_cert::Certificate::from_pem(pem.trim().as_bytes()).map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_certificate",
-                    "ek_certificate_pem is not a PEM certificate",
-                )
-            })?;
+            let cert =
+                crate::ca::cert::from_pem_strict::<x509_cert::Certificate>(pem).map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_certificate",
+                        "ek_certificate_pem is not a PEM certificate",
+                    )
+                })?;
             der::Encode::to_der(&cert).map_err(ApiError::internal)?
         }),
         (None, Some(der_b64)) => Some({

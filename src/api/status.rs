@@ -18,6 +18,7 @@ use super::AppState;
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/crl", get(crl))
+        .route("/v1/crl/{ca}", get(crl_of_ca))
         .route("/v1/ocsp", post(ocsp_post))
         .route("/v1/ocsp/{*request}", get(ocsp_get))
 }
@@ -28,26 +29,64 @@ struct CrlQuery {
     format: Option<String>,
 }
 
+/// The active CA's CRL.
 async fn crl(
     State(state): State<Arc<AppState>>,
     Query(query): Query<CrlQuery>,
 ) -> Result<Response, ApiError> {
-    let der = state.status.crl().await?;
-    match query.format.as_deref() {
-        None | Some("der") => Ok((
-            [(header::CONTENT_TYPE, "application/pkix-crl")],
-            der.as_ref().clone(),
+    let format = CrlFormat::parse(query.format.as_deref())?;
+    format.render(&state.status.crl().await?)
+}
+
+/// The CRL of the CA whose key identifier (hex) is `ca`: where each CA's
+/// certificates point, so the previous CA's stay checkable during a
+/// rotation's overlap.
+async fn crl_of_ca(
+    State(state): State<Arc<AppState>>,
+    Path(ca): Path<String>,
+    Query(query): Query<CrlQuery>,
+) -> Result<Response, ApiError> {
+    let format = CrlFormat::parse(query.format.as_deref())?;
+    let der = state.status.crl_for(&ca).await?.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "unknown_ca",
+            "no CA of keyward's has that key identifier",
         )
-            .into_response()),
-        Some("pem") => {
-            let pem = der::pem::encode_string("X509 CRL", der::pem::LineEnding::LF, &der)
-                .map_err(ApiError::internal)?;
-            Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+    })?;
+    format.render(&der)
+}
+
+enum CrlFormat {
+    Der,
+    Pem,
+}
+
+impl CrlFormat {
+    fn parse(format: Option<&str>) -> Result<Self, ApiError> {
+        match format {
+            None | Some("der") => Ok(CrlFormat::Der),
+            Some("pem") => Ok(CrlFormat::Pem),
+            Some(_) => Err(ApiError::bad_request(
+                "invalid_format",
+                "format is der or pem",
+            )),
         }
-        Some(_) => Err(ApiError::bad_request(
-            "invalid_format",
-            "format is der or pem",
-        )),
+    }
+
+    fn render(self, der: &[u8]) -> Result<Response, ApiError> {
+        match self {
+            CrlFormat::Der => Ok((
+                [(header::CONTENT_TYPE, "application/pkix-crl")],
+                der.to_vec(),
+            )
+                .into_response()),
+            CrlFormat::Pem => {
+                let pem = der::pem::encode_string("X509 CRL", der::pem::LineEnding::LF, der)
+                    .map_err(ApiError::internal)?;
+                Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
+            }
+        }
     }
 }
 

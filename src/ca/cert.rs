@@ -8,7 +8,7 @@
 
 use const_oid::AssociatedOid;
 use der::asn1::{Any, BitString, OctetString};
-use der::{Decode, DecodePem, Encode, EncodePem, Sequence, Tag, Tagged};
+use der::{Decode, Encode, EncodePem, Sequence, Tag, Tagged};
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::certificate::Version;
 use x509_cert::name::Name;
@@ -104,13 +104,26 @@ impl Certificate {
     }
 
     pub fn from_pem_str(pem: &str) -> Result<Self, CaError> {
-        Ok(Self::from_pem(pem.trim().as_bytes())?)
+        Ok(from_pem_strict(pem)?)
     }
 
     /// Lower-case hex of the serial number's bytes.
     pub fn serial_hex(&self) -> String {
         hex::encode(self.tbs_certificate.serial_number.as_bytes())
     }
+}
+
+/// The value in one PEM block, which must hold exactly that value: `der`'s
+/// own `from_pem` stops after the first DER value in the block and ignores
+/// the bytes after it, so a CSR or certificate with trailing bytes was
+/// read as if they were not there (found by `tests/parser_fuzz.rs`).
+pub fn from_pem_strict<T>(pem: &str) -> Result<T, der::Error>
+where
+    T: der::DecodeOwned + der::pem::PemLabel,
+{
+    let (label, der) = pem_rfc7468::decode_vec(pem.trim().as_bytes())?;
+    T::validate_pem_label(label)?;
+    T::from_der(&der)
 }
 
 /// Parses every certificate in a PEM bundle, in order.

@@ -2,7 +2,7 @@
 //! taken from a CSR: keyward sets subject and SAN itself, so nothing else in
 //! the request can influence the certificate.
 
-use der::{DecodePem, Encode};
+use der::Encode;
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::PublicKey;
@@ -27,7 +27,7 @@ impl VerifiedCsr {
         if pem.len() > MAX_CSR_PEM_LEN {
             return Err(CaError::InvalidCsr("larger than 16 KiB".into()));
         }
-        let csr = CertReq::from_pem(pem.trim().as_bytes())
+        let csr = super::cert::from_pem_strict::<CertReq>(pem)
             .map_err(|e| CaError::InvalidCsr(format!("not a PEM PKCS#10 request: {e}")))?;
         let key = p256_key_of(&csr.info.public_key)?;
         if csr.algorithm.oid != ECDSA_WITH_SHA_256 {

@@ -257,6 +257,17 @@ impl Authority {
         &self.previous
     }
 
+    /// The CA (active or previous) whose key identifier, in hex, is
+    /// `identifier`: the last segment of its CRL's URL.
+    pub fn ca_identified_by(&self, identifier: &str) -> Option<(&Certificate, &KeyId)> {
+        std::iter::once((&self.certificate, &self.key))
+            .chain(self.previous.iter().map(|p| (&p.certificate, &p.key)))
+            .find(|(certificate, _)| {
+                profile::p256_key_of(&certificate.tbs_certificate.subject_public_key_info)
+                    .is_ok_and(|key| hex::encode(profile::key_identifier(&key)) == identifier)
+            })
+    }
+
     /// Every root a relying party should trust now: the active CA's and,
     /// during a rotation's overlap, the previous ones'. No duplicates.
     pub fn roots(&self) -> Vec<Certificate> {
@@ -400,7 +411,7 @@ impl Authority {
             not_after,
         })?;
         if let (Some(url), Some(extensions)) = (&self.public_url, &mut tbs.extensions) {
-            extensions.extend(profile::revocation_pointers(url)?);
+            extensions.extend(profile::revocation_pointers(url, &self.public_key)?);
         }
         sign_tbs(&self.pool, &self.key, tbs).await
     }

@@ -282,10 +282,15 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
     })
 }
 
-/// Where relying parties check a certificate's revocation: the CRL
-/// distribution point `<base>/v1/crl` and the OCSP responder `<base>/v1/ocsp`
-/// (in the authority information access extension), both non-critical.
-pub fn revocation_pointers(base_url: &str) -> Result<Vec<Extension>, CaError> {
+/// Where relying parties check a certificate's revocation: the CRL of the
+/// CA that issued it, `<base>/v1/crl/<issuer key identifier, hex>` (so that
+/// during a CA rotation's overlap each CA's certificates find their own
+/// CRL), and the OCSP responder `<base>/v1/ocsp` (in the authority
+/// information access extension), both non-critical.
+pub fn revocation_pointers(
+    base_url: &str,
+    issuer_key: &PublicKey,
+) -> Result<Vec<Extension>, CaError> {
     use x509_cert::ext::pkix::crl::dp::DistributionPoint;
     use x509_cert::ext::pkix::name::DistributionPointName;
     use x509_cert::ext::pkix::{
@@ -297,7 +302,10 @@ pub fn revocation_pointers(base_url: &str) -> Result<Vec<Extension>, CaError> {
         )?))
     };
     let crl = CrlDistributionPoints(vec![DistributionPoint {
-        distribution_point: Some(DistributionPointName::FullName(vec![uri("/v1/crl")?])),
+        distribution_point: Some(DistributionPointName::FullName(vec![uri(&format!(
+            "/v1/crl/{}",
+            hex::encode(key_identifier(issuer_key))
+        ))?])),
         reasons: None,
         crl_issuer: None,
     }]);

@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 use super::crl::{self, CrlRequest, RevocationReason, RevokedEntry};
 use super::ocsp::{self, CertStatus, ResponseStatus, SingleResponseInfo};
 use super::responder::OcspResponder;
-use super::{Authority, CaError};
+use super::{Authority, CaError, Certificate};
+use crate::keys::KeyId;
 use crate::revocation::RevocationSet;
 use crate::store::Store;
 
@@ -39,9 +40,10 @@ pub struct StatusPublisher {
     authority: Arc<Authority>,
     store: Arc<dyn Store>,
     revocations: Arc<RevocationSet>,
-    /// Held while a CRL is built, so concurrent requests wait for one
-    /// build instead of each signing their own.
-    crl: tokio::sync::Mutex<Option<PublishedCrl>>,
+    /// Each CA's current CRL, by CA key. Held while a CRL is built, so
+    /// concurrent requests wait for one build instead of each signing
+    /// their own.
+    crls: tokio::sync::Mutex<std::collections::HashMap<KeyId, PublishedCrl>>,
     responder: OcspResponder,
 }
 
@@ -67,18 +69,36 @@ impl StatusPublisher {
             authority,
             store,
             revocations,
-            crl: tokio::sync::Mutex::new(None),
+            crls: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             responder,
         }
     }
 
-    /// The current CRL (DER): rebuilt when the revocation set has changed
-    /// since the last one, or when that one nears its nextUpdate.
+    /// The active CA's current CRL (DER).
     pub async fn crl(&self) -> Result<Arc<Vec<u8>>, CaError> {
-        let mut published = self.crl.lock().await;
+        let (ca, key) = (self.authority.certificate(), self.authority.key_id());
+        self.crl_of(ca, key).await
+    }
+
+    /// The CRL of the CA (active or previous) whose key identifier, in
+    /// hex, is `identifier`; `None` for no CA of keyward's.
+    pub async fn crl_for(&self, identifier: &str) -> Result<Option<Arc<Vec<u8>>>, CaError> {
+        match self.authority.ca_identified_by(identifier) {
+            Some((ca, key)) => Ok(Some(self.crl_of(ca, key).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `ca`'s current CRL: rebuilt when the revocation set has changed
+    /// since the last one, or when that one nears its nextUpdate. It lists
+    /// every revoked certificate keyward has not seen expire, whichever CA
+    /// issued it: the store does not record the issuer, and a serial
+    /// (random, 16 bytes) names no other CA's certificate.
+    async fn crl_of(&self, ca: &Certificate, key: &KeyId) -> Result<Arc<Vec<u8>>, CaError> {
+        let mut crls = self.crls.lock().await;
         let now = whole_seconds(SystemTime::now());
         let generation = self.revocations.generation();
-        if let Some(current) = published.as_ref() {
+        if let Some(current) = crls.get(key) {
             if current.generation == generation && now + CRL_REFRESH_MARGIN < current.next_update {
                 return Ok(current.der.clone());
             }
@@ -103,7 +123,7 @@ impl StatusPublisher {
         let number = self.store.next_crl_number().await?;
         let next_update = now + CRL_LIFETIME;
         let tbs = crl::tbs_cert_list(&CrlRequest {
-            issuer: self.authority.certificate(),
+            issuer: ca,
             entries: &entries,
             crl_number: number as u64,
             this_update: now,
@@ -111,14 +131,17 @@ impl StatusPublisher {
         })?;
         let signature = self
             .authority
-            .sign_digest(Sha256::digest(&tbs).into())
+            .sign_digest_with(key, Sha256::digest(&tbs).into())
             .await?;
         let der = Arc::new(crl::assemble(&tbs, signature.to_der().as_bytes())?);
-        *published = Some(PublishedCrl {
-            der: der.clone(),
-            generation,
-            next_update,
-        });
+        crls.insert(
+            key.clone(),
+            PublishedCrl {
+                der: der.clone(),
+                generation,
+                next_update,
+            },
+        );
         Ok(der)
     }
 
