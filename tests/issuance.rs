@@ -399,7 +399,7 @@ async fn bad_input_is_refused_and_writes_nothing(db: Db) {
         let mut der = pem.contents.clone();
         let last = der.len() - 1;
         der[last] ^= 0x01;
-        pem_encode("CERTIFICATE REQUEST", &der)
+        common::pem_encode("CERTIFICATE REQUEST", &der)
     };
     let before = server.row_counts().await;
 
@@ -564,20 +564,6 @@ async fn bad_input_is_refused_and_writes_nothing(db: Db) {
         1,
         "a refused request left a wrapped key"
     );
-}
-
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
 }
 
 async fn only_health_and_the_ca_answer_without_credentials(db: Db) {

@@ -116,20 +116,6 @@ fn positions(der: &[u8], wanted: impl Fn(u8) -> bool) -> Vec<usize> {
     }
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
-}
-
 fn der_of(pem_text: &str) -> Vec<u8> {
     use base64::Engine;
     let body: String = pem_text
@@ -193,7 +179,10 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
 
     let mut executions = 0;
     executions += fuzz("CSR", &csr, 1, |input| {
-        let _ = keyward::ca::csr::VerifiedCsr::from_pem(&pem("CERTIFICATE REQUEST", input));
+        let _ = keyward::ca::csr::VerifiedCsr::from_pem(&common::pem_encode(
+            "CERTIFICATE REQUEST",
+            input,
+        ));
     });
     executions += fuzz("OCSP request", &ocsp_request, 2, |input| {
         let _ = keyward::ca::ocsp::parse_request(input);
@@ -244,7 +233,7 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
     let sample = (iterations() / 40).max(50);
     for _ in 0..sample {
         let mutated = mutator.mutate(&csr);
-        let body = json!({"csr_pem": pem("CERTIFICATE REQUEST", &mutated)});
+        let body = json!({"csr_pem": common::pem_encode("CERTIFICATE REQUEST", &mutated)});
         let (status, answer) = server
             .admin("POST", "/v1/agents/alpha/certificates", Some(body))
             .await;
@@ -257,7 +246,7 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
     }
     for _ in 0..sample {
         let body = json!({
-            "certificate_pem": pem("CERTIFICATE", &mutator.mutate(&leaf)),
+            "certificate_pem": common::pem_encode("CERTIFICATE", &mutator.mutate(&leaf)),
             "message_b64": "aGk=",
             "signature_b64": "MEQCIBtFNSFmAh4OvoXjE4AiiJqsmT8VyjqvqF7N4oQmE3T2AiBJ9+rNTXqn0bS95vBoNyBq4dqnYhNNmHCtX1xBgkeGGQ==",
         });
@@ -298,7 +287,7 @@ async fn a_csr_or_certificate_with_bytes_after_its_der_is_refused() {
         .admin(
             "POST",
             "/v1/agents/alpha/certificates",
-            Some(json!({"csr_pem": pem("CERTIFICATE REQUEST", &csr)})),
+            Some(json!({"csr_pem": common::pem_encode("CERTIFICATE REQUEST", &csr)})),
         )
         .await;
     assert_eq!(
@@ -314,7 +303,7 @@ async fn a_csr_or_certificate_with_bytes_after_its_der_is_refused() {
             "POST",
             "/v1/verify",
             Some(json!({
-                "certificate_pem": pem("CERTIFICATE", &certificate),
+                "certificate_pem": common::pem_encode("CERTIFICATE", &certificate),
                 "message_b64": "aGk=",
                 "signature_b64": "MAYCAQECAQE=",
             })),

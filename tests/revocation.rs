@@ -21,6 +21,12 @@ fn write(server: &Server, name: &str, contents: &[u8]) -> PathBuf {
 
 /// `openssl ocsp` against keyward's responder: the status line for `cert`.
 fn ocsp_status(server: &Server, cert: &PathBuf) -> String {
+    ocsp_query(server, cert, &[])
+}
+
+/// `openssl ocsp` for `cert` with `extra` arguments; its output, once it
+/// has verified the answer.
+fn ocsp_query(server: &Server, cert: &PathBuf, extra: &[&str]) -> String {
     let (ok, out) = run(Command::new("openssl")
         .arg("ocsp")
         .arg("-issuer")
@@ -30,7 +36,8 @@ fn ocsp_status(server: &Server, cert: &PathBuf) -> String {
         .arg("-cert")
         .arg(cert)
         .arg("-url")
-        .arg(format!("{}/v1/ocsp", server.url)));
+        .arg(format!("{}/v1/ocsp", server.url))
+        .args(extra));
     assert!(ok, "openssl ocsp failed: {out}");
     assert!(out.contains("Response verify OK"), "{out}");
     out
@@ -361,18 +368,7 @@ async fn ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing(
         "leaf.pem",
         issued["certificate_pem"].as_str().unwrap().as_bytes(),
     );
-    let (ok, out) = run(Command::new("openssl")
-        .arg("ocsp")
-        .arg("-issuer")
-        .arg(server.path("ca.pem"))
-        .arg("-CAfile")
-        .arg(server.path("ca.pem"))
-        .arg("-cert")
-        .arg(&leaf)
-        .arg("-url")
-        .arg(format!("{}/v1/ocsp", server.url))
-        .arg("-resp_text"));
-    assert!(ok && out.contains("Response verify OK"), "{out}");
+    let out = ocsp_query(&server, &leaf, &["-resp_text"]);
     assert!(out.contains("leaf.pem: good"), "{out}");
     assert!(
         out.contains("OCSP Signing"),
