@@ -148,7 +148,8 @@ pub struct CertificatesFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
-    /// Extra DNS names for the HTTPS certificate (localhost is always there).
+    /// DNS names for the HTTPS certificate (the loopback and listen
+    /// addresses are always there).
     #[serde(default)]
     pub dns_names: Vec<String>,
     /// The base URL relying parties reach keyward at, e.g.

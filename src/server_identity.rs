@@ -67,11 +67,13 @@ pub struct ServerNames {
 }
 
 impl ServerNames {
-    /// `localhost`, the loopback addresses, the listen address and the
-    /// configured DNS names.
+    /// The loopback addresses, the listen address and the configured DNS
+    /// names. Not `localhost`: a single-label name is not a valid dNSName
+    /// for pkilint (RFC 1034 preferred syntax as the CA/Browser Forum reads
+    /// it), and keyward's clients reach it by address; an operator who wants
+    /// it lists it in `[server] dns_names`.
     pub fn for_config(config: &Config) -> Self {
-        let mut dns_names = vec!["localhost".to_owned()];
-        dns_names.extend(config.server_dns_names.iter().cloned());
+        let dns_names = config.server_dns_names.clone();
         let mut ips = vec![
             IpAddr::V4(Ipv4Addr::LOCALHOST),
             IpAddr::V6(Ipv6Addr::LOCALHOST),
