@@ -11,19 +11,7 @@ mod common;
 
 use common::readers::{self, Purpose};
 use common::{Db, Server};
-use serde_json::{json, Value};
-
-async fn issue(server: &Server, agent: &str, body: Value) -> Value {
-    let (status, issued) = server
-        .admin(
-            "POST",
-            &format!("/v1/agents/{agent}/certificates"),
-            Some(body),
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
-    issued
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestation() {
@@ -32,9 +20,10 @@ async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestat
     std::fs::create_dir_all(&dir).unwrap();
 
     common::register_agent(&server, "alpha").await;
-    let custodial = issue(&server, "alpha", json!({"ttl_seconds": 600})).await;
+    let custodial =
+        common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 600})).await;
     let (_, csr) = common::key_and_csr(&dir, "own");
-    let by_csr = issue(
+    let by_csr = common::issue_certificate_with(
         &server,
         "alpha",
         json!({"csr_pem": csr, "ttl_seconds": 300}),

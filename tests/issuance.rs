@@ -27,18 +27,6 @@ async fn create_agent(server: &Server, name: &str) -> Value {
     body
 }
 
-async fn issue(server: &Server, name: &str, body: Value) -> Value {
-    let (status, issued) = server
-        .admin(
-            "POST",
-            &format!("/v1/agents/{name}/certificates"),
-            Some(body),
-        )
-        .await;
-    assert_eq!(status, 201, "{issued}");
-    issued
-}
-
 fn write(dir: &std::path::Path, name: &str, contents: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
@@ -160,7 +148,8 @@ fn assert_service_keys_are_hardware_resident(listing: &str) {
 async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
     let server = Server::start(db).await;
     let agent = create_agent(&server, "alpha").await;
-    let issued = issue(&server, "alpha", json!({"ttl_seconds": 600})).await;
+    let issued =
+        common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 600})).await;
 
     let (ok, out) = openssl_verify(&server, &issued);
     assert!(ok, "openssl verify: {out}");
@@ -310,7 +299,7 @@ async fn a_csr_certificate_carries_the_csr_key_and_keywards_names(db: Db) {
             .arg(&csr))
         .0
     );
-    let issued = issue(
+    let issued = common::issue_certificate_with(
         &server,
         "alpha",
         json!({"csr_pem": std::fs::read_to_string(&csr).unwrap(), "ttl_seconds": 300}),
@@ -604,7 +593,7 @@ async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
     let (status, fetched) = server.admin("GET", "/v1/agents/alpha", None).await;
     assert_eq!(status, 200);
     assert_eq!(fetched["key_id"], agent["key_id"]);
-    let issued = issue(&server, "alpha", json!({})).await;
+    let issued = common::issue_certificate_with(&server, "alpha", json!({})).await;
     let (ok, out) = openssl_verify(&server, &issued);
     assert!(ok, "{out}");
     // The wrapped key, read back from the database, signs in the new process.
@@ -623,7 +612,7 @@ async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
     let server = Server::start(db).await;
     create_agent(&server, "alpha").await;
     create_agent(&server, "beta").await;
-    let issued = issue(&server, "alpha", json!({"ttl_seconds": 60})).await;
+    let issued = common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 60})).await;
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
     keyward::audit::verify_chain(&records).unwrap();
     let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
@@ -721,7 +710,7 @@ async fn register_200_concurrently(server: &Server) {
 async fn a_certificate_right_after_a_change_reflects_it(db: Db) {
     let server = Server::start(db).await;
     create_agent(&server, "alpha").await;
-    issue(&server, "alpha", json!({"ttl_seconds": 600})).await;
+    common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 600})).await;
     let (status, answer) = server
         .admin(
             "PATCH",
@@ -730,7 +719,8 @@ async fn a_certificate_right_after_a_change_reflects_it(db: Db) {
         )
         .await;
     assert_eq!(status, 200, "{answer}");
-    let issued = issue(&server, "alpha", json!({"ttl_seconds": 600})).await;
+    let issued =
+        common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 600})).await;
     let pem = issued["certificate_pem"].as_str().unwrap();
     let (_, pem) = parse_x509_pem(pem.as_bytes()).unwrap();
     let cert = pem.parse_x509().unwrap();

@@ -514,11 +514,17 @@ pub async fn register_agent_with(server: &Server, name: &str, scopes: &[&str]) -
 
 /// Issues a 600 s certificate for the agent's custodial key; its JSON.
 pub async fn issue_certificate(server: &Server, name: &str) -> Value {
+    issue_certificate_with(server, name, serde_json::json!({"ttl_seconds": 600})).await
+}
+
+/// `POST /v1/agents/{name}/certificates` with `body`, as an admin; the
+/// answer, which must be a 201.
+pub async fn issue_certificate_with(server: &Server, name: &str, body: Value) -> Value {
     let (status, issued) = server
         .admin(
             "POST",
             &format!("/v1/agents/{name}/certificates"),
-            Some(serde_json::json!({"ttl_seconds": 600})),
+            Some(body),
         )
         .await;
     assert_eq!(status, 201, "{issued}");
