@@ -132,6 +132,7 @@ fn go_reader() -> &'static Path {
             .arg(".")
             .current_dir(&source)
             .env("GOCACHE", tmp.join("go-cache"))
+            .env("GOPATH", tmp.join("go-path"))
             .env("GOFLAGS", "-mod=mod")
             .env("GOTOOLCHAIN", "local"));
         assert!(ok, "go build tests/x509-go (Debian's golang-go): {out}");
