@@ -568,14 +568,18 @@ fn write_trust_anchor(data_dir: &Path, authority: &Authority) -> anyhow::Result<
 }
 
 /// Serves the API over TLS on `listener` until `shutdown` completes.
+/// `ready` runs once the listener's key and certificate exist, just before
+/// the first connection is accepted.
 pub async fn serve(
     listener: TcpListener,
     keyward: &Keyward,
+    ready: impl FnOnce(),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let identity = Arc::new(
         ServerIdentity::issue(
             &keyward.state.pool,
+            keyward.state.store.clone(),
             &keyward.authority,
             keyward.server_names.clone(),
         )
@@ -587,6 +591,7 @@ pub async fn serve(
     let identify = api::extract::ClientIdentifier::new(&keyward.authority);
     let app = api::router(keyward.state.clone());
     let renewal = tokio::spawn(identity.clone().renew_forever(keyward.authority.clone()));
+    ready();
     tokio::pin!(shutdown);
     loop {
         let (tcp, _peer) = tokio::select! {

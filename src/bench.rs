@@ -536,7 +536,7 @@ async fn start_server(
     let addr = listener.local_addr()?;
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let _ = crate::app::serve(listener, &keyward, async {
+        let _ = crate::app::serve(listener, &keyward, || {}, async {
             let _ = stop.await;
         })
         .await;

@@ -1043,10 +1043,16 @@ async fn serve(
             }
         });
     }
-    std::fs::write(config.data_dir.join("listen.addr"), addr.to_string())?;
-    tracing::info!(%addr, store = kw.state.store.backend_name(), "keyward listening (HTTPS)");
-    println!("keyward listening on https://{addr}");
-    keyward::app::serve(listener, &kw, shutdown_signal()).await?;
+    let listen_file = config.data_dir.join("listen.addr");
+    let store_name = kw.state.store.backend_name();
+    let ready = move || {
+        if let Err(e) = std::fs::write(&listen_file, addr.to_string()) {
+            tracing::warn!(error = %e, "writing listen.addr failed");
+        }
+        tracing::info!(%addr, store = store_name, "keyward listening (HTTPS)");
+        println!("keyward listening on https://{addr}");
+    };
+    keyward::app::serve(listener, &kw, ready, shutdown_signal()).await?;
     Ok(kw.state.pool.clone())
 }
 

@@ -88,6 +88,8 @@ impl ServerNames {
 
 pub struct ServerIdentity {
     pool: KeyPool,
+    /// Where each key's creation and destruction is audited.
+    store: Arc<dyn Store>,
     names: ServerNames,
     current: RwLock<Arc<CertifiedKey>>,
     /// The key behind `current`, destroyed when it is replaced or the
@@ -107,12 +109,14 @@ impl ServerIdentity {
     /// Generates the first key on the token and has it certified.
     pub async fn issue(
         pool: &KeyPool,
+        store: Arc<dyn Store>,
         authority: &Authority,
         names: ServerNames,
     ) -> anyhow::Result<Self> {
-        let (key, certified) = certified_key(pool, authority, &names).await?;
+        let (key, certified) = certified_key(pool, store.as_ref(), authority, &names).await?;
         Ok(Self {
             pool: pool.clone(),
+            store,
             names,
             current: RwLock::new(certified),
             current_key: Mutex::new(key),
@@ -123,17 +127,17 @@ impl ServerIdentity {
     pub async fn renew_forever(self: Arc<Self>, authority: Arc<Authority>) {
         loop {
             tokio::time::sleep(SERVER_CERT_LIFETIME / 2).await;
-            match certified_key(&self.pool, &authority, &self.names).await {
+            match certified_key(&self.pool, self.store.as_ref(), &authority, &self.names).await {
                 Ok((key, certified)) => {
                     *self.current.write().unwrap_or_else(|p| p.into_inner()) = certified;
                     let replaced = std::mem::replace(
                         &mut *self.current_key.lock().unwrap_or_else(|p| p.into_inner()),
                         key,
                     );
-                    let pool = self.pool.clone();
+                    let (pool, store) = (self.pool.clone(), self.store.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(REPLACED_KEY_GRACE).await;
-                        destroy(&pool, &replaced).await;
+                        destroy(&pool, store.as_ref(), &replaced).await;
                     });
                 }
                 Err(e) => tracing::error!(error = %e, "renewing the server certificate failed"),
@@ -148,7 +152,7 @@ impl ServerIdentity {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        destroy(&self.pool, &key).await;
+        destroy(&self.pool, self.store.as_ref(), &key).await;
     }
 
     /// TLS with an optional client certificate: one that is presented must
@@ -190,15 +194,21 @@ impl ResolvesServerCert for ServerIdentity {
     }
 }
 
-async fn destroy(pool: &KeyPool, key: &KeyId) {
+async fn destroy(pool: &KeyPool, store: &dyn Store, key: &KeyId) {
     if let Err(e) = pool.destroy(key).await {
         tracing::warn!(error = %e, key = %key, "destroying a server TLS key failed");
+        return;
+    }
+    let audit = AuditEvent::new("keyward", "server_key.destroy", key.as_str());
+    if let Err(e) = store.append_audit_event(&audit).await {
+        tracing::warn!(error = %e, key = %key, "auditing a server TLS key's destruction failed");
     }
 }
 
 /// A new key on the token and its certificate, with the chain up to the root.
 async fn certified_key(
     pool: &KeyPool,
+    store: &dyn Store,
     authority: &Authority,
     names: &ServerNames,
 ) -> anyhow::Result<(KeyId, Arc<CertifiedKey>)> {
@@ -218,10 +228,13 @@ async fn certified_key(
     let certificate = match certificate {
         Ok(certificate) => certificate,
         Err(e) => {
-            destroy(pool, &key).await;
+            destroy(pool, store, &key).await;
             return Err(e.into());
         }
     };
+    let audit = AuditEvent::new("keyward", "server_key.create", key.as_str())
+        .with("serial", certificate.serial_hex());
+    store.append_audit_event(&audit).await?;
     let mut chain = vec![CertificateDer::from(certificate.to_der()?)];
     for c in crate::ca::parse_pem_chain(authority.chain_pem())? {
         chain.push(CertificateDer::from(c.to_der()?));

@@ -605,7 +605,15 @@ async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
         )
         .await;
     assert_eq!(status, 200, "{signed}");
+    // The first process destroyed its listener's key on the way out, and
+    // said so; the second made its own.
     assert_eq!(server.token_private_key_count(), common::SERVICE_KEYS);
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    let count = |action: &str| records.iter().filter(|r| r.event.action == action).count();
+    assert_eq!(
+        (count("server_key.create"), count("server_key.destroy")),
+        (2, 1)
+    );
 }
 
 async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
@@ -623,6 +631,7 @@ async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
             "service_key.create",
             "service_key.create",
             "admin_token.create",
+            "server_key.create",
             "agent.create",
             "agent.create",
             "certificate.issue"
