@@ -260,12 +260,10 @@ impl Authority {
     /// The CA (active or previous) whose key identifier, in hex, is
     /// `identifier`: the last segment of its CRL's URL.
     pub fn ca_identified_by(&self, identifier: &str) -> Option<(&Certificate, &KeyId)> {
-        std::iter::once((&self.certificate, &self.key))
-            .chain(self.previous.iter().map(|p| (&p.certificate, &p.key)))
-            .find(|(certificate, _)| {
-                profile::p256_key_of(&certificate.tbs_certificate.subject_public_key_info)
-                    .is_ok_and(|key| hex::encode(profile::key_identifier(&key)) == identifier)
-            })
+        self.issuer_matching(|certificate| {
+            profile::p256_key_of(&certificate.tbs_certificate.subject_public_key_info)
+                .is_ok_and(|key| hex::encode(profile::key_identifier(&key)) == identifier)
+        })
     }
 
     /// Every root a relying party should trust now: the active CA's and,
@@ -318,13 +316,13 @@ impl Authority {
         &self,
         matches: impl Fn(&Certificate) -> bool,
     ) -> Option<(&Certificate, &KeyId)> {
-        if matches(&self.certificate) {
-            return Some((&self.certificate, &self.key));
-        }
-        self.previous
-            .iter()
-            .find(|p| matches(&p.certificate))
-            .map(|p| (&p.certificate, &p.key))
+        self.cas().find(|(certificate, _)| matches(certificate))
+    }
+
+    /// The active CA, then those it replaced, each with its key.
+    fn cas(&self) -> impl Iterator<Item = (&Certificate, &KeyId)> {
+        std::iter::once((&self.certificate, &self.key))
+            .chain(self.previous.iter().map(|p| (&p.certificate, &p.key)))
     }
 
     /// Signs a digest with one of the authority's keys: a CA key (active
@@ -518,8 +516,8 @@ impl Authority {
         responder_key: &PublicKey,
         lifetime: Duration,
     ) -> Result<Certificate, CaError> {
-        let (ca, key) = std::iter::once((&self.certificate, &self.key))
-            .chain(self.previous.iter().map(|p| (&p.certificate, &p.key)))
+        let (ca, key) = self
+            .cas()
             .find(|(_, key)| *key == ca_key)
             .ok_or_else(|| CaError::Internal(format!("no CA with key {ca_key}")))?;
         let issuer_key = profile::p256_key_of(&ca.tbs_certificate.subject_public_key_info)?;
