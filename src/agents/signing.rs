@@ -118,7 +118,7 @@ async fn load_view(
     let newest = match &key {
         Some(key) => {
             store
-                .newest_certificate_for_key(key.id().as_str(), now)
+                .newest_certificate_for_key(agent.as_str(), key.id().as_str(), now)
                 .await?
         }
         None => None,

@@ -519,10 +519,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every admin token's hash with the name of the admin it belongs to.
     async fn admin_tokens(&self) -> Result<Vec<([u8; 32], String)>, StoreError>;
 
-    /// The newest unexpired, unrevoked certificate of the key: its serial
-    /// and notAfter (unix seconds).
+    /// The newest unexpired, unrevoked certificate of the agent's key: its
+    /// serial and notAfter (unix seconds).
     async fn newest_certificate_for_key(
         &self,
+        agent: &str,
         key_id: &str,
         now: i64,
     ) -> Result<Option<(String, i64)>, StoreError>;
