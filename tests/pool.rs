@@ -260,7 +260,10 @@ async fn sign_under_load(
             Ok(_) if at < fault_time => report.ok_before += 1,
             Ok(_) if last_error.is_none_or(|e| at > e) => report.ok_after_recovery += 1,
             Ok(_) => {}
-            Err(PoolError::Unavailable { .. }) => report.unavailable += 1,
+            // Both are answered 503 (key_store_unavailable, key_store_timeout).
+            Err(PoolError::Unavailable { .. } | PoolError::DeadlineExceeded) => {
+                report.unavailable += 1
+            }
             Err(e) => report.other_errors.push(e.to_string()),
         }
     }
@@ -332,15 +335,38 @@ impl RemoteToken {
         Self { server, socket }
     }
 
-    /// Kills the processes serving open connections (the server forks one
-    /// per client), as when a network HSM's connection drops.
-    fn drop_connections(&self) {
+    /// The processes serving open connections (the server forks one per
+    /// client).
+    fn connection_processes(&self) -> Vec<String> {
         let pid = self.server.id();
         let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-        let children: Vec<&str> = children.split_whitespace().collect();
-        assert!(!children.is_empty(), "no connection process to kill");
-        for child in children {
-            Command::new("kill").args(["-9", child]).status().unwrap();
+        let children: Vec<String> = children.split_whitespace().map(str::to_owned).collect();
+        assert!(!children.is_empty(), "no connection process");
+        children
+    }
+
+    /// Kills the connection processes, as when a network HSM's connection
+    /// drops.
+    fn drop_connections(&self) {
+        self.signal_connections("-KILL");
+    }
+
+    /// Stops the connection processes: the HSM keeps its connections open
+    /// and answers nothing, as a wedged appliance does.
+    fn stop_answering(&self) {
+        self.signal_connections("-STOP");
+    }
+
+    fn answer_again(&self) {
+        self.signal_connections("-CONT");
+    }
+
+    fn signal_connections(&self, signal: &str) {
+        for child in self.connection_processes() {
+            Command::new("kill")
+                .args([signal, &child])
+                .status()
+                .unwrap();
         }
     }
 }
@@ -403,6 +429,74 @@ async fn a_network_hsm_whose_connection_drops_is_reinitialized_and_recovers() {
         report.ok_after_recovery
     );
     assert_eq!(pool.breaker_state(), BreakerState::Closed);
+}
+
+/// A call into the module that does not return (a wedged network HSM) holds
+/// its worker, but no caller waits for it for ever: each is answered
+/// `DeadlineExceeded` (HTTP 503 key_store_timeout) within twice the pool's
+/// deadline, and signing resumes once the HSM answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_hsm_that_stops_answering_times_callers_out_and_serves_again_when_it_answers() {
+    let (dir, local) = token();
+    let remote = RemoteToken::start(dir.path(), &local.module);
+    std::env::set_var(
+        "P11_KIT_SERVER_ADDRESS",
+        format!("unix:path={}", remote.socket.display()),
+    );
+    let config = Pkcs11Config {
+        module: PathBuf::from(P11_KIT_CLIENT),
+        ..local
+    };
+    let deadline = Duration::from_millis(500);
+    let backend: Arc<dyn KeyBackend> = Arc::new(Pkcs11Backend::open(&config).unwrap());
+    let pool = KeyPool::start(
+        backend,
+        &PoolConfig {
+            workers: 2,
+            deadline,
+            ..PoolConfig::default()
+        },
+        PoolMetrics::unregistered(),
+    )
+    .unwrap();
+    let key = KeyId::parse("agent-wedged").unwrap();
+    let verifier = VerifyingKey::from(&pool.generate(&key).await.unwrap());
+    pool.sign(&key, digest(0, 0)).await.unwrap();
+
+    remote.stop_answering();
+    let asked = Instant::now();
+    let callers: Vec<_> = (0..4)
+        .map(|i| {
+            let (pool, key) = (pool.clone(), key.clone());
+            tokio::spawn(async move { pool.sign(&key, digest(1, i)).await })
+        })
+        .collect();
+    for caller in callers {
+        let answer = caller.await.unwrap();
+        assert!(
+            matches!(answer, Err(PoolError::DeadlineExceeded)),
+            "a wedged HSM's caller is told it did not answer in time: {answer:?}"
+        );
+    }
+    // Twice the deadline, and slack for a loaded machine; without the
+    // bound the callers waited for ever.
+    assert!(
+        asked.elapsed() < 2 * deadline + Duration::from_secs(3),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+
+    remote.answer_again();
+    let mut signed = None;
+    for i in 0..100 {
+        if let Ok(signature) = pool.sign(&key, digest(2, i)).await {
+            signed = Some((i, signature));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (i, signature) = signed.expect("signing resumed once the HSM answered");
+    verifier.verify_prehash(&digest(2, i), &signature).unwrap();
 }
 
 /// A key's handle is looked up once for the whole application, not once

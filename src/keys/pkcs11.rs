@@ -9,7 +9,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -320,6 +321,31 @@ impl Pkcs11Backend {
     }
 }
 
+/// How long re-initializing the module waits for the calls in flight.
+const RECOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// The module to this thread alone, once the calls in flight have returned,
+/// or `None` if one has not within `limit`. A module can hang in a call
+/// (seen with p11-kit's client after its server's connection was killed: a
+/// C_Sign waiting forever); waiting for it unbounded made the worker that
+/// came to re-initialize hang too, and then every worker behind it. Polled
+/// with `try_write` so that a waiting re-initialization does not hold back
+/// the other workers' calls meanwhile, as a queued writer would.
+fn exclusive_within(calls: &RwLock<()>, limit: Duration) -> Option<RwLockWriteGuard<'_, ()>> {
+    let give_up = Instant::now() + limit;
+    loop {
+        match calls.try_write() {
+            Ok(exclusive) => return Some(exclusive),
+            // A call that panicked holds no state of ours.
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(TryLockError::WouldBlock) => return None,
+        }
+    }
+}
+
 impl KeyBackend for Pkcs11Backend {
     fn kind(&self) -> BackendKind {
         BackendKind::Pkcs11
@@ -331,7 +357,15 @@ impl KeyBackend for Pkcs11Backend {
 
     fn recover(&self, generation: u64) -> Result<(), KeyError> {
         let shared = &self.shared;
-        let _exclusive = shared.calls.write().unwrap_or_else(|p| p.into_inner());
+        let _exclusive = exclusive_within(&shared.calls, RECOVER_WAIT).ok_or_else(|| {
+            KeyError::DeviceFailure {
+                function: "C_Initialize".into(),
+                detail: format!(
+                    "not re-initialized: a call to the module has not returned for {} s",
+                    RECOVER_WAIT.as_secs()
+                ),
+            }
+        })?;
         if shared.generation.load(Ordering::Acquire) != generation {
             return Ok(()); // another worker already re-initialized the module
         }

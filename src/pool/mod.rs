@@ -66,7 +66,9 @@ pub enum PoolError {
     QueueFull { retry_after: Duration },
     #[error("the key store is unavailable")]
     Unavailable { retry_after: Duration },
-    #[error("the request expired before it reached the key store")]
+    /// Expired before it reached the key store, or was not answered in
+    /// time after it did.
+    #[error("the key store did not answer in time")]
     DeadlineExceeded,
     #[error("the key pool has shut down")]
     ShuttingDown,
@@ -164,7 +166,8 @@ struct Shared {
 }
 
 /// Handle to the pool; cheap to clone. Workers stop when the last handle is
-/// dropped and the queue is drained.
+/// dropped and the queue is drained. Its answers are awaited with a tokio
+/// timer, so on a runtime with time enabled.
 #[derive(Clone)]
 pub struct KeyPool {
     queue: Sender<Job>,
@@ -256,24 +259,34 @@ impl KeyPool {
         Self::answer(self.enqueue(op, deadline)?).await
     }
 
-    async fn answer(
-        answer: oneshot::Receiver<Result<KeyOutput, PoolError>>,
-    ) -> Result<KeyOutput, PoolError> {
-        answer.await.map_err(|_| PoolError::ShuttingDown)?
+    async fn answer(answer: Answering) -> Result<KeyOutput, PoolError> {
+        match tokio::time::timeout_at(answer.give_up_at.into(), answer.receiver).await {
+            Ok(answered) => answered.map_err(|_| PoolError::ShuttingDown)?,
+            Err(_) => {
+                tracing::error!(
+                    "a key operation was not answered in time: a call to the key store may be hung"
+                );
+                Err(PoolError::DeadlineExceeded)
+            }
+        }
     }
 
     /// Queues `op`, or refuses it at once (open breaker, full queue).
-    fn enqueue(
-        &self,
-        op: KeyOp,
-        deadline: Duration,
-    ) -> Result<oneshot::Receiver<Result<KeyOutput, PoolError>>, PoolError> {
+    fn enqueue(&self, op: KeyOp, deadline: Duration) -> Result<Answering, PoolError> {
         if let BreakerState::Open(retry_after) = self.shared.breaker.state() {
             self.shared.metrics.outcome(op.name(), "unavailable");
             return Err(PoolError::Unavailable { retry_after });
         }
-        let (reply, answer) = oneshot::channel();
+        let (reply, receiver) = oneshot::channel();
         let now = Instant::now();
+        // A job may start as late as its deadline; it then has as long
+        // again to be answered. A worker inside a call that never returns
+        // (a hung module) answers nobody, and its callers must not wait
+        // for ever.
+        let answer = Answering {
+            receiver,
+            give_up_at: now + 2 * deadline,
+        };
         let job = Job {
             op,
             enqueued: now,
@@ -708,8 +721,14 @@ fn run_op(session: &mut dyn KeySession, op: &KeyOp) -> Result<KeyOutput, KeyErro
 }
 
 /// A signature the pool has queued (`KeyPool::start_sign`).
+/// Where a queued job's answer comes, and when to stop waiting for it.
+struct Answering {
+    receiver: oneshot::Receiver<Result<KeyOutput, PoolError>>,
+    give_up_at: Instant,
+}
+
 pub struct PendingSignature {
-    answer: oneshot::Receiver<Result<KeyOutput, PoolError>>,
+    answer: Answering,
     expected_at: Instant,
 }
 
@@ -799,7 +818,9 @@ mod tests {
     fn a_pool_started_outside_a_runtime_answers_from_its_workers() {
         let pool = pool(PoolConfig::default());
         assert!(matches!(pool.shared.handoff, Handoff::Direct));
+        // With timers: every wait for an answer is bounded (`answer`).
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         runtime.block_on(async {
