@@ -380,8 +380,9 @@ impl Drop for RemoteToken {
 
 const P11_KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_network_hsm_whose_connection_drops_is_reinitialized_and_recovers() {
+/// A token served by p11-kit's server, and the configuration of a client
+/// that reaches it over a socket, as keyward reaches a network HSM.
+fn remote_token() -> (tempfile::TempDir, Arc<RemoteToken>, Pkcs11Config) {
     let (dir, local) = token();
     let remote = Arc::new(RemoteToken::start(dir.path(), &local.module));
     // The client module finds the server through this variable; set before
@@ -394,6 +395,12 @@ async fn a_network_hsm_whose_connection_drops_is_reinitialized_and_recovers() {
         module: PathBuf::from(P11_KIT_CLIENT),
         ..local
     };
+    (dir, remote, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_hsm_whose_connection_drops_is_reinitialized_and_recovers() {
+    let (_dir, remote, config) = remote_token();
     let (pool, metrics) = start_pool(&config, 2);
     let key = KeyId::parse("agent-remote").unwrap();
     let verifier = VerifyingKey::from(&pool.generate(&key).await.unwrap());
@@ -437,16 +444,7 @@ async fn a_network_hsm_whose_connection_drops_is_reinitialized_and_recovers() {
 /// deadline, and signing resumes once the HSM answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_hsm_that_stops_answering_times_callers_out_and_serves_again_when_it_answers() {
-    let (dir, local) = token();
-    let remote = RemoteToken::start(dir.path(), &local.module);
-    std::env::set_var(
-        "P11_KIT_SERVER_ADDRESS",
-        format!("unix:path={}", remote.socket.display()),
-    );
-    let config = Pkcs11Config {
-        module: PathBuf::from(P11_KIT_CLIENT),
-        ..local
-    };
+    let (_dir, remote, config) = remote_token();
     let deadline = Duration::from_millis(500);
     let backend: Arc<dyn KeyBackend> = Arc::new(Pkcs11Backend::open(&config).unwrap());
     let pool = KeyPool::start(
