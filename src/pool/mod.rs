@@ -263,9 +263,18 @@ impl KeyPool {
         match tokio::time::timeout_at(answer.give_up_at.into(), answer.receiver).await {
             Ok(answered) => answered.map_err(|_| PoolError::ShuttingDown)?,
             Err(_) => {
-                tracing::error!(
-                    "a key operation was not answered in time: a call to the key store may be hung"
-                );
+                // Every caller of a hung worker comes here: one line a
+                // minute, not one per request.
+                static LAST_WARNED_SECS: AtomicU64 = AtomicU64::new(0);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if now >= LAST_WARNED_SECS.load(Ordering::Relaxed) + 60 {
+                    LAST_WARNED_SECS.store(now, Ordering::Relaxed);
+                    tracing::error!(
+                        "key operations are not answered in time: a call to the key store may be hung"
+                    );
+                }
                 Err(PoolError::DeadlineExceeded)
             }
         }
@@ -720,13 +729,13 @@ fn run_op(session: &mut dyn KeySession, op: &KeyOp) -> Result<KeyOutput, KeyErro
     })
 }
 
-/// A signature the pool has queued (`KeyPool::start_sign`).
 /// Where a queued job's answer comes, and when to stop waiting for it.
 struct Answering {
     receiver: oneshot::Receiver<Result<KeyOutput, PoolError>>,
     give_up_at: Instant,
 }
 
+/// A signature the pool has queued (`KeyPool::start_sign`).
 pub struct PendingSignature {
     answer: Answering,
     expected_at: Instant,

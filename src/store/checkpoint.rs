@@ -17,9 +17,10 @@
 //! Once the log passes `RESTART_PAGES`, a RESTART follows the PASSIVE
 //! checkpoint at once: it waits for the writers of the moment, copies what
 //! the PASSIVE one left (a few milliseconds of commits), and makes the next
-//! writer start the log from its beginning, at most every few seconds. (TRUNCATE, which also cuts the file, put
-//! ~50 ms stalls in issuance's tail under wrk at 32 connections: the file
-//! freed and grown again every time.)
+//! writer start the log from its beginning, at most every few seconds.
+//! (TRUNCATE, which also cuts the file, put ~50 ms stalls in issuance's
+//! tail under wrk at 32 connections: the file freed and grown again every
+//! time.)
 //!
 //! A RESTART holds the writer lock while it waits for the readers of older
 //! log frames to finish, so every commit waits as long as it does. With a
