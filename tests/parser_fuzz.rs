@@ -155,18 +155,11 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
     let leaf = der_of(issued["certificate_pem"].as_str().unwrap());
     let leaf_pem = issued["certificate_pem"].as_str().unwrap().to_owned();
     std::fs::write(dir.join("leaf.pem"), &leaf_pem).unwrap();
-    let (ok, out) = common::run(
-        std::process::Command::new("openssl")
-            .arg("ocsp")
-            .arg("-issuer")
-            .arg(server.path("ca.pem"))
-            .arg("-cert")
-            .arg(dir.join("leaf.pem"))
-            .arg("-reqout")
-            .arg(dir.join("leaf.req")),
+    let ocsp_request = common::openssl_ocsp_request(
+        &server.path("ca.pem"),
+        &dir.join("leaf.pem"),
+        &dir.join("leaf.req"),
     );
-    assert!(ok, "{out}");
-    let ocsp_request = std::fs::read(dir.join("leaf.req")).unwrap();
     let anchors =
         keyward::ca::parse_pem_chain(&std::fs::read_to_string(server.path("ca.pem")).unwrap())
             .unwrap();

@@ -19,6 +19,18 @@ fn write(server: &Server, name: &str, contents: &[u8]) -> PathBuf {
     path
 }
 
+/// A certified agent's issuance answer, and its certificate written to
+/// `leaf.pem` for openssl.
+async fn certified_leaf(server: &Server, name: &str) -> (serde_json::Value, PathBuf) {
+    let issued = common::certified_agent(server, name).await;
+    let leaf = write(
+        server,
+        "leaf.pem",
+        issued["certificate_pem"].as_str().unwrap().as_bytes(),
+    );
+    (issued, leaf)
+}
+
 /// `openssl ocsp` against keyward's responder: the status line for `cert`.
 fn ocsp_status(server: &Server, cert: &PathBuf) -> String {
     ocsp_query(server, cert, &[])
@@ -102,12 +114,7 @@ async fn audit_actions(server: &Server) -> Vec<String> {
 
 async fn a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_revoked(db: Db) {
     let server = Server::start(db).await;
-    let issued = common::certified_agent(&server, "victim").await;
-    let leaf = write(
-        &server,
-        "leaf.pem",
-        issued["certificate_pem"].as_str().unwrap().as_bytes(),
-    );
+    let (issued, leaf) = certified_leaf(&server, "victim").await;
     // The certificate says where to ask.
     let (_, uri) = run(Command::new("openssl")
         .args(["x509", "-noout", "-ocsp_uri", "-in"])
@@ -283,12 +290,7 @@ async fn one_certificate_can_be_revoked_alone(db: Db) {
 
 async fn a_suspension_holds_the_agent_and_resuming_releases_it(db: Db) {
     let server = Server::start(db).await;
-    let issued = common::certified_agent(&server, "paused").await;
-    let leaf = write(
-        &server,
-        "leaf.pem",
-        issued["certificate_pem"].as_str().unwrap().as_bytes(),
-    );
+    let (issued, leaf) = certified_leaf(&server, "paused").await;
     let (status, suspended) = server
         .admin("POST", "/v1/agents/paused/suspend", None)
         .await;
@@ -362,12 +364,7 @@ async fn token_signatures(server: &Server) -> u64 {
 /// answer.
 async fn ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing(db: Db) {
     let server = Server::start(db).await;
-    let issued = common::certified_agent(&server, "alpha").await;
-    let leaf = write(
-        &server,
-        "leaf.pem",
-        issued["certificate_pem"].as_str().unwrap().as_bytes(),
-    );
+    let (_, leaf) = certified_leaf(&server, "alpha").await;
     let out = ocsp_query(&server, &leaf, &["-resp_text"]);
     assert!(out.contains("leaf.pem: good"), "{out}");
     assert!(
@@ -381,17 +378,8 @@ async fn ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing(
         .iter()
         .any(|r| r.event.action == "ocsp_responder.certify"));
 
-    let request = server.path("leaf.req");
-    let (ok, out) = run(Command::new("openssl")
-        .arg("ocsp")
-        .arg("-issuer")
-        .arg(server.path("ca.pem"))
-        .arg("-cert")
-        .arg(&leaf)
-        .arg("-reqout")
-        .arg(&request));
-    assert!(ok, "{out}");
-    let request = std::fs::read(request).unwrap();
+    let request =
+        common::openssl_ocsp_request(&server.path("ca.pem"), &leaf, &server.path("leaf.req"));
     let (_, first) = post_ocsp(&server, request.clone(), "application/ocsp-request").await;
     let signed_before = token_signatures(&server).await;
     for _ in 0..50 {
@@ -534,16 +522,11 @@ async fn bad_revocation_requests_are_refused_and_write_nothing(db: Db) {
         .arg("-out")
         .arg(dir.join("other.pem")));
     assert!(ok, "{out}");
-    let (ok, out) = run(Command::new("openssl")
-        .arg("ocsp")
-        .arg("-issuer")
-        .arg(dir.join("other.pem"))
-        .arg("-cert")
-        .arg(dir.join("other.pem"))
-        .arg("-reqout")
-        .arg(dir.join("other.req")));
-    assert!(ok, "{out}");
-    let request = std::fs::read(dir.join("other.req")).unwrap();
+    let request = common::openssl_ocsp_request(
+        &dir.join("other.pem"),
+        &dir.join("other.pem"),
+        &dir.join("other.req"),
+    );
     let (status, answer) = post_ocsp(&server, request, "application/ocsp-request").await;
     assert_eq!((status, answer), (200, vec![0x30, 0x03, 0x0a, 0x01, 0x06]));
     let (status, answer) = server
@@ -626,12 +609,7 @@ async fn crl_and_ocsp_can_be_served_over_plain_http(db: Db) {
     let server = Server::start_with_config(db, "[server]\nstatus_listen = \"127.0.0.1:0\"\n").await;
     let status = std::fs::read_to_string(server.path("status.addr")).unwrap();
     let base = format!("http://{}", status.trim());
-    let issued = common::certified_agent(&server, "plain").await;
-    let leaf = write(
-        &server,
-        "leaf.pem",
-        issued["certificate_pem"].as_str().unwrap().as_bytes(),
-    );
+    let (_, leaf) = certified_leaf(&server, "plain").await;
     let (_, uri) = run(Command::new("openssl")
         .args(["x509", "-noout", "-ocsp_uri", "-in"])
         .arg(&leaf));

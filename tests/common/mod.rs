@@ -678,6 +678,21 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
 }
 
 /// `der` as one PEM block labelled `label`.
+/// An OCSP request for `cert` (PEM file) issued by `issuer`, as `openssl
+/// ocsp` writes it (DER, no nonce unless asked), kept at `out`.
+pub fn openssl_ocsp_request(issuer: &Path, cert: &Path, out: &Path) -> Vec<u8> {
+    let (ok, log) = run(Command::new("openssl")
+        .arg("ocsp")
+        .arg("-issuer")
+        .arg(issuer)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-reqout")
+        .arg(out));
+    assert!(ok, "{log}");
+    std::fs::read(out).unwrap()
+}
+
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
