@@ -1,6 +1,7 @@
 //! Wiring: key backend -> pool -> store -> CA -> API state, and the HTTPS
 //! listener.
 
+use crate::ca::CertificateText;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -7,6 +7,7 @@
 //! atomically (write, then rename), so a reader never sees a key and
 //! certificate that do not belong together for longer than one rename.
 
+use crate::ca::CertificateText;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 

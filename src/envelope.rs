@@ -609,6 +609,7 @@ mod tests {
     use p256::ecdsa::{Signature, SigningKey};
 
     use super::*;
+    use crate::ca::CertificateText;
     use crate::verify::test_pki::{self, TestCa};
 
     const AUD: &str = "spiffe://example.org/agent/bravo";

@@ -15,6 +15,7 @@
 //! process dies without shutting down (`is_stale` tells those apart by
 //! age, for the janitor).
 
+use crate::ca::CertificateText;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

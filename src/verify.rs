@@ -35,7 +35,7 @@ use x509_cert::ext::pkix::{
     SubjectKeyIdentifier,
 };
 
-use crate::ca::cert::Certificate;
+use crate::ca::cert::{Certificate, CertificateText, Extensions};
 use crate::ca::profile;
 
 /// Most certificates in a path, leaf and trust anchor included. keyward's
@@ -452,16 +452,14 @@ impl Facts {
             {
                 return Err(malformed(format!(
                     "duplicate extension {}",
-                    oid_text(extension.extn_id.value())
+                    extension.extn_id
                 )));
             }
-            let understood = UNDERSTOOD_EXTENSIONS
-                .iter()
-                .any(|oid| extension.is(oid.as_bytes()));
+            let understood = UNDERSTOOD_EXTENSIONS.contains(&extension.extn_id);
             if extension.critical && !understood {
                 return Err(VerifyError::UnhandledCriticalExtension {
                     depth,
-                    oid: oid_text(extension.extn_id.value()),
+                    oid: extension.extn_id.to_string(),
                 });
             }
         }
@@ -614,14 +612,6 @@ pub fn is_spiffe_id(s: &str) -> bool {
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         });
     trust_domain_ok && path_ok
-}
-
-/// Dotted form of an OID for messages, or hex when `const-oid` cannot hold
-/// it (keyward's own 128-bit arc, for one).
-fn oid_text(content: &[u8]) -> String {
-    ObjectIdentifier::from_bytes(content)
-        .map(|oid| oid.to_string())
-        .unwrap_or_else(|_| format!("(OID content {})", hex::encode(content)))
 }
 
 /// A throwaway PKI for tests: CAs and leaves built with the production
@@ -820,7 +810,7 @@ mod tests {
 
     use super::test_pki::{self, TestCa};
     use super::*;
-    use crate::ca::cert::Extension;
+    use crate::ca::cert;
     use crate::ca::profile::{self, Kind, TbsRequest};
 
     fn now() -> SystemTime {
@@ -865,7 +855,7 @@ mod tests {
             ca: true,
             path_len_constraint: None,
         };
-        test_pki::set_extension(&mut tbs, Extension::typed(true, &unconstrained).unwrap());
+        test_pki::set_extension(&mut tbs, cert::extension(true, &unconstrained).unwrap());
         let root = TestCa {
             cert: test_pki::sign(tbs, &root.key),
             key: root.key,
@@ -922,7 +912,7 @@ mod tests {
         tbs.extensions
             .as_mut()
             .unwrap()
-            .retain(|e| !e.is(const_oid::db::rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER.as_bytes()));
+            .retain(|e| e.extn_id != const_oid::db::rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER);
         let leaf = test_pki::sign(tbs, &impostor.key);
         let err = verify_chain(&leaf, &[], &[trusted.cert], now()).unwrap_err();
         assert_eq!(err, VerifyError::BadCertificateSignature { depth: 0 });
@@ -1006,7 +996,7 @@ mod tests {
         let root = TestCa::root("test ca");
         let mut tbs = root.cert.tbs_certificate.clone();
         let usage = KeyUsage(KeyUsages::DigitalSignature.into());
-        test_pki::set_extension(&mut tbs, Extension::typed(true, &usage).unwrap());
+        test_pki::set_extension(&mut tbs, cert::extension(true, &usage).unwrap());
         let root = TestCa {
             cert: test_pki::sign(tbs, &root.key),
             key: root.key,
@@ -1045,7 +1035,11 @@ mod tests {
         tbs.extensions
             .as_mut()
             .unwrap()
-            .push(Extension::raw(&[0x55, 0x1d, 0x1e], true, vec![0x30, 0x00]).unwrap());
+            .push(x509_cert::ext::Extension {
+                extn_id: const_oid::db::rfc5280::ID_CE_NAME_CONSTRAINTS,
+                critical: true,
+                extn_value: der::asn1::OctetString::new(vec![0x30, 0x00]).unwrap(),
+            });
         let leaf = test_pki::sign(tbs, &ca.key);
         let err = verify_chain(&leaf, &[], std::slice::from_ref(&ca.cert), t).unwrap_err();
         assert_eq!(err.reason(), "unhandled_critical_extension");
@@ -1063,7 +1057,7 @@ mod tests {
         tbs.extensions
             .as_mut()
             .unwrap()
-            .push(Extension::typed(true, &ca_true).unwrap());
+            .push(cert::extension(true, &ca_true).unwrap());
         let leaf = test_pki::sign(tbs, &ca.key);
         let err = verify_chain(&leaf, &[], &[ca.cert], t).unwrap_err();
         assert_eq!(err.reason(), "malformed_certificate");
@@ -1096,14 +1090,14 @@ mod tests {
         };
         let mut two = tbs.clone();
         let san = SubjectAltName(vec![uri(&spiffe), uri("spiffe://example.org/agent/b")]);
-        test_pki::set_extension(&mut two, Extension::typed(false, &san).unwrap());
+        test_pki::set_extension(&mut two, cert::extension(false, &san).unwrap());
         let leaf = test_pki::sign(two, &ca.key);
         let verified = verify_chain(&leaf, &[], std::slice::from_ref(&ca.cert), t).unwrap();
         assert_eq!(verified.spiffe_id(), None);
 
         let mut one = tbs;
         let san = SubjectAltName(vec![uri(&spiffe)]);
-        test_pki::set_extension(&mut one, Extension::typed(false, &san).unwrap());
+        test_pki::set_extension(&mut one, cert::extension(false, &san).unwrap());
         let leaf = test_pki::sign(one, &ca.key);
         let verified = verify_chain(&leaf, &[], &[ca.cert], t).unwrap();
         assert_eq!(verified.spiffe_id(), Some(spiffe.as_str()));

@@ -18,6 +18,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::SystemTime;
 
 use common::{Db, Server};
+use keyward::ca::Extensions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -194,7 +195,7 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
         }
         if let Some(extension) = certificate
             .tbs_certificate
-            .extension(keyward::ca::profile::ID_PE_CMW.as_bytes())
+            .extension(&keyward::ca::profile::ID_PE_CMW)
         {
             let _ = keyward::attestation::AttestationClaims::from_extension_value(
                 extension.extn_value.as_bytes(),

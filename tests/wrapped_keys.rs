@@ -183,6 +183,13 @@ fn a_wrapped_key_leaves_the_token_only_under_the_trusted_wrapping_key() {
     ));
 }
 
+/// Ends the pool's workers before the test's process exits: a worker still
+/// inside SoftHSM2 during the library's own teardown crashes the process
+/// (seen once as a SIGSEGV after a passing test).
+fn stop(pool: KeyPool) {
+    pool.join_workers(std::time::Duration::from_secs(5));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_or_foreign_blob_is_refused_and_is_no_outage() {
     let (_dir, config) = token();
@@ -258,6 +265,7 @@ async fn a_damaged_or_foreign_blob_is_refused_and_is_no_outage() {
             .unwrap();
         assert!(verifies(&public_key, &[4; 32], &signature));
     }
+    stop(pool);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -316,6 +324,7 @@ async fn a_destroyed_wrapped_key_keeps_no_live_copy_in_any_session() {
         [],
         "a session still holds the destroyed key"
     );
+    stop(pool);
 }
 
 /// A wrapped key has a home worker: at a load its home keeps up with, it
@@ -358,6 +367,7 @@ async fn a_wrapped_key_lives_in_one_session_at_moderate_load() {
         }
         assert_eq!(private_keys_with_id(&inspector, &id).len(), 1, "{id}");
     }
+    stop(pool);
 }
 
 #[test]

@@ -1,114 +1,79 @@
-//! X.509 certificate structure with extension OIDs kept as raw DER.
+//! X.509 certificates: `x509-cert`'s types, with the few conveniences
+//! keyward's code uses on them.
 //!
-//! These types mirror RFC 5280's `Certificate` and `TBSCertificate` field
-//! for field but hold each extension's `extnID` as an opaque `OBJECT
-//! IDENTIFIER` TLV: the attestation extension used to sit under a UUID arc
-//! (2.25.…) that `const-oid` cannot hold. It is on id-pe-cmw now, so these
-//! can give way to `x509-cert`'s own types (issue 14, item 2).
+//! Until the attestation extension moved to id-pe-cmw (1.3.6.1.5.5.7.1.35)
+//! this module held hand-written mirrors of RFC 5280's structures, because
+//! the old UUID arc (2.25.…) did not fit `const-oid`. Now every OID keyward
+//! writes fits, and a certificate carrying one that does not (a huge arc)
+//! is refused as malformed when it is parsed.
 
-use const_oid::AssociatedOid;
-use der::asn1::{Any, BitString, OctetString};
-use der::{Decode, Encode, EncodePem, Sequence, Tag, Tagged};
-use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
-use x509_cert::certificate::Version;
-use x509_cert::name::Name;
-use x509_cert::serial_number::SerialNumber;
-use x509_cert::time::Validity;
+use const_oid::{AssociatedOid, ObjectIdentifier};
+use der::asn1::OctetString;
+use der::{Decode, Encode, EncodePem};
+
+pub use x509_cert::ext::Extension;
+pub use x509_cert::{Certificate, TbsCertificate};
 
 use super::CaError;
 
-/// `Extension ::= SEQUENCE { extnID OBJECT IDENTIFIER, critical BOOLEAN
-/// DEFAULT FALSE, extnValue OCTET STRING }`, with `extnID` kept raw.
-#[derive(Clone, Debug, Eq, PartialEq, Sequence)]
-pub struct Extension {
-    pub extn_id: Any,
-    #[asn1(default = "Default::default")]
-    pub critical: bool,
-    pub extn_value: OctetString,
+/// Builds an extension from its typed value.
+pub fn extension<T: AssociatedOid + Encode>(
+    critical: bool,
+    value: &T,
+) -> Result<Extension, CaError> {
+    Ok(Extension {
+        extn_id: T::OID,
+        critical,
+        extn_value: OctetString::new(value.to_der()?)?,
+    })
 }
 
-impl Extension {
-    /// A standard extension from its typed value.
-    pub fn typed<T: AssociatedOid + Encode>(critical: bool, value: &T) -> Result<Self, CaError> {
-        Ok(Self {
-            extn_id: Any::encode_from(&T::OID)?,
-            critical,
-            extn_value: OctetString::new(value.to_der()?)?,
-        })
-    }
+/// Reading extensions of a `TbsCertificate`.
+pub trait Extensions {
+    /// The extension with this OID, if present.
+    fn extension(&self, oid: &ObjectIdentifier) -> Option<&Extension>;
 
-    /// An extension whose OID is given as its DER content octets.
-    pub fn raw(oid_content: &[u8], critical: bool, value: Vec<u8>) -> Result<Self, CaError> {
-        Ok(Self {
-            extn_id: Any::new(Tag::ObjectIdentifier, oid_content)?,
-            critical,
-            extn_value: OctetString::new(value)?,
-        })
-    }
-
-    /// Whether this is the extension with the given OID content octets.
-    pub fn is(&self, oid_content: &[u8]) -> bool {
-        self.extn_id.tag() == Tag::ObjectIdentifier && self.extn_id.value() == oid_content
-    }
+    /// A standard extension decoded, with its criticality, if present.
+    fn typed_extension<'a, T>(&'a self) -> Result<Option<(bool, T)>, CaError>
+    where
+        T: AssociatedOid + Decode<'a>;
 }
 
-#[derive(Clone, Debug, Eq, PartialEq, Sequence)]
-pub struct TbsCertificate {
-    #[asn1(context_specific = "0", default = "Default::default")]
-    pub version: Version,
-    pub serial_number: SerialNumber,
-    pub signature: AlgorithmIdentifierOwned,
-    pub issuer: Name,
-    pub validity: Validity,
-    pub subject: Name,
-    pub subject_public_key_info: SubjectPublicKeyInfoOwned,
-    #[asn1(context_specific = "1", tag_mode = "IMPLICIT", optional = "true")]
-    pub issuer_unique_id: Option<BitString>,
-    #[asn1(context_specific = "2", tag_mode = "IMPLICIT", optional = "true")]
-    pub subject_unique_id: Option<BitString>,
-    #[asn1(context_specific = "3", tag_mode = "EXPLICIT", optional = "true")]
-    pub extensions: Option<Vec<Extension>>,
-}
-
-impl TbsCertificate {
-    pub fn extension(&self, oid_content: &[u8]) -> Option<&Extension> {
-        self.extensions.as_ref()?.iter().find(|e| e.is(oid_content))
+impl Extensions for TbsCertificate {
+    fn extension(&self, oid: &ObjectIdentifier) -> Option<&Extension> {
+        self.extensions.as_ref()?.iter().find(|e| &e.extn_id == oid)
     }
 
-    /// Decodes a standard extension, if present.
-    pub fn typed_extension<'a, T>(&'a self) -> Result<Option<(bool, T)>, CaError>
+    fn typed_extension<'a, T>(&'a self) -> Result<Option<(bool, T)>, CaError>
     where
         T: AssociatedOid + Decode<'a>,
     {
-        match self.extension(T::OID.as_bytes()) {
+        match self.extension(&T::OID) {
             None => Ok(None),
             Some(e) => Ok(Some((e.critical, T::from_der(e.extn_value.as_bytes())?))),
         }
     }
 }
 
-#[derive(Clone, Debug, Eq, PartialEq, Sequence)]
-pub struct Certificate {
-    pub tbs_certificate: TbsCertificate,
-    pub signature_algorithm: AlgorithmIdentifierOwned,
-    pub signature: BitString,
+/// PEM and the serial number as keyward writes them.
+pub trait CertificateText: Sized {
+    fn to_pem_string(&self) -> Result<String, CaError>;
+    /// One certificate in one PEM block, with nothing after its DER value.
+    fn from_pem_str(pem: &str) -> Result<Self, CaError>;
+    /// Lower-case hex of the serial number's bytes.
+    fn serial_hex(&self) -> String;
 }
 
-impl der::pem::PemLabel for Certificate {
-    const PEM_LABEL: &'static str = "CERTIFICATE";
-}
-
-impl Certificate {
-    pub fn to_pem_string(&self) -> Result<String, CaError> {
+impl CertificateText for Certificate {
+    fn to_pem_string(&self) -> Result<String, CaError> {
         Ok(self.to_pem(der::pem::LineEnding::LF)?)
     }
 
-    pub fn from_pem_str(pem: &str) -> Result<Self, CaError> {
+    fn from_pem_str(pem: &str) -> Result<Self, CaError> {
         Ok(from_pem_strict(pem)?)
     }
 
-    /// Lower-case hex of the serial number's bytes.
-    pub fn serial_hex(&self) -> String {
+    fn serial_hex(&self) -> String {
         hex::encode(self.tbs_certificate.serial_number.as_bytes())
     }
 }
@@ -126,18 +91,26 @@ where
     T::from_der(&der)
 }
 
-/// Parses every certificate in a PEM bundle, in order.
+/// Every certificate in a PEM bundle, in order; text between the blocks
+/// is ignored.
+///
+/// Not `Certificate::load_pem_chain` (x509-cert 0.2.5), for two concrete
+/// gaps: it computes `input.len() - 1` before looking at the input, so an
+/// empty or blank bundle panics (in debug builds) instead of failing, and it
+/// reads each block with `der`'s `from_pem`, which accepts bytes after the
+/// certificate's DER value (see [`from_pem_strict`]).
 pub fn parse_pem_chain(pem: &str) -> Result<Vec<Certificate>, CaError> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
     let mut out = Vec::new();
     let mut rest = pem;
-    const END: &str = "-----END CERTIFICATE-----";
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let after = &rest[start..];
-        let end = after
+    while let Some(start) = rest.find(BEGIN) {
+        let block = &rest[start..];
+        let end = block
             .find(END)
             .ok_or_else(|| CaError::Internal("unterminated PEM certificate".into()))?;
-        out.push(Certificate::from_pem_str(&after[..end + END.len()])?);
-        rest = &after[end + END.len()..];
+        out.push(Certificate::from_pem_str(&block[..end + END.len()])?);
+        rest = &block[end + END.len()..];
     }
     Ok(out)
 }

@@ -2,6 +2,7 @@
 //! key anywhere near them: the caller signs the TBSCertList digest through
 //! its key pool and hands the signature back to [`assemble`].
 
+use super::cert::Extensions;
 use std::time::SystemTime;
 
 use const_oid::AssociatedOid;
@@ -240,6 +241,7 @@ mod tests {
     use x509_cert::crl::CertificateList;
 
     use super::*;
+    use crate::ca::cert::CertificateText;
     use crate::verify::test_pki::{key, public, TestCa};
 
     const ALL: [RevocationReason; 9] = [

@@ -26,7 +26,7 @@ use crate::store::{
     NewCertificate, StoreError,
 };
 use cert::TbsCertificate;
-pub use cert::{parse_pem_chain, Certificate};
+pub use cert::{parse_pem_chain, Certificate, CertificateText, Extensions};
 use profile::{AgentKeyPurpose, Kind, TbsRequest};
 
 #[derive(Debug, thiserror::Error)]

@@ -175,7 +175,7 @@ fn refuse_unknown_critical(
     let unknown_critical = extensions
         .into_iter()
         .flatten()
-        .any(|e| e.critical && !known.iter().any(|oid| e.is(oid.as_bytes())));
+        .any(|e| e.critical && !known.contains(&e.extn_id));
     if unknown_critical {
         return Err(OcspError::Malformed("unsupported critical extension"));
     }
@@ -211,7 +211,7 @@ fn nonce(extensions: Option<&Vec<Extension>>) -> Result<Option<Vec<u8>>, OcspErr
     let mut nonces = extensions
         .into_iter()
         .flatten()
-        .filter(|e| e.is(ID_PKIX_OCSP_NONCE.as_bytes()));
+        .filter(|e| e.extn_id == ID_PKIX_OCSP_NONCE);
     let Some(found) = nonces.next() else {
         return Ok(None);
     };
@@ -405,7 +405,7 @@ pub fn response_data(
     let response_extensions = match nonce {
         None => None,
         Some(value) => Some(vec![Extension {
-            extn_id: Any::encode_from(&ID_PKIX_OCSP_NONCE)?,
+            extn_id: ID_PKIX_OCSP_NONCE,
             critical: false,
             extn_value: OctetString::new(value)?,
         }]),
@@ -478,6 +478,7 @@ mod tests {
     use rand::{Rng, RngCore};
 
     use super::*;
+    use crate::ca::cert::CertificateText;
     use crate::ca::profile::Kind;
     use crate::verify::test_pki::{key, public, sign, TestCa};
 
@@ -947,7 +948,7 @@ mod tests {
 
     fn nonce_extension(value: Vec<u8>, critical: bool) -> Extension {
         Extension {
-            extn_id: Any::encode_from(&ID_PKIX_OCSP_NONCE).unwrap(),
+            extn_id: ID_PKIX_OCSP_NONCE,
             critical,
             extn_value: OctetString::new(value).unwrap(),
         }
@@ -977,7 +978,11 @@ mod tests {
         }
 
         // An unknown, non-critical extension is ignored.
-        let other = Extension::raw(&[0x2a, 0x03], false, vec![0x05, 0x00]).unwrap();
+        let other = Extension {
+            extn_id: ObjectIdentifier::new_unwrap("1.3.6.1.4.1.99999.1"),
+            critical: false,
+            extn_value: OctetString::new(vec![0x05, 0x00]).unwrap(),
+        };
         assert!(parse_request(&request_der(vec![good_id()], Some(vec![other]), 0)).is_ok());
 
         // Absent hash parameters are as good as NULL.
@@ -1052,7 +1057,11 @@ mod tests {
             nonce_extension(octet_string(16), false),
         ];
         assert!(parse_request(&request_der(vec![good_id()], Some(twice), 0)).is_err());
-        let critical = Extension::raw(&[0x2a, 0x03], true, vec![0x05, 0x00]).unwrap();
+        let critical = Extension {
+            extn_id: ObjectIdentifier::new_unwrap("1.3.6.1.4.1.99999.1"),
+            critical: true,
+            extn_value: OctetString::new(vec![0x05, 0x00]).unwrap(),
+        };
         assert!(matches!(
             parse_request(&request_der(vec![good_id()], Some(vec![critical]), 0)),
             Err(OcspError::Malformed(_))

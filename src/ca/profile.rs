@@ -25,7 +25,7 @@ use x509_cert::name::Name;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
 
-use super::cert::{Extension, TbsCertificate};
+use super::cert::{self, Extension, TbsCertificate};
 use super::CaError;
 
 /// id-pe-cmw (RFC 9999): the attestation extension, a RATS Conceptual
@@ -203,30 +203,34 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
                 path_len_constraint: Some(0),
             };
             let usage = KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign);
-            extensions.push(Extension::typed(true, &ca)?);
-            extensions.push(Extension::typed(true, &usage)?);
+            extensions.push(cert::extension(true, &ca)?);
+            extensions.push(cert::extension(true, &usage)?);
         }
         Kind::Agent {
             spiffe_id,
             attestation,
             purpose,
         } => {
-            extensions.push(Extension::typed(true, &leaf)?);
-            extensions.push(Extension::typed(true, &signing_only)?);
-            extensions.push(Extension::typed(
+            extensions.push(cert::extension(true, &leaf)?);
+            extensions.push(cert::extension(true, &signing_only)?);
+            extensions.push(cert::extension(
                 false,
                 &ExtendedKeyUsage(vec![purpose.extended_key_usage()]),
             )?);
             let uri = GeneralName::UniformResourceIdentifier(Ia5String::new(*spiffe_id)?);
-            extensions.push(Extension::typed(false, &SubjectAltName(vec![uri]))?);
+            extensions.push(cert::extension(false, &SubjectAltName(vec![uri]))?);
             if let Some(claims) = attestation {
-                extensions.push(Extension::raw(ID_PE_CMW.as_bytes(), false, claims.clone())?);
+                extensions.push(Extension {
+                    extn_id: ID_PE_CMW,
+                    critical: false,
+                    extn_value: OctetString::new(claims.clone())?,
+                });
             }
         }
         Kind::Server { dns_names, ips } => {
-            extensions.push(Extension::typed(true, &leaf)?);
-            extensions.push(Extension::typed(true, &signing_only)?);
-            extensions.push(Extension::typed(
+            extensions.push(cert::extension(true, &leaf)?);
+            extensions.push(cert::extension(true, &signing_only)?);
+            extensions.push(cert::extension(
                 false,
                 &ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH]),
             )?);
@@ -237,33 +241,32 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
             for ip in ips.iter() {
                 names.push(GeneralName::from(*ip));
             }
-            extensions.push(Extension::typed(false, &SubjectAltName(names))?);
+            extensions.push(cert::extension(false, &SubjectAltName(names))?);
         }
         Kind::ServiceSigner => {
-            extensions.push(Extension::typed(true, &leaf)?);
-            extensions.push(Extension::typed(true, &signing_only)?);
+            extensions.push(cert::extension(true, &leaf)?);
+            extensions.push(cert::extension(true, &signing_only)?);
         }
         Kind::OcspResponder => {
-            extensions.push(Extension::typed(true, &leaf)?);
-            extensions.push(Extension::typed(true, &signing_only)?);
-            extensions.push(Extension::typed(
+            extensions.push(cert::extension(true, &leaf)?);
+            extensions.push(cert::extension(true, &signing_only)?);
+            extensions.push(cert::extension(
                 false,
                 &ExtendedKeyUsage(vec![ID_KP_OCSP_SIGNING]),
             )?);
             // Its value is NULL (RFC 6960 §4.2.2.2.1).
-            let null = der::asn1::Null.to_der()?;
-            extensions.push(Extension::raw(
-                ID_PKIX_OCSP_NOCHECK.as_bytes(),
-                false,
-                null,
-            )?);
+            extensions.push(Extension {
+                extn_id: ID_PKIX_OCSP_NOCHECK,
+                critical: false,
+                extn_value: OctetString::new(der::asn1::Null.to_der()?)?,
+            });
         }
     }
-    extensions.push(Extension::typed(
+    extensions.push(cert::extension(
         false,
         &SubjectKeyIdentifier(OctetString::new(ski)?),
     )?);
-    extensions.push(Extension::typed(false, &aki)?);
+    extensions.push(cert::extension(false, &aki)?);
 
     Ok(TbsCertificate {
         version: Version::V3,
@@ -314,8 +317,8 @@ pub fn revocation_pointers(
         access_location: uri("/v1/ocsp")?,
     }]);
     Ok(vec![
-        Extension::typed(false, &crl)?,
-        Extension::typed(false, &ocsp)?,
+        cert::extension(false, &crl)?,
+        cert::extension(false, &ocsp)?,
     ])
 }
 

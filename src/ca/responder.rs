@@ -14,6 +14,7 @@
 //! A replayed answer is at most `OCSP_LIFETIME` old, and a revocation
 //! drops the cache (SECURITY.md).
 
+use super::cert::CertificateText;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
