@@ -644,7 +644,7 @@ pub(crate) mod test_pki {
         format!("spiffe://{TRUST_DOMAIN}/agent/{agent}")
     }
 
-    /// Signs a TBS the way `ca::sign_tbs` does, with a software key.
+    /// Signs a TBS the way `ca::sign_and_assemble` does, with a software key.
     pub(crate) fn sign(tbs: TbsCertificate, key: &SigningKey) -> Certificate {
         let digest = Sha256::digest(tbs.to_der().unwrap());
         let signature: Signature = key.sign_prehash(&digest).unwrap();
@@ -690,9 +690,10 @@ pub(crate) mod test_pki {
                 subject: name.clone(),
                 subject_key: &public(&key),
                 issuer: name,
-                issuer_key: &public(&key),
+                issuer_key: &profile::IssuerKey::new(&public(&key)),
                 not_before,
                 not_after,
+                public_url: None,
             })
             .unwrap();
             let cert = sign(tbs, &key);
@@ -709,9 +710,10 @@ pub(crate) mod test_pki {
                 subject: profile::common_name(cn).unwrap(),
                 subject_key: &public(&key),
                 issuer: self.name(),
-                issuer_key: &public(&self.key),
+                issuer_key: &profile::IssuerKey::new(&public(&self.key)),
                 not_before: now - profile::BACKDATE,
                 not_after: now + Duration::from_secs(86_400),
+                public_url: None,
             })
             .unwrap();
             let cert = sign(tbs, &self.key);
@@ -754,9 +756,10 @@ pub(crate) mod test_pki {
                 subject: profile::common_name(agent).unwrap(),
                 subject_key,
                 issuer: self.name(),
-                issuer_key: &public(&self.key),
+                issuer_key: &profile::IssuerKey::new(&public(&self.key)),
                 not_before,
                 not_after,
+                public_url: None,
             })
             .unwrap()
         }
@@ -1074,9 +1077,10 @@ mod tests {
             subject: profile::common_name("svc").unwrap(),
             subject_key: &key,
             issuer: ca.name(),
-            issuer_key: &test_pki::public(&ca.key),
+            issuer_key: &profile::IssuerKey::new(&test_pki::public(&ca.key)),
             not_before: t - profile::BACKDATE,
             not_after: t + Duration::from_secs(60),
+            public_url: None,
         })
         .unwrap();
         let leaf = test_pki::sign(tbs.clone(), &ca.key);

@@ -25,9 +25,9 @@ use crate::store::{
     AttestationRecord, CaRecord, CertificateInsert, CertificateLog, CertificateRecord,
     NewCertificate, StoreError,
 };
-use cert::TbsCertificate;
 pub use cert::{parse_pem_chain, Certificate, CertificateText, Extensions};
-use profile::{AgentKeyPurpose, Kind, TbsRequest};
+use profile::{AgentKeyPurpose, IssuerKey, Kind, TbsRequest};
+use x509_cert::builder::Builder;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -57,6 +57,15 @@ pub enum CaError {
     Der(#[from] der::Error),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<x509_cert::builder::Error> for CaError {
+    fn from(e: x509_cert::builder::Error) -> Self {
+        match e {
+            x509_cert::builder::Error::Asn1(e) => CaError::Der(e),
+            other => CaError::Internal(format!("building a certificate: {other}")),
+        }
+    }
 }
 
 /// Lifetime limits for agent certificates.
@@ -148,19 +157,16 @@ fn unix(t: SystemTime) -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Signs a TBSCertificate with `key` through the pool and assembles it.
-async fn sign_tbs(
+/// Finalizes a drafted certificate, signs its TBSCertificate with `key`
+/// through the pool, and assembles it.
+async fn sign_and_assemble(
     pool: &KeyPool,
     key: &KeyId,
-    tbs: TbsCertificate,
+    mut draft: profile::Draft<'_>,
 ) -> Result<Certificate, CaError> {
-    let digest: [u8; 32] = Sha256::digest(tbs.to_der()?).into();
+    let digest: [u8; 32] = Sha256::digest(draft.finalize()?).into();
     let signature = pool.sign(key, digest).await?;
-    Ok(Certificate {
-        tbs_certificate: tbs,
-        signature_algorithm: profile::ecdsa_with_sha256(),
-        signature: profile::signature_bits(signature.to_der().as_bytes())?,
-    })
+    Ok(draft.assemble(profile::signature_bits(signature.to_der().as_bytes())?)?)
 }
 
 impl Authority {
@@ -207,16 +213,18 @@ impl Authority {
         let suffix: [u8; 4] = rand::random();
         let name = profile::common_name(&format!("keyward CA {}", hex::encode(suffix)))?;
         let now = SystemTime::now();
-        let tbs = profile::build_tbs(TbsRequest {
+        let issuer_key = IssuerKey::new(&public_key);
+        let draft = profile::draft(TbsRequest {
             kind: Kind::RootCa,
             subject: name.clone(),
             subject_key: &public_key,
             issuer: name,
-            issuer_key: &public_key,
+            issuer_key: &issuer_key,
             not_before: now - profile::BACKDATE,
             not_after: now + validity,
+            public_url: None,
         })?;
-        let cert = sign_tbs(pool, &key, tbs).await?;
+        let cert = sign_and_assemble(pool, &key, draft).await?;
         Ok(CaRecord {
             key_id: key.to_string(),
             cert_der: cert.to_der()?,
@@ -399,19 +407,18 @@ impl Authority {
     ) -> Result<Certificate, CaError> {
         let now = SystemTime::now();
         let not_after = (now + lifetime).min(self.not_after_cap());
-        let mut tbs = profile::build_tbs(TbsRequest {
+        let issuer_key = IssuerKey::new(&self.public_key);
+        let draft = profile::draft(TbsRequest {
             kind,
             subject: profile::common_name(subject_cn)?,
             subject_key,
             issuer: self.certificate.tbs_certificate.subject.clone(),
-            issuer_key: &self.public_key,
+            issuer_key: &issuer_key,
             not_before: now - profile::BACKDATE,
             not_after,
+            public_url: self.public_url.as_deref(),
         })?;
-        if let (Some(url), Some(extensions)) = (&self.public_url, &mut tbs.extensions) {
-            extensions.extend(profile::revocation_pointers(url, &self.public_key)?);
-        }
-        sign_tbs(&self.pool, &self.key, tbs).await
+        sign_and_assemble(&self.pool, &self.key, draft).await
     }
 
     /// Issues an agent certificate and records it (with any new evidence
@@ -520,10 +527,12 @@ impl Authority {
             .cas()
             .find(|(_, key)| *key == ca_key)
             .ok_or_else(|| CaError::Internal(format!("no CA with key {ca_key}")))?;
-        let issuer_key = profile::p256_key_of(&ca.tbs_certificate.subject_public_key_info)?;
+        let issuer_key = IssuerKey::new(&profile::p256_key_of(
+            &ca.tbs_certificate.subject_public_key_info,
+        )?);
         let now = SystemTime::now();
         let ca_not_after = ca.tbs_certificate.validity.not_after.to_system_time();
-        let tbs = profile::build_tbs(TbsRequest {
+        let draft = profile::draft(TbsRequest {
             kind: Kind::OcspResponder,
             subject: profile::common_name("keyward OCSP responder")?,
             subject_key: responder_key,
@@ -531,8 +540,9 @@ impl Authority {
             issuer_key: &issuer_key,
             not_before: now - profile::BACKDATE,
             not_after: (now + lifetime).min(ca_not_after),
+            public_url: None,
         })?;
-        sign_tbs(&self.pool, key, tbs).await
+        sign_and_assemble(&self.pool, key, draft).await
     }
 
     /// A certificate for a key keyward signs its own statements with.

@@ -825,9 +825,10 @@ mod tests {
                 subject: profile::common_name("keyward ocsp").unwrap(),
                 subject_key: &public(&responder_key),
                 issuer: fx.ca.name(),
-                issuer_key: &public(&fx.ca.key),
+                issuer_key: &profile::IssuerKey::new(&public(&fx.ca.key)),
                 not_before: now - profile::BACKDATE,
                 not_after: now + Duration::from_secs(3600),
+                public_url: None,
             })
             .unwrap(),
             &fx.ca.key,

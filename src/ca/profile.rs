@@ -1,6 +1,8 @@
-//! Certificate profiles: what keyward's certificates contain, built as a
-//! `TbsCertificate` with no private key anywhere near it. The pool signs
-//! the TBS digest on the token; `ca::Authority` assembles the result.
+//! Certificate profiles: what keyward's certificates contain, drafted with
+//! x509-cert's certificate builder and no private key anywhere near it:
+//! the builder finalizes the TBSCertificate, the pool signs its digest on
+//! the token, and the builder assembles the certificate
+//! (`ca::sign_and_assemble`).
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -8,24 +10,30 @@ use std::time::{Duration, SystemTime};
 use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_OCSP_SIGNING, ID_KP_SERVER_AUTH};
 use const_oid::db::rfc5912::{ECDSA_WITH_SHA_256, ID_EC_PUBLIC_KEY, SECP_256_R_1};
 use const_oid::db::rfc6960::ID_PKIX_OCSP_NOCHECK;
-use const_oid::ObjectIdentifier;
-use der::asn1::{BitString, GeneralizedTime, Ia5String, OctetString, UtcTime};
-use der::{Decode, Encode};
+use const_oid::{AssociatedOid, ObjectIdentifier};
+use der::asn1::{Any, BitString, GeneralizedTime, Ia5String, OctetString, UtcTime};
+use der::Decode;
+use p256::ecdsa::signature::Keypair;
+use p256::ecdsa::VerifyingKey;
 use p256::pkcs8::EncodePublicKey;
 use p256::PublicKey;
 use sha2::{Digest, Sha256};
-use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
-use x509_cert::certificate::Version;
-use x509_cert::ext::pkix::name::GeneralName;
+use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier, SubjectPublicKeyInfoOwned};
+use x509_cert::builder::{CertificateBuilder, Profile};
+use x509_cert::ext::pkix::crl::dp::DistributionPoint;
+use x509_cert::ext::pkix::name::{DistributionPointName, GeneralName};
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectAltName, SubjectKeyIdentifier,
+    AccessDescription, AuthorityInfoAccessSyntax, AuthorityKeyIdentifier, BasicConstraints,
+    CrlDistributionPoints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+    SubjectKeyIdentifier,
 };
+use x509_cert::ext::{AsExtension, Extension};
 use x509_cert::name::Name;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
 
-use super::cert::{self, Extension, TbsCertificate};
+#[cfg(test)]
+use super::cert::TbsCertificate;
 use super::CaError;
 
 /// id-pe-cmw (RFC 9999): the attestation extension, a RATS Conceptual
@@ -171,69 +179,106 @@ impl AgentKeyPurpose {
     }
 }
 
-/// Everything needed to build one TBSCertificate.
+/// The issuer's public key, standing in for the signer x509-cert's
+/// certificate builder asks for. The builder wants a signer only to name
+/// the signature algorithm; keyward asks it to finalize (the
+/// TBSCertificate's DER) and to assemble, and the signature in between is
+/// made on the token through the pool (`ca::sign_and_assemble`), so no
+/// issuing key is ever in memory.
+pub struct IssuerKey(VerifyingKey);
+
+impl IssuerKey {
+    pub fn new(key: &PublicKey) -> Self {
+        Self(VerifyingKey::from(key))
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from(&self.0)
+    }
+}
+
+impl Keypair for IssuerKey {
+    type VerifyingKey = VerifyingKey;
+
+    fn verifying_key(&self) -> VerifyingKey {
+        self.0
+    }
+}
+
+impl DynSignatureAlgorithmIdentifier for IssuerKey {
+    fn signature_algorithm_identifier(&self) -> spki::Result<AlgorithmIdentifierOwned> {
+        Ok(ecdsa_with_sha256())
+    }
+}
+
+/// A certificate being built, up to its signature.
+pub type Draft<'a> = CertificateBuilder<'a, IssuerKey>;
+
+/// Everything needed to build one certificate but its signature.
 pub struct TbsRequest<'a> {
     pub kind: Kind<'a>,
     pub subject: Name,
     pub subject_key: &'a PublicKey,
     pub issuer: Name,
-    /// Invariant: for `RootCa`, equal to `subject_key`.
-    pub issuer_key: &'a PublicKey,
+    /// Invariant: for `RootCa`, the key of `subject_key`.
+    pub issuer_key: &'a IssuerKey,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// keyward's public base URL, when it has one: the certificate then
+    /// says where its revocation status is (see [`RevocationPointers`]).
+    pub public_url: Option<&'a str>,
 }
 
-pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
-    let ski = key_identifier(request.subject_key);
-    let aki = AuthorityKeyIdentifier {
-        key_identifier: Some(OctetString::new(key_identifier(request.issuer_key))?),
-        authority_cert_issuer: None,
-        authority_cert_serial_number: None,
+/// The certificate `request` describes, ready to finalize. Every extension
+/// is chosen here (`Profile::Manual`): x509-cert's own profiles add key
+/// usages keyward does not want (a leaf's keyEncipherment, say).
+pub fn draft(request: TbsRequest<'_>) -> Result<Draft<'_>, CaError> {
+    let issuer_public = request.issuer_key.public_key();
+    let validity = Validity {
+        not_before: x509_time(request.not_before)?,
+        not_after: x509_time(request.not_after)?,
     };
+    let mut draft = CertificateBuilder::new(
+        Profile::Manual {
+            issuer: Some(request.issuer),
+        },
+        random_serial(),
+        validity,
+        request.subject,
+        spki_of(request.subject_key),
+        request.issuer_key,
+    )?;
     let leaf = BasicConstraints {
         ca: false,
         path_len_constraint: None,
     };
     let signing_only = KeyUsage(KeyUsages::DigitalSignature.into());
-    let mut extensions = Vec::new();
     match &request.kind {
         Kind::RootCa => {
-            let ca = BasicConstraints {
+            draft.add_extension(&BasicConstraints {
                 ca: true,
                 path_len_constraint: Some(0),
-            };
-            let usage = KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign);
-            extensions.push(cert::extension(true, &ca)?);
-            extensions.push(cert::extension(true, &usage)?);
+            })?;
+            draft.add_extension(&KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign))?;
         }
         Kind::Agent {
             spiffe_id,
             attestation,
             purpose,
         } => {
-            extensions.push(cert::extension(true, &leaf)?);
-            extensions.push(cert::extension(true, &signing_only)?);
-            extensions.push(cert::extension(
-                false,
-                &ExtendedKeyUsage(vec![purpose.extended_key_usage()]),
-            )?);
+            draft.add_extension(&leaf)?;
+            draft.add_extension(&signing_only)?;
+            draft.add_extension(&ExtendedKeyUsage(vec![purpose.extended_key_usage()]))?;
             let uri = GeneralName::UniformResourceIdentifier(Ia5String::new(*spiffe_id)?);
-            extensions.push(cert::extension(false, &SubjectAltName(vec![uri]))?);
+            draft.add_extension(&SubjectAltName(vec![uri]))?;
             if let Some(claims) = attestation {
-                extensions.push(Extension {
-                    extn_id: ID_PE_CMW,
-                    critical: false,
-                    extn_value: OctetString::new(claims.clone())?,
-                });
+                draft.add_extension(&AttestationExtension(Any::from_der(claims)?))?;
             }
         }
         Kind::Server { dns_names, ips } => {
-            extensions.push(cert::extension(true, &leaf)?);
-            extensions.push(cert::extension(true, &signing_only)?);
-            extensions.push(cert::extension(
-                false,
-                &ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH]),
-            )?);
+            draft.add_extension(&leaf)?;
+            draft.add_extension(&signing_only)?;
+            draft.add_extension(&ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH]))?;
             let mut names = Vec::new();
             for dns in dns_names.iter() {
                 names.push(GeneralName::DnsName(Ia5String::new(dns)?));
@@ -241,48 +286,103 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
             for ip in ips.iter() {
                 names.push(GeneralName::from(*ip));
             }
-            extensions.push(cert::extension(false, &SubjectAltName(names))?);
+            draft.add_extension(&SubjectAltName(names))?;
         }
         Kind::ServiceSigner => {
-            extensions.push(cert::extension(true, &leaf)?);
-            extensions.push(cert::extension(true, &signing_only)?);
+            draft.add_extension(&leaf)?;
+            draft.add_extension(&signing_only)?;
         }
         Kind::OcspResponder => {
-            extensions.push(cert::extension(true, &leaf)?);
-            extensions.push(cert::extension(true, &signing_only)?);
-            extensions.push(cert::extension(
-                false,
-                &ExtendedKeyUsage(vec![ID_KP_OCSP_SIGNING]),
-            )?);
-            // Its value is NULL (RFC 6960 §4.2.2.2.1).
-            extensions.push(Extension {
-                extn_id: ID_PKIX_OCSP_NOCHECK,
-                critical: false,
-                extn_value: OctetString::new(der::asn1::Null.to_der()?)?,
-            });
+            draft.add_extension(&leaf)?;
+            draft.add_extension(&signing_only)?;
+            draft.add_extension(&ExtendedKeyUsage(vec![ID_KP_OCSP_SIGNING]))?;
+            draft.add_extension(&OcspNoCheck)?;
         }
     }
-    extensions.push(cert::extension(
-        false,
-        &SubjectKeyIdentifier(OctetString::new(ski)?),
-    )?);
-    extensions.push(cert::extension(false, &aki)?);
+    draft.add_extension(&SubjectKeyIdentifier(OctetString::new(key_identifier(
+        request.subject_key,
+    ))?))?;
+    draft.add_extension(&AuthorityKeyIdentifier {
+        key_identifier: Some(OctetString::new(key_identifier(&issuer_public))?),
+        authority_cert_issuer: None,
+        authority_cert_serial_number: None,
+    })?;
+    // The OCSP responder's certificate carries id-pkix-ocsp-nocheck: no
+    // revocation pointers for it (RFC 6960 §4.2.2.2.1).
+    if let (Some(base_url), false) = (
+        request.public_url,
+        matches!(request.kind, Kind::OcspResponder),
+    ) {
+        let pointers = RevocationPointers::new(base_url, &issuer_public)?;
+        draft.add_extension(&pointers.crl)?;
+        draft.add_extension(&pointers.ocsp)?;
+    }
+    Ok(draft)
+}
 
-    Ok(TbsCertificate {
-        version: Version::V3,
-        serial_number: random_serial(),
-        signature: ecdsa_with_sha256(),
-        issuer: request.issuer,
-        validity: Validity {
-            not_before: x509_time(request.not_before)?,
-            not_after: x509_time(request.not_after)?,
-        },
-        subject: request.subject,
-        subject_public_key_info: spki_of(request.subject_key),
-        issuer_unique_id: None,
-        subject_unique_id: None,
-        extensions: Some(extensions),
-    })
+/// The TBSCertificate of `request`, for tests that sign it with a software
+/// key or take it apart.
+#[cfg(test)]
+pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
+    use x509_cert::builder::Builder;
+    Ok(TbsCertificate::from_der(&draft(request)?.finalize()?)?)
+}
+
+/// The attestation extension (id-pe-cmw) around its encoded value, the
+/// CMW `json` choice (`attestation::AttestationClaims` encodes it).
+struct AttestationExtension(Any);
+
+impl AssociatedOid for AttestationExtension {
+    const OID: ObjectIdentifier = ID_PE_CMW;
+}
+
+impl der::EncodeValue for AttestationExtension {
+    fn value_len(&self) -> der::Result<der::Length> {
+        self.0.value_len()
+    }
+
+    fn encode_value(&self, writer: &mut impl der::Writer) -> der::Result<()> {
+        self.0.encode_value(writer)
+    }
+}
+
+impl der::Tagged for AttestationExtension {
+    fn tag(&self) -> der::Tag {
+        self.0.tag()
+    }
+}
+
+impl AsExtension for AttestationExtension {
+    fn critical(&self, _: &Name, _: &[Extension]) -> bool {
+        false
+    }
+}
+
+/// id-pkix-ocsp-nocheck: its value is NULL (RFC 6960 §4.2.2.2.1).
+struct OcspNoCheck;
+
+impl AssociatedOid for OcspNoCheck {
+    const OID: ObjectIdentifier = ID_PKIX_OCSP_NOCHECK;
+}
+
+impl der::EncodeValue for OcspNoCheck {
+    fn value_len(&self) -> der::Result<der::Length> {
+        Ok(der::Length::ZERO)
+    }
+
+    fn encode_value(&self, _: &mut impl der::Writer) -> der::Result<()> {
+        Ok(())
+    }
+}
+
+impl der::FixedTag for OcspNoCheck {
+    const TAG: der::Tag = der::Tag::Null;
+}
+
+impl AsExtension for OcspNoCheck {
+    fn critical(&self, _: &Name, _: &[Extension]) -> bool {
+        false
+    }
 }
 
 /// Where relying parties check a certificate's revocation: the CRL of the
@@ -290,36 +390,32 @@ pub fn build_tbs(request: TbsRequest<'_>) -> Result<TbsCertificate, CaError> {
 /// during a CA rotation's overlap each CA's certificates find their own
 /// CRL), and the OCSP responder `<base>/v1/ocsp` (in the authority
 /// information access extension), both non-critical.
-pub fn revocation_pointers(
-    base_url: &str,
-    issuer_key: &PublicKey,
-) -> Result<Vec<Extension>, CaError> {
-    use x509_cert::ext::pkix::crl::dp::DistributionPoint;
-    use x509_cert::ext::pkix::name::DistributionPointName;
-    use x509_cert::ext::pkix::{
-        AccessDescription, AuthorityInfoAccessSyntax, CrlDistributionPoints,
-    };
-    let uri = |path: &str| -> Result<GeneralName, CaError> {
-        Ok(GeneralName::UniformResourceIdentifier(Ia5String::new(
-            &format!("{base_url}{path}"),
-        )?))
-    };
-    let crl = CrlDistributionPoints(vec![DistributionPoint {
-        distribution_point: Some(DistributionPointName::FullName(vec![uri(&format!(
-            "/v1/crl/{}",
-            hex::encode(key_identifier(issuer_key))
-        ))?])),
-        reasons: None,
-        crl_issuer: None,
-    }]);
-    let ocsp = AuthorityInfoAccessSyntax(vec![AccessDescription {
-        access_method: const_oid::db::rfc5280::ID_AD_OCSP,
-        access_location: uri("/v1/ocsp")?,
-    }]);
-    Ok(vec![
-        cert::extension(false, &crl)?,
-        cert::extension(false, &ocsp)?,
-    ])
+pub struct RevocationPointers {
+    pub crl: CrlDistributionPoints,
+    pub ocsp: AuthorityInfoAccessSyntax,
+}
+
+impl RevocationPointers {
+    pub fn new(base_url: &str, issuer_key: &PublicKey) -> Result<Self, CaError> {
+        let uri = |path: &str| -> Result<GeneralName, CaError> {
+            Ok(GeneralName::UniformResourceIdentifier(Ia5String::new(
+                &format!("{base_url}{path}"),
+            )?))
+        };
+        let crl = CrlDistributionPoints(vec![DistributionPoint {
+            distribution_point: Some(DistributionPointName::FullName(vec![uri(&format!(
+                "/v1/crl/{}",
+                hex::encode(key_identifier(issuer_key))
+            ))?])),
+            reasons: None,
+            crl_issuer: None,
+        }]);
+        let ocsp = AuthorityInfoAccessSyntax(vec![AccessDescription {
+            access_method: const_oid::db::rfc5280::ID_AD_OCSP,
+            access_location: uri("/v1/ocsp")?,
+        }]);
+        Ok(Self { crl, ocsp })
+    }
 }
 
 /// Wraps DER (r, s) as the certificate's signature BIT STRING.
