@@ -91,6 +91,24 @@ where
     T::from_der(&der)
 }
 
+/// Decodes the signed part of a structure (a TBSCertList, a ResponseData)
+/// so that it can be carried in the signed whole, refusing bytes its
+/// re-encoding would not reproduce: `der` accepts a DEFAULT value written
+/// out (an explicit version v1, say) and drops it again on encoding, and
+/// the signature would then cover bytes the result does not hold.
+pub(crate) fn decode_signed<'a, T>(der: &'a [u8]) -> Result<T, CaError>
+where
+    T: Decode<'a> + Encode,
+{
+    let value = T::from_der(der)?;
+    if value.to_der()? != der {
+        return Err(CaError::Internal(
+            "the signed part does not re-encode to its own bytes".into(),
+        ));
+    }
+    Ok(value)
+}
+
 /// Every certificate in a PEM bundle, in order; text between the blocks
 /// is ignored.
 ///

@@ -1,21 +1,18 @@
-//! X.509 v2 certificate revocation lists (RFC 5280 §5), built as DER with no
-//! key anywhere near them: the caller signs the TBSCertList digest through
-//! its key pool and hands the signature back to [`assemble`].
+//! X.509 v2 certificate revocation lists (RFC 5280 §5), `x509-cert`'s
+//! types with no key anywhere near them: the caller signs the TBSCertList
+//! digest through its key pool and hands the signature back to
+//! [`assemble`].
 
-use super::cert::Extensions;
 use std::time::SystemTime;
 
-use const_oid::AssociatedOid;
-use der::asn1::{Any, BitString, OctetString, Uint};
-use der::{Decode, Encode, Sequence, Tag};
-use spki::AlgorithmIdentifierOwned;
+use der::asn1::{Any, OctetString, Uint};
+use der::{Decode, Encode, Tag};
 use x509_cert::certificate::Version;
-use x509_cert::crl::{RevokedCert, TbsCertList};
+use x509_cert::crl::{CertificateList, RevokedCert, TbsCertList};
 use x509_cert::ext::pkix::{AuthorityKeyIdentifier, CrlNumber, CrlReason, SubjectKeyIdentifier};
-use x509_cert::ext::Extension;
 use x509_cert::serial_number::SerialNumber;
 
-use super::cert::Certificate;
+use super::cert::{self, Certificate, Extensions};
 use super::{profile, CaError};
 
 /// CRLReason (RFC 5280 §5.3.1), without removeFromCRL: keyward publishes
@@ -123,14 +120,6 @@ pub(crate) fn serial_from_content(content: &[u8]) -> Result<SerialNumber, CaErro
     })
 }
 
-fn non_critical<T: AssociatedOid + Encode>(value: &T) -> Result<Extension, CaError> {
-    Ok(Extension {
-        extn_id: T::OID,
-        critical: false,
-        extn_value: OctetString::new(value.to_der()?)?,
-    })
-}
-
 /// The key identifier relying parties match the CRL to the CA with.
 ///
 /// A CA certificate signed by an external root may lack a subject key
@@ -149,7 +138,7 @@ fn revoked_cert(entry: &RevokedEntry) -> Result<RevokedCert, CaError> {
     // RFC 5280 §5.3.1: omit reasonCode rather than encode unspecified.
     let crl_entry_extensions = match entry.reason {
         RevocationReason::Unspecified => None,
-        reason => Some(vec![non_critical(&reason.to_crl_reason())?]),
+        reason => Some(vec![cert::extension(false, &reason.to_crl_reason())?]),
     };
     Ok(RevokedCert {
         serial_number: serial_from_content(&entry.serial)?,
@@ -188,18 +177,12 @@ pub fn tbs_cert_list(req: &CrlRequest) -> Result<Vec<u8>, CaError> {
         // RFC 5280 §5.1.2.6: with no revoked certificates the list is absent,
         // not an empty SEQUENCE.
         revoked_certificates: (!revoked.is_empty()).then_some(revoked),
-        crl_extensions: Some(vec![non_critical(&aki)?, non_critical(&crl_number)?]),
+        crl_extensions: Some(vec![
+            cert::extension(false, &aki)?,
+            cert::extension(false, &crl_number)?,
+        ]),
     };
     Ok(tbs.to_der()?)
-}
-
-/// `CertificateList`, with the TBSCertList kept as the exact bytes that
-/// were signed rather than re-encoded from a decoded value.
-#[derive(Sequence)]
-struct SignedCertList {
-    tbs_cert_list: Any,
-    signature_algorithm: AlgorithmIdentifierOwned,
-    signature: BitString,
 }
 
 /// Refuses anything but a DER ECDSA P-256 signature, so a raw `r || s`
@@ -213,15 +196,22 @@ pub(crate) fn check_ecdsa_der(signature_der: &[u8]) -> Result<(), CaError> {
 /// The CertificateList DER from the TBSCertList DER and the DER ECDSA
 /// signature over it.
 pub fn assemble(tbs_der: &[u8], signature_der: &[u8]) -> Result<Vec<u8>, CaError> {
-    let tbs = TbsCertList::from_der(tbs_der)?;
+    let tbs: TbsCertList = cert::decode_signed(tbs_der)?;
     if tbs.signature != profile::ecdsa_with_sha256() {
         return Err(CaError::Internal(
             "the TBSCertList names a signature algorithm other than ecdsa-with-SHA256".into(),
         ));
     }
+    // The signature covers these bytes: the list must carry them exactly,
+    // which a decoded value re-encodes to only if they were DER.
+    if tbs.to_der()? != tbs_der {
+        return Err(CaError::Internal(
+            "the signed TBSCertList is not in DER".into(),
+        ));
+    }
     check_ecdsa_der(signature_der)?;
-    let list = SignedCertList {
-        tbs_cert_list: Any::from_der(tbs_der)?,
+    let list = CertificateList {
+        tbs_cert_list: tbs,
         signature_algorithm: profile::ecdsa_with_sha256(),
         signature: profile::signature_bits(signature_der)?,
     };
@@ -239,6 +229,8 @@ mod tests {
     use p256::ecdsa::{Signature, SigningKey};
     use sha2::{Digest, Sha256};
     use x509_cert::crl::CertificateList;
+
+    use const_oid::AssociatedOid;
 
     use super::*;
     use crate::ca::cert::CertificateText;
