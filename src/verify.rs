@@ -23,19 +23,14 @@ use const_oid::db::rfc5280::{
     ID_CE_SUBJECT_ALT_NAME, ID_CE_SUBJECT_KEY_IDENTIFIER,
 };
 use const_oid::ObjectIdentifier;
-use der::Encode;
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::PublicKey;
-use sha2::{Digest, Sha256};
-use x509_cert::certificate::Version;
 use x509_cert::ext::pkix::name::GeneralName;
-use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName,
-    SubjectKeyIdentifier,
-};
+use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName};
 
-use crate::ca::cert::{Certificate, CertificateText, Extensions};
+use crate::ca::cert::{Certificate, CertificateText};
+use crate::ca::path::{self, Algorithms, NotCaReason, PathError, PathRules};
 use crate::ca::profile;
 
 /// Most certificates in a path, leaf and trust anchor included. keyward's
@@ -49,11 +44,6 @@ pub const MAX_INTERMEDIATES: usize = 8;
 
 /// Length of an IEEE P1363 (`r || s`) P-256 signature.
 pub const P1363_LEN: usize = 64;
-
-/// Most extensions in one certificate. keyward's have at most seven and
-/// public WebPKI certificates about ten; the bound keeps the duplicate check
-/// (quadratic) cheap on hostile input.
-const MAX_EXTENSIONS: usize = 32;
 
 /// Extensions whose meaning this verifier applies (or, for EKU, knowingly
 /// places no constraint from). Any other extension marked critical makes the
@@ -245,28 +235,14 @@ fn verify_parsed(
         .map_err(|_| VerifyError::BadSignature)
 }
 
-/// Builds and checks the path from `leaf` to one of `trust_anchors`.
+/// Builds and checks the path from `leaf` to one of `trust_anchors` with
+/// the shared path builder ([`path::build_path`], whose documentation
+/// gives the rules), accepting only ecdsa-with-SHA256 under P-256 keys.
 ///
-/// Issuers are found by exact (decoded) name match between a certificate's
-/// issuer and a candidate's subject, narrowed by authority/subject key
-/// identifiers when both are present, and chosen by their signature
-/// verifying. Trust anchors are preferred over intermediates at every step,
-/// so a chain that carries its own root ends at the configured anchor. The
-/// first candidate whose signature verifies is taken, without backtracking:
-/// two certificates with the same name and the same key are the only case
-/// where that matters, and the outcome then is a refusal, never a wrongful
-/// acceptance.
-///
-/// Every certificate in the path, the anchor included, must be X.509 v3,
-/// valid at `at` (bounds inclusive), free of unhandled critical extensions,
-/// and hold a P-256 key. Every issuer must be a CA (basicConstraints
-/// CA:TRUE) with keyCertSign when keyUsage is present and its path length
-/// constraint respected (self-issued intermediates are counted too, which is
-/// stricter than RFC 5280). The leaf must not be a CA and, when keyUsage is
-/// present, must allow digitalSignature. Signatures other than the anchor's
-/// must be ecdsa-with-SHA256, with the same AlgorithmIdentifier inside and
-/// outside the TBS. The anchor's own signature is not checked: it is trusted
-/// by configuration, not by signature.
+/// On top of those rules: the leaf holds a P-256 key, is not a CA, and
+/// allows digitalSignature when keyUsage is present; at most
+/// [`MAX_INTERMEDIATES`] intermediates are offered and a path holds at most
+/// [`MAX_PATH_LEN`] certificates.
 ///
 /// Revocation is not checked; keyward's agent certificates are short-lived
 /// instead.
@@ -279,8 +255,8 @@ pub fn verify_chain(
     if intermediates.len() > MAX_INTERMEDIATES {
         return Err(VerifyError::TooManyCertificates);
     }
-    let leaf_facts = Facts::parse(leaf, 0)?;
-    check_validity(leaf, 0, at)?;
+    path::check_certificate(leaf, 0, at, &PATH_RULES)?;
+    let leaf_facts = Facts::parse(leaf)?;
     if leaf_facts.is_ca() {
         return Err(VerifyError::LeafIsCa);
     }
@@ -292,217 +268,100 @@ pub fn verify_chain(
             });
         }
     }
-
-    // Indexed by position in `intermediates`, whose length was bounded by
-    // MAX_INTERMEDIATES above, so indexing cannot go out of range.
-    let mut used = [false; MAX_INTERMEDIATES];
-    let mut current = leaf;
-    let mut current_facts = leaf_facts.clone();
-    let mut depth = 0;
-    loop {
-        let signed = SignedParts::of(current, depth)?;
-        let issuer_depth = depth + 1;
-        let mut saw_candidate = false;
-
-        for anchor in trust_anchors.iter() {
-            if !names_chain(current, anchor) {
-                continue;
-            }
-            let anchor_facts = Facts::parse(anchor, issuer_depth)?;
-            if !current_facts.key_ids_match(&anchor_facts) {
-                continue;
-            }
-            saw_candidate = true;
-            if signed.verify_with(&anchor_facts.key).is_ok() {
-                check_issuer(anchor, &anchor_facts, issuer_depth, at)?;
-                return Ok(VerifiedLeaf {
-                    public_key: leaf_facts.key,
-                    spiffe_id: leaf_facts.spiffe_id,
-                    serial_hex: leaf.serial_hex(),
-                    subject: leaf.tbs_certificate.subject.to_string(),
-                    anchor_subject: anchor.tbs_certificate.subject.to_string(),
-                    not_before: leaf.tbs_certificate.validity.not_before.to_system_time(),
-                    not_after: leaf.tbs_certificate.validity.not_after.to_system_time(),
-                    extended_key_usage: leaf_facts.extended_key_usage,
-                });
-            }
-        }
-
-        // An intermediate here still needs an anchor above it, so it may sit
-        // at most at depth MAX_PATH_LEN - 2.
-        if issuer_depth > MAX_PATH_LEN - 2 {
-            return Err(if saw_candidate {
-                VerifyError::BadCertificateSignature { depth }
-            } else {
-                VerifyError::PathTooLong
-            });
-        }
-
-        let mut next = None;
-        for (index, candidate) in intermediates.iter().enumerate() {
-            // `used` keeps the walk from looping through a certificate twice.
-            if used[index] || !names_chain(current, candidate) {
-                continue;
-            }
-            let facts = Facts::parse(candidate, issuer_depth)?;
-            if !current_facts.key_ids_match(&facts) {
-                continue;
-            }
-            saw_candidate = true;
-            if signed.verify_with(&facts.key).is_ok() {
-                next = Some((index, candidate, facts));
-                break;
-            }
-        }
-        let Some((index, issuer, issuer_facts)) = next else {
-            return Err(if saw_candidate {
-                VerifyError::BadCertificateSignature { depth }
-            } else {
-                VerifyError::UntrustedChain { depth }
-            });
-        };
-        check_issuer(issuer, &issuer_facts, issuer_depth, at)?;
-        used[index] = true;
-        current = issuer;
-        current_facts = issuer_facts;
-        depth = issuer_depth;
-    }
+    let intermediates: Vec<&Certificate> = intermediates.iter().collect();
+    let anchors: Vec<&Certificate> = trust_anchors.iter().collect();
+    let anchor = path::build_path(leaf, &intermediates, &anchors, at, &PATH_RULES)?;
+    Ok(VerifiedLeaf {
+        public_key: leaf_facts.key,
+        spiffe_id: leaf_facts.spiffe_id,
+        serial_hex: leaf.serial_hex(),
+        subject: leaf.tbs_certificate.subject.to_string(),
+        anchor_subject: anchor.tbs_certificate.subject.to_string(),
+        not_before: leaf.tbs_certificate.validity.not_before.to_system_time(),
+        not_after: leaf.tbs_certificate.validity.not_after.to_system_time(),
+        extended_key_usage: leaf_facts.extended_key_usage,
+    })
 }
 
-/// Whether `issuer` could have issued `subject`, by name. RFC 5280 allows a
-/// looser comparison (case-insensitive, whitespace-folded) for some string
-/// types; exact comparison can only refuse more, never accept more.
-fn names_chain(subject: &Certificate, issuer: &Certificate) -> bool {
-    subject.tbs_certificate.issuer == issuer.tbs_certificate.subject
-}
+/// keyward's paths: what it issues, under its own or an external root.
+const PATH_RULES: PathRules<'static> = PathRules {
+    max_issuers: MAX_PATH_LEN - 1,
+    max_issuer_checks: 32,
+    understood_extensions: &UNDERSTOOD_EXTENSIONS,
+    algorithms: Algorithms::EcdsaP256Sha256,
+};
 
-fn check_validity(cert: &Certificate, depth: usize, at: SystemTime) -> Result<(), VerifyError> {
-    let validity = &cert.tbs_certificate.validity;
-    if at < validity.not_before.to_system_time() {
-        return Err(VerifyError::NotYetValid { depth });
-    }
-    if at > validity.not_after.to_system_time() {
-        return Err(VerifyError::Expired { depth });
-    }
-    Ok(())
-}
-
-/// What an issuer must be, for the certificate at `depth - 1`.
-fn check_issuer(
-    cert: &Certificate,
-    facts: &Facts,
-    depth: usize,
-    at: SystemTime,
-) -> Result<(), VerifyError> {
-    check_validity(cert, depth, at)?;
-    let Some(constraints) = facts.basic_constraints.as_ref().filter(|bc| bc.ca) else {
-        return Err(VerifyError::NotACa { depth });
-    };
-    if let Some(usage) = &facts.key_usage {
-        if !usage.key_cert_sign() {
-            return Err(VerifyError::KeyUsage {
+impl From<PathError> for VerifyError {
+    fn from(e: PathError) -> Self {
+        match e {
+            PathError::Malformed { depth, detail, .. } => {
+                VerifyError::MalformedCertificate { depth, detail }
+            }
+            PathError::UnknownCriticalExtension { depth, oid, .. } => {
+                VerifyError::UnhandledCriticalExtension { depth, oid }
+            }
+            PathError::NotYetValid { depth, .. } => VerifyError::NotYetValid { depth },
+            PathError::Expired { depth, .. } => VerifyError::Expired { depth },
+            PathError::BadSignature { depth, .. } => VerifyError::BadCertificateSignature { depth },
+            PathError::NotCa {
+                depth,
+                reason: NotCaReason::NoKeyCertSign,
+                ..
+            } => VerifyError::KeyUsage {
                 depth,
                 usage: "keyCertSign",
-            });
+            },
+            PathError::NotCa { depth, .. } => VerifyError::NotACa { depth },
+            PathError::PathLenExceeded { depth, .. } => VerifyError::PathLenExceeded { depth },
+            PathError::Untrusted { depth, .. } => VerifyError::UntrustedChain { depth },
+            PathError::PathTooLong | PathError::TooManyCandidates(_) => VerifyError::PathTooLong,
+            PathError::UnsupportedAlgorithm { depth, detail } => {
+                VerifyError::UnsupportedAlgorithm { depth, detail }
+            }
         }
     }
-    // The certificates strictly between this issuer and the leaf are all
-    // CAs (each passed this check), and there are depth - 1 of them.
-    if let Some(max) = constraints.path_len_constraint {
-        if depth - 1 > usize::from(max) {
-            return Err(VerifyError::PathLenExceeded { depth });
-        }
-    }
-    Ok(())
 }
 
-/// What the verifier needs from one certificate, decoded once.
-#[derive(Clone)]
+/// What the verifier needs from the leaf, decoded once.
 struct Facts {
     key: PublicKey,
     basic_constraints: Option<BasicConstraints>,
     key_usage: Option<KeyUsage>,
-    subject_key_id: Option<Vec<u8>>,
-    authority_key_id: Option<Vec<u8>>,
     spiffe_id: Option<String>,
     extended_key_usage: Vec<ObjectIdentifier>,
 }
 
 impl Facts {
-    fn parse(cert: &Certificate, depth: usize) -> Result<Self, VerifyError> {
-        let malformed = |detail: String| VerifyError::MalformedCertificate { depth, detail };
+    fn parse(cert: &Certificate) -> Result<Self, VerifyError> {
+        let malformed = |e: der::Error| VerifyError::MalformedCertificate {
+            depth: 0,
+            detail: e.to_string(),
+        };
         let tbs = &cert.tbs_certificate;
-        if tbs.version != Version::V3 {
-            return Err(malformed("not an X.509 v3 certificate".into()));
-        }
-        if tbs.issuer.0.is_empty() {
-            return Err(malformed("empty issuer name".into()));
-        }
-
-        let extensions = tbs.extensions.as_deref().unwrap_or_default();
-        if extensions.len() > MAX_EXTENSIONS {
-            return Err(malformed(format!("more than {MAX_EXTENSIONS} extensions")));
-        }
-        for (i, extension) in extensions.iter().enumerate() {
-            // RFC 5280 §4.2: at most one instance of an extension. A second
-            // basicConstraints, say, must not be able to hide behind the first.
-            if extensions[..i]
-                .iter()
-                .any(|e| e.extn_id == extension.extn_id)
-            {
-                return Err(malformed(format!(
-                    "duplicate extension {}",
-                    extension.extn_id
-                )));
-            }
-            let understood = UNDERSTOOD_EXTENSIONS.contains(&extension.extn_id);
-            if extension.critical && !understood {
-                return Err(VerifyError::UnhandledCriticalExtension {
-                    depth,
-                    oid: extension.extn_id.to_string(),
-                });
-            }
-        }
-
-        let bad = |e: crate::ca::CaError| malformed(e.to_string());
         let key = profile::p256_key_of(&tbs.subject_public_key_info).map_err(|e| {
             VerifyError::UnsupportedAlgorithm {
-                depth,
+                depth: 0,
                 detail: e.to_string(),
             }
         })?;
         let basic_constraints = tbs
-            .typed_extension::<BasicConstraints>()
-            .map_err(bad)?
+            .get::<BasicConstraints>()
+            .map_err(malformed)?
             .map(|(_, v)| v);
-        let key_usage = tbs
-            .typed_extension::<KeyUsage>()
-            .map_err(bad)?
-            .map(|(_, v)| v);
-        let subject_key_id = tbs
-            .typed_extension::<SubjectKeyIdentifier>()
-            .map_err(bad)?
-            .map(|(_, v)| v.0.as_bytes().to_vec());
-        let authority_key_id = tbs
-            .typed_extension::<AuthorityKeyIdentifier>()
-            .map_err(bad)?
-            .and_then(|(_, v)| v.key_identifier)
-            .map(|k| k.as_bytes().to_vec());
+        let key_usage = tbs.get::<KeyUsage>().map_err(malformed)?.map(|(_, v)| v);
         let san = tbs
-            .typed_extension::<SubjectAltName>()
-            .map_err(bad)?
+            .get::<SubjectAltName>()
+            .map_err(malformed)?
             .map(|(_, v)| v);
         let extended_key_usage = tbs
-            .typed_extension::<ExtendedKeyUsage>()
-            .map_err(bad)?
+            .get::<ExtendedKeyUsage>()
+            .map_err(malformed)?
             .map(|(_, v)| v.0)
             .unwrap_or_default();
         Ok(Self {
             key,
             basic_constraints,
             key_usage,
-            subject_key_id,
-            authority_key_id,
             spiffe_id: san.as_ref().and_then(single_spiffe_id),
             extended_key_usage,
         })
@@ -510,62 +369,6 @@ impl Facts {
 
     fn is_ca(&self) -> bool {
         self.basic_constraints.as_ref().is_some_and(|bc| bc.ca)
-    }
-
-    /// Key identifiers narrow the choice of issuer only when both sides
-    /// carry one; the signature check is what decides.
-    fn key_ids_match(&self, issuer: &Facts) -> bool {
-        match (&self.authority_key_id, &issuer.subject_key_id) {
-            (Some(aki), Some(ski)) => aki == ski,
-            _ => true,
-        }
-    }
-}
-
-/// The digest of a certificate's TBS and its parsed signature, ready to be
-/// checked against candidate issuer keys.
-struct SignedParts {
-    digest: [u8; 32],
-    signature: Signature,
-}
-
-impl SignedParts {
-    fn of(cert: &Certificate, depth: usize) -> Result<Self, VerifyError> {
-        let expected = profile::ecdsa_with_sha256();
-        if cert.signature_algorithm != expected {
-            return Err(VerifyError::UnsupportedAlgorithm {
-                depth,
-                detail: format!("signature algorithm {}", cert.signature_algorithm.oid),
-            });
-        }
-        // RFC 5280 §4.1.1.2: the signed copy must match the outer one, or
-        // the signature could be read under a different algorithm.
-        if cert.tbs_certificate.signature != expected {
-            return Err(VerifyError::MalformedCertificate {
-                depth,
-                detail: "TBS signature algorithm differs from the certificate's".into(),
-            });
-        }
-        let tbs = cert
-            .tbs_certificate
-            .to_der()
-            .map_err(|e| VerifyError::MalformedCertificate {
-                depth,
-                detail: format!("re-encoding TBS: {e}"),
-            })?;
-        let signature = cert
-            .signature
-            .as_bytes()
-            .and_then(|bytes| Signature::from_der(bytes).ok())
-            .ok_or(VerifyError::BadCertificateSignature { depth })?;
-        Ok(Self {
-            digest: Sha256::digest(&tbs).into(),
-            signature,
-        })
-    }
-
-    fn verify_with(&self, issuer_key: &PublicKey) -> Result<(), VerifyError> {
-        verify_parsed(issuer_key, &self.digest, &self.signature)
     }
 }
 
@@ -809,6 +612,7 @@ mod tests {
 
     use der::{Decode, Encode};
     use p256::ecdsa::signature::hazmat::PrehashSigner;
+    use sha2::{Digest, Sha256};
     use x509_cert::ext::pkix::{BasicConstraints, KeyUsage, KeyUsages};
 
     use super::test_pki::{self, TestCa};
@@ -874,6 +678,40 @@ mod tests {
         // Without the intermediate there is no path.
         let err = verify_chain(&leaf, &[], &[root.cert], now()).unwrap_err();
         assert_eq!(err.reason(), "untrusted_chain");
+    }
+
+    #[test]
+    fn a_renewed_intermediate_is_found_behind_its_expired_predecessor() {
+        let root = TestCa::root("test root");
+        let mut tbs = root.cert.tbs_certificate.clone();
+        let unconstrained = BasicConstraints {
+            ca: true,
+            path_len_constraint: None,
+        };
+        test_pki::set_extension(&mut tbs, cert::extension(true, &unconstrained).unwrap());
+        let root = TestCa {
+            cert: test_pki::sign(tbs, &root.key),
+            key: root.key,
+        };
+        let issuing = root.intermediate("test issuing");
+        // The same name and key, certified again: the old certificate has
+        // expired, and a client still sends it first.
+        let mut expired = issuing.cert.tbs_certificate.clone();
+        expired.serial_number = profile::random_serial();
+        let t = now();
+        expired.validity.not_before = profile::x509_time(t - Duration::from_secs(7200)).unwrap();
+        expired.validity.not_after = profile::x509_time(t - Duration::from_secs(3600)).unwrap();
+        let expired = test_pki::sign(expired, &root.key);
+        let leaf = issuing.agent("alpha", &test_pki::public(&test_pki::key()));
+
+        let chain = [expired.clone(), issuing.cert.clone()];
+        let anchors = std::slice::from_ref(&root.cert);
+        let verified = verify_chain(&leaf, &chain, anchors, t).unwrap();
+        assert_eq!(verified.anchor_subject(), "CN=test root");
+
+        // With only the expired one, that is the reason given.
+        let err = verify_chain(&leaf, &[expired], anchors, t).unwrap_err();
+        assert_eq!(err, VerifyError::Expired { depth: 1 });
     }
 
     #[test]

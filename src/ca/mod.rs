@@ -7,6 +7,7 @@ pub mod cert;
 pub mod crl;
 pub mod csr;
 pub mod ocsp;
+pub mod path;
 pub mod profile;
 pub mod responder;
 pub mod status;

@@ -13,29 +13,23 @@
 //! directoryName, key usage keyEncipherment (or keyAgreement) only, the
 //! TCG EK extended key usage, and subjectDirectoryAttributes.
 
-use std::cell::Cell;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use const_oid::db::{rfc5280, rfc5912};
 use const_oid::ObjectIdentifier;
 use der::{Any, Decode, Encode, Header, Reader, SliceReader, Tag, Tagged};
-use p256::ecdsa::signature::hazmat::PrehashVerifier;
-use rsa::pkcs1::{RsaPssParams, RsaPublicKey as Pkcs1RsaPublicKey};
-use rsa::signature::Verifier;
-use rsa::traits::PublicKeyParts;
-use rsa::{BigUint, RsaPublicKey};
-use sha2::{Digest, Sha256, Sha384, Sha512};
-use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
-use x509_cert::certificate::{TbsCertificate, Version};
+use rsa::pkcs1::RsaPublicKey as Pkcs1RsaPublicKey;
+use sha2::{Digest, Sha256};
+use x509_cert::certificate::TbsCertificate;
 use x509_cert::ext::pkix::name::GeneralName;
-use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectAltName, SubjectKeyIdentifier,
-};
+use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::name::Name;
 use x509_cert::Certificate;
 
 use super::credential::EkKey;
+use crate::ca::path::{self, named_curve, Algorithms, PathCertificate, PathError, PathRules};
 
 /// TCG EK Credential Profile attribute types for the TPM's identity.
 const TCG_AT_TPM_MANUFACTURER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.2.1");
@@ -51,11 +45,6 @@ const MAX_ISSUERS: usize = 5;
 /// intermediates may come from the party being attested: many certificates
 /// sharing names and keys would otherwise make the search exponential.
 const MAX_ISSUER_CHECKS: usize = 32;
-
-/// Issuer keys weaker than this are refused: a forged EK certificate would
-/// let any software key pass as a TPM.
-const MIN_RSA_ISSUER_BITS: usize = 2048;
-const MAX_RSA_ISSUER_BITS: usize = 4096;
 
 /// Extensions whose meaning is either checked here or harmless to ignore;
 /// any other extension marked critical fails the certificate.
@@ -128,31 +117,22 @@ impl ParsedCertificate {
         &self.certificate.tbs_certificate
     }
 
-    /// The tbsCertificate TLV inside the outer SEQUENCE.
-    fn signed_bytes(&self) -> Result<&[u8], EkError> {
-        let raw = || -> der::Result<&[u8]> {
-            let mut reader = SliceReader::new(&self.der)?;
-            Header::decode(&mut reader)?;
-            reader.tlv_bytes()
-        };
-        raw().map_err(|e| EkError::Malformed(format!("{}: {e}", self.describe())))
-    }
-
     fn is_self_issued(&self) -> bool {
         self.tbs().subject == self.tbs().issuer
     }
+}
 
-    /// A name for messages; EK certificates usually have an empty subject.
-    fn describe(&self) -> String {
-        let tbs = self.tbs();
-        if tbs.subject.is_empty() {
-            format!(
-                "the certificate with serial {} from {}",
-                tbs.serial_number, tbs.issuer
-            )
-        } else {
-            tbs.subject.to_string()
-        }
+impl PathCertificate for ParsedCertificate {
+    fn certificate(&self) -> &Certificate {
+        &self.certificate
+    }
+
+    /// The tbsCertificate TLV inside the outer SEQUENCE, as received:
+    /// manufacturers' certificates carry encodings `der` normalises.
+    fn signed_bytes(&self) -> Result<Cow<'_, [u8]>, der::Error> {
+        let mut reader = SliceReader::new(&self.der)?;
+        Header::decode(&mut reader)?;
+        reader.tlv_bytes().map(Cow::Borrowed)
     }
 }
 
@@ -280,7 +260,7 @@ pub fn verify_ek_certificate(
         extras.push(parsed);
     }
 
-    check_certificate(&leaf, now)?;
+    path::check_certificate(&leaf.certificate, 0, now, &EK_RULES)?;
     let identity = TpmIdentity::from_certificate(&leaf)?;
 
     let mut intermediates: Vec<&ParsedCertificate> = Vec::new();
@@ -289,13 +269,8 @@ pub fn verify_ek_certificate(
             intermediates.push(candidate);
         }
     }
-    let search = PathSearch {
-        anchors: &roots.anchors,
-        intermediates: &intermediates,
-        now,
-        issuer_checks_left: Cell::new(MAX_ISSUER_CHECKS),
-    };
-    let anchor = search.find_anchor(&leaf, &mut Vec::new())?;
+    let anchors: Vec<&ParsedCertificate> = roots.anchors.iter().collect();
+    let anchor = path::build_path(&leaf, &intermediates, &anchors, now, &EK_RULES)?;
 
     Ok(VerifiedEkCertificate {
         fingerprint_sha256: Sha256::digest(&leaf.der).into(),
@@ -342,404 +317,56 @@ pub fn ek_certificate_key_matches(cert: &Certificate, key: &EkKey) -> bool {
     }
 }
 
-struct PathSearch<'a> {
-    anchors: &'a [ParsedCertificate],
-    intermediates: &'a [&'a ParsedCertificate],
-    now: SystemTime,
-    issuer_checks_left: Cell<usize>,
-}
+/// Manufacturer chains: their extensions and algorithms.
+const EK_RULES: PathRules<'static> = PathRules {
+    max_issuers: MAX_ISSUERS,
+    max_issuer_checks: MAX_ISSUER_CHECKS,
+    understood_extensions: &RECOGNISED_EXTENSIONS,
+    algorithms: Algorithms::Manufacturer,
+};
 
-impl<'a> PathSearch<'a> {
-    /// Depth-first from `child` towards an anchor. `path` holds the
-    /// intermediates already placed between the EK certificate and `child`
-    /// (inclusive). When nothing works, the first concrete failure is more
-    /// useful than "untrusted", so it is the one reported.
-    fn find_anchor(
-        &self,
-        child: &ParsedCertificate,
-        path: &mut Vec<&'a ParsedCertificate>,
-    ) -> Result<&'a ParsedCertificate, EkError> {
-        let mut first_failure = None;
-        for anchor in self.anchors.iter().filter(|a| issued_by(child, a)) {
-            self.spend_issuer_check()?;
-            match self.check_issuer(child, anchor, path.len()) {
-                Ok(()) => return Ok(anchor),
-                Err(e) => {
-                    first_failure.get_or_insert(e);
-                }
+impl From<PathError> for EkError {
+    fn from(e: PathError) -> Self {
+        match e {
+            PathError::Malformed {
+                subject, detail, ..
+            } => EkError::Malformed(format!("{subject}: {detail}")),
+            PathError::UnknownCriticalExtension { subject, oid, .. } => {
+                EkError::UnknownCriticalExtension { subject, oid }
             }
-        }
-
-        // Room must remain for the anchor above another intermediate.
-        if path.len() + 2 <= MAX_ISSUERS {
-            for &candidate in self.intermediates {
-                let already_used = path.iter().any(|used| used.der == candidate.der);
-                if already_used || !issued_by(child, candidate) {
-                    continue;
-                }
-                self.spend_issuer_check()?;
-                if let Err(e) = self.check_issuer(child, candidate, path.len()) {
-                    first_failure.get_or_insert(e);
-                    continue;
-                }
-                path.push(candidate);
-                match self.find_anchor(candidate, path) {
-                    Ok(anchor) => return Ok(anchor),
-                    Err(e) => {
-                        first_failure.get_or_insert(e);
-                        path.pop();
-                    }
-                }
+            PathError::NotYetValid {
+                subject,
+                not_before,
+                ..
+            } => EkError::NotYetValid {
+                subject,
+                not_before,
+            },
+            PathError::Expired {
+                subject, not_after, ..
+            } => EkError::Expired { subject, not_after },
+            PathError::BadSignature {
+                subject, issuer, ..
+            } => EkError::BadSignature { subject, issuer },
+            PathError::NotCa {
+                subject, reason, ..
+            } => EkError::NotCa {
+                subject,
+                reason: reason.text(),
+            },
+            PathError::PathLenExceeded { subject, .. } => EkError::PathLenExceeded { subject },
+            PathError::Untrusted { subject, .. } => EkError::Untrusted(format!(
+                "no configured root or known intermediate issued {subject}"
+            )),
+            PathError::PathTooLong => {
+                EkError::Untrusted(format!("no configured root within {MAX_ISSUERS} issuers"))
             }
-        }
-
-        Err(first_failure.unwrap_or_else(|| {
-            EkError::Untrusted(format!(
-                "no configured root or known intermediate issued {}",
-                child.describe()
-            ))
-        }))
-    }
-
-    fn spend_issuer_check(&self) -> Result<(), EkError> {
-        let left = self.issuer_checks_left.get();
-        if left == 0 {
-            return Err(EkError::Untrusted(format!(
-                "gave up after {MAX_ISSUER_CHECKS} candidate issuers"
-            )));
-        }
-        self.issuer_checks_left.set(left - 1);
-        Ok(())
-    }
-
-    /// `intermediates_below` counts the CA certificates between `issuer`
-    /// and the EK certificate, for the pathLenConstraint.
-    fn check_issuer(
-        &self,
-        child: &ParsedCertificate,
-        issuer: &ParsedCertificate,
-        intermediates_below: usize,
-    ) -> Result<(), EkError> {
-        verify_signature(child, issuer)?;
-        check_certificate(issuer, self.now)?;
-        check_ca(issuer, intermediates_below)
-    }
-}
-
-/// Name chaining, narrowed by key identifiers when both sides carry them
-/// (a CA that renewed its key keeps its name).
-fn issued_by(child: &ParsedCertificate, issuer: &ParsedCertificate) -> bool {
-    if child.tbs().issuer != issuer.tbs().subject {
-        return false;
-    }
-    let authority_key_id = child
-        .tbs()
-        .get::<AuthorityKeyIdentifier>()
-        .ok()
-        .flatten()
-        .and_then(|(_, aki)| aki.key_identifier);
-    let subject_key_id = issuer
-        .tbs()
-        .get::<SubjectKeyIdentifier>()
-        .ok()
-        .flatten()
-        .map(|(_, ski)| ski.0);
-    match (authority_key_id, subject_key_id) {
-        (Some(authority), Some(subject)) => authority == subject,
-        _ => true,
-    }
-}
-
-/// What every certificate on the path must satisfy, EK certificate and
-/// anchor included.
-fn check_certificate(cert: &ParsedCertificate, now: SystemTime) -> Result<(), EkError> {
-    let tbs = cert.tbs();
-    if tbs.version != Version::V3 {
-        return Err(EkError::Malformed(format!(
-            "{} is not an X.509 v3 certificate",
-            cert.describe()
-        )));
-    }
-
-    let extensions = tbs.extensions.as_deref().unwrap_or(&[]);
-    for (index, extension) in extensions.iter().enumerate() {
-        if extensions[..index]
-            .iter()
-            .any(|e| e.extn_id == extension.extn_id)
-        {
-            return Err(EkError::Malformed(format!(
-                "{} has extension {} twice",
-                cert.describe(),
-                extension.extn_id
-            )));
-        }
-        if extension.critical && !RECOGNISED_EXTENSIONS.contains(&extension.extn_id) {
-            return Err(EkError::UnknownCriticalExtension {
-                subject: cert.describe(),
-                oid: extension.extn_id.to_string(),
-            });
+            PathError::TooManyCandidates(n) => {
+                EkError::Untrusted(format!("gave up after {n} candidate issuers"))
+            }
+            PathError::UnsupportedAlgorithm { detail, .. } => EkError::UnsupportedAlgorithm(detail),
         }
     }
-
-    let validity = &tbs.validity;
-    if now < validity.not_before.to_system_time() {
-        return Err(EkError::NotYetValid {
-            subject: cert.describe(),
-            not_before: validity.not_before.to_string(),
-        });
-    }
-    if now > validity.not_after.to_system_time() {
-        return Err(EkError::Expired {
-            subject: cert.describe(),
-            not_after: validity.not_after.to_string(),
-        });
-    }
-    Ok(())
-}
-
-fn check_ca(issuer: &ParsedCertificate, intermediates_below: usize) -> Result<(), EkError> {
-    let malformed = |e: der::Error| EkError::Malformed(format!("{}: {e}", issuer.describe()));
-    let not_ca = |reason| EkError::NotCa {
-        subject: issuer.describe(),
-        reason,
-    };
-    let constraints = match issuer.tbs().get::<BasicConstraints>().map_err(malformed)? {
-        Some((_, constraints)) if constraints.ca => constraints,
-        Some(_) => return Err(not_ca("basicConstraints has cA false")),
-        None => return Err(not_ca("no basicConstraints extension")),
-    };
-    if let Some((_, usage)) = issuer.tbs().get::<KeyUsage>().map_err(malformed)? {
-        if !usage.key_cert_sign() {
-            return Err(not_ca("keyUsage lacks keyCertSign"));
-        }
-    }
-    if let Some(limit) = constraints.path_len_constraint {
-        if intermediates_below > usize::from(limit) {
-            return Err(EkError::PathLenExceeded {
-                subject: issuer.describe(),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn verify_signature(child: &ParsedCertificate, issuer: &ParsedCertificate) -> Result<(), EkError> {
-    let cert = &child.certificate;
-    let algorithm = &cert.signature_algorithm;
-    // RFC 5280 4.1.1.2: the unsigned copy must match the signed one, or an
-    // attacker could relabel the algorithm.
-    if *algorithm != cert.tbs_certificate.signature {
-        return Err(EkError::Malformed(format!(
-            "{}: signatureAlgorithm differs from the signed signature field",
-            child.describe()
-        )));
-    }
-    let signature = cert.signature.as_bytes().ok_or_else(|| {
-        EkError::Malformed(format!(
-            "{}: signature is not a whole number of octets",
-            child.describe()
-        ))
-    })?;
-    let signed = child.signed_bytes()?;
-    let key = &issuer.tbs().subject_public_key_info;
-
-    let verified = match algorithm.oid {
-        rfc5912::SHA_256_WITH_RSA_ENCRYPTION => {
-            require_no_parameters(algorithm)?;
-            verify_pkcs1v15::<Sha256>(key, signed, signature)?
-        }
-        rfc5912::SHA_384_WITH_RSA_ENCRYPTION => {
-            require_no_parameters(algorithm)?;
-            verify_pkcs1v15::<Sha384>(key, signed, signature)?
-        }
-        rfc5912::SHA_512_WITH_RSA_ENCRYPTION => {
-            require_no_parameters(algorithm)?;
-            verify_pkcs1v15::<Sha512>(key, signed, signature)?
-        }
-        rfc5912::ID_RSASSA_PSS => verify_pss(key, algorithm, signed, signature)?,
-        rfc5912::ECDSA_WITH_SHA_256 => {
-            require_no_parameters(algorithm)?;
-            verify_ecdsa(key, &Sha256::digest(signed), signature)?
-        }
-        rfc5912::ECDSA_WITH_SHA_384 => {
-            require_no_parameters(algorithm)?;
-            verify_ecdsa(key, &Sha384::digest(signed), signature)?
-        }
-        rfc5912::ECDSA_WITH_SHA_512 => {
-            require_no_parameters(algorithm)?;
-            verify_ecdsa(key, &Sha512::digest(signed), signature)?
-        }
-        other => {
-            return Err(EkError::UnsupportedAlgorithm(format!(
-                "signature algorithm {other} on {}",
-                child.describe()
-            )))
-        }
-    };
-    if verified {
-        Ok(())
-    } else {
-        Err(EkError::BadSignature {
-            subject: child.describe(),
-            issuer: issuer.describe(),
-        })
-    }
-}
-
-/// PKCS#1 v1.5 and ECDSA identifiers carry NULL or nothing; tolerating
-/// either costs nothing, and some encoders get this wrong.
-fn require_no_parameters(algorithm: &AlgorithmIdentifierOwned) -> Result<(), EkError> {
-    match &algorithm.parameters {
-        None => Ok(()),
-        Some(parameters) if parameters.tag() == Tag::Null => Ok(()),
-        Some(_) => Err(EkError::Malformed(format!(
-            "unexpected parameters for {}",
-            algorithm.oid
-        ))),
-    }
-}
-
-/// `Ok(None)` when the issuer key is not RSA at all: then the signature
-/// simply cannot be the issuer's.
-fn rsa_issuer_key(key: &SubjectPublicKeyInfoOwned) -> Result<Option<RsaPublicKey>, EkError> {
-    if key.algorithm.oid != rfc5912::RSA_ENCRYPTION {
-        return Ok(None);
-    }
-    let malformed = || EkError::Malformed("issuer RSA public key".into());
-    let raw = key.subject_public_key.as_bytes().ok_or_else(malformed)?;
-    let parsed = Pkcs1RsaPublicKey::from_der(raw).map_err(|_| malformed())?;
-    let public = RsaPublicKey::new_with_max_size(
-        BigUint::from_bytes_be(parsed.modulus.as_bytes()),
-        BigUint::from_bytes_be(parsed.public_exponent.as_bytes()),
-        MAX_RSA_ISSUER_BITS,
-    )
-    .map_err(|_| {
-        EkError::UnsupportedAlgorithm(format!(
-            "RSA issuer key outside {MIN_RSA_ISSUER_BITS} to {MAX_RSA_ISSUER_BITS} bits or with a bad exponent"
-        ))
-    })?;
-    let bits = public.n().bits();
-    if bits < MIN_RSA_ISSUER_BITS {
-        return Err(EkError::UnsupportedAlgorithm(format!(
-            "RSA issuer key of {bits} bits"
-        )));
-    }
-    Ok(Some(public))
-}
-
-fn verify_pkcs1v15<D>(
-    key: &SubjectPublicKeyInfoOwned,
-    signed: &[u8],
-    signature: &[u8],
-) -> Result<bool, EkError>
-where
-    D: Digest + const_oid::AssociatedOid,
-{
-    let Some(key) = rsa_issuer_key(key)? else {
-        return Ok(false);
-    };
-    let Ok(signature) = rsa::pkcs1v15::Signature::try_from(signature) else {
-        return Ok(false);
-    };
-    Ok(rsa::pkcs1v15::VerifyingKey::<D>::new(key)
-        .verify(signed, &signature)
-        .is_ok())
-}
-
-fn verify_pss(
-    key: &SubjectPublicKeyInfoOwned,
-    algorithm: &AlgorithmIdentifierOwned,
-    signed: &[u8],
-    signature: &[u8],
-) -> Result<bool, EkError> {
-    let parameters = algorithm
-        .parameters
-        .as_ref()
-        .ok_or_else(|| EkError::Malformed("RSASSA-PSS without parameters".into()))?;
-    let encoded = parameters
-        .to_der()
-        .map_err(|e| EkError::Malformed(format!("RSASSA-PSS parameters: {e}")))?;
-    let parameters = RsaPssParams::from_der(&encoded)
-        .map_err(|e| EkError::Malformed(format!("RSASSA-PSS parameters: {e}")))?;
-    // The rsa crate's PSS uses one hash for the message and MGF1; other
-    // combinations are legal but not worth supporting for EK issuers.
-    let mgf1_hash = parameters.mask_gen.parameters.map(|p| p.oid);
-    if parameters.mask_gen.oid != rfc5912::ID_MGF_1 || mgf1_hash != Some(parameters.hash.oid) {
-        return Err(EkError::UnsupportedAlgorithm(
-            "RSASSA-PSS with a mask generation function other than MGF1 over the message hash"
-                .into(),
-        ));
-    }
-    let salt_len = usize::from(parameters.salt_len);
-    let Some(key) = rsa_issuer_key(key)? else {
-        return Ok(false);
-    };
-    let Ok(signature) = rsa::pss::Signature::try_from(signature) else {
-        return Ok(false);
-    };
-    let verified = match parameters.hash.oid {
-        rfc5912::ID_SHA_256 => rsa::pss::VerifyingKey::<Sha256>::new_with_salt_len(key, salt_len)
-            .verify(signed, &signature),
-        rfc5912::ID_SHA_384 => rsa::pss::VerifyingKey::<Sha384>::new_with_salt_len(key, salt_len)
-            .verify(signed, &signature),
-        rfc5912::ID_SHA_512 => rsa::pss::VerifyingKey::<Sha512>::new_with_salt_len(key, salt_len)
-            .verify(signed, &signature),
-        other => {
-            return Err(EkError::UnsupportedAlgorithm(format!(
-                "RSASSA-PSS with hash {other}"
-            )))
-        }
-    };
-    Ok(verified.is_ok())
-}
-
-fn verify_ecdsa(
-    key: &SubjectPublicKeyInfoOwned,
-    prehash: &[u8],
-    signature: &[u8],
-) -> Result<bool, EkError> {
-    if key.algorithm.oid != rfc5912::ID_EC_PUBLIC_KEY {
-        return Ok(false);
-    }
-    let point = key
-        .subject_public_key
-        .as_bytes()
-        .ok_or_else(|| EkError::Malformed("issuer EC public key".into()))?;
-    match named_curve(&key.algorithm) {
-        Some(rfc5912::SECP_256_R_1) => {
-            let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(point)
-                .map_err(|_| EkError::Malformed("issuer P-256 public key".into()))?;
-            let Ok(signature) = p256::ecdsa::Signature::from_der(signature) else {
-                return Ok(false);
-            };
-            Ok(key.verify_prehash(prehash, &signature).is_ok())
-        }
-        Some(rfc5912::SECP_384_R_1) => {
-            let key = p384::ecdsa::VerifyingKey::from_sec1_bytes(point)
-                .map_err(|_| EkError::Malformed("issuer P-384 public key".into()))?;
-            let Ok(signature) = p384::ecdsa::Signature::from_der(signature) else {
-                return Ok(false);
-            };
-            Ok(key.verify_prehash(prehash, &signature).is_ok())
-        }
-        Some(other) => Err(EkError::UnsupportedAlgorithm(format!(
-            "elliptic curve {other}"
-        ))),
-        None => Err(EkError::Malformed(
-            "issuer EC key without a named curve".into(),
-        )),
-    }
-}
-
-fn named_curve(algorithm: &AlgorithmIdentifierOwned) -> Option<ObjectIdentifier> {
-    if algorithm.oid != rfc5912::ID_EC_PUBLIC_KEY {
-        return None;
-    }
-    algorithm
-        .parameters
-        .as_ref()?
-        .decode_as::<ObjectIdentifier>()
-        .ok()
 }
 
 /// The TPM's identity as its manufacturer certified it.
@@ -855,12 +482,19 @@ mod tests {
     use super::*;
     use der::asn1::{BitString, OctetString, SetOfVec};
     use rand::rngs::OsRng;
+    use rsa::pkcs1::RsaPssParams;
     use rsa::signature::{SignatureEncoding, Signer};
+    use rsa::traits::PublicKeyParts;
     use rsa::RsaPrivateKey;
+    use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
     use std::str::FromStr;
     use std::sync::OnceLock;
     use std::time::Duration;
     use x509_cert::attr::AttributeTypeAndValue;
+    use x509_cert::certificate::Version;
+    use x509_cert::ext::pkix::{
+        AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectKeyIdentifier,
+    };
     use x509_cert::ext::pkix::{ExtendedKeyUsage, KeyUsages};
     use x509_cert::ext::Extension;
     use x509_cert::name::RelativeDistinguishedName;
