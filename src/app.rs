@@ -1,7 +1,7 @@
 //! Wiring: key backend -> pool -> store -> CA -> API state, and the HTTPS
 //! listener.
 
-use crate::ca::CertificateText;
+use crate::pki::CertificateText;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,12 +24,12 @@ use crate::agents::Registry;
 use crate::api::{self, AdminTokens, AppState};
 use crate::attestation::pkcs11::EvidenceSigner;
 use crate::audit::AuditEvent;
-use crate::ca::status::StatusPublisher;
-use crate::ca::Authority;
 use crate::config::Config;
 use crate::embedded::{private_dir, write_private_file};
 use crate::keys::KeyStoreConfig;
 use crate::keys::{KeyId, KeyRef, KeyStorage};
+use crate::pki::status::StatusPublisher;
+use crate::pki::Authority;
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
 use crate::server_identity::{ServerIdentity, ServerNames};
@@ -119,7 +119,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
             .await?
             .key;
         let public_key = pool.public_key(&key).await?;
-        crate::ca::responder::OcspResponder::new(key, public_key)
+        crate::pki::responder::OcspResponder::new(key, public_key)
     };
     let admin_tokens = ensure_admin_token(store.as_ref(), &config.data_dir).await?;
     write_trust_anchor(&config.data_dir, &authority)?;
@@ -301,7 +301,7 @@ async fn check_custodial_storage(pool: &KeyPool, storage: KeyStorage) -> anyhow:
 enum ServiceKey {
     /// Attestation evidence (`pkcs11-key-attributes` statements).
     Attestation,
-    /// OCSP answers: the delegated responder (`ca::responder`).
+    /// OCSP answers: the delegated responder (`pki::responder`).
     OcspResponder,
 }
 
@@ -320,7 +320,7 @@ impl ServiceKey {
         self,
         authority: &Authority,
         public_key: &p256::PublicKey,
-    ) -> Result<crate::ca::cert::Certificate, crate::ca::CaError> {
+    ) -> Result<crate::pki::cert::Certificate, crate::pki::CaError> {
         match self {
             ServiceKey::Attestation => {
                 authority
@@ -332,7 +332,7 @@ impl ServiceKey {
                     .issue_ocsp_responder_certificate(
                         authority.key_id(),
                         public_key,
-                        crate::ca::responder::RESPONDER_CERT_LIFETIME,
+                        crate::pki::responder::RESPONDER_CERT_LIFETIME,
                     )
                     .await
             }
@@ -478,7 +478,7 @@ fn new_admin_token() -> String {
 /// be valid: retired within the longest certificate lifetime (plus the
 /// backdating of notBefore).
 async fn previous_cas(store: &dyn Store, config: &Config) -> anyhow::Result<Vec<CaRecord>> {
-    let overlap = config.ttl.max + crate::ca::profile::BACKDATE + Duration::from_secs(60);
+    let overlap = config.ttl.max + crate::pki::profile::BACKDATE + Duration::from_secs(60);
     let since = time::OffsetDateTime::now_utc().unix_timestamp() - overlap.as_secs() as i64;
     Ok(store.previous_cas(since).await?)
 }
@@ -549,7 +549,7 @@ pub async fn ca_rotate(keyward: &Keyward, config: &Config) -> anyhow::Result<Str
     // ca.pem gains the new root now, so clients can trust both before the
     // restart that makes the new CA active.
     let mut bundle = keyward.authority.trust_bundle_pem()?;
-    bundle.push_str(&crate::ca::Certificate::from_der(&record.cert_der)?.to_pem_string()?);
+    bundle.push_str(&crate::pki::Certificate::from_der(&record.cert_der)?.to_pem_string()?);
     let path = config.data_dir.join("ca.pem");
     let tmp = config.data_dir.join("ca.pem.tmp");
     std::fs::write(&tmp, bundle.as_bytes())?;
@@ -652,7 +652,7 @@ pub async fn ca_import(
     chain_pem: &str,
 ) -> anyhow::Result<()> {
     let record = keyward.authority.import_signed(cert_pem, chain_pem)?;
-    let cert = crate::ca::Certificate::from_der(&record.cert_der)?;
+    let cert = crate::pki::Certificate::from_der(&record.cert_der)?;
     let audit = AuditEvent::new("operator", "ca.import", &record.key_id)
         .with("subject", cert.tbs_certificate.subject.to_string());
     keyward
@@ -660,7 +660,7 @@ pub async fn ca_import(
         .store
         .install_ca(&record, true, &audit)
         .await?;
-    let root = crate::ca::parse_pem_chain(&record.chain_pem)?
+    let root = crate::pki::parse_pem_chain(&record.chain_pem)?
         .last()
         .context("empty chain")?
         .to_pem_string()?;

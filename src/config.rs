@@ -11,10 +11,10 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::ca::TtlLimits;
 use crate::identity::TrustDomain;
 use crate::keys::pkcs11::Pkcs11Config;
 use crate::keys::KeyStorage;
+use crate::pki::TtlLimits;
 use crate::pool::PoolConfig;
 
 pub const DEFAULT_DATA_DIR: &str = "./keyward-data";

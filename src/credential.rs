@@ -7,7 +7,7 @@
 //! atomically (write, then rename), so a reader never sees a key and
 //! certificate that do not belong together for longer than one rename.
 
-use crate::ca::CertificateText;
+use crate::pki::CertificateText;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -129,10 +129,10 @@ pub async fn renew(options: &LoginOptions, agent: &str) -> anyhow::Result<Value>
 /// When the stored certificate reaches half its lifetime.
 pub fn half_life(dir: &Path) -> anyhow::Result<SystemTime> {
     let pem = std::fs::read_to_string(dir.join("cert.pem"))?;
-    let cert = crate::ca::Certificate::from_pem_str(&pem)?;
+    let cert = crate::pki::Certificate::from_pem_str(&pem)?;
     let validity = &cert.tbs_certificate.validity;
     // keyward backdates notBefore; the lifetime it granted starts later.
-    let issued = validity.not_before.to_system_time() + crate::ca::profile::BACKDATE;
+    let issued = validity.not_before.to_system_time() + crate::pki::profile::BACKDATE;
     let not_after = validity.not_after.to_system_time();
     let lifetime = not_after.duration_since(issued).unwrap_or_default();
     Ok(issued + lifetime / 2)

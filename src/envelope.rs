@@ -21,9 +21,9 @@ use der::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::ca::cert::Certificate;
-use crate::ca::profile::ID_KP_DOCUMENT_SIGNING;
-use crate::verify::{self, VerifyError};
+use crate::pki::cert::Certificate;
+use crate::pki::profile::ID_KP_DOCUMENT_SIGNING;
+use crate::pki::verify::{self, VerifyError};
 
 /// The only `alg` accepted or produced.
 pub const ALG: &str = "ES256";
@@ -609,8 +609,8 @@ mod tests {
     use p256::ecdsa::{Signature, SigningKey};
 
     use super::*;
-    use crate::ca::CertificateText;
-    use crate::verify::test_pki::{self, TestCa};
+    use crate::pki::verify::test_pki::{self, TestCa};
+    use crate::pki::CertificateText;
 
     const AUD: &str = "spiffe://example.org/agent/bravo";
 

@@ -3,9 +3,9 @@
 
 use crate::agents::AgentError;
 use crate::attestation::AttestationError;
-use crate::ca::CaError;
 use crate::config::ConfigError;
 use crate::keys::KeyError;
+use crate::pki::CaError;
 use crate::policy::PolicyError;
 use crate::pool::PoolError;
 use crate::store::StoreError;

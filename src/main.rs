@@ -869,7 +869,7 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
                 Some(path) => {
                     let pem = std::fs::read_to_string(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
-                    let anchors = keyward::ca::parse_pem_chain(&pem)?;
+                    let anchors = keyward::pki::parse_pem_chain(&pem)?;
                     match keyward::envelope::verify(
                         token,
                         &anchors,

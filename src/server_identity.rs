@@ -15,7 +15,7 @@
 //! process dies without shutting down (`is_stale` tells those apart by
 //! age, for the janitor).
 
-use crate::ca::CertificateText;
+use crate::pki::CertificateText;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,9 +28,9 @@ use rustls::{SignatureAlgorithm, SignatureScheme};
 use sha2::{Digest, Sha256};
 
 use crate::audit::AuditEvent;
-use crate::ca::Authority;
 use crate::config::Config;
 use crate::keys::KeyId;
+use crate::pki::Authority;
 use crate::pool::KeyPool;
 use crate::store::Store;
 
@@ -162,7 +162,7 @@ impl ServerIdentity {
     /// `api::extract::identify_client`.
     pub fn rustls_config(
         self: &Arc<Self>,
-        roots: &[crate::ca::Certificate],
+        roots: &[crate::pki::Certificate],
     ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut trusted = rustls::RootCertStore::empty();
@@ -237,7 +237,7 @@ async fn certified_key(
         .with("serial", certificate.serial_hex());
     store.append_audit_event(&audit).await?;
     let mut chain = vec![CertificateDer::from(certificate.to_der()?)];
-    for c in crate::ca::parse_pem_chain(authority.chain_pem())? {
+    for c in crate::pki::parse_pem_chain(authority.chain_pem())? {
         chain.push(CertificateDer::from(c.to_der()?));
     }
     let signer = Arc::new(TokenSigningKey {

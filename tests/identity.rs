@@ -125,17 +125,12 @@ async fn forged_and_foreign_certificates_get_no_identity(db: Db) {
     let dir = server.data_dir.path();
     // Self-signed, same key, same SPIFFE ID: refused in the handshake.
     let forged = dir.join("forged.pem");
-    let (ok, out) = run(Command::new("openssl")
-        .args(["req", "-x509", "-new", "-key"])
-        .arg(&alice_key)
-        .args(["-subj", "/CN=alice", "-days", "1"])
-        .args([
-            "-addext",
-            "subjectAltName=URI:spiffe://keyward.local/agent/alice",
-        ])
-        .arg("-out")
-        .arg(&forged));
-    assert!(ok, "{out}");
+    common::openssl_self_signed(
+        &alice_key,
+        "/CN=alice",
+        &["subjectAltName=URI:spiffe://keyward.local/agent/alice"],
+        &forged,
+    );
     let forger = mtls_client(
         &server,
         &std::fs::read_to_string(&forged).unwrap(),

@@ -12,7 +12,7 @@ use x509_parser::prelude::*;
 
 /// DER content octets of id-pe-cmw, the attestation extension's OID.
 fn attestation_oid() -> Vec<u8> {
-    keyward::ca::profile::ID_PE_CMW.as_bytes().to_vec()
+    keyward::pki::profile::ID_PE_CMW.as_bytes().to_vec()
 }
 
 async fn create_agent(server: &Server, name: &str) -> Value {

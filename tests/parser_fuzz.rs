@@ -18,7 +18,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::SystemTime;
 
 use common::{Db, Server};
-use keyward::ca::Extensions;
+use keyward::pki::Extensions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -162,40 +162,41 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
         &dir.join("leaf.req"),
     );
     let anchors =
-        keyward::ca::parse_pem_chain(&std::fs::read_to_string(server.path("ca.pem")).unwrap())
+        keyward::pki::parse_pem_chain(&std::fs::read_to_string(server.path("ca.pem")).unwrap())
             .unwrap();
     let now = SystemTime::now();
     {
         use der::Decode;
-        let genuine = keyward::ca::Certificate::from_der(&leaf).unwrap();
-        keyward::verify::verify_chain(&genuine, &[], &anchors, now).expect("the seed verifies");
+        let genuine = keyward::pki::Certificate::from_der(&leaf).unwrap();
+        keyward::pki::verify::verify_chain(&genuine, &[], &anchors, now)
+            .expect("the seed verifies");
     }
 
     let mut executions = 0;
     executions += fuzz("CSR", &csr, 1, |input| {
-        let _ = keyward::ca::csr::VerifiedCsr::from_pem(&common::pem_encode(
+        let _ = keyward::pki::csr::VerifiedCsr::from_pem(&common::pem_encode(
             "CERTIFICATE REQUEST",
             input,
         ));
     });
     executions += fuzz("OCSP request", &ocsp_request, 2, |input| {
-        let _ = keyward::ca::ocsp::parse_request(input);
+        let _ = keyward::pki::ocsp::parse_request(input);
     });
     executions += fuzz("certificate", &leaf, 3, |input| {
         use der::Decode;
-        let Ok(certificate) = keyward::ca::Certificate::from_der(input) else {
+        let Ok(certificate) = keyward::pki::Certificate::from_der(input) else {
             return;
         };
         {
             assert!(
-                keyward::verify::verify_chain(&certificate, &[], &anchors, now).is_err(),
+                keyward::pki::verify::verify_chain(&certificate, &[], &anchors, now).is_err(),
                 "a mutated certificate verifies: {}",
                 hex::encode(input)
             );
         }
         if let Some(extension) = certificate
             .tbs_certificate
-            .extension(&keyward::ca::profile::ID_PE_CMW)
+            .extension(&keyward::pki::profile::ID_PE_CMW)
         {
             let _ = keyward::attestation::AttestationClaims::from_extension_value(
                 extension.extn_value.as_bytes(),
@@ -204,7 +205,7 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
     });
     executions += fuzz("PEM chain", leaf_pem.as_bytes(), 4, |input| {
         if let Ok(text) = std::str::from_utf8(input) {
-            let _ = keyward::ca::parse_pem_chain(text);
+            let _ = keyward::pki::parse_pem_chain(text);
         }
     });
     eprintln!("parser fuzz: {executions} executions in process");

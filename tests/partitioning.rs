@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{enrolled, mtls_client, run, Db, Server};
+use common::{enrolled, mtls_client, Db, Server};
 use serde_json::{json, Value};
 
 /// The agent endpoints: method, path (`{a}` is the target agent), body.
@@ -142,17 +142,12 @@ async fn every_agent_endpoint_answers_every_kind_of_caller_as_it_should(db: Db) 
         .await;
     assert_eq!(status, 200);
     let forged = server.path("forged.pem");
-    let (ok, out) = run(std::process::Command::new("openssl")
-        .args(["req", "-x509", "-new", "-key"])
-        .arg(&alice_key)
-        .args(["-subj", "/CN=alice", "-days", "1"])
-        .args([
-            "-addext",
-            "subjectAltName=URI:spiffe://keyward.local/agent/alice",
-        ])
-        .arg("-out")
-        .arg(&forged));
-    assert!(ok, "{out}");
+    common::openssl_self_signed(
+        &alice_key,
+        "/CN=alice",
+        &["subjectAltName=URI:spiffe://keyward.local/agent/alice"],
+        &forged,
+    );
     let foreign = mtls_client(
         &server,
         &std::fs::read_to_string(&forged).unwrap(),

@@ -507,21 +507,12 @@ async fn bad_revocation_requests_are_refused_and_write_nothing(db: Db) {
     let (status, _) = post_ocsp(&server, vec![0x30, 0x00], "application/json").await;
     assert_eq!(status, 415);
     let dir = server.data_dir.path();
-    let (ok, out) = run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=other-ca"])
-        .arg("-keyout")
-        .arg(dir.join("other.key"))
-        .arg("-out")
-        .arg(dir.join("other.pem")));
-    assert!(ok, "{out}");
+    common::openssl_self_signed(
+        &dir.join("other.key"),
+        "/CN=other-ca",
+        &[],
+        &dir.join("other.pem"),
+    );
     let request = common::openssl_ocsp_request(
         &dir.join("other.pem"),
         &dir.join("other.pem"),

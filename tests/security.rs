@@ -16,8 +16,8 @@ use common::{
     agent_client, enroll, enrolled_with, enrollment_token, key_and_csr, mtls_client, post,
     register_agent_with, run, Db, Server,
 };
-use keyward::ca::Certificate;
 use keyward::envelope::{self, Claims, Header};
+use keyward::pki::Certificate;
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::pkcs8::DecodePrivateKey;
 use serde_json::{json, Value};
@@ -53,7 +53,7 @@ fn code(answer: &Value) -> Option<&str> {
 
 /// The first certificate of a PEM bundle.
 fn leaf(pem: &str) -> Certificate {
-    keyward::ca::parse_pem_chain(pem).unwrap().remove(0)
+    keyward::pki::parse_pem_chain(pem).unwrap().remove(0)
 }
 
 fn root(server: &Server) -> Certificate {

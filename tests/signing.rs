@@ -221,23 +221,13 @@ async fn a_disabled_agent_may_not_sign(db: Db) {
 fn impostor(server: &Server) -> (std::path::PathBuf, String) {
     let key = server.path("impostor.key");
     let cert = server.path("impostor.pem");
-    let (ok, out) = run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=impostor"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert));
-    assert!(ok, "{out}");
-    (key, std::fs::read_to_string(cert).unwrap())
+    let pem = common::openssl_self_signed(
+        &key,
+        "/CN=impostor",
+        &["basicConstraints=critical,CA:FALSE"],
+        &cert,
+    );
+    (key, pem)
 }
 
 async fn verify_accepts_keywards_signatures_and_says_why_it_refuses_others(db: Db) {
@@ -423,7 +413,7 @@ async fn messages_are_signed_as_the_agent_and_accepted_once_by_their_recipient(d
     // Offline, with nothing but keyward's root: the library, and Python's
     // `cryptography` running the verifier from the format's documentation.
     let root = std::fs::read_to_string(server.path("ca.pem")).unwrap();
-    let anchors = keyward::ca::parse_pem_chain(&root).unwrap();
+    let anchors = keyward::pki::parse_pem_chain(&root).unwrap();
     let offline =
         keyward::envelope::verify(token, &anchors, bob, std::time::SystemTime::now()).unwrap();
     assert_eq!(offline.intent(), "refund order 42");

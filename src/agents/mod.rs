@@ -12,11 +12,11 @@ use crate::agents::cache::AgentCache;
 use crate::attestation::pkcs11::{attest_custodial_key, from_stored, EvidenceSigner};
 use crate::attestation::{AttestationClaims, AttestationError};
 use crate::audit::AuditEvent;
-use crate::ca::crl::RevocationReason;
-use crate::ca::csr::VerifiedCsr;
-use crate::ca::{AgentCertificateRequest, Authority, CaError, IssuedCertificate};
 use crate::identity::{AgentName, Scope};
 use crate::keys::{GeneratedKey, KeyId, KeyRef, KeyStorage};
+use crate::pki::crl::RevocationReason;
+use crate::pki::csr::VerifiedCsr;
+use crate::pki::{AgentCertificateRequest, Authority, CaError, IssuedCertificate};
 use crate::pool::{KeyPool, PoolError};
 use crate::revocation::RevocationSet;
 use crate::store::{

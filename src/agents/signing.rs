@@ -10,11 +10,11 @@ use p256::ecdsa::Signature;
 
 use super::cache::{AgentCache, SigningView};
 use super::{AgentError, ACTIVE};
-use crate::ca::cert::Certificate;
-use crate::ca::Authority;
 use crate::envelope::{self, Claims, Header};
 use crate::identity::AgentName;
 use crate::keys::{KeyId, KeyRef};
+use crate::pki::cert::Certificate;
+use crate::pki::Authority;
 use crate::pool::KeyPool;
 use crate::revocation::{RevocationSet, RevocationView};
 use crate::store::{SignatureLog, SignatureRecord, Store};

@@ -1,7 +1,7 @@
 //! Verification on behalf of relying parties: a signature by an agent (or
 //! by the holder of a keyward certificate), and signed envelopes.
 //!
-//! The cryptography is `crate::verify` and `crate::envelope`, the same code
+//! The cryptography is `crate::pki::verify` and `crate::envelope`, the same code
 //! an offline verifier runs. What this adds is what only keyward knows, so
 //! that `valid` here means "keyward made this signature for that agent,
 //! under its policy": the signer's certificate must be for a key keyward
@@ -19,13 +19,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use der::Decode;
 
-use crate::ca::cert::Certificate;
-use crate::ca::profile::ID_KP_DOCUMENT_SIGNING;
-use crate::ca::Authority;
 use crate::envelope::{self, ReplayCache, VerifiedMessage};
 use crate::identity::AgentName;
+use crate::pki::cert::Certificate;
+use crate::pki::profile::ID_KP_DOCUMENT_SIGNING;
+use crate::pki::verify::{self, VerifiedLeaf};
+use crate::pki::Authority;
 use crate::store::Store;
-use crate::verify::{self, VerifiedLeaf};
 
 use super::signing::{message_made_ms, MESSAGE_PURPOSE};
 use super::AgentError;

@@ -14,8 +14,8 @@ use super::extract::{Json, Unparsed};
 use super::paging::PageQuery;
 use super::AppState;
 use crate::agents::{AgentView, CertificateKey};
-use crate::ca::csr::VerifiedCsr;
 use crate::identity::{AgentName, Scope};
+use crate::pki::csr::VerifiedCsr;
 use crate::policy::engine::{AgentRequest, RequestedTtl};
 use crate::policy::{authorize, Action, Caller};
 
@@ -261,7 +261,7 @@ pub(super) struct IssuedCertificateView {
 impl IssuedCertificateView {
     pub(super) fn new(
         state: &AppState,
-        issued: crate::ca::IssuedCertificate,
+        issued: crate::pki::IssuedCertificate,
         attestation: Option<String>,
     ) -> Self {
         Self {

@@ -23,8 +23,8 @@ use crate::attestation::tpm::csr::certify_evidence_from_csr;
 use crate::attestation::tpm::evidence::CertifyEvidence;
 use crate::attestation::tpm::{ChallengeRequest, TpmAttestationError};
 use crate::audit::AuditEvent;
-use crate::ca::csr::VerifiedCsr;
 use crate::identity::{enrollment_token_hash, AgentName};
+use crate::pki::csr::VerifiedCsr;
 use crate::store::TpmRedemption;
 use base64::Engine;
 
@@ -120,7 +120,7 @@ async fn challenge(
         (None, None) => None,
         (Some(pem), None) => Some({
             let cert =
-                crate::ca::cert::from_pem_strict::<x509_cert::Certificate>(pem).map_err(|_| {
+                crate::pki::cert::from_pem_strict::<x509_cert::Certificate>(pem).map_err(|_| {
                     ApiError::bad_request(
                         "invalid_certificate",
                         "ek_certificate_pem is not a PEM certificate",

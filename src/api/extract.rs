@@ -10,8 +10,8 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::ca::{Authority, Certificate};
 use crate::identity::{AgentName, TrustDomain};
+use crate::pki::{Authority, Certificate};
 use crate::policy::{Admin, Caller};
 
 /// `axum::Json` whose rejections are [`ApiError`]s.
@@ -182,7 +182,7 @@ impl ClientIdentifier {
         let Ok(leaf) = Certificate::from_der(leaf.as_ref()) else {
             return PeerIdentity::NotAnAgent;
         };
-        let verified = crate::verify::verify_chain(
+        let verified = crate::pki::verify::verify_chain(
             &leaf,
             &self.intermediates,
             &self.anchors,
@@ -273,7 +273,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     }
                     // keyward backdates notBefore for clock skew; the
                     // lifetime it granted starts at issuance.
-                    let issued = not_before + crate::ca::profile::BACKDATE.as_secs() as i64;
+                    let issued = not_before + crate::pki::profile::BACKDATE.as_secs() as i64;
                     let past_half_life = now >= issued + (not_after - issued) / 2;
                     if past_half_life
                         && parts.uri.path() != "/v1/renew"

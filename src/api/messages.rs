@@ -18,9 +18,9 @@ use super::signing::{decode_b64, digest_of};
 use super::{AppState, RequestId};
 use crate::agents::signing::MessageRequest;
 use crate::agents::verification::{Signer, Verdict};
-use crate::ca::parse_pem_chain;
 use crate::envelope::{self, MAX_LIFETIME_SECS};
 use crate::identity::AgentName;
+use crate::pki::parse_pem_chain;
 use crate::policy::engine::AgentRequest;
 use crate::policy::{authorize, Action, Caller};
 
@@ -140,7 +140,7 @@ fn audience(
     to: Option<&str>,
 ) -> Result<String, ApiError> {
     match (audience, to) {
-        (Some(id), None) if crate::verify::is_spiffe_id(id) => Ok(id.to_owned()),
+        (Some(id), None) if crate::pki::verify::is_spiffe_id(id) => Ok(id.to_owned()),
         (Some(_), None) => Err(ApiError::bad_request(
             "invalid_audience",
             "audience is not a SPIFFE ID",

@@ -45,7 +45,7 @@ pub struct AppState {
     pub tpm: Arc<crate::attestation::tpm::TpmVerifier>,
     pub signer: Arc<AgentSigner>,
     pub verifier: Arc<Verifier>,
-    pub status: Arc<crate::ca::status::StatusPublisher>,
+    pub status: Arc<crate::pki::status::StatusPublisher>,
     pub hooks: Arc<crate::hooks::Deliverer>,
     pub policy: Arc<crate::policy::engine::PolicyEngine>,
     pub hook_allowed_hosts: Vec<String>,

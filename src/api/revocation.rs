@@ -15,8 +15,8 @@ use super::AppState;
 use std::time::Duration;
 
 use crate::agents::{Rotation, StatusChange};
-use crate::ca::crl::RevocationReason;
 use crate::identity::AgentName;
+use crate::pki::crl::RevocationReason;
 use crate::policy::{authorize, Action, Caller};
 use crate::store::{AgentStatusChange, CertificateRevocation};
 

@@ -126,8 +126,8 @@ async fn ocsp_get(State(state): State<Arc<AppState>>, Path(request): Path<String
     match base64::engine::general_purpose::STANDARD.decode(request.as_bytes()) {
         Ok(der) => ocsp_response(state.status.ocsp(&der).await),
         // Still an OCSP answer: the client speaks OCSP, not keyward's JSON.
-        Err(_) => ocsp_response(crate::ca::ocsp::error_response(
-            crate::ca::ocsp::ResponseStatus::MalformedRequest,
+        Err(_) => ocsp_response(crate::pki::ocsp::error_response(
+            crate::pki::ocsp::ResponseStatus::MalformedRequest,
         )),
     }
 }

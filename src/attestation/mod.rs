@@ -50,7 +50,7 @@ pub struct AttestedKey {
 pub const CLAIMS_MEDIA_TYPE: &str = "application/vnd.keyward.key-attestation+json";
 
 /// What a certificate says about its key's custody, carried in the
-/// id-pe-cmw extension (RFC 9999, OID in `ca::profile`) as the CMW `json`
+/// id-pe-cmw extension (RFC 9999, OID in `pki::profile`) as the CMW `json`
 /// choice: the extension value is a DER UTF8String holding the JSON record
 /// `["application/vnd.keyward.key-attestation+json", "<base64url payload>"]`,
 /// and the payload is this object as JSON:

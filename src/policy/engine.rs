@@ -367,7 +367,7 @@ impl PolicyEngine {
                 continue;
             };
             let rotation = crate::agents::Rotation {
-                reason: crate::ca::crl::RevocationReason::Superseded,
+                reason: crate::pki::crl::RevocationReason::Superseded,
                 grace: SCHEDULED_GRACE,
                 retention: SCHEDULED_RETENTION,
                 certificate_ttl: registry.authority().ttl_limits().default,

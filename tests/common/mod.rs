@@ -537,6 +537,36 @@ pub async fn certified_agent(server: &Server, name: &str) -> Value {
     issue_certificate(server, name).await
 }
 
+/// A self-signed certificate made by OpenSSL, as an outsider would forge
+/// one: for the P-256 key at `key`, created there first if it does not
+/// exist, with `subject` and any `-addext` values. Returns the PEM, also
+/// written to `out`.
+pub fn openssl_self_signed(key: &Path, subject: &str, extensions: &[&str], out: &Path) -> String {
+    let mut command = Command::new("openssl");
+    command.args(["req", "-x509"]);
+    if key.exists() {
+        command.arg("-new").arg("-key").arg(key);
+    } else {
+        command
+            .args([
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .arg("-keyout")
+            .arg(key);
+    }
+    command.args(["-subj", subject, "-days", "1"]);
+    for extension in extensions {
+        command.args(["-addext", extension]);
+    }
+    let (ok, log) = run(command.arg("-out").arg(out));
+    assert!(ok, "{log}");
+    std::fs::read_to_string(out).unwrap()
+}
+
 /// A P-256 key and a CSR for it, made by OpenSSL in `dir`.
 pub fn key_and_csr(dir: &Path, name: &str) -> (PathBuf, String) {
     let key = dir.join(format!("{name}.key"));

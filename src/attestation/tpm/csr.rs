@@ -21,7 +21,7 @@ use der::{Any, Decode, Encode, Sequence};
 
 use super::evidence::CertifyEvidence;
 use super::TpmAttestationError;
-use crate::ca::csr::VerifiedCsr;
+use crate::pki::csr::VerifiedCsr;
 
 pub const ID_AA_ATTESTATION: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.16.2.59");

@@ -29,7 +29,7 @@ use x509_cert::name::Name;
 use x509_cert::Certificate;
 
 use super::credential::EkKey;
-use crate::ca::path::{self, named_curve, Algorithms, PathCertificate, PathError, PathRules};
+use crate::pki::path::{self, named_curve, Algorithms, PathCertificate, PathError, PathRules};
 
 /// TCG EK Credential Profile attribute types for the TPM's identity.
 const TCG_AT_TPM_MANUFACTURER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.2.1");

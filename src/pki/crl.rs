@@ -233,8 +233,8 @@ mod tests {
     use const_oid::AssociatedOid;
 
     use super::*;
-    use crate::ca::cert::CertificateText;
-    use crate::verify::test_pki::{key, public, TestCa};
+    use crate::pki::cert::CertificateText;
+    use crate::pki::verify::test_pki::{key, public, TestCa};
 
     const ALL: [RevocationReason; 9] = [
         RevocationReason::Unspecified,

@@ -11,6 +11,7 @@ pub mod path;
 pub mod profile;
 pub mod responder;
 pub mod status;
+pub mod verify;
 
 use std::time::{Duration, SystemTime};
 

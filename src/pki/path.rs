@@ -1,6 +1,6 @@
 //! RFC 5280 certification path building: the one path builder behind
 //! `POST /v1/verify`, signed envelopes and the mTLS client identifier
-//! (`crate::verify`) and the TPM EK-chain check
+//! (`crate::pki::verify`) and the TPM EK-chain check
 //! (`attestation::tpm::ek`). Each caller adds its own end-entity rules and
 //! chooses the signature algorithms it accepts.
 //!

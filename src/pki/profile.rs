@@ -2,7 +2,7 @@
 //! x509-cert's certificate builder and no private key anywhere near it:
 //! the builder finalizes the TBSCertificate, the pool signs its digest on
 //! the token, and the builder assembles the certificate
-//! (`ca::sign_and_assemble`).
+//! (`pki::sign_and_assemble`).
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -183,7 +183,7 @@ impl AgentKeyPurpose {
 /// certificate builder asks for. The builder wants a signer only to name
 /// the signature algorithm; keyward asks it to finalize (the
 /// TBSCertificate's DER) and to assemble, and the signature in between is
-/// made on the token through the pool (`ca::sign_and_assemble`), so no
+/// made on the token through the pool (`pki::sign_and_assemble`), so no
 /// issuing key is ever in memory.
 pub struct IssuerKey(VerifyingKey);
 

@@ -29,9 +29,9 @@ use p256::PublicKey;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAltName};
 
-use crate::ca::cert::{Certificate, CertificateText};
-use crate::ca::path::{self, Algorithms, NotCaReason, PathError, PathRules};
-use crate::ca::profile;
+use crate::pki::cert::{Certificate, CertificateText};
+use crate::pki::path::{self, Algorithms, NotCaReason, PathError, PathRules};
+use crate::pki::profile;
 
 /// Most certificates in a path, leaf and trust anchor included. keyward's
 /// own paths are two long (agent, root) or a few more under an external
@@ -430,8 +430,8 @@ pub(crate) mod test_pki {
     use sha2::{Digest, Sha256};
     use x509_cert::name::Name;
 
-    use crate::ca::cert::{Certificate, Extension, TbsCertificate};
-    use crate::ca::profile::{self, AgentKeyPurpose, Kind, TbsRequest};
+    use crate::pki::cert::{Certificate, Extension, TbsCertificate};
+    use crate::pki::profile::{self, AgentKeyPurpose, Kind, TbsRequest};
 
     pub(crate) const TRUST_DOMAIN: &str = "example.org";
 
@@ -447,7 +447,7 @@ pub(crate) mod test_pki {
         format!("spiffe://{TRUST_DOMAIN}/agent/{agent}")
     }
 
-    /// Signs a TBS the way `ca::sign_and_assemble` does, with a software key.
+    /// Signs a TBS the way `pki::sign_and_assemble` does, with a software key.
     pub(crate) fn sign(tbs: TbsCertificate, key: &SigningKey) -> Certificate {
         let digest = Sha256::digest(tbs.to_der().unwrap());
         let signature: Signature = key.sign_prehash(&digest).unwrap();
@@ -617,8 +617,8 @@ mod tests {
 
     use super::test_pki::{self, TestCa};
     use super::*;
-    use crate::ca::cert;
-    use crate::ca::profile::{self, Kind, TbsRequest};
+    use crate::pki::cert;
+    use crate::pki::profile::{self, Kind, TbsRequest};
 
     fn now() -> SystemTime {
         SystemTime::now()

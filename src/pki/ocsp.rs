@@ -373,9 +373,9 @@ mod tests {
     use x509_cert::serial_number::SerialNumber;
 
     use super::*;
-    use crate::ca::cert::CertificateText;
-    use crate::ca::profile::Kind;
-    use crate::verify::test_pki::{key, public, sign, TestCa};
+    use crate::pki::cert::CertificateText;
+    use crate::pki::profile::Kind;
+    use crate::pki::verify::test_pki::{key, public, sign, TestCa};
 
     fn openssl(args: &[&str]) -> Output {
         Command::new("openssl")
