@@ -23,4 +23,20 @@ ensure_packages() {
 # What building and running the service needs (libtss2 for the TPM backend).
 RUNTIME_PACKAGES=(softhsm2 openssl ca-certificates pkg-config libtss2-dev)
 # What the test suite needs besides: independent PKCS#11, X.509 (Go's crypto/x509, pyca) and TPM tools, swtpm.
-TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-cryptography golang-go swtpm swtpm-tools tpm2-tools)
+TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-venv python3-cryptography golang-go swtpm swtpm-tools tpm2-tools)
+
+# pkilint (PyPI), the RFC 5280 linter the tests hold every certificate kind
+# to, in a virtualenv of its own; its path is exported for the tests.
+PKILINT_VERSION=0.13.3
+ensure_pkilint() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/keyward/pkilint-$PKILINT_VERSION"
+  if [ ! -x "$venv/bin/lint_pkix_cert" ]; then
+    echo "keyward: installing pkilint $PKILINT_VERSION into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q "pkilint==$PKILINT_VERSION" >&2 || {
+      echo "keyward: could not install pkilint from PyPI" >&2
+      exit 1
+    }
+  fi
+  export KEYWARD_PKILINT="$venv/bin/lint_pkix_cert"
+}

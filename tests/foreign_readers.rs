@@ -54,6 +54,7 @@ async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestat
     ];
     let chains: Vec<_> = chains.iter().map(|(p, f)| (*p, f.as_path())).collect();
     let read = readers::accept(&server.path("ca.pem"), &chains);
+    readers::lint_clean(&server.path("ca.pem"));
 
     assert_eq!(
         read[0]["uris"],

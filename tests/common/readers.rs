@@ -1,7 +1,7 @@
 //! The X.509 stacks keyward's users run, reading its certificates: Go's
-//! crypto/x509 (`tests/x509-go`), OpenSSL and Python's `cryptography`. A
-//! certificate kind is done when these accept it, not only keyward's own
-//! parser.
+//! crypto/x509 (`tests/x509-go`), OpenSSL and Python's `cryptography`, and
+//! pkilint's RFC 5280 lint. A certificate kind is done when these accept
+//! it, not only keyward's own parser.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -62,6 +62,9 @@ pub fn accept(roots: &Path, chains: &[(Purpose, &Path)]) -> Vec<Value> {
             .arg(chain));
         assert!(ok, "pyca refuses {}: {out}", chain.display());
     }
+    for (_, chain) in chains {
+        lint_clean(&leaf_only(chain));
+    }
     let mut go = Command::new(go_reader());
     go.arg(roots);
     for (purpose, chain) in chains {
@@ -78,6 +81,42 @@ pub fn accept(roots: &Path, chains: &[(Purpose, &Path)]) -> Vec<Value> {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
+}
+
+/// pkilint's findings on one certificate (PEM) at ERROR severity or above,
+/// but for its URI check, which knows only web schemes and flags every
+/// `spiffe://` URI; panics if pkilint cannot load the certificate or finds
+/// anything else. pkilint is installed by `scripts/test.sh`
+/// (`KEYWARD_PKILINT`); without it this fails rather than skips.
+pub fn lint_clean(certificate: &Path) {
+    let pkilint = std::env::var("KEYWARD_PKILINT").expect(
+        "KEYWARD_PKILINT names pkilint's lint_pkix_cert; scripts/test.sh installs it and sets it",
+    );
+    let output = Command::new(&pkilint)
+        .args(["lint", "-s", "ERROR"])
+        .arg(certificate)
+        .output()
+        .expect("pkilint runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !text.to_lowercase().contains("failed to load") && !text.contains("Traceback"),
+        "pkilint cannot load {}: {text}",
+        certificate.display()
+    );
+    let findings: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("(ERROR)") || line.contains("(FATAL)"))
+        .filter(|line| !(line.contains("pkix.invalid_uri_syntax") && line.contains("\"spiffe://")))
+        .collect();
+    assert!(
+        findings.is_empty(),
+        "pkilint on {}: {findings:?}\n{text}",
+        certificate.display()
+    );
 }
 
 /// The leaf of a chain file, alone in a file beside it (openssl verify
