@@ -503,6 +503,25 @@ pub(crate) mod test_pki {
             Self { key, cert }
         }
 
+        /// A root whose basicConstraints set no path length, so that
+        /// intermediates may sit below it (keyward's CA profile says 0).
+        pub(crate) fn root_without_path_len(cn: &str) -> Self {
+            let root = Self::root(cn);
+            let mut tbs = root.cert.tbs_certificate.clone();
+            let unconstrained = x509_cert::ext::pkix::BasicConstraints {
+                ca: true,
+                path_len_constraint: None,
+            };
+            set_extension(
+                &mut tbs,
+                crate::pki::cert::extension(true, &unconstrained).unwrap(),
+            );
+            Self {
+                cert: sign(tbs, &root.key),
+                key: root.key,
+            }
+        }
+
         /// A CA certificate for a new key, issued by this CA, with the CA
         /// profile's extensions (path length 0).
         pub(crate) fn intermediate(&self, cn: &str) -> Self {
@@ -655,18 +674,7 @@ mod tests {
 
     #[test]
     fn a_chain_through_an_intermediate_verifies_when_path_length_allows() {
-        let root = TestCa::root("test root");
-        // The CA profile carries pathLen 0; lift it on the root for this path.
-        let mut tbs = root.cert.tbs_certificate.clone();
-        let unconstrained = BasicConstraints {
-            ca: true,
-            path_len_constraint: None,
-        };
-        test_pki::set_extension(&mut tbs, cert::extension(true, &unconstrained).unwrap());
-        let root = TestCa {
-            cert: test_pki::sign(tbs, &root.key),
-            key: root.key,
-        };
+        let root = TestCa::root_without_path_len("test root");
         let issuing = root.intermediate("test issuing");
         let leaf = issuing.agent("alpha", &test_pki::public(&test_pki::key()));
         // The chain may carry the root too; the configured anchor is used.
@@ -682,17 +690,7 @@ mod tests {
 
     #[test]
     fn a_renewed_intermediate_is_found_behind_its_expired_predecessor() {
-        let root = TestCa::root("test root");
-        let mut tbs = root.cert.tbs_certificate.clone();
-        let unconstrained = BasicConstraints {
-            ca: true,
-            path_len_constraint: None,
-        };
-        test_pki::set_extension(&mut tbs, cert::extension(true, &unconstrained).unwrap());
-        let root = TestCa {
-            cert: test_pki::sign(tbs, &root.key),
-            key: root.key,
-        };
+        let root = TestCa::root_without_path_len("test root");
         let issuing = root.intermediate("test issuing");
         // The same name and key, certified again: the old certificate has
         // expired, and a client still sends it first.
