@@ -268,7 +268,9 @@ pub fn draft(request: TbsRequest<'_>) -> Result<Draft<'_>, CaError> {
         } => {
             draft.add_extension(&leaf)?;
             draft.add_extension(&signing_only)?;
-            draft.add_extension(&ExtendedKeyUsage(vec![purpose.extended_key_usage()]))?;
+            draft.add_extension(&NonCritical(ExtendedKeyUsage(vec![
+                purpose.extended_key_usage()
+            ])))?;
             let uri = GeneralName::UniformResourceIdentifier(Ia5String::new(*spiffe_id)?);
             draft.add_extension(&SubjectAltName(vec![uri]))?;
             if let Some(claims) = attestation {
@@ -278,7 +280,7 @@ pub fn draft(request: TbsRequest<'_>) -> Result<Draft<'_>, CaError> {
         Kind::Server { dns_names, ips } => {
             draft.add_extension(&leaf)?;
             draft.add_extension(&signing_only)?;
-            draft.add_extension(&ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH]))?;
+            draft.add_extension(&NonCritical(ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH])))?;
             let mut names = Vec::new();
             for dns in dns_names.iter() {
                 names.push(GeneralName::DnsName(Ia5String::new(dns)?));
@@ -295,7 +297,7 @@ pub fn draft(request: TbsRequest<'_>) -> Result<Draft<'_>, CaError> {
         Kind::OcspResponder => {
             draft.add_extension(&leaf)?;
             draft.add_extension(&signing_only)?;
-            draft.add_extension(&ExtendedKeyUsage(vec![ID_KP_OCSP_SIGNING]))?;
+            draft.add_extension(&NonCritical(ExtendedKeyUsage(vec![ID_KP_OCSP_SIGNING])))?;
             draft.add_extension(&OcspNoCheck)?;
         }
     }
@@ -353,6 +355,32 @@ impl der::Tagged for AttestationExtension {
 }
 
 impl AsExtension for AttestationExtension {
+    fn critical(&self, _: &Name, _: &[Extension]) -> bool {
+        false
+    }
+}
+
+/// An extension added non-critical where x509-cert would mark it critical:
+/// the extended key usage. RFC 5280 §4.2.1.12 leaves it to the issuer; the
+/// CA/Browser Forum's profiles want it non-critical in end-entity
+/// certificates, and keyward's have always carried it so.
+struct NonCritical<T>(T);
+
+impl<T: AssociatedOid> AssociatedOid for NonCritical<T> {
+    const OID: ObjectIdentifier = T::OID;
+}
+
+impl<T: der::Encode> der::Encode for NonCritical<T> {
+    fn encoded_len(&self) -> der::Result<der::Length> {
+        self.0.encoded_len()
+    }
+
+    fn encode(&self, writer: &mut impl der::Writer) -> der::Result<()> {
+        self.0.encode(writer)
+    }
+}
+
+impl<T: AssociatedOid + der::Encode> AsExtension for NonCritical<T> {
     fn critical(&self, _: &Name, _: &[Extension]) -> bool {
         false
     }
@@ -421,4 +449,109 @@ impl RevocationPointers {
 /// Wraps DER (r, s) as the certificate's signature BIT STRING.
 pub fn signature_bits(der: &[u8]) -> Result<BitString, CaError> {
     BitString::from_bytes(der).map_err(CaError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use const_oid::db::rfc5280::{
+        ID_CE_AUTHORITY_KEY_IDENTIFIER, ID_CE_BASIC_CONSTRAINTS, ID_CE_CRL_DISTRIBUTION_POINTS,
+        ID_CE_EXT_KEY_USAGE, ID_CE_KEY_USAGE, ID_CE_SUBJECT_ALT_NAME, ID_CE_SUBJECT_KEY_IDENTIFIER,
+        ID_PE_AUTHORITY_INFO_ACCESS,
+    };
+
+    use der::Encode;
+
+    use super::*;
+
+    fn key() -> PublicKey {
+        p256::SecretKey::random(&mut rand::thread_rng()).public_key()
+    }
+
+    /// Each extension's OID and criticality, in order, of a drafted
+    /// certificate of `kind`.
+    fn extensions_of(kind: Kind<'_>, public_url: Option<&str>) -> Vec<(ObjectIdentifier, bool)> {
+        let (subject_key, issuer_public) = (key(), key());
+        let issuer_key = IssuerKey::new(&issuer_public);
+        let now = SystemTime::now();
+        let tbs = build_tbs(TbsRequest {
+            kind,
+            subject: common_name("subject").unwrap(),
+            subject_key: &subject_key,
+            issuer: common_name("issuer").unwrap(),
+            issuer_key: &issuer_key,
+            not_before: now,
+            not_after: now + Duration::from_secs(600),
+            public_url,
+        })
+        .unwrap();
+        tbs.extensions
+            .unwrap()
+            .iter()
+            .map(|e| (e.extn_id, e.critical))
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_carries_its_extensions_with_the_profiles_criticality() {
+        let agent = Kind::Agent {
+            spiffe_id: "spiffe://keyward.local/agent/alpha",
+            attestation: Some(
+                der::asn1::Utf8StringRef::new("[]")
+                    .unwrap()
+                    .to_der()
+                    .unwrap(),
+            ),
+            purpose: AgentKeyPurpose::Signing,
+        };
+        assert_eq!(
+            extensions_of(agent, Some("https://keyward.example")),
+            [
+                (ID_CE_BASIC_CONSTRAINTS, true),
+                (ID_CE_KEY_USAGE, true),
+                (ID_CE_EXT_KEY_USAGE, false),
+                (ID_CE_SUBJECT_ALT_NAME, false),
+                (ID_PE_CMW, false),
+                (ID_CE_SUBJECT_KEY_IDENTIFIER, false),
+                (ID_CE_AUTHORITY_KEY_IDENTIFIER, false),
+                (ID_CE_CRL_DISTRIBUTION_POINTS, false),
+                (ID_PE_AUTHORITY_INFO_ACCESS, false),
+            ]
+        );
+        let server = Kind::Server {
+            dns_names: &["keyward.example".to_owned()],
+            ips: &[],
+        };
+        assert_eq!(
+            extensions_of(server, None),
+            [
+                (ID_CE_BASIC_CONSTRAINTS, true),
+                (ID_CE_KEY_USAGE, true),
+                (ID_CE_EXT_KEY_USAGE, false),
+                (ID_CE_SUBJECT_ALT_NAME, false),
+                (ID_CE_SUBJECT_KEY_IDENTIFIER, false),
+                (ID_CE_AUTHORITY_KEY_IDENTIFIER, false),
+            ]
+        );
+        // No revocation pointers for the responder, even with a URL.
+        assert_eq!(
+            extensions_of(Kind::OcspResponder, Some("https://keyward.example")),
+            [
+                (ID_CE_BASIC_CONSTRAINTS, true),
+                (ID_CE_KEY_USAGE, true),
+                (ID_CE_EXT_KEY_USAGE, false),
+                (ID_PKIX_OCSP_NOCHECK, false),
+                (ID_CE_SUBJECT_KEY_IDENTIFIER, false),
+                (ID_CE_AUTHORITY_KEY_IDENTIFIER, false),
+            ]
+        );
+        assert_eq!(
+            extensions_of(Kind::RootCa, None),
+            [
+                (ID_CE_BASIC_CONSTRAINTS, true),
+                (ID_CE_KEY_USAGE, true),
+                (ID_CE_SUBJECT_KEY_IDENTIFIER, false),
+                (ID_CE_AUTHORITY_KEY_IDENTIFIER, false),
+            ]
+        );
+    }
 }
