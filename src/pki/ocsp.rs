@@ -454,6 +454,40 @@ mod tests {
             self.read("req.der")
         }
 
+        /// openssl's check of `resp.der` for `certs` (its own CertIDs,
+        /// no nonce), trusting `ca.pem`.
+        fn openssl_check(&self, certs: &[&str], extra: &[&str]) -> Output {
+            let (ca, response) = (self.path("ca.pem"), self.path("resp.der"));
+            let mut args = vec!["ocsp"];
+            args.extend(extra);
+            args.extend(["-issuer", ca.as_str()]);
+            let paths: Vec<String> = certs.iter().map(|c| self.path(c)).collect();
+            for path in &paths {
+                args.extend(["-cert", path.as_str()]);
+            }
+            args.extend([
+                "-respin",
+                response.as_str(),
+                "-CAfile",
+                ca.as_str(),
+                "-no_nonce",
+            ]);
+            openssl(&args)
+        }
+
+        /// openssl's check of `resp.der` against the request in `req.der`,
+        /// its nonce included, trusting `ca.pem`.
+        fn openssl_check_against_request(&self) -> Output {
+            let (ca, request, response) = (
+                self.path("ca.pem"),
+                self.path("req.der"),
+                self.path("resp.der"),
+            );
+            openssl(&[
+                "ocsp", "-reqin", &request, "-respin", &response, "-issuer", &ca, "-CAfile", &ca,
+            ])
+        }
+
         fn status_for(&self, cert_id: &CertId) -> CertStatus {
             if cert_id.serial == self.revoked.tbs_certificate.serial_number.as_bytes() {
                 CertStatus::Revoked {
@@ -564,17 +598,7 @@ mod tests {
 
         // With only -reqin, openssl checks the response against that
         // request's nonce.
-        let checked = openssl(&[
-            "ocsp",
-            "-reqin",
-            &fx.path("req.der"),
-            "-respin",
-            &fx.path("resp.der"),
-            "-issuer",
-            &fx.path("ca.pem"),
-            "-CAfile",
-            &fx.path("ca.pem"),
-        ]);
+        let checked = fx.openssl_check_against_request();
         let err = stderr(&checked);
         assert!(checked.status.success(), "{err}");
         assert!(err.contains("Response verify OK"), "{err}");
@@ -582,20 +606,7 @@ mod tests {
         assert!(!err.contains("Nonce Verify error"), "{err}");
 
         // With -cert, openssl builds its own CertIDs and prints each status.
-        let statuses = openssl(&[
-            "ocsp",
-            "-issuer",
-            &fx.path("ca.pem"),
-            "-cert",
-            &fx.path("revoked.pem"),
-            "-cert",
-            &fx.path("good.pem"),
-            "-respin",
-            &fx.path("resp.der"),
-            "-CAfile",
-            &fx.path("ca.pem"),
-            "-no_nonce",
-        ]);
+        let statuses = fx.openssl_check(&["revoked.pem", "good.pem"], &[]);
         let out = stdout(&statuses);
         assert!(statuses.status.success(), "{}", stderr(&statuses));
         assert!(stderr(&statuses).contains("Response verify OK"));
@@ -605,17 +616,7 @@ mod tests {
 
         // The control: the same response without the nonce is flagged.
         fx.write("resp.der", fx.ca_response(&request, false));
-        let checked = openssl(&[
-            "ocsp",
-            "-reqin",
-            &fx.path("req.der"),
-            "-respin",
-            &fx.path("resp.der"),
-            "-issuer",
-            &fx.path("ca.pem"),
-            "-CAfile",
-            &fx.path("ca.pem"),
-        ]);
+        let checked = fx.openssl_check_against_request();
         assert!(
             stderr(&checked).contains("WARNING: no nonce in response"),
             "{}",
@@ -629,19 +630,7 @@ mod tests {
         let request =
             parse_request(&fx.openssl_request(&["good.pem"], &["-sha256", "-no_nonce"])).unwrap();
         fx.write("resp.der", fx.ca_response(&request, true));
-        let statuses = openssl(&[
-            "ocsp",
-            "-sha256",
-            "-issuer",
-            &fx.path("ca.pem"),
-            "-cert",
-            &fx.path("good.pem"),
-            "-respin",
-            &fx.path("resp.der"),
-            "-CAfile",
-            &fx.path("ca.pem"),
-            "-no_nonce",
-        ]);
+        let statuses = fx.openssl_check(&["good.pem"], &["-sha256"]);
         assert!(
             stdout(&statuses).contains("good.pem: good"),
             "{}",
@@ -666,18 +655,7 @@ mod tests {
             let data = response_data(&fx.ca.cert, &[single(status)], now, None).unwrap();
             let der = assemble_basic(&data, &sign_with(&fx.ca.key, &data), &[]).unwrap();
             fx.write("resp.der", der);
-            let out = openssl(&[
-                "ocsp",
-                "-issuer",
-                &fx.path("ca.pem"),
-                "-cert",
-                &fx.path("other.pem"),
-                "-respin",
-                &fx.path("resp.der"),
-                "-CAfile",
-                &fx.path("ca.pem"),
-                "-no_nonce",
-            ]);
+            let out = fx.openssl_check(&["other.pem"], &[]);
             assert!(
                 stderr(&out).contains("Response verify OK"),
                 "{}",
