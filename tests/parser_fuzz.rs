@@ -18,7 +18,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::SystemTime;
 
 use common::{Db, Server};
-use keyward::pki::Extensions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -194,9 +193,12 @@ async fn mutated_csrs_ocsp_requests_and_certificates_never_panic_verify_or_write
                 hex::encode(input)
             );
         }
-        if let Some(extension) = certificate
-            .tbs_certificate
-            .extension(&keyward::pki::profile::ID_PE_CMW)
+        let cmw = keyward::pki::profile::ID_PE_CMW;
+        let extensions = certificate.tbs_certificate.extensions.as_deref();
+        if let Some(extension) = extensions
+            .unwrap_or_default()
+            .iter()
+            .find(|e| e.extn_id == cmw)
         {
             let _ = keyward::attestation::AttestationClaims::from_extension_value(
                 extension.extn_value.as_bytes(),

@@ -7,7 +7,7 @@
 //! writes fits, and a certificate carrying one that does not (a huge arc)
 //! is refused as malformed when it is parsed.
 
-use const_oid::{AssociatedOid, ObjectIdentifier};
+use const_oid::AssociatedOid;
 use der::asn1::OctetString;
 use der::{Decode, Encode, EncodePem};
 
@@ -26,33 +26,6 @@ pub fn extension<T: AssociatedOid + Encode>(
         critical,
         extn_value: OctetString::new(value.to_der()?)?,
     })
-}
-
-/// Reading extensions of a `TbsCertificate`.
-pub trait Extensions {
-    /// The extension with this OID, if present.
-    fn extension(&self, oid: &ObjectIdentifier) -> Option<&Extension>;
-
-    /// A standard extension decoded, with its criticality, if present.
-    fn typed_extension<'a, T>(&'a self) -> Result<Option<(bool, T)>, CaError>
-    where
-        T: AssociatedOid + Decode<'a>;
-}
-
-impl Extensions for TbsCertificate {
-    fn extension(&self, oid: &ObjectIdentifier) -> Option<&Extension> {
-        self.extensions.as_ref()?.iter().find(|e| &e.extn_id == oid)
-    }
-
-    fn typed_extension<'a, T>(&'a self) -> Result<Option<(bool, T)>, CaError>
-    where
-        T: AssociatedOid + Decode<'a>,
-    {
-        match self.extension(&T::OID) {
-            None => Ok(None),
-            Some(e) => Ok(Some((e.critical, T::from_der(e.extn_value.as_bytes())?))),
-        }
-    }
 }
 
 /// PEM and the serial number as keyward writes them.

@@ -12,7 +12,7 @@ use x509_cert::crl::{CertificateList, RevokedCert, TbsCertList};
 use x509_cert::ext::pkix::{AuthorityKeyIdentifier, CrlNumber, CrlReason, SubjectKeyIdentifier};
 use x509_cert::serial_number::SerialNumber;
 
-use super::cert::{self, Certificate, Extensions};
+use super::cert::{self, Certificate};
 use super::{profile, CaError};
 
 /// CRLReason (RFC 5280 §5.3.1), without removeFromCRL: keyward publishes
@@ -127,7 +127,7 @@ pub(crate) fn serial_from_content(content: &[u8]) -> Result<SerialNumber, CaErro
 /// the CA key in their AKI, so the CRL uses that same value.
 fn issuer_key_identifier(issuer: &Certificate) -> Result<Vec<u8>, CaError> {
     let tbs = &issuer.tbs_certificate;
-    if let Some((_, ski)) = tbs.typed_extension::<SubjectKeyIdentifier>()? {
+    if let Some((_, ski)) = tbs.get::<SubjectKeyIdentifier>()? {
         return Ok(ski.0.as_bytes().to_vec());
     }
     let key = profile::p256_key_of(&tbs.subject_public_key_info)?;
@@ -353,7 +353,7 @@ mod tests {
         let (_, ski) = ca
             .cert
             .tbs_certificate
-            .typed_extension::<SubjectKeyIdentifier>()
+            .get::<SubjectKeyIdentifier>()
             .unwrap()
             .unwrap();
         assert_eq!(aki.key_identifier, Some(ski.0));

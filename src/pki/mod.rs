@@ -27,7 +27,7 @@ use crate::store::{
     AttestationRecord, CaRecord, CertificateInsert, CertificateLog, CertificateRecord,
     NewCertificate, StoreError,
 };
-pub use cert::{parse_pem_chain, Certificate, CertificateText, Extensions};
+pub use cert::{parse_pem_chain, Certificate, CertificateText};
 use profile::{AgentKeyPurpose, IssuerKey, Kind, TbsRequest};
 use x509_cert::builder::Builder;
 

@@ -473,6 +473,9 @@ fn verify_signature(
         return Ok(false);
     };
     let key = &issuer.tbs_certificate.subject_public_key_info;
+    // Parameters are the child's signature algorithm's.
+    let no_parameters =
+        || require_no_parameters(algorithm).map_err(|detail| malformed(child_depth, detail));
     let key_error = |e: KeyError| match e {
         KeyError::Malformed(detail) => malformed(depth, detail),
         KeyError::Unsupported(detail) => unsupported(depth, detail),
@@ -492,28 +495,28 @@ fn verify_signature(
     }
     let verified = match algorithm.oid {
         rfc5912::SHA_256_WITH_RSA_ENCRYPTION => {
-            require_no_parameters(algorithm).map_err(key_error)?;
+            no_parameters()?;
             verify_pkcs1v15::<Sha256>(key, signed, signature)
         }
         rfc5912::SHA_384_WITH_RSA_ENCRYPTION => {
-            require_no_parameters(algorithm).map_err(key_error)?;
+            no_parameters()?;
             verify_pkcs1v15::<Sha384>(key, signed, signature)
         }
         rfc5912::SHA_512_WITH_RSA_ENCRYPTION => {
-            require_no_parameters(algorithm).map_err(key_error)?;
+            no_parameters()?;
             verify_pkcs1v15::<Sha512>(key, signed, signature)
         }
         rfc5912::ID_RSASSA_PSS => verify_pss(key, algorithm, signed, signature),
         rfc5912::ECDSA_WITH_SHA_256 => {
-            require_no_parameters(algorithm).map_err(key_error)?;
+            no_parameters()?;
             verify_ecdsa(key, &Sha256::digest(signed), signature)
         }
         rfc5912::ECDSA_WITH_SHA_384 => {
-            require_no_parameters(algorithm).map_err(key_error)?;
+            no_parameters()?;
             verify_ecdsa(key, &Sha384::digest(signed), signature)
         }
         rfc5912::ECDSA_WITH_SHA_512 => {
-            require_no_parameters(algorithm).map_err(key_error)?;
+            no_parameters()?;
             verify_ecdsa(key, &Sha512::digest(signed), signature)
         }
         other => {
@@ -534,14 +537,11 @@ enum KeyError {
 
 /// PKCS#1 v1.5 and ECDSA identifiers carry NULL or nothing; tolerating
 /// either costs nothing, and some encoders get this wrong.
-fn require_no_parameters(algorithm: &AlgorithmIdentifierOwned) -> Result<(), KeyError> {
+fn require_no_parameters(algorithm: &AlgorithmIdentifierOwned) -> Result<(), String> {
     match &algorithm.parameters {
         None => Ok(()),
         Some(parameters) if parameters.tag() == Tag::Null => Ok(()),
-        Some(_) => Err(KeyError::Malformed(format!(
-            "unexpected parameters for {}",
-            algorithm.oid
-        ))),
+        Some(_) => Err(format!("unexpected parameters for {}", algorithm.oid)),
     }
 }
 
