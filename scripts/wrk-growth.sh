@@ -6,6 +6,7 @@
 # for each, and the certificates in the database so far.
 #
 # usage: scripts/wrk-growth.sh [BINARY] [PORT] [ROUNDS]   (needs wrk, sqlite3)
+# KEEP=1 keeps the data directory and the server's log, and names it.
 set -euo pipefail
 BIN=${1:-target/release/keyward}; PORT=${2:-18500}; ROUNDS=${3:-4}
 D=$(mktemp -d /tmp/kw-growth.XXXX); chmod 700 $D
@@ -36,6 +37,7 @@ for r in $(seq 1 $ROUNDS); do
   s=$(wrk -t1 -c32 -d8s --latency -s $D/sign.lua https://127.0.0.1:$PORT/v1/agents/alpha/sign 2>&1 | lat)
   i=$(wrk -t1 -c32 -d8s --latency -s $D/issue.lua https://127.0.0.1:$PORT/v1/agents/alpha/certificates 2>&1 | lat)
   n=$(sqlite3 $D/keyward.db "select count(*) from certificates" 2>/dev/null)
-  echo "round $r: sign $s | issue $i | certs $n"
+  echo "$(date +%T) round $r: sign $s | issue $i | certs $n"
 done
-kill $PID; wait $PID 2>/dev/null || true; rm -rf $D
+kill $PID; wait $PID 2>/dev/null || true
+if [ -n "${KEEP:-}" ]; then echo "kept: $D"; else rm -rf $D; fi
