@@ -31,4 +31,5 @@ fi
 
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --quiet
 cargo nextest run --locked --no-fail-fast "$@"

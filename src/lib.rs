@@ -35,7 +35,6 @@ pub mod config;
 pub mod credential;
 pub mod embedded;
 pub mod envelope;
-pub mod error;
 pub mod handoff;
 pub mod hooks;
 pub mod identity;
@@ -49,5 +48,3 @@ pub mod server_identity;
 pub mod store;
 pub mod telemetry;
 pub mod tpm_enrollment;
-
-pub use error::Error;

@@ -4,6 +4,10 @@
 //! SoftHSM2 reads SOFTHSM2_CONF once per process, so each test needs a
 //! process of its own: the suite runs under cargo nextest (scripts/test.sh).
 
+// The one `unsafe` block of the project: C_CloseAllSessions for fault
+// injection, which cryptoki does not wrap (see `close_all_sessions`).
+#![allow(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
