@@ -819,7 +819,7 @@ pub async fn run_issue(
         path: path.clone(),
         body: r#"{"ttl_seconds":600}"#.into(),
     };
-    let (_, csr) = crate::credential::key_and_csr(BENCH_AGENT)?;
+    let (_, csr) = crate::client::credential::key_and_csr(BENCH_AGENT)?;
     let with_csr = Call::Post {
         path,
         body: serde_json::json!({ "csr_pem": csr, "ttl_seconds": 600 })

@@ -520,7 +520,7 @@ fn load_config(args: &ServerArgs) -> anyhow::Result<Config> {
 fn key_store(config: &Config) -> anyhow::Result<KeyStoreConfig> {
     Ok(match &config.keys {
         KeysConfig::EmbeddedSoftHsm => {
-            KeyStoreConfig::Pkcs11(keyward::embedded::prepare(&config.data_dir)?)
+            KeyStoreConfig::Pkcs11(keyward::app::embedded::prepare(&config.data_dir)?)
         }
         KeysConfig::Pkcs11(p) => KeyStoreConfig::Pkcs11(p.clone()),
         KeysConfig::Tpm(t) => KeyStoreConfig::Tpm(t.clone()),
@@ -576,7 +576,7 @@ fn main() -> anyhow::Result<()> {
     // Every file and directory keyward creates (databases, tokens, keys,
     // the embedded token's files, through SoftHSM2's own tools too) is its
     // owner's alone, whatever umask keyward was started with.
-    keyward::embedded::private_umask();
+    keyward::runtime::files::private_umask();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
@@ -870,7 +870,7 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
                     let pem = std::fs::read_to_string(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
                     let anchors = keyward::pki::parse_pem_chain(&pem)?;
-                    match keyward::envelope::verify(
+                    match keyward::agents::envelope::verify(
                         token,
                         &anchors,
                         &audience,
@@ -955,7 +955,7 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
             let config = ConfigFile::load(path)?.validate(&Overrides::default())?;
             let pkcs11 = match config.keys {
                 KeysConfig::Pkcs11(p) => p,
-                KeysConfig::EmbeddedSoftHsm => keyward::embedded::prepare(dir.path())?,
+                KeysConfig::EmbeddedSoftHsm => keyward::app::embedded::prepare(dir.path())?,
                 KeysConfig::Tpm(tpm) => {
                     anyhow::bail!("for a TPM, run bench sign --tpm {}", tpm.tcti)
                 }
@@ -963,7 +963,7 @@ fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
             (pkcs11, config.runtime_threads)
         }
         None => (
-            keyward::embedded::prepare(dir.path())?,
+            keyward::app::embedded::prepare(dir.path())?,
             default_runtime_threads(),
         ),
     };
@@ -1092,7 +1092,7 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
             client(&args)?.get_all("/v1/agents", "agents").await?
         }
         AgentCommand::EkFingerprint { tpm } => {
-            println!("{}", keyward::tpm_enrollment::ek_fingerprint(&tpm)?);
+            println!("{}", keyward::client::tpm_enrollment::ek_fingerprint(&tpm)?);
             return Ok(());
         }
         AgentCommand::Enroll {
@@ -1107,14 +1107,16 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
             let token = std::fs::read_to_string(&enrollment_token_file)
                 .with_context(|| format!("reading {}", enrollment_token_file.display()))?;
             std::fs::create_dir_all(&out)?;
-            let issued = keyward::tpm_enrollment::enroll(&keyward::tpm_enrollment::EnrollOptions {
-                url: url.trim_end_matches('/').to_owned(),
-                ca_file: ca,
-                tcti: tpm,
-                token: token.trim().to_owned(),
-                out: out.clone(),
-                ttl_seconds: ttl,
-            })
+            let issued = keyward::client::tpm_enrollment::enroll(
+                &keyward::client::tpm_enrollment::EnrollOptions {
+                    url: url.trim_end_matches('/').to_owned(),
+                    ca_file: ca,
+                    tcti: tpm,
+                    token: token.trim().to_owned(),
+                    out: out.clone(),
+                    ttl_seconds: ttl,
+                },
+            )
             .await?;
             println!(
                 "{name}: certificate {} until {}, key in the TPM (attestation {}); files in {}",
@@ -1134,17 +1136,17 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
             once,
             ttl,
         } => {
-            let options = keyward::credential::LoginOptions {
+            let options = keyward::client::credential::LoginOptions {
                 url: url.trim_end_matches('/').to_owned(),
                 ca_file: ca,
                 dir,
                 ttl_seconds: ttl,
             };
             let issued = if options.dir.join("cert.pem").exists() {
-                keyward::credential::renew(&options, &name).await?
+                keyward::client::credential::renew(&options, &name).await?
             } else {
                 let token = token.context("no credential yet: give --token")?;
-                keyward::credential::enroll(&options, &name, &token).await?
+                keyward::client::credential::enroll(&options, &name, &token).await?
             };
             println!(
                 "{name}: certificate {} until {}",
@@ -1152,7 +1154,7 @@ async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
                 issued["not_after"].as_str().unwrap_or("?")
             );
             if !once {
-                keyward::credential::keep_renewed(&options, &name).await?;
+                keyward::client::credential::keep_renewed(&options, &name).await?;
             }
             return Ok(());
         }

@@ -38,7 +38,7 @@ fn token() -> (tempfile::TempDir, Pkcs11Config) {
         "one SoftHSM2 token per process: run these tests with cargo nextest"
     );
     let dir = tempfile::tempdir().unwrap();
-    let config = keyward::embedded::prepare(dir.path()).unwrap();
+    let config = keyward::app::embedded::prepare(dir.path()).unwrap();
     (dir, config)
 }
 

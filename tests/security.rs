@@ -16,7 +16,7 @@ use common::{
     agent_client, enroll, enrolled_with, enrollment_token, key_and_csr, mtls_client, post,
     register_agent_with, run, Db, Server,
 };
-use keyward::envelope::{self, Claims, Header};
+use keyward::agents::envelope::{self, Claims, Header};
 use keyward::pki::Certificate;
 use p256::ecdsa::signature::hazmat::PrehashSigner;
 use p256::pkcs8::DecodePrivateKey;
@@ -651,7 +651,7 @@ fn sign_on_the_token_outside_keyward(server: &Server, key_id: &str, digest: &[u8
     let pin = std::fs::read_to_string(server.path("softhsm/user.pin")).unwrap();
     let (ok, out) = run(Command::new("pkcs11-tool")
         .arg("--module")
-        .arg(keyward::embedded::find_softhsm_module().unwrap())
+        .arg(keyward::app::embedded::find_softhsm_module().unwrap())
         .args([
             "--login",
             "--pin",

@@ -415,7 +415,8 @@ async fn messages_are_signed_as_the_agent_and_accepted_once_by_their_recipient(d
     let root = std::fs::read_to_string(server.path("ca.pem")).unwrap();
     let anchors = keyward::pki::parse_pem_chain(&root).unwrap();
     let offline =
-        keyward::envelope::verify(token, &anchors, bob, std::time::SystemTime::now()).unwrap();
+        keyward::agents::envelope::verify(token, &anchors, bob, std::time::SystemTime::now())
+            .unwrap();
     assert_eq!(offline.intent(), "refund order 42");
     let script = write(&server, "verify_envelope.py", python_verifier().as_bytes());
     let now = std::time::SystemTime::now()

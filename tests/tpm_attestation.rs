@@ -15,9 +15,9 @@ use common::{run, Db, Server};
 use der::Encode;
 use keyward::attestation::tpm::evidence::CertifyEvidence;
 use keyward::attestation::AttestationClaims;
+use keyward::client::tpm_enrollment::{signing_key_template, AgentTpm, AgentTpmKey};
 use keyward::keys::tpm::{TpmBackend, TpmConfig};
 use keyward::keys::{KeyBackend, KeyId};
-use keyward::tpm_enrollment::{signing_key_template, AgentTpm, AgentTpmKey};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::pkcs8::DecodePublicKey;
 use serde_json::{json, Value};
@@ -861,8 +861,13 @@ async fn tpm2_tools_make_the_ek_ak_activation_and_key_and_keyward_verifies_them(
         };
         let ak = handle(0x8101_0101);
         let key = handle(0x8101_0102);
-        keyward::tpm_enrollment::certify_object(&mut ctx, key, ak.into(), &field(&ch, "nonce_b64"))
-            .unwrap()
+        keyward::client::tpm_enrollment::certify_object(
+            &mut ctx,
+            key,
+            ak.into(),
+            &field(&ch, "nonce_b64"),
+        )
+        .unwrap()
     };
     let evidence = CertifyEvidence {
         public: read("key.pub"),

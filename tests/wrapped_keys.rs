@@ -26,7 +26,7 @@ use p256::PublicKey;
 
 fn token() -> (tempfile::TempDir, Pkcs11Config) {
     let dir = tempfile::tempdir().unwrap();
-    let config = keyward::embedded::prepare(dir.path()).unwrap();
+    let config = keyward::app::embedded::prepare(dir.path()).unwrap();
     (dir, config)
 }
 
@@ -434,7 +434,7 @@ fn an_operator_token_keeps_keys_wrapped_once_its_security_officer_made_the_wrapp
     std::fs::write(&pin_file, "2112-user").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let module = keyward::embedded::find_softhsm_module().unwrap();
+    let module = keyward::app::embedded::find_softhsm_module().unwrap();
     let config = dir.path().join("keyward.toml");
     std::fs::write(
         &config,

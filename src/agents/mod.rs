@@ -25,6 +25,7 @@ use crate::store::{
 };
 
 pub mod cache;
+pub mod envelope;
 pub mod orphans;
 pub mod signing;
 pub mod verification;
@@ -63,7 +64,7 @@ pub enum AgentError {
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
-    Envelope(#[from] crate::envelope::EnvelopeError),
+    Envelope(#[from] crate::agents::envelope::EnvelopeError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("stored agent record is malformed: {0}")]

@@ -10,7 +10,7 @@ use p256::ecdsa::Signature;
 
 use super::cache::{AgentCache, SigningView};
 use super::{AgentError, ACTIVE};
-use crate::envelope::{self, Claims, Header};
+use crate::agents::envelope::{self, Claims, Header};
 use crate::identity::AgentName;
 use crate::keys::{KeyId, KeyRef};
 use crate::pki::cert::Certificate;

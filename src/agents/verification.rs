@@ -1,7 +1,7 @@
 //! Verification on behalf of relying parties: a signature by an agent (or
 //! by the holder of a keyward certificate), and signed envelopes.
 //!
-//! The cryptography is `crate::pki::verify` and `crate::envelope`, the same code
+//! The cryptography is `crate::pki::verify` and `crate::agents::envelope`, the same code
 //! an offline verifier runs. What this adds is what only keyward knows, so
 //! that `valid` here means "keyward made this signature for that agent,
 //! under its policy": the signer's certificate must be for a key keyward
@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use der::Decode;
 
-use crate::envelope::{self, ReplayCache, VerifiedMessage};
+use crate::agents::envelope::{self, ReplayCache, VerifiedMessage};
 use crate::identity::AgentName;
 use crate::pki::cert::Certificate;
 use crate::pki::profile::ID_KP_DOCUMENT_SIGNING;

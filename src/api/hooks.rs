@@ -13,8 +13,8 @@ use super::extract::{Json, Unparsed};
 use super::paging::PageQuery;
 use super::AppState;
 use crate::audit::AuditEvent;
-use crate::hooks::{check_url, new_secret};
 use crate::policy::{authorize, Action, Caller};
+use crate::revocation::hooks::{check_url, new_secret};
 use crate::store::StoreError;
 
 pub fn router() -> Router<Arc<AppState>> {

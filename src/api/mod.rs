@@ -46,7 +46,7 @@ pub struct AppState {
     pub signer: Arc<AgentSigner>,
     pub verifier: Arc<Verifier>,
     pub status: Arc<crate::pki::status::StatusPublisher>,
-    pub hooks: Arc<crate::hooks::Deliverer>,
+    pub hooks: Arc<crate::revocation::hooks::Deliverer>,
     pub policy: Arc<crate::policy::engine::PolicyEngine>,
     pub hook_allowed_hosts: Vec<String>,
     pub store: Arc<dyn Store>,

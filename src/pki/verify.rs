@@ -1,5 +1,5 @@
 //! Signature and certificate-chain verification: the one code path behind
-//! `POST /v1/verify` and signed envelopes (`crate::envelope`).
+//! `POST /v1/verify` and signed envelopes (`crate::agents::envelope`).
 //!
 //! Everything here is ECDSA P-256 with SHA-256, the only algorithm keyward
 //! issues certificates for or signs with; anything else is refused as

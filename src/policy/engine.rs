@@ -188,7 +188,7 @@ impl PolicyEngine {
 
     /// Keeps the version in force current for the life of the runtime.
     pub fn watch(self: &Arc<Self>) {
-        crate::periodic::every(
+        crate::runtime::periodic::every(
             REFRESH_INTERVAL,
             self,
             "refreshing the policy",

@@ -32,8 +32,8 @@ use tokio::sync::oneshot;
 
 pub use breaker::{Breaker, BreakerState};
 
-use crate::handoff::Handoff;
 use crate::keys::{GeneratedKey, KeyBackend, KeyError, KeyId, KeyRef, KeySession, KeyStorage};
+use crate::runtime::handoff::Handoff;
 use crate::telemetry::PoolMetrics;
 
 #[derive(Clone, Debug)]
@@ -150,7 +150,7 @@ struct Job {
     reply: oneshot::Sender<Result<KeyOutput, PoolError>>,
 }
 
-type Answer = crate::handoff::Answer<Result<KeyOutput, PoolError>>;
+type Answer = crate::runtime::handoff::Answer<Result<KeyOutput, PoolError>>;
 
 struct Shared {
     backend: Arc<dyn KeyBackend>,

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{signature_batch_event, SignatureRecord, Store, StoreError};
 use crate::audit::{chain_hash, AuditEvent};
-use crate::handoff::Handoff;
+use crate::runtime::handoff::Handoff;
 
 /// Records per transaction at most.
 const MAX_BATCH: usize = 1024;

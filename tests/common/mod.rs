@@ -457,7 +457,7 @@ impl Server {
 
     fn pkcs11_tool(&self, args: &[&str]) -> String {
         let conf = self.path("softhsm/softhsm2.conf");
-        let module = keyward::embedded::find_softhsm_module().unwrap();
+        let module = keyward::app::embedded::find_softhsm_module().unwrap();
         let out = Command::new("pkcs11-tool")
             .arg("--module")
             .arg(module)

@@ -1,6 +1,9 @@
 //! Wiring: key backend -> pool -> store -> CA -> API state, and the HTTPS
 //! listener.
 
+pub mod embedded;
+pub mod server_identity;
+
 use crate::pki::CertificateText;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -22,17 +25,17 @@ use crate::agents::signing::AgentSigner;
 use crate::agents::verification::Verifier;
 use crate::agents::Registry;
 use crate::api::{self, AdminTokens, AppState};
+use crate::app::server_identity::{ServerIdentity, ServerNames};
 use crate::attestation::pkcs11::EvidenceSigner;
 use crate::audit::AuditEvent;
 use crate::config::Config;
-use crate::embedded::{private_dir, write_private_file};
 use crate::keys::KeyStoreConfig;
 use crate::keys::{KeyId, KeyRef, KeyStorage};
 use crate::pki::status::StatusPublisher;
 use crate::pki::Authority;
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
-use crate::server_identity::{ServerIdentity, ServerNames};
+use crate::runtime::files::{private_dir, write_private_file};
 use tower::Layer;
 
 /// How often keys due for a scheduled rotation are looked for.
@@ -160,7 +163,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         revocations.clone(),
         ocsp_responder,
     ));
-    crate::periodic::every(
+    crate::runtime::periodic::every(
         RETIRED_KEY_SWEEP,
         &registry,
         "destroying retired keys",
@@ -168,7 +171,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     );
     // A day past expiry a challenge can only be refused as unknown (stale)
     // instead of expired: the difference no longer matters to anyone.
-    crate::periodic::every(
+    crate::runtime::periodic::every(
         RETIRED_KEY_SWEEP,
         &store,
         "deleting expired TPM challenges",
@@ -179,7 +182,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     );
     // Twice per grace period, so a key goes between one and one and a half
     // periods after it was first found unowned.
-    crate::periodic::every(
+    crate::runtime::periodic::every(
         (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1)),
         &registry,
         "looking for keys no agent owns",
@@ -187,18 +190,19 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     );
     // With the custodial-key janitor's cadence, which tests can shorten.
     let listener_keys = pool.clone();
-    crate::periodic::every(
+    crate::runtime::periodic::every(
         (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1)),
         &store,
         "looking for TLS keys of listeners that did not shut down",
         move |store| {
             let pool = listener_keys.clone();
             async move {
-                crate::server_identity::destroy_stale_listener_keys(&pool, store.as_ref()).await
+                crate::app::server_identity::destroy_stale_listener_keys(&pool, store.as_ref())
+                    .await
             }
         },
     );
-    let hooks = crate::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
+    let hooks = crate::revocation::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
         .context("building the hook client")?;
     hooks.start();
     let policy = crate::policy::engine::PolicyEngine::load(store.clone(), signer.clone())
@@ -206,7 +210,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         .context("loading the policy")?;
     policy.watch();
     let scheduled = Arc::downgrade(&registry);
-    crate::periodic::every(
+    crate::runtime::periodic::every(
         SCHEDULED_ROTATION_SWEEP,
         &policy,
         "scheduled key rotation",
@@ -401,7 +405,7 @@ pub fn refuse_shared_data(config: &Config) -> anyhow::Result<()> {
         }
     }
     for path in paths {
-        if let Some(problem) = crate::embedded::shared_with_others(&path)
+        if let Some(problem) = crate::runtime::files::shared_with_others(&path)
             .with_context(|| format!("checking {}", path.display()))?
         {
             anyhow::bail!("refusing to start: {problem}");

@@ -1218,7 +1218,7 @@ mod tests {
     /// printed there verify at the time the document states.
     #[test]
     fn the_documented_example_verifies() {
-        let doc = include_str!("../docs/envelope.md");
+        let doc = include_str!("../../docs/envelope.md");
         let between = |start: &str, end: &str| {
             let from = doc.find(start).expect(start) + start.len();
             let to = from + doc[from..].find(end).expect(end);

@@ -1,6 +1,9 @@
 //! The operator's HTTP client behind the CLI (`keyward agent ...`,
 //! `keyward cert ...`): HTTPS pinned to keyward's CA, admin token as bearer.
 
+pub mod credential;
+pub mod tpm_enrollment;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};

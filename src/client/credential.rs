@@ -40,7 +40,7 @@ pub(crate) fn key_and_csr(agent: &str) -> anyhow::Result<(p256::SecretKey, Strin
 fn write_atomically(path: &Path, contents: &[u8], private: bool) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     if private {
-        crate::embedded::write_private_file(&tmp, contents)?;
+        crate::runtime::files::write_private_file(&tmp, contents)?;
     } else {
         std::fs::write(&tmp, contents)?;
     }

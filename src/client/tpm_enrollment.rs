@@ -25,7 +25,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
 
-use crate::credential::post;
+use crate::client::credential::post;
 use tss_esapi::abstraction::ak::{create_ak, load_ak};
 use tss_esapi::abstraction::ek::{create_ek_object, retrieve_ek_pubcert};
 use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, DefaultKey};

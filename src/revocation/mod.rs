@@ -10,6 +10,8 @@
 //! of revoked unexpired certificates and inactive agents: small, and it
 //! cannot drift the way incremental updates can.
 
+pub mod hooks;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -153,7 +155,7 @@ impl RevocationSet {
     /// every `RELOAD_INTERVAL`, and on PostgreSQL one on every announced
     /// revocation.
     pub fn watch(self: &Arc<Self>, database_url: &str) {
-        crate::periodic::every(
+        crate::runtime::periodic::every(
             RELOAD_INTERVAL,
             self,
             "reloading the revocation set",
