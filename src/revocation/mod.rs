@@ -1,6 +1,6 @@
 //! The revocation set: which certificates are revoked and which agents may
 //! not act, held in memory by every replica and consulted on every
-//! authorization (DESIGN.md, "Revocation").
+//! authorization (docs/architecture.md, "Revocation and rotation").
 //!
 //! The database is the truth. A replica reloads the whole set when it
 //! revokes something itself (before the call returns), when PostgreSQL
