@@ -29,7 +29,6 @@ pub mod api;
 pub mod app;
 pub mod attestation;
 pub mod audit;
-pub mod bench;
 pub mod client;
 pub mod config;
 pub mod identity;

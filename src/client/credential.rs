@@ -26,7 +26,7 @@ pub struct LoginOptions {
 }
 
 /// A new key and a PEM CSR for it.
-pub(crate) fn key_and_csr(agent: &str) -> anyhow::Result<(p256::SecretKey, String)> {
+pub fn key_and_csr(agent: &str) -> anyhow::Result<(p256::SecretKey, String)> {
     let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
     let signer = p256::ecdsa::SigningKey::from(&secret);
     let subject = format!("CN={agent}").parse()?;

@@ -21,12 +21,12 @@ use base64::Engine;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, ConfigFile, Overrides};
-use crate::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
-use crate::keys::tpm::{TpmBackend, TpmConfig};
-use crate::keys::{KeyBackend, KeyId};
-use crate::pool::{KeyPool, PoolConfig};
-use crate::telemetry::PoolMetrics;
+use keyward::config::{Config, ConfigFile, Overrides};
+use keyward::keys::pkcs11::{Pkcs11Backend, Pkcs11Config};
+use keyward::keys::tpm::{TpmBackend, TpmConfig};
+use keyward::keys::{KeyBackend, KeyId};
+use keyward::pool::{KeyPool, PoolConfig};
+use keyward::telemetry::PoolMetrics;
 
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
@@ -39,7 +39,7 @@ pub struct BenchOptions {
     /// its signatures over.
     pub agents: usize,
     /// Where the server keeps the agents' custodial keys.
-    pub custodial_storage: crate::keys::KeyStorage,
+    pub custodial_storage: keyward::keys::KeyStorage,
     /// The server's database; `None`: a fresh SQLite file.
     pub database_url: Option<String>,
 }
@@ -526,17 +526,17 @@ async fn start_server(
         tpm_ek_allowlist: None,
     })?;
     config.custodial_storage = options.custodial_storage;
-    let keyward = crate::app::start(
+    let kw = keyward::app::start(
         &config,
-        &crate::keys::KeyStoreConfig::Pkcs11(pkcs11.clone()),
+        &keyward::keys::KeyStoreConfig::Pkcs11(pkcs11.clone()),
     )
     .await?;
-    let pool = keyward.state.pool.clone();
+    let pool = kw.state.pool.clone();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        let _ = crate::app::serve(listener, &keyward, || {}, async {
+        let _ = keyward::app::serve(listener, &kw, || {}, async {
             let _ = stop.await;
         })
         .await;
@@ -644,7 +644,7 @@ pub struct BenchRun {
 /// The token the `raw` mode signs on, opened apart from any server, and a
 /// key on it.
 fn raw_key(pkcs11: &Pkcs11Config) -> anyhow::Result<(Arc<Pkcs11Backend>, KeyId)> {
-    use crate::keys::KeySession;
+    use keyward::keys::KeySession;
     let backend = Arc::new(Pkcs11Backend::open(pkcs11)?);
     let key = KeyId::random("bench");
     backend.open_pkcs11_session()?.generate(&key)?;
@@ -819,7 +819,7 @@ pub async fn run_issue(
         path: path.clone(),
         body: r#"{"ttl_seconds":600}"#.into(),
     };
-    let (_, csr) = crate::client::credential::key_and_csr(BENCH_AGENT)?;
+    let (_, csr) = keyward::client::credential::key_and_csr(BENCH_AGENT)?;
     let with_csr = Call::Post {
         path,
         body: serde_json::json!({ "csr_pem": csr, "ttl_seconds": 600 })
@@ -952,7 +952,7 @@ pub fn table(results: &[BenchResult]) -> String {
 
 /// TPM2_Sign on one long-lived connection, one thread: the TPM's limit.
 fn tpm_raw(backend: &TpmBackend, key: &KeyId, run_for: Duration) -> anyhow::Result<Sample> {
-    use crate::keys::KeySession;
+    use keyward::keys::KeySession;
     let mut session = backend.open_tpm_session()?;
     // The key's first load is setup, not signing.
     session.sign_digest(key, &digest_for(0))?;
@@ -975,7 +975,7 @@ fn tpm_raw(backend: &TpmBackend, key: &KeyId, run_for: Duration) -> anyhow::Resu
 /// `tpm-raw` on its own connection, then a pool that is started, warmed
 /// up (its connection and the key loaded) and stopped again.
 pub async fn run_tpm(tcti: &str, options: &BenchOptions) -> anyhow::Result<Vec<BenchResult>> {
-    use crate::keys::KeySession;
+    use keyward::keys::KeySession;
     let dir = tempfile::tempdir()?;
     let backend = Arc::new(TpmBackend::open(&TpmConfig {
         tcti: tcti.to_owned(),
