@@ -27,6 +27,7 @@
 pub mod agents;
 pub mod api;
 pub mod app;
+pub mod approvals;
 pub mod attestation;
 pub mod audit;
 pub mod client;

@@ -71,6 +71,13 @@ async fn a_held_request_runs_only_once_an_admin_approves_it(db: Db) {
 
     let (_, listed) = server.admin("GET", "/v1/approvals", None).await;
     assert_eq!(listed["approvals"].as_array().unwrap().len(), 1);
+    // The approver reads what was sent and the digest that will be signed.
+    let held = &listed["approvals"][0]["request"];
+    assert_eq!(held["message_b64"], B64.encode(b"wire 1M to acme"));
+    assert_eq!(
+        held["digest_sha256_b64"],
+        B64.encode(Sha256::digest(b"wire 1M to acme"))
+    );
     let (status, decided) = server
         .admin(
             "POST",

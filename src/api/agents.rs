@@ -14,10 +14,27 @@ use super::extract::{Json, Unparsed};
 use super::paging::PageQuery;
 use super::AppState;
 use crate::agents::{AgentView, CertificateKey};
+use crate::approvals::HeldRequest;
 use crate::identity::{AgentName, Scope};
 use crate::pki::csr::VerifiedCsr;
 use crate::policy::engine::{AgentRequest, RequestedTtl};
 use crate::policy::{authorize, Action, Caller};
+
+/// Enrollment tokens live this long unless asked otherwise.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 900;
+const MAX_TOKEN_TTL_SECS: u64 = 86_400;
+
+/// An enrollment token's lifetime in seconds, default or asked for.
+pub(super) fn token_ttl(requested: Option<u64>) -> Result<u64, ApiError> {
+    let ttl = requested.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+    if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            format!("token lifetime must be 1 to {MAX_TOKEN_TTL_SECS} seconds"),
+        ));
+    }
+    Ok(ttl)
+}
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -91,7 +108,7 @@ async fn create_agent(
             }
         }
         crate::agents::AGENT_TPM => {
-            let ttl = super::enrollment::token_ttl(body.enrollment_token_ttl_seconds)?;
+            let ttl = token_ttl(body.enrollment_token_ttl_seconds)?;
             let expires_at = time::OffsetDateTime::now_utc().unix_timestamp() + ttl as i64;
             let (agent, token) = state
                 .registry
@@ -239,9 +256,9 @@ async fn update_agent(
     Ok(Json(AgentView::from_record(record)))
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct IssueCertificate {
+struct IssueCertificate {
     ttl_seconds: Option<u64>,
     csr_pem: Option<String>,
 }
@@ -321,38 +338,50 @@ async fn issue_certificate(
         .permit(&caller, &name, AgentRequest::IssueCertificate(requested))
         .await?;
     // Held or run with the lifetime decided now, under this version's caps.
-    let settled = IssueCertificate {
-        ttl_seconds: decision.certificate_ttl.map(|t| t.as_secs()),
-        csr_pem: body.csr_pem,
-    };
+    let ttl_seconds = decision.certificate_ttl.map(|t| t.as_secs());
     if decision.approvals_required > 0 {
-        let raw = serde_json::to_vec(&settled).map_err(ApiError::internal)?;
-        return super::approvals::hold(&state, &caller, &name, "certificate", &raw, &decision)
-            .await;
+        let held = HeldRequest::Certificate {
+            ttl_seconds,
+            csr_pem: body.csr_pem,
+        };
+        let approval = state
+            .approvals
+            .hold(
+                &caller,
+                &name,
+                &held,
+                decision.approvals_required,
+                decision.policy_version,
+            )
+            .await?;
+        return Ok((StatusCode::ACCEPTED, Json(approval)).into_response());
     }
     let view = execute(
         &state,
         &caller.audit_name(),
         &name,
-        &settled,
+        ttl_seconds,
+        body.csr_pem.as_deref(),
         decision.policy_version,
     )
     .await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-/// Issues what `body` asks (its lifetime already settled), under
-/// `policy_version`: now, or once approved.
+/// Issues a certificate for the custodial key or `csr_pem`'s (its
+/// lifetime already settled), under `policy_version`: now, or once
+/// approved.
 pub(super) async fn execute(
     state: &AppState,
     actor: &str,
     name: &AgentName,
-    body: &IssueCertificate,
+    ttl_seconds: Option<u64>,
+    csr_pem: Option<&str>,
     policy_version: i64,
 ) -> Result<IssuedCertificateView, ApiError> {
     let authority = state.registry.authority();
-    let ttl = authority.ttl_limits().resolve(body.ttl_seconds)?;
-    let key = match body.csr_pem.as_deref() {
+    let ttl = authority.ttl_limits().resolve(ttl_seconds)?;
+    let key = match csr_pem {
         Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
         None => CertificateKey::Custodial,
     };

@@ -11,7 +11,7 @@ use axum::routing::post;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::agents::{requested_ttl, rfc3339, IssuedCertificateView};
+use super::agents::{requested_ttl, rfc3339, token_ttl, IssuedCertificateView};
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::AppState;
@@ -23,10 +23,6 @@ use crate::policy::engine::{AgentRequest, Permit, RequestedTtl};
 use crate::policy::{authorize, Action, Caller};
 use crate::store::AgentRecord;
 
-/// Enrollment tokens live this long unless asked otherwise.
-const DEFAULT_TOKEN_TTL_SECS: u64 = 900;
-const MAX_TOKEN_TTL_SECS: u64 = 86_400;
-
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route(
@@ -35,18 +31,6 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         .route("/v1/enroll", post(enroll))
         .route("/v1/renew", post(renew))
-}
-
-/// An enrollment token's lifetime in seconds, default or asked for.
-pub(super) fn token_ttl(requested: Option<u64>) -> Result<u64, ApiError> {
-    let ttl = requested.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
-    if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
-        return Err(ApiError::bad_request(
-            "invalid_ttl",
-            format!("token lifetime must be 1 to {MAX_TOKEN_TTL_SECS} seconds"),
-        ));
-    }
-    Ok(ttl)
 }
 
 #[derive(Deserialize)]

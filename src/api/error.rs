@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::agents::AgentError;
+use crate::approvals::ApprovalError;
 use crate::attestation::tpm::TpmAttestationError;
 use crate::attestation::AttestationError;
 use crate::identity::NameError;
@@ -237,6 +238,24 @@ impl From<TpmAttestationError> for ApiError {
             _ => StatusCode::FORBIDDEN,
         };
         ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<ApprovalError> for ApiError {
+    fn from(e: ApprovalError) -> Self {
+        let message = e.to_string();
+        match e {
+            ApprovalError::AdminOnly => ApiError::new(StatusCode::FORBIDDEN, "admin_only", message),
+            ApprovalError::NotFound => ApiError::not_found("approval_not_found", message),
+            ApprovalError::NotPending { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "approval_not_pending", message)
+            }
+            ApprovalError::AlreadyVoted => {
+                ApiError::new(StatusCode::CONFLICT, "already_voted", message)
+            }
+            ApprovalError::InvalidComment => ApiError::bad_request("invalid_comment", message),
+            ApprovalError::Store(e) => e.into(),
+        }
     }
 }
 

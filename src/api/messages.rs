@@ -19,6 +19,7 @@ use super::{AppState, RequestId};
 use crate::agents::envelope::{self, MAX_LIFETIME_SECS};
 use crate::agents::signing::MessageRequest;
 use crate::agents::verification::{Signer, Verdict};
+use crate::approvals::HeldRequest;
 use crate::identity::AgentName;
 use crate::pki::parse_pem_chain;
 use crate::policy::engine::AgentRequest;
@@ -205,13 +206,27 @@ async fn sign_message(
         )
         .await?;
     if decision.approvals_required > 0 {
-        return super::approvals::hold(&state, &caller, &name, "message", request.raw(), &decision)
-            .await;
+        let held = HeldRequest::Message {
+            audience,
+            intent: body.intent,
+            lifetime_secs,
+        };
+        let approval = state
+            .approvals
+            .hold(
+                &caller,
+                &name,
+                &held,
+                decision.approvals_required,
+                decision.policy_version,
+            )
+            .await?;
+        return Ok((StatusCode::ACCEPTED, Json(approval)).into_response());
     }
     let output = execute(
         &state,
         &name,
-        &body,
+        &body.intent,
         &audience,
         lifetime_secs,
         &request_id.0,
@@ -223,10 +238,7 @@ async fn sign_message(
 
 /// The recipient and lifetime a message request asks for, checked with its
 /// intent.
-pub(super) fn check_message(
-    state: &AppState,
-    body: &MessageInput,
-) -> Result<(String, i64), ApiError> {
+fn check_message(state: &AppState, body: &MessageInput) -> Result<(String, i64), ApiError> {
     envelope::check_intent(&body.intent)
         .map_err(|e| ApiError::bad_request(e.reason(), e.to_string()))?;
     let audience = audience(state, body.audience.as_deref(), body.to.as_deref())?;
@@ -240,11 +252,11 @@ pub(super) fn check_message(
     Ok((audience, lifetime_secs))
 }
 
-/// Signs the envelope `body` asks for, under `policy_version`.
+/// Signs the envelope for `intent` to `audience`, under `policy_version`.
 pub(super) async fn execute(
     state: &AppState,
     name: &AgentName,
-    body: &MessageInput,
+    intent: &str,
     audience: &str,
     lifetime_secs: i64,
     request_id: &str,
@@ -256,7 +268,7 @@ pub(super) async fn execute(
             name,
             MessageRequest {
                 audience,
-                intent: &body.intent,
+                intent,
                 lifetime_secs,
             },
             request_id,

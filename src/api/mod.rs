@@ -8,6 +8,7 @@ mod attestation;
 mod enrollment;
 pub mod error;
 pub mod extract;
+mod held;
 mod hooks;
 mod messages;
 mod paging;
@@ -48,6 +49,7 @@ pub struct AppState {
     pub status: Arc<crate::pki::status::StatusPublisher>,
     pub hooks: Arc<crate::revocation::hooks::Deliverer>,
     pub policy: Arc<crate::policy::engine::PolicyEngine>,
+    pub approvals: Arc<crate::approvals::Approvals>,
     pub hook_allowed_hosts: Vec<String>,
     pub store: Arc<dyn Store>,
     pub pool: KeyPool,

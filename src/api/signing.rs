@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Router};
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::{AppState, RequestId};
+use crate::approvals::HeldRequest;
 use crate::identity::AgentName;
 use crate::policy::engine::AgentRequest;
 use crate::policy::{authorize, Action, Caller};
@@ -102,13 +104,27 @@ async fn sign(
         .permit(&caller, &name, AgentRequest::Sign)
         .await?;
     if decision.approvals_required > 0 {
-        return super::approvals::hold(&state, &caller, &name, "sign", request.raw(), &decision)
-            .await;
+        let held = HeldRequest::Sign {
+            digest,
+            key_id: body.key_id,
+            message_b64: body.message_b64,
+        };
+        let approval = state
+            .approvals
+            .hold(
+                &caller,
+                &name,
+                &held,
+                decision.approvals_required,
+                decision.policy_version,
+            )
+            .await?;
+        return Ok((StatusCode::ACCEPTED, Json(approval)).into_response());
     }
     let signed = execute(
         &state,
         &name,
-        &body,
+        body.key_id.as_deref(),
         digest,
         &request_id.0,
         decision.policy_version,
@@ -122,20 +138,14 @@ async fn sign(
 pub(super) async fn execute(
     state: &AppState,
     name: &AgentName,
-    body: &SignInput,
+    key_id: Option<&str>,
     digest: [u8; 32],
     request_id: &str,
     policy_version: i64,
 ) -> Result<SignResponse, ApiError> {
     let signed = state
         .signer
-        .sign(
-            name,
-            digest,
-            request_id,
-            policy_version,
-            body.key_id.as_deref(),
-        )
+        .sign(name, digest, request_id, policy_version, key_id)
         .await?;
     Ok(SignResponse {
         signature_der_b64: b64().encode(signed.signature.to_der().as_bytes()),

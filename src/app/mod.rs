@@ -261,6 +261,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         status,
         hooks,
         policy,
+        approvals: Arc::new(crate::approvals::Approvals::new(store.clone())),
         hook_allowed_hosts: config.hook_allowed_hosts.clone(),
         store,
         pool,
