@@ -1,25 +1,27 @@
 //! keyward: hardware-backed keys, attested short-lived certificates and
 //! signing for AI agents.
 //!
-//! Module map (dependencies point downwards; see DESIGN.md):
+//! Module map (dependencies point downwards; docs/architecture.md has the
+//! whole map, the request walks and the reasons):
 //!
 //! ```text
+//! app          wiring: start, serve, the embedded token, the listener's key
 //! api          HTTP only: routes, extractors, ApiError -> status codes
-//! policy       authorize(caller, action) -> decision under a policy version
-//! agents       the agent registry: custodial keys, certificate issuance
-//! envelope     signed agent-to-agent messages: JWS ES256 with an x5c chain
-//! verify       ECDSA signature and certificate-chain verification
-//! ca           certificate profiles, CSR checks, signing through the pool
-//! attestation  evidence -> Verified<AttestedKey>
-//! revocation   the in-memory revocation set, kept current on every replica
-//! hooks        signed revocation events delivered from a durable outbox
+//! policy       who may do what: partitioning and the versioned policy
+//! approvals    requests held for human approval, typed, and the votes
+//! agents       the registry, signing, verification, signed envelopes
+//! pki          CA, certificate profiles, CSRs, CRLs, OCSP, path building
+//! attestation  evidence that a key is on the token or in a TPM
+//! revocation   the in-memory revocation set, and the hooks that announce it
 //! pool         the batched key-operation pool: the only caller of `keys`
-//! keys         KeyBackend: PKCS#11 (and a software backend for unit tests)
-//! store        SQLite / PostgreSQL persistence, audit rows in the same tx
+//! keys         PKCS#11, TPM 2.0 (and software keys for unit tests)
+//! store        SQLite / PostgreSQL, audit rows in the same transaction
 //! audit        hash-chained audit events
-//! identity     AgentName, TrustDomain, Scope: checked names
-//! handoff      answers from keyward's threads to waiting tasks, a batch at once
-//! config, embedded, telemetry, app, client, credential: wiring and operations
+//! telemetry    metrics and logs
+//! runtime      answers handed from threads to tasks, periodic work, private files
+//! identity     AgentName, TrustDomain, Scope: names checked at the edge
+//! config       the validated configuration
+//! client       the agent's side (HTTPS client, credentials, TPM enrollment)
 //! ```
 
 #![forbid(unsafe_code)]
