@@ -330,9 +330,12 @@ async fn issue_certificate(
     // Everything the request says is checked before the policy charges the
     // agent's rate, and so before an admin could be asked to approve it.
     let requested = requested_ttl(&state, body.ttl_seconds)?;
-    if let Some(pem) = body.csr_pem.as_deref() {
-        VerifiedCsr::from_pem(pem)?;
-    }
+    // Verified once: the verified key is what is certified now; a held
+    // request keeps the PEM and is verified again when it runs.
+    let key = match body.csr_pem.as_deref() {
+        Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
+        None => CertificateKey::Custodial,
+    };
     let decision = state
         .policy
         .permit(&caller, &name, AgentRequest::IssueCertificate(requested))
@@ -361,30 +364,25 @@ async fn issue_certificate(
         &caller.audit_name(),
         &name,
         ttl_seconds,
-        body.csr_pem.as_deref(),
+        key,
         decision.policy_version,
     )
     .await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-/// Issues a certificate for the custodial key or `csr_pem`'s (its
-/// lifetime already settled), under `policy_version`: now, or once
-/// approved.
+/// Issues a certificate for `key` (its lifetime already settled), under
+/// `policy_version`: now, or once approved.
 pub(super) async fn execute(
     state: &AppState,
     actor: &str,
     name: &AgentName,
     ttl_seconds: Option<u64>,
-    csr_pem: Option<&str>,
+    key: CertificateKey,
     policy_version: i64,
 ) -> Result<IssuedCertificateView, ApiError> {
     let authority = state.registry.authority();
     let ttl = authority.ttl_limits().resolve(ttl_seconds)?;
-    let key = match csr_pem {
-        Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
-        None => CertificateKey::Custodial,
-    };
     let (issued, attestation) = state
         .registry
         .issue_certificate(actor, name, key, ttl, policy_version)

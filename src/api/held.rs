@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::agents::CertificateKey;
 use crate::approvals::{HeldRequest, Refusal, RunHeld};
+use crate::pki::csr::VerifiedCsr;
 use crate::identity::AgentName;
 
 pub(super) struct HeldRunner<'a> {
@@ -71,17 +73,26 @@ impl RunHeld for HeldRunner<'_> {
             HeldRequest::Certificate {
                 ttl_seconds,
                 csr_pem,
-            } => answer(
-                super::agents::execute(
-                    state,
-                    &format!("agent:{agent}"),
-                    agent,
-                    *ttl_seconds,
-                    csr_pem.as_deref(),
-                    policy_version,
+            } => {
+                let key = match csr_pem.as_deref() {
+                    Some(pem) => match VerifiedCsr::from_pem(pem) {
+                        Ok(csr) => CertificateKey::Csr(csr),
+                        Err(e) => return answer::<Value>(Err(e.into())),
+                    },
+                    None => CertificateKey::Custodial,
+                };
+                answer(
+                    super::agents::execute(
+                        state,
+                        &format!("agent:{agent}"),
+                        agent,
+                        *ttl_seconds,
+                        key,
+                        policy_version,
+                    )
+                    .await,
                 )
-                .await,
-            ),
+            }
         }
     }
 }
