@@ -347,17 +347,7 @@ async fn issue_certificate(
             ttl_seconds,
             csr_pem: body.csr_pem,
         };
-        let approval = state
-            .approvals
-            .hold(
-                &caller,
-                &name,
-                &held,
-                decision.approvals_required,
-                decision.policy_version,
-            )
-            .await?;
-        return Ok((StatusCode::ACCEPTED, Json(approval)).into_response());
+        return super::hold_for_approval(&state, &caller, &name, &held, &decision).await;
     }
     let view = execute(
         &state,

@@ -8,8 +8,8 @@ use super::error::ApiError;
 use super::AppState;
 use crate::agents::CertificateKey;
 use crate::approvals::{HeldRequest, Refusal, RunHeld};
-use crate::pki::csr::VerifiedCsr;
 use crate::identity::AgentName;
+use crate::pki::csr::VerifiedCsr;
 
 pub(super) struct HeldRunner<'a> {
     state: &'a AppState,

@@ -211,17 +211,7 @@ async fn sign_message(
             intent: body.intent,
             lifetime_secs,
         };
-        let approval = state
-            .approvals
-            .hold(
-                &caller,
-                &name,
-                &held,
-                decision.approvals_required,
-                decision.policy_version,
-            )
-            .await?;
-        return Ok((StatusCode::ACCEPTED, Json(approval)).into_response());
+        return super::hold_for_approval(&state, &caller, &name, &held, &decision).await;
     }
     let output = execute(
         &state,

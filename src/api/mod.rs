@@ -291,3 +291,26 @@ impl FromRequestParts<Arc<AppState>> for AdminOnly {
         }
     }
 }
+
+/// 202 with the approval to poll: `held` waits for the approvers
+/// `decision` asks for, and runs once they have voted (`approvals`).
+async fn hold_for_approval(
+    state: &AppState,
+    caller: &Caller,
+    agent: &crate::identity::AgentName,
+    held: &crate::approvals::HeldRequest,
+    decision: &crate::policy::engine::Permit,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let approval = state
+        .approvals
+        .hold(
+            caller,
+            agent,
+            held,
+            decision.approvals_required,
+            decision.policy_version,
+        )
+        .await?;
+    Ok((StatusCode::ACCEPTED, extract::Json(approval)).into_response())
+}

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Router};
@@ -109,17 +108,7 @@ async fn sign(
             key_id: body.key_id,
             message_b64: body.message_b64,
         };
-        let approval = state
-            .approvals
-            .hold(
-                &caller,
-                &name,
-                &held,
-                decision.approvals_required,
-                decision.policy_version,
-            )
-            .await?;
-        return Ok((StatusCode::ACCEPTED, Json(approval)).into_response());
+        return super::hold_for_approval(&state, &caller, &name, &held, &decision).await;
     }
     let signed = execute(
         &state,
