@@ -51,29 +51,31 @@ for a in areas:
     deps = ", ".join(sorted(d for d in imports[a] if d in files or d in ("lib",)))
     print(f"| `{a}` | {len(files[a])} | {lines[a]} | {deps or '-'} |")
 
-# Cycles: strongly connected components of more than one area.
-index, low, stack, on, sccs, counter = {}, {}, [], set(), [], [0]
-def visit(v):
-    index[v] = low[v] = counter[0]; counter[0] += 1; stack.append(v); on.add(v)
-    for w in imports[v]:
-        if w not in files:
-            continue
-        if w not in index:
-            visit(w); low[v] = min(low[v], low[w])
-        elif w in on:
-            low[v] = min(low[v], index[w])
-    if low[v] == index[v]:
-        comp = []
-        while True:
-            w = stack.pop(); on.discard(w); comp.append(w)
-            if w == v:
-                break
-        if len(comp) > 1:
-            sccs.append(sorted(comp))
+def cycles(nodes, edges):
+    """Strongly connected components of more than one node (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+    def visit(v):
+        index[v] = low[v] = counter[0]; counter[0] += 1; stack.append(v); on.add(v)
+        for w in edges(v):
+            if w not in index:
+                visit(w); low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop(); on.discard(w); comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+    for v in nodes:
+        if v not in index:
+            visit(v)
+    return found
+
 sys.setrecursionlimit(10000)
-for a in areas:
-    if a not in index:
-        visit(a)
+sccs = cycles(areas, lambda v: [w for w in imports[v] if w in files])
 print()
 print("import cycles between areas:", "; ".join(" <-> ".join(c) for c in sccs) if sccs else "none")
 # Within an area: which of its modules name which others.
@@ -89,25 +91,7 @@ for a in areas:
         for m in mods:
             if m != me and re.search(r"(super|crate::%s)::%s\b" % (a, m), code):
                 module_refs[(a, me)].add((a, m))
-index2, low2, stack2, on2, cyc2, c2 = {}, {}, [], set(), [], [0]
-def visit2(v):
-    index2[v] = low2[v] = c2[0]; c2[0] += 1; stack2.append(v); on2.add(v)
-    for w in module_refs[v]:
-        if w not in index2:
-            visit2(w); low2[v] = min(low2[v], low2[w])
-        elif w in on2:
-            low2[v] = min(low2[v], index2[w])
-    if low2[v] == index2[v]:
-        comp = []
-        while True:
-            w = stack2.pop(); on2.discard(w); comp.append(w)
-            if w == v:
-                break
-        if len(comp) > 1:
-            cyc2.append(sorted(comp))
-for v in list(module_refs):
-    if v not in index2:
-        visit2(v)
+cyc2 = cycles(list(module_refs), lambda v: module_refs[v])
 print("import cycles inside an area:", "; ".join(
     c[0][0] + "/{" + ", ".join(m for _, m in c) + "}" for c in cyc2) if cyc2 else "none")
 root_files = sorted(n for n in os.listdir(src) if n.endswith(".rs"))
