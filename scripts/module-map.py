@@ -14,6 +14,7 @@ BIN_ROOTS = {"main.rs", "cli"}
 files = defaultdict(list)
 lines = defaultdict(int)
 imports = defaultdict(set)
+code_of = {}
 
 def area_of(rel):
     head = rel.split("/")[0]
@@ -37,6 +38,7 @@ for root, _, names in os.walk(src):
         shipped = re.split(r"#\[cfg\(test\)\]\s*mod tests", text)[0]
         # Comments name modules too; only code is an import.
         shipped = re.sub(r"//.*", "", shipped)
+        code_of[rel] = shipped
         files[area].append(rel)
         lines[area] += text.count("\n")
         found = set(path_re.findall(shipped))
@@ -86,7 +88,7 @@ for a in areas:
     for f in files[a]:
         if f.endswith("mod.rs") or "/" not in f:
             continue
-        code = re.sub(r"//.*", "", re.split(r"#\[cfg\(test\)\]\s*mod tests", open(os.path.join(src, f)).read())[0])
+        code = code_of[f]
         me = os.path.splitext(os.path.basename(f))[0]
         for m in mods:
             if m != me and re.search(r"(super|crate::%s)::%s\b" % (a, m), code):

@@ -137,6 +137,17 @@ pub enum CertificateKey {
     TpmAttested(crate::attestation::Verified<crate::attestation::tpm::TpmAttestedKey>),
 }
 
+impl CertificateKey {
+    /// The key a certificate request names: the CSR's, verified, or else
+    /// the agent's custodial key.
+    pub fn from_csr_pem(csr_pem: Option<&str>) -> Result<Self, CaError> {
+        Ok(match csr_pem {
+            Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
+            None => CertificateKey::Custodial,
+        })
+    }
+}
+
 pub struct Registry {
     pool: KeyPool,
     store: Arc<dyn Store>,

@@ -16,7 +16,6 @@ use super::AppState;
 use crate::agents::{AgentView, CertificateKey};
 use crate::approvals::HeldRequest;
 use crate::identity::{AgentName, Scope};
-use crate::pki::csr::VerifiedCsr;
 use crate::policy::engine::{AgentRequest, RequestedTtl};
 use crate::policy::{authorize, Action, Caller};
 
@@ -332,10 +331,7 @@ async fn issue_certificate(
     let requested = requested_ttl(&state, body.ttl_seconds)?;
     // Verified once: the verified key is what is certified now; a held
     // request keeps the PEM and is verified again when it runs.
-    let key = match body.csr_pem.as_deref() {
-        Some(pem) => CertificateKey::Csr(VerifiedCsr::from_pem(pem)?),
-        None => CertificateKey::Custodial,
-    };
+    let key = CertificateKey::from_csr_pem(body.csr_pem.as_deref())?;
     let decision = state
         .policy
         .permit(&caller, &name, AgentRequest::IssueCertificate(requested))

@@ -9,7 +9,6 @@ use super::AppState;
 use crate::agents::CertificateKey;
 use crate::approvals::{HeldRequest, Refusal, RunHeld};
 use crate::identity::AgentName;
-use crate::pki::csr::VerifiedCsr;
 
 pub(super) struct HeldRunner<'a> {
     state: &'a AppState,
@@ -74,12 +73,9 @@ impl RunHeld for HeldRunner<'_> {
                 ttl_seconds,
                 csr_pem,
             } => {
-                let key = match csr_pem.as_deref() {
-                    Some(pem) => match VerifiedCsr::from_pem(pem) {
-                        Ok(csr) => CertificateKey::Csr(csr),
-                        Err(e) => return answer::<Value>(Err(e.into())),
-                    },
-                    None => CertificateKey::Custodial,
+                let key = match CertificateKey::from_csr_pem(csr_pem.as_deref()) {
+                    Ok(key) => key,
+                    Err(e) => return answer::<Value>(Err(e.into())),
                 };
                 answer(
                     super::agents::execute(

@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::signing::{decode_b64, digest_of};
 use super::{AppState, RequestId};
-use crate::agents::envelope::{self, MAX_LIFETIME_SECS};
+use crate::agents::envelope::{self, Claims, MAX_LIFETIME_SECS};
 use crate::agents::signing::MessageRequest;
 use crate::agents::verification::{Signer, Verdict};
 use crate::approvals::HeldRequest;
@@ -173,12 +173,9 @@ pub(super) struct MessageInput {
 #[derive(Serialize)]
 pub(super) struct MessageOutput {
     token: String,
-    iss: String,
-    aud: String,
-    iat: i64,
-    exp: i64,
-    jti: String,
-    intent: String,
+    /// `iss`, `aud`, `iat`, `exp`, `jti`, `intent`.
+    #[serde(flatten)]
+    claims: Claims,
     certificate_serial: String,
 }
 
@@ -265,15 +262,9 @@ pub(super) async fn execute(
             policy_version,
         )
         .await?;
-    let claims = signed.claims;
     Ok(MessageOutput {
         token: signed.token,
-        iss: claims.iss().to_owned(),
-        aud: claims.aud().to_owned(),
-        iat: claims.iat(),
-        exp: claims.exp(),
-        jti: claims.jti().to_owned(),
-        intent: claims.intent().to_owned(),
+        claims: signed.claims,
         certificate_serial: signed.certificate_serial,
     })
 }
