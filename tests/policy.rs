@@ -371,7 +371,41 @@ async fn changing_an_agents_scopes_changes_what_it_may_do(db: Db) {
     assert_eq!(server.row_counts().await, before);
 }
 
+/// The revocation state is checked before the policy charges a rate: a
+/// suspended agent's enrollment is refused without spending its token or
+/// a renewal from its bucket, so once resumed it enrolls with both.
+async fn a_suspended_agents_refused_enrollment_spends_neither_token_nor_rate(db: Db) {
+    let server = Server::start(db).await;
+    common::register_agent_with(&server, "alice", &["slow"]).await;
+    apply(
+        &server,
+        "[roles.slow]\nactions = [\"sign\"]\nrate_per_second = 0.001\nburst = 1\n",
+    )
+    .await;
+    let token = common::enrollment_token(&server, "alice").await;
+    let dir = common::private_tempdir();
+    let (_key, csr) = common::key_and_csr(dir.path(), "alice");
+
+    let (status, _) = server.admin("POST", "/v1/agents/alice/suspend", None).await;
+    assert_eq!(status, 200);
+    let (status, refused) = common::enroll(&server, &token, &csr).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (403, Some("agent_not_active")),
+        "{refused}"
+    );
+
+    let (status, _) = server.admin("POST", "/v1/agents/alice/resume", None).await;
+    assert_eq!(status, 200);
+    let (status, enrolled) = common::enroll(&server, &token, &csr).await;
+    assert_eq!(
+        status, 201,
+        "the token and the one renewal are still there: {enrolled}"
+    );
+}
+
 on_both_databases!(
+    a_suspended_agents_refused_enrollment_spends_neither_token_nor_rate,
     changing_an_agents_scopes_changes_what_it_may_do,
     a_certificate_past_half_life_must_be_renewed_first,
     a_rollback_changes_what_an_agent_may_do_on_its_next_request,

@@ -130,8 +130,10 @@ async fn a_hundred_thousand_signatures_from_many_tasks_all_verify_and_are_all_re
             tokio::spawn(async move {
                 for i in 0..PER_TASK {
                     let d = digest(t, i);
+                    // Each request loads its agent, as the service does.
+                    let signing = signer.signing_agent(&agent).await.unwrap();
                     let signed = signer
-                        .sign(&agent, d, &format!("{t}-{i}"), 0, None)
+                        .sign(&signing, d, &format!("{t}-{i}"), 0, None)
                         .await
                         .unwrap();
                     // Every signature the pool hands out is checked: a wrong

@@ -19,14 +19,15 @@ use crate::pki::csr::VerifiedCsr;
 use crate::pki::{AgentCertificateRequest, Authority, CaError, IssuedCertificate};
 use crate::pool::{KeyPool, PoolError};
 use crate::revocation::RevocationSet;
-use crate::store::{
-    AgentRecord, AgentStatusChange, AgentTransition, CertificateRevocation, KeyRotation,
-    KeyRotationOutcome, Store, StoreError,
-};
+use crate::store::{AgentTransition, KeyRotation, KeyRotationOutcome, Store, StoreError};
+// The registry's answers, as the store records them.
+pub use crate::store::{AgentRecord, AgentStatusChange, CertificateRecord, CertificateRevocation};
 
 pub mod cache;
+pub mod enrollment;
 pub mod envelope;
 pub mod orphans;
+pub mod requests;
 pub mod signing;
 pub mod verification;
 
@@ -76,6 +77,10 @@ pub enum AgentError {
 }
 
 pub const MAX_SCOPES: usize = 64;
+
+/// Grace and retention of a rotation the policy schedules.
+const SCHEDULED_ROTATION_GRACE: Duration = Duration::from_secs(300);
+const SCHEDULED_ROTATION_RETENTION: Duration = Duration::from_secs(86_400);
 
 /// Ten minutes: far past the longest a registration or rotation can hold a
 /// generated key before recording it (the pool's key-creation deadline and
@@ -363,10 +368,12 @@ impl Registry {
         self.revocations.changed_here().await?;
         self.cache.invalidate(name);
         let rotation_ttl = rotation.certificate_ttl;
+        let agent = self.active_agent(name).await?;
         let (certificate, _) = self
             .issue_certificate(
                 actor,
                 name,
+                &agent,
                 CertificateKey::Custodial,
                 rotation_ttl,
                 policy_version,
@@ -602,6 +609,40 @@ impl Registry {
         self.get(name).await
     }
 
+    /// Agents by name, after `after`, at most `limit`.
+    pub async fn agents_page(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AgentRecord>, AgentError> {
+        Ok(self.store.agents_page(after, limit).await?)
+    }
+
+    /// The agent's certificates, newest first, after the `(created_at,
+    /// serial)` given, at most `limit`.
+    pub async fn certificates_page(
+        &self,
+        name: &AgentName,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<CertificateRecord>, AgentError> {
+        self.get(name).await?;
+        Ok(self
+            .store
+            .certificates_of_agent_page(name.as_str(), after, limit)
+            .await?)
+    }
+
+    /// Attestation evidence by its digest, as stored (JSON).
+    pub async fn evidence(&self, digest: &str) -> Result<Option<Vec<u8>>, AgentError> {
+        Ok(self.store.attestation(digest).await?.map(|r| r.evidence))
+    }
+
+    /// Whether the database answers.
+    pub async fn ping_database(&self) -> Result<(), AgentError> {
+        Ok(self.store.ping().await?)
+    }
+
     pub async fn get(&self, name: &AgentName) -> Result<AgentRecord, AgentError> {
         self.store
             .agent(name.as_str())
@@ -609,16 +650,61 @@ impl Registry {
             .ok_or_else(|| AgentError::NotFound(name.to_string()))
     }
 
-    /// Issues a certificate for the agent's custodial key (with attestation
-    /// claims) or for a CSR key (without: keyward has no evidence for it).
-    pub async fn issue_certificate(
+    /// Rotates, as the policy in force requires (`rotate_after_seconds`),
+    /// every custodial key that has been current for too long. Returns how
+    /// many. The janitor calls this; the policy only says how old a key of
+    /// some roles may get.
+    pub async fn rotate_due_keys(
         &self,
-        actor: &str,
-        name: &AgentName,
-        key: CertificateKey,
-        ttl: Duration,
-        policy_version: i64,
-    ) -> Result<(IssuedCertificate, Option<String>), AgentError> {
+        policy: &crate::policy::engine::PolicyEngine,
+    ) -> Result<usize, AgentError> {
+        if !policy.is_applied() {
+            return Ok(0);
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut rotated = 0;
+        for key in self.store.custodial_key_ages().await? {
+            let Some(after) = policy.rotate_after(&key.scopes) else {
+                continue;
+            };
+            if now - key.current_since < after.as_secs() as i64 {
+                continue;
+            }
+            let (Ok(name), Ok(expected)) =
+                (AgentName::parse(&key.agent_name), KeyId::parse(&key.key_id))
+            else {
+                continue;
+            };
+            let rotation = Rotation {
+                reason: RevocationReason::Superseded,
+                grace: SCHEDULED_ROTATION_GRACE,
+                retention: SCHEDULED_ROTATION_RETENTION,
+                certificate_ttl: self.authority.ttl_limits().default,
+                expected_old_key: Some(expected),
+            };
+            match self
+                .rotate_key("policy", &name, rotation, policy.version())
+                .await
+            {
+                Ok(_) => rotated += 1,
+                // Another replica rotated it first, or the agent changed.
+                Err(AgentError::NotActive(..)) => {}
+                Err(e) => {
+                    tracing::warn!(agent = %name, error = %e, "scheduled key rotation failed")
+                }
+            }
+        }
+        Ok(rotated)
+    }
+
+    /// The agent's record (from the short-lived cache), if the agent may
+    /// act now: active in its record and in the revocation set, which is
+    /// current within a second on every replica where the cached record
+    /// may be a second old.
+    pub async fn active_agent(&self, name: &AgentName) -> Result<Arc<AgentRecord>, AgentError> {
+        if let Some(status) = self.revocations.current().inactive_status(name.as_str()) {
+            return Err(AgentError::NotActive(name.to_string(), status.to_owned()));
+        }
         let agent = match self.cache.record(name) {
             Some(agent) => agent,
             None => self.cache.put_record(name, self.get(name).await?),
@@ -629,10 +715,21 @@ impl Registry {
                 agent.status.clone(),
             ));
         }
-        // Revoked or suspended since the record was cached, on any replica.
-        if let Some(status) = self.revocations.current().inactive_status(name.as_str()) {
-            return Err(AgentError::NotActive(name.to_string(), status.to_owned()));
-        }
+        Ok(agent)
+    }
+
+    /// Issues a certificate to `agent` (as [`Self::active_agent`] found it)
+    /// for its custodial key (with attestation claims) or for a CSR key
+    /// (without: keyward has no evidence for it).
+    pub async fn issue_certificate(
+        &self,
+        actor: &str,
+        name: &AgentName,
+        agent: &AgentRecord,
+        key: CertificateKey,
+        ttl: Duration,
+        policy_version: i64,
+    ) -> Result<(IssuedCertificate, Option<String>), AgentError> {
         let tpm_custody = agent.custody == AGENT_TPM;
         match (&key, tpm_custody) {
             (CertificateKey::TpmAttested(_), false) => {

@@ -43,6 +43,33 @@ pub struct MessageRequest<'a> {
     pub lifetime_secs: i64,
 }
 
+/// An agent cleared to sign, as one request loaded it
+/// ([`AgentSigner::signing_agent`]).
+pub struct SigningAgent {
+    name: AgentName,
+    view: Arc<SigningView>,
+    key: KeyRef,
+    revoked: Arc<RevocationView>,
+    /// When the request was taken up: its records' time.
+    at: time::OffsetDateTime,
+}
+
+impl SigningAgent {
+    /// The agent's scopes: its roles under the policy.
+    pub fn roles(&self) -> &[String] {
+        &self.view.scopes
+    }
+
+    /// The newest certificate of the current key, unless the reading of
+    /// the revocation set that cleared the agent lists it.
+    fn live_certificate(&self) -> Option<String> {
+        self.view
+            .certificate_serial
+            .clone()
+            .filter(|serial| self.revoked.certificate(serial).is_none())
+    }
+}
+
 pub struct AgentSigner {
     pool: KeyPool,
     store: Arc<dyn Store>,
@@ -185,21 +212,23 @@ impl AgentSigner {
         Ok(self.cache.put(agent, view, generation))
     }
 
-    /// The agent's scopes (its roles under the policy), from the same
-    /// short-lived cache as the signing path.
-    pub async fn scopes(&self, agent: &AgentName) -> Result<Vec<String>, AgentError> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        Ok(self.view(agent, now).await?.scopes.clone())
-    }
-
-    /// The view of an agent that may sign now, its custodial key, and the
-    /// reading of the revocation set that cleared it, for the request's
-    /// later checks.
-    async fn signing_agent(
+    /// The agent's signing view (its scopes are its roles under the
+    /// policy), from the same short-lived cache as the signing path.
+    pub async fn signing_agent_view(
         &self,
         agent: &AgentName,
-        now: i64,
-    ) -> Result<(Arc<SigningView>, KeyRef, Arc<RevocationView>), AgentError> {
+    ) -> Result<Arc<SigningView>, AgentError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.view(agent, now).await
+    }
+
+    /// The agent, if it may sign now: its view, its custodial key and the
+    /// reading of the revocation set that cleared it, for the request's
+    /// later checks. Loaded once per request; the policy decides on its
+    /// roles, and the signature is made with its key.
+    pub async fn signing_agent(&self, agent: &AgentName) -> Result<SigningAgent, AgentError> {
+        let at = time::OffsetDateTime::now_utc();
+        let now = at.unix_timestamp();
         // The revocation set first: it is current within a second on every
         // replica, where the cached view may be a second old.
         let revoked = self.revocations.current();
@@ -231,7 +260,13 @@ impl AgentSigner {
         if revoked.key_compromised(key.id().as_str()) {
             return Err(AgentError::KeyCompromised(key.id().to_string()));
         }
-        Ok((view, key, revoked))
+        Ok(SigningAgent {
+            name: agent.clone(),
+            view,
+            key,
+            revoked,
+            at,
+        })
     }
 
     /// Signs on the token and records the signature durably.
@@ -274,25 +309,19 @@ impl AgentSigner {
     /// retired one still within its grace period.
     pub async fn sign(
         &self,
-        agent: &AgentName,
+        signing: &SigningAgent,
         digest: [u8; 32],
         request_id: &str,
         policy_version: i64,
         key_id: Option<&str>,
     ) -> Result<AgentSignature, AgentError> {
-        let now = time::OffsetDateTime::now_utc();
-        let (view, current, revoked) = self.signing_agent(agent, now.unix_timestamp()).await?;
+        let (agent, now) = (&signing.name, signing.at);
         let (key, certificate_serial) = match key_id {
-            Some(requested) if requested != current.id().as_str() => (
+            Some(requested) if requested != signing.key.id().as_str() => (
                 self.retired_key_in_grace(agent, requested, now).await?,
                 None,
             ),
-            _ => (
-                current,
-                view.certificate_serial
-                    .clone()
-                    .filter(|serial| revoked.certificate(serial).is_none()),
-            ),
+            _ => (signing.key.clone(), signing.live_certificate()),
         };
         let signature = self
             .sign_and_record(
@@ -344,17 +373,14 @@ impl AgentSigner {
     /// whole lifetime.
     pub async fn sign_message(
         &self,
-        agent: &AgentName,
+        signing: &SigningAgent,
         message: MessageRequest<'_>,
         request_id: &str,
         policy_version: i64,
     ) -> Result<SignedMessage, AgentError> {
-        let now = time::OffsetDateTime::now_utc();
-        let (view, key, revoked) = self.signing_agent(agent, now.unix_timestamp()).await?;
-        let serial = view
-            .certificate_serial
-            .clone()
-            .filter(|serial| revoked.certificate(serial).is_none())
+        let (agent, key, now) = (&signing.name, &signing.key, signing.at);
+        let serial = signing
+            .live_certificate()
             .ok_or_else(|| AgentError::NoCertificate(agent.to_string()))?;
         let record =
             self.store.certificate(&serial).await?.ok_or_else(|| {
@@ -388,7 +414,7 @@ impl AgentSigner {
         let signature = self
             .sign_and_record(
                 agent,
-                &key,
+                key,
                 envelope::signing_digest(&input),
                 Purpose::Message(&what),
                 SigningRequest {

@@ -13,27 +13,10 @@ use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::paging::PageQuery;
 use super::AppState;
-use crate::agents::{AgentView, CertificateKey};
-use crate::approvals::HeldRequest;
+use crate::agents::requests::{Certified, Outcome};
+use crate::agents::AgentView;
 use crate::identity::{AgentName, Scope};
-use crate::policy::engine::{AgentRequest, RequestedTtl};
 use crate::policy::{authorize, Action, Caller};
-
-/// Enrollment tokens live this long unless asked otherwise.
-const DEFAULT_TOKEN_TTL_SECS: u64 = 900;
-const MAX_TOKEN_TTL_SECS: u64 = 86_400;
-
-/// An enrollment token's lifetime in seconds, default or asked for.
-pub(super) fn token_ttl(requested: Option<u64>) -> Result<u64, ApiError> {
-    let ttl = requested.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
-    if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
-        return Err(ApiError::bad_request(
-            "invalid_ttl",
-            format!("token lifetime must be 1 to {MAX_TOKEN_TTL_SECS} seconds"),
-        ));
-    }
-    Ok(ttl)
-}
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -107,7 +90,7 @@ async fn create_agent(
             }
         }
         crate::agents::AGENT_TPM => {
-            let ttl = token_ttl(body.enrollment_token_ttl_seconds)?;
+            let ttl = crate::agents::enrollment::token_ttl(body.enrollment_token_ttl_seconds)?;
             let expires_at = time::OffsetDateTime::now_utc().unix_timestamp() + ttl as i64;
             let (agent, token) = state
                 .registry
@@ -144,7 +127,7 @@ async fn list_agents(
     authorize(&caller, Action::ListAgents)?;
     let page = query.page::<String>("agents")?;
     let fetched = state
-        .store
+        .registry
         .agents_page(page.after.as_deref(), page.fetch())
         .await?;
     let (agents, next_cursor) = page.split(fetched, |a| a.name.clone());
@@ -179,11 +162,10 @@ async fn list_certificates(
     let name = agent_name(&name)?;
     authorize(&caller, Action::ReadAgent(&name))?;
     let page = query.page::<(i64, String)>("certificates")?;
-    state.registry.get(&name).await?;
     let fetched = state
-        .store
-        .certificates_of_agent_page(
-            name.as_str(),
+        .registry
+        .certificates_page(
+            &name,
             page.after
                 .as_ref()
                 .map(|(at, serial)| (*at, serial.as_str())),
@@ -275,20 +257,29 @@ pub(super) struct IssuedCertificateView {
 }
 
 impl IssuedCertificateView {
-    pub(super) fn new(
-        state: &AppState,
-        issued: crate::pki::IssuedCertificate,
-        attestation: Option<String>,
-    ) -> Self {
+    pub(super) fn new(state: &AppState, certified: Certified) -> Self {
+        let issued = certified.certificate;
         Self {
             serial: issued.serial,
             certificate_pem: issued.pem,
             chain_pem: state.registry.authority().chain_pem().to_owned(),
             not_before: rfc3339(issued.not_before),
             not_after: rfc3339(issued.not_after),
-            attestation,
+            attestation: certified.attestation,
         }
     }
+}
+
+/// 201 with the certificate, counted.
+pub(super) fn issued(
+    state: &AppState,
+    certified: Certified,
+) -> (StatusCode, Json<IssuedCertificateView>) {
+    state.metrics.certificates_issued.inc();
+    (
+        StatusCode::CREATED,
+        Json(IssuedCertificateView::new(state, certified)),
+    )
 }
 
 pub(super) fn rfc3339(unix: i64) -> String {
@@ -301,22 +292,6 @@ pub(super) fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-/// A lifetime asked for (or the default), checked against keyward's own
-/// limits; the policy caps it further.
-pub(super) fn requested_ttl(
-    state: &AppState,
-    ttl_seconds: Option<u64>,
-) -> Result<RequestedTtl, ApiError> {
-    Ok(RequestedTtl {
-        ttl: state
-            .registry
-            .authority()
-            .ttl_limits()
-            .resolve(ttl_seconds)?,
-        explicit: ttl_seconds.is_some(),
-    })
-}
-
 async fn issue_certificate(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -326,53 +301,12 @@ async fn issue_certificate(
     let name = agent_name(&name)?;
     authorize(&caller, Action::IssueCertificate(&name))?;
     let body = body.parse()?;
-    // Everything the request says is checked before the policy charges the
-    // agent's rate, and so before an admin could be asked to approve it.
-    let requested = requested_ttl(&state, body.ttl_seconds)?;
-    // Verified once: the verified key is what is certified now; a held
-    // request keeps the PEM and is verified again when it runs.
-    let key = CertificateKey::from_csr_pem(body.csr_pem.as_deref())?;
-    let decision = state
-        .policy
-        .permit(&caller, &name, AgentRequest::IssueCertificate(requested))
-        .await?;
-    // Held or run with the lifetime decided now, under this version's caps.
-    let ttl_seconds = decision.certificate_ttl.map(|t| t.as_secs());
-    if decision.approvals_required > 0 {
-        let held = HeldRequest::Certificate {
-            ttl_seconds,
-            csr_pem: body.csr_pem,
-        };
-        return super::hold_for_approval(&state, &caller, &name, &held, &decision).await;
+    match state
+        .requests
+        .certificate(&caller, &name, body.ttl_seconds, body.csr_pem)
+        .await?
+    {
+        Outcome::Done(certified) => Ok(issued(&state, certified).into_response()),
+        Outcome::Held(approval) => Ok(super::held_answer(approval)),
     }
-    let view = execute(
-        &state,
-        &caller.audit_name(),
-        &name,
-        ttl_seconds,
-        key,
-        decision.policy_version,
-    )
-    .await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
-}
-
-/// Issues a certificate for `key` (its lifetime already settled), under
-/// `policy_version`: now, or once approved.
-pub(super) async fn execute(
-    state: &AppState,
-    actor: &str,
-    name: &AgentName,
-    ttl_seconds: Option<u64>,
-    key: CertificateKey,
-    policy_version: i64,
-) -> Result<IssuedCertificateView, ApiError> {
-    let authority = state.registry.authority();
-    let ttl = authority.ttl_limits().resolve(ttl_seconds)?;
-    let (issued, attestation) = state
-        .registry
-        .issue_certificate(actor, name, key, ttl, policy_version)
-        .await?;
-    state.metrics.certificates_issued.inc();
-    Ok(IssuedCertificateView::new(state, issued, attestation))
 }

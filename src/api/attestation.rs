@@ -4,7 +4,6 @@
 //! the credential for both; only a certificate spends it.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,44 +12,24 @@ use axum::Router;
 use der::Decode;
 use serde::{Deserialize, Serialize};
 
-use super::agents::{rfc3339, IssuedCertificateView};
+use super::agents::{issued, rfc3339, IssuedCertificateView};
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::signing::{b64, decode_b64};
 use super::AppState;
-use crate::agents::{AgentError, CertificateKey, ACTIVE, AGENT_TPM};
-use crate::attestation::tpm::csr::certify_evidence_from_csr;
+use crate::agents::enrollment::TpmEvidence;
 use crate::attestation::tpm::evidence::CertifyEvidence;
-use crate::attestation::tpm::{ChallengeRequest, TpmAttestationError};
-use crate::audit::AuditEvent;
-use crate::identity::{enrollment_token_hash, AgentName};
+use crate::attestation::tpm::ChallengeRequest;
 use crate::pki::csr::VerifiedCsr;
-use crate::store::TpmRedemption;
 use base64::Engine;
 
 /// More than any real EK chain needs; bounds the work one request causes.
 const MAX_EK_INTERMEDIATES: usize = 4;
-/// Unused, unexpired challenges one agent may hold: an enrollment needs
-/// one, a retry or two more. The bound keeps a token holder from filling
-/// the database.
-const MAX_OPEN_CHALLENGES: i64 = 8;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/attestation/challenges", post(challenge))
         .route("/v1/attestation/tpm/certificates", post(certificate))
-}
-
-/// The agent-tpm agent an unspent enrollment token is for.
-async fn token_agent(state: &AppState, token: &str) -> Result<AgentName, ApiError> {
-    let (name, record) = super::enrollment::token_agent(state, token).await?;
-    if record.custody != AGENT_TPM {
-        return Err(AgentError::NotTpmCustody(record.name).into());
-    }
-    if record.status != ACTIVE {
-        return Err(AgentError::NotActive(record.name, record.status).into());
-    }
-    Ok(name)
 }
 
 #[derive(Deserialize)]
@@ -105,17 +84,7 @@ async fn challenge(
     body: Unparsed<ChallengeInput>,
 ) -> Result<(StatusCode, Json<ChallengeOutput>), ApiError> {
     let body = body.parse()?;
-    let name = token_agent(&state, &body.enrollment_token).await?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if state.store.open_tpm_challenges(name.as_str(), now).await? >= MAX_OPEN_CHALLENGES {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_challenges",
-            format!(
-                "agent {name} holds {MAX_OPEN_CHALLENGES} unused challenges; use one or let them expire"
-            ),
-        ));
-    }
+    let enrollee = state.requests.tpm_enrollee(&body.enrollment_token).await?;
     let ek_certificate_der = match (&body.ek_certificate_pem, &body.ek_certificate_b64) {
         (None, None) => None,
         (Some(pem), None) => Some({
@@ -158,25 +127,11 @@ async fn challenge(
         ek_public: decode_b64("ek_public_b64", &body.ek_public_b64)?,
         ak_public: decode_b64("ak_public_b64", &body.ak_public_b64)?,
     };
-    let issued = state
-        .tpm
-        .challenge(name.as_str(), &request, SystemTime::now())?;
-    let audit = AuditEvent::new(
-        format!("agent:{name}"),
-        "attestation.challenge",
-        name.as_str(),
-    )
-    .with("ek_sha256", hex::encode(issued.record.ek_sha256))
-    .with("key_location", issued.record.key_location.clone())
-    .with("expires_at", issued.record.expires_at);
-    state
-        .store
-        .insert_tpm_challenge(&issued.record, &audit)
-        .await?;
+    let issued = state.requests.tpm_challenge(&enrollee, &request).await?;
     Ok((
         StatusCode::CREATED,
         Json(ChallengeOutput {
-            agent: name.to_string(),
+            agent: enrollee.name.to_string(),
             nonce_b64: b64().encode(&issued.record.nonce),
             credential_blob_b64: b64().encode(&issued.credential.id_object),
             encrypted_secret_b64: b64().encode(&issued.credential.encrypted_secret),
@@ -203,25 +158,21 @@ struct CertificateInput {
 }
 
 impl CertificateInput {
-    fn evidence(&self) -> Result<(CertifyEvidence, Option<VerifiedCsr>), ApiError> {
+    fn evidence(&self) -> Result<TpmEvidence, ApiError> {
         match (
             &self.public_b64,
             &self.certify_info_b64,
             &self.signature_b64,
             &self.csr_pem,
         ) {
-            (Some(public), Some(attest), Some(signature), None) => Ok((
-                CertifyEvidence {
+            (Some(public), Some(attest), Some(signature), None) => {
+                Ok(TpmEvidence::Certify(CertifyEvidence {
                     public: decode_b64("public_b64", public)?,
                     attest: decode_b64("certify_info_b64", attest)?,
                     signature: decode_b64("signature_b64", signature)?,
-                },
-                None,
-            )),
-            (None, None, None, Some(pem)) => {
-                let csr = VerifiedCsr::from_pem(pem)?;
-                Ok((certify_evidence_from_csr(&csr)?, Some(csr)))
+                }))
             }
+            (None, None, None, Some(pem)) => Ok(TpmEvidence::Csr(VerifiedCsr::from_pem(pem)?)),
             _ => Err(ApiError::bad_request(
                 "invalid_field",
                 "give public_b64, certify_info_b64 and signature_b64, or csr_pem alone",
@@ -238,58 +189,12 @@ async fn certificate(
     body: Unparsed<CertificateInput>,
 ) -> Result<(StatusCode, Json<IssuedCertificateView>), ApiError> {
     let body = body.parse()?;
-    let name = token_agent(&state, &body.enrollment_token).await?;
-    let (evidence, csr) = body.evidence()?;
+    let enrollee = state.requests.tpm_enrollee(&body.enrollment_token).await?;
+    let evidence = body.evidence()?;
     let secret = decode_b64("credential_b64", &body.credential_b64)?;
-    let requested = super::agents::requested_ttl(&state, body.ttl_seconds)?;
-    let parsed = evidence.parse()?;
-    let challenge = state
-        .store
-        .tpm_challenge(parsed.qualifying_data())
-        .await?
-        .ok_or(TpmAttestationError::StaleNonce)?;
-    let verified = state.tpm.verify(
-        name.as_str(),
-        &challenge,
-        &secret,
-        &parsed,
-        SystemTime::now(),
-    )?;
-    if let Some(csr) = &csr {
-        if csr.public_key() != &verified.public_key {
-            return Err(ApiError::bad_request(
-                "csr_key_mismatch",
-                "the CSR's key is not the certified key",
-            ));
-        }
-    }
-    // Decided before the challenge and the token are spent: a refusal
-    // leaves the agent both.
-    let permit = super::enrollment::client_certificate_permit(&state, &name, requested).await?;
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let audit = AuditEvent::new(format!("agent:{name}"), "attestation.redeem", name.as_str())
-        .with("evidence_digest", verified.attested.evidence.digest.clone())
-        .with("route", if csr.is_some() { "csr" } else { "json" });
-    match state
-        .store
-        .redeem_tpm_challenge(
-            &challenge.nonce,
-            &enrollment_token_hash(&body.enrollment_token),
-            now,
-            &audit,
-        )
-        .await?
-    {
-        TpmRedemption::Redeemed => {}
-        TpmRedemption::ChallengeSpent => return Err(TpmAttestationError::NonceReplayed.into()),
-        TpmRedemption::TokenInvalid => return Err(super::enrollment::invalid_enrollment_token()),
-    }
-    super::enrollment::issue(
-        &state,
-        &format!("agent:{name}"),
-        &name,
-        CertificateKey::TpmAttested(verified),
-        permit,
-    )
-    .await
+    let certified = state
+        .requests
+        .tpm_certificate(&enrollee, evidence, &secret, body.ttl_seconds)
+        .await?;
+    Ok(issued(&state, certified))
 }

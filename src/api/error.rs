@@ -12,15 +12,17 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::agents::requests::RequestError;
 use crate::agents::AgentError;
 use crate::approvals::ApprovalError;
 use crate::attestation::tpm::TpmAttestationError;
 use crate::attestation::AttestationError;
 use crate::identity::NameError;
 use crate::pki::CaError;
+use crate::policy::engine::ApplyError;
 use crate::policy::PolicyError;
 use crate::pool::PoolError;
-use crate::store::StoreError;
+use crate::revocation::hooks::HookError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -188,9 +190,50 @@ impl From<PoolError> for ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Invalid(inner) => {
+                ApiError::bad_request("invalid_policy", inner.to_string())
+            }
+            ApplyError::NoSuchVersion(_) => ApiError::not_found("policy_not_found", e.to_string()),
+            ApplyError::Store(inner) => ApiError::internal(inner),
+        }
+    }
+}
+
+impl From<HookError> for ApiError {
+    fn from(e: HookError) -> Self {
+        match e {
+            HookError::Url(inner) => ApiError::bad_request("invalid_hook_url", inner.to_string()),
+            HookError::Exists => ApiError::new(StatusCode::CONFLICT, "hook_exists", e.to_string()),
+            HookError::Store(inner) => ApiError::internal(inner),
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Agent(e) => e.into(),
+            RequestError::Policy(e) => e.into(),
+            RequestError::Approval(e) => e.into(),
+            RequestError::Ca(e) => e.into(),
+            RequestError::Tpm(e) => e.into(),
+            RequestError::Store(e) => ApiError::internal(e),
+            RequestError::TokenTtlOutOfRange => ApiError::bad_request("invalid_ttl", e.to_string()),
+            RequestError::InvalidEnrollmentToken => {
+                ApiError::unauthenticated("invalid_enrollment_token", e.to_string())
+            }
+            RequestError::TooManyChallenges { .. } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_challenges",
+                e.to_string(),
+            ),
+            RequestError::CsrKeyMismatch => {
+                ApiError::bad_request("csr_key_mismatch", e.to_string())
+            }
+        }
     }
 }
 
@@ -254,7 +297,7 @@ impl From<ApprovalError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "already_voted", message)
             }
             ApprovalError::InvalidComment => ApiError::bad_request("invalid_comment", message),
-            ApprovalError::Store(e) => e.into(),
+            ApprovalError::Store(e) => ApiError::internal(e),
         }
     }
 }

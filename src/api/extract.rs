@@ -277,7 +277,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     let past_half_life = now >= issued + (not_after - issued) / 2;
                     if past_half_life
                         && parts.uri.path() != "/v1/renew"
-                        && state.policy.renew_at_half_life(&name).await
+                        && state.requests.must_renew_at_half_life(&name).await
                     {
                         return Err(ApiError::unauthenticated(
                             "renewal_required",

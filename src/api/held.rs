@@ -1,12 +1,15 @@
 //! Runs an approved request as its agent's own request would have run
-//! (`crate::approvals::RunHeld`): the same handler code after the policy
-//! decision, so the same revocation state, records and answers.
+//! (`crate::approvals::RunHeld`): the domain's `run_held`, which goes
+//! through the same revocation check and records, and the same answers.
 
 use serde_json::Value;
 
+use super::agents::IssuedCertificateView;
 use super::error::ApiError;
+use super::messages::MessageOutput;
+use super::signing::SignResponse;
 use super::AppState;
-use crate::agents::CertificateKey;
+use crate::agents::requests::HeldResult;
 use crate::approvals::{HeldRequest, Refusal, RunHeld};
 use crate::identity::AgentName;
 
@@ -22,14 +25,8 @@ impl<'a> HeldRunner<'a> {
     }
 }
 
-fn answer<T: serde::Serialize>(result: Result<T, ApiError>) -> Result<Value, Refusal> {
-    match result {
-        Ok(answer) => Ok(serde_json::to_value(answer).unwrap_or(Value::Null)),
-        Err(e) => Err(Refusal {
-            code: e.code.to_string(),
-            message: e.message,
-        }),
-    }
+fn answer<T: serde::Serialize>(answer: T) -> Value {
+    serde_json::to_value(answer).unwrap_or(Value::Null)
 }
 
 #[async_trait::async_trait]
@@ -40,54 +37,24 @@ impl RunHeld for HeldRunner<'_> {
         request: &HeldRequest,
         policy_version: i64,
     ) -> Result<Value, Refusal> {
-        let state = self.state;
-        match request {
-            HeldRequest::Sign { digest, key_id, .. } => answer(
-                super::signing::execute(
-                    state,
-                    agent,
-                    key_id.as_deref(),
-                    *digest,
-                    self.request_id,
-                    policy_version,
-                )
-                .await,
-            ),
-            HeldRequest::Message {
-                audience,
-                intent,
-                lifetime_secs,
-            } => answer(
-                super::messages::execute(
-                    state,
-                    agent,
-                    intent,
-                    audience,
-                    *lifetime_secs,
-                    self.request_id,
-                    policy_version,
-                )
-                .await,
-            ),
-            HeldRequest::Certificate {
-                ttl_seconds,
-                csr_pem,
-            } => {
-                let key = match CertificateKey::from_csr_pem(csr_pem.as_deref()) {
-                    Ok(key) => key,
-                    Err(e) => return answer::<Value>(Err(e.into())),
-                };
-                answer(
-                    super::agents::execute(
-                        state,
-                        &format!("agent:{agent}"),
-                        agent,
-                        *ttl_seconds,
-                        key,
-                        policy_version,
-                    )
-                    .await,
-                )
+        let ran = self
+            .state
+            .requests
+            .run_held(agent, request, policy_version, self.request_id)
+            .await;
+        match ran {
+            Ok(HeldResult::Signature(signed)) => Ok(answer(SignResponse::from(signed))),
+            Ok(HeldResult::Message(signed)) => Ok(answer(MessageOutput::from(signed))),
+            Ok(HeldResult::Certificate(certified)) => {
+                self.state.metrics.certificates_issued.inc();
+                Ok(answer(IssuedCertificateView::new(self.state, certified)))
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                Err(Refusal {
+                    code: e.code.to_string(),
+                    message: e.message,
+                })
             }
         }
     }

@@ -12,10 +12,7 @@ use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::paging::PageQuery;
 use super::AppState;
-use crate::audit::AuditEvent;
 use crate::policy::{authorize, Action, Caller};
-use crate::revocation::hooks::{check_url, new_secret};
-use crate::store::StoreError;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -46,22 +43,10 @@ async fn register(
 ) -> Result<(StatusCode, Json<HookOutput>), ApiError> {
     authorize(&caller, Action::ManageHooks)?;
     let body = body.parse()?;
-    let url = check_url(&body.url, &state.hook_allowed_hosts)
-        .map_err(|e| ApiError::bad_request("invalid_hook_url", e.to_string()))?;
-    let secret = new_secret();
-    let audit = AuditEvent::new(caller.audit_name(), "hook.create", &url);
     let hook = state
-        .store
-        .insert_hook(&url, &secret, &audit)
-        .await
-        .map_err(|e| match e {
-            StoreError::Conflict(_) => ApiError::new(
-                StatusCode::CONFLICT,
-                "hook_exists",
-                "a hook with that URL is registered already",
-            ),
-            other => other.into(),
-        })?;
+        .hooks
+        .register(&caller.audit_name(), &body.url)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(HookOutput {
@@ -80,7 +65,11 @@ async fn list(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     authorize(&caller, Action::ManageHooks)?;
     let page = query.page::<i64>("hooks")?;
-    let fetched = state.store.hooks_page(page.after, page.fetch()).await?;
+    let fetched = state
+        .hooks
+        .page(page.after, page.fetch())
+        .await
+        .map_err(ApiError::internal)?;
     let (hooks, next_cursor) = page.split(fetched, |h| h.id);
     let hooks: Vec<HookOutput> = hooks
         .into_iter()
@@ -105,8 +94,12 @@ async fn remove(
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_hook_id", "a hook id is an integer"))?;
-    let audit = AuditEvent::new(caller.audit_name(), "hook.delete", id.to_string());
-    if state.store.deactivate_hook(id, &audit).await? {
+    let removed = state
+        .hooks
+        .remove(&caller.audit_name(), id)
+        .await
+        .map_err(ApiError::internal)?;
+    if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(

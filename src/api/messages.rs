@@ -17,12 +17,11 @@ use super::extract::{Json, Unparsed};
 use super::signing::{decode_b64, digest_of};
 use super::{AppState, RequestId};
 use crate::agents::envelope::{self, Claims, MAX_LIFETIME_SECS};
-use crate::agents::signing::MessageRequest;
+use crate::agents::requests::{MessageAsk, Outcome};
+use crate::agents::signing::SignedMessage;
 use crate::agents::verification::{Signer, Verdict};
-use crate::approvals::HeldRequest;
 use crate::identity::AgentName;
 use crate::pki::parse_pem_chain;
-use crate::policy::engine::AgentRequest;
 use crate::policy::{authorize, Action, Caller};
 
 /// Envelope lifetime when the caller does not ask for one.
@@ -189,38 +188,22 @@ async fn sign_message(
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::SignMessage(&name))?;
     let body = request.parse()?;
-    // Checked before the policy charges the agent's rate, and so before an
-    // admin could be asked to approve what cannot run.
     let (audience, lifetime_secs) = check_message(&state, &body)?;
-    let decision = state
-        .policy
-        .permit(
-            &caller,
-            &name,
-            AgentRequest::Message {
-                intent: &body.intent,
-            },
-        )
-        .await?;
-    if decision.approvals_required > 0 {
-        let held = HeldRequest::Message {
-            audience,
-            intent: body.intent,
-            lifetime_secs,
-        };
-        return super::hold_for_approval(&state, &caller, &name, &held, &decision).await;
-    }
-    let output = execute(
-        &state,
-        &name,
-        &body.intent,
-        &audience,
+    let ask = MessageAsk {
+        audience,
+        intent: body.intent,
         lifetime_secs,
-        &request_id.0,
-        decision.policy_version,
-    )
-    .await?;
-    Ok((StatusCode::CREATED, Json(output)).into_response())
+    };
+    match state
+        .requests
+        .message(&caller, &name, ask, &request_id.0)
+        .await?
+    {
+        Outcome::Done(signed) => {
+            Ok((StatusCode::CREATED, Json(MessageOutput::from(signed))).into_response())
+        }
+        Outcome::Held(approval) => Ok(super::held_answer(approval)),
+    }
 }
 
 /// The recipient and lifetime a message request asks for, checked with its
@@ -239,34 +222,14 @@ fn check_message(state: &AppState, body: &MessageInput) -> Result<(String, i64),
     Ok((audience, lifetime_secs))
 }
 
-/// Signs the envelope for `intent` to `audience`, under `policy_version`.
-pub(super) async fn execute(
-    state: &AppState,
-    name: &AgentName,
-    intent: &str,
-    audience: &str,
-    lifetime_secs: i64,
-    request_id: &str,
-    policy_version: i64,
-) -> Result<MessageOutput, ApiError> {
-    let signed = state
-        .signer
-        .sign_message(
-            name,
-            MessageRequest {
-                audience,
-                intent,
-                lifetime_secs,
-            },
-            request_id,
-            policy_version,
-        )
-        .await?;
-    Ok(MessageOutput {
-        token: signed.token,
-        claims: signed.claims,
-        certificate_serial: signed.certificate_serial,
-    })
+impl From<SignedMessage> for MessageOutput {
+    fn from(signed: SignedMessage) -> Self {
+        MessageOutput {
+            token: signed.token,
+            claims: signed.claims,
+            certificate_serial: signed.certificate_serial,
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -27,12 +27,11 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::json;
 
-use crate::agents::signing::AgentSigner;
+use crate::agents::requests::AgentRequests;
 use crate::agents::verification::Verifier;
 use crate::agents::Registry;
 use crate::policy::{authorize, Action, Caller};
 use crate::pool::KeyPool;
-use crate::store::Store;
 use crate::telemetry::{HttpLabels, Metrics};
 use error::{ApiError, ErrorCode};
 pub use extract::AdminTokens;
@@ -42,16 +41,14 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
-    /// Verifies evidence from agents that hold their keys in their own TPM.
-    pub tpm: Arc<crate::attestation::tpm::TpmVerifier>,
-    pub signer: Arc<AgentSigner>,
+    /// Every request an agent makes for itself, through one revocation
+    /// check and one policy decision.
+    pub requests: Arc<AgentRequests>,
     pub verifier: Arc<Verifier>,
     pub status: Arc<crate::pki::status::StatusPublisher>,
     pub hooks: Arc<crate::revocation::hooks::Deliverer>,
     pub policy: Arc<crate::policy::engine::PolicyEngine>,
     pub approvals: Arc<crate::approvals::Approvals>,
-    pub hook_allowed_hosts: Vec<String>,
-    pub store: Arc<dyn Store>,
     pub pool: KeyPool,
     pub admin_tokens: AdminTokens,
     /// `server.admin_token = false` switches bearer tokens off: admins
@@ -184,7 +181,7 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let limit = Duration::from_secs(2);
     let token = tokio::time::timeout(limit, state.pool.ping()).await;
-    let database = tokio::time::timeout(limit, state.store.ping()).await;
+    let database = tokio::time::timeout(limit, state.registry.ping_database()).await;
     let token_ok = matches!(token, Ok(Ok(())));
     let database_ok = matches!(database, Ok(Ok(())));
     let status = if token_ok && database_ok {
@@ -262,14 +259,10 @@ async fn attestation(
             "a digest is 64 lower-case hex digits",
         ));
     }
-    let record = state.store.attestation(&digest).await?.ok_or_else(|| {
+    let evidence = state.registry.evidence(&digest).await?.ok_or_else(|| {
         ApiError::not_found("attestation_not_found", "no evidence with that digest")
     })?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        record.evidence,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/json")], evidence).into_response())
 }
 
 /// A caller that must be an admin.
@@ -292,25 +285,8 @@ impl FromRequestParts<Arc<AppState>> for AdminOnly {
     }
 }
 
-/// 202 with the approval to poll: `held` waits for the approvers
-/// `decision` asks for, and runs once they have voted (`approvals`).
-async fn hold_for_approval(
-    state: &AppState,
-    caller: &Caller,
-    agent: &crate::identity::AgentName,
-    held: &crate::approvals::HeldRequest,
-    decision: &crate::policy::engine::Permit,
-) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
-    let approval = state
-        .approvals
-        .hold(
-            caller,
-            agent,
-            held,
-            decision.approvals_required,
-            decision.policy_version,
-        )
-        .await?;
-    Ok((StatusCode::ACCEPTED, extract::Json(approval)).into_response())
+/// 202 with the approval to poll: the request waits for the approvers
+/// the policy asks for, and runs once they have voted (`approvals`).
+fn held_answer(approval: crate::approvals::Approval) -> Response {
+    (StatusCode::ACCEPTED, extract::Json(approval)).into_response()
 }

@@ -13,27 +13,14 @@ use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::paging::PageQuery;
 use super::AppState;
-use crate::policy::engine::ApplyError;
+use crate::policy::engine::PolicyRecord;
 use crate::policy::{authorize, Action, Caller};
-use crate::store::PolicyRecord;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/policies", get(history).post(apply))
         .route("/v1/policies/rollback", post(rollback))
         .route("/v1/policies/{version}", get(show))
-}
-
-impl From<ApplyError> for ApiError {
-    fn from(e: ApplyError) -> Self {
-        match e {
-            ApplyError::Invalid(inner) => {
-                ApiError::bad_request("invalid_policy", inner.to_string())
-            }
-            ApplyError::NoSuchVersion(_) => ApiError::not_found("policy_not_found", e.to_string()),
-            ApplyError::Store(inner) => inner.into(),
-        }
-    }
 }
 
 /// A version without its content (history) or with it (show, apply).
@@ -111,7 +98,11 @@ async fn history(
     authorize(&caller, Action::ManagePolicy)?;
     let page = query.page::<i64>("policies")?;
     let in_force = state.policy.version();
-    let fetched = state.store.policies_page(page.after, page.fetch()).await?;
+    let fetched = state
+        .policy
+        .history_page(page.after, page.fetch())
+        .await
+        .map_err(ApiError::internal)?;
     let (records, next_cursor) = page.split(fetched, |r| r.version);
     let versions: Vec<Version> = records
         .into_iter()
@@ -132,9 +123,10 @@ async fn show(
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_version", "a version is an integer"))?;
     let record = state
-        .store
-        .policy(requested)
-        .await?
+        .policy
+        .applied_version(requested)
+        .await
+        .map_err(ApiError::internal)?
         .ok_or_else(|| ApiError::not_found("policy_not_found", "no such policy version"))?;
     Ok(Json(version(record, state.policy.version(), true)))
 }

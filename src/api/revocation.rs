@@ -14,11 +14,11 @@ use super::extract::{Json, Unparsed};
 use super::AppState;
 use std::time::Duration;
 
+use crate::agents::{AgentStatusChange, CertificateRevocation};
 use crate::agents::{Rotation, StatusChange};
 use crate::identity::AgentName;
 use crate::pki::crl::RevocationReason;
 use crate::policy::{authorize, Action, Caller};
-use crate::store::{AgentStatusChange, CertificateRevocation};
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()

@@ -13,9 +13,9 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::extract::{Json, Unparsed};
 use super::{AppState, RequestId};
-use crate::approvals::HeldRequest;
+use crate::agents::requests::{Outcome, SignRequest};
+use crate::agents::signing::AgentSignature;
 use crate::identity::AgentName;
-use crate::policy::engine::AgentRequest;
 use crate::policy::{authorize, Action, Caller};
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -97,50 +97,29 @@ async fn sign(
     let name = AgentName::parse(&name)?;
     authorize(&caller, Action::Sign(&name))?;
     let body = request.parse()?;
-    let digest = body.digest()?;
-    let decision = state
-        .policy
-        .permit(&caller, &name, AgentRequest::Sign)
-        .await?;
-    if decision.approvals_required > 0 {
-        let held = HeldRequest::Sign {
-            digest,
-            key_id: body.key_id,
-            message_b64: body.message_b64,
-        };
-        return super::hold_for_approval(&state, &caller, &name, &held, &decision).await;
+    let ask = SignRequest {
+        digest: body.digest()?,
+        key_id: body.key_id,
+        message_b64: body.message_b64,
+    };
+    match state
+        .requests
+        .sign(&caller, &name, ask, &request_id.0)
+        .await?
+    {
+        Outcome::Done(signed) => Ok(Json(SignResponse::from(signed)).into_response()),
+        Outcome::Held(approval) => Ok(super::held_answer(approval)),
     }
-    let signed = execute(
-        &state,
-        &name,
-        body.key_id.as_deref(),
-        digest,
-        &request_id.0,
-        decision.policy_version,
-    )
-    .await?;
-    Ok(Json(signed).into_response())
 }
 
-/// Signs for `name` what `body` asks, under `policy_version`: the request
-/// once allowed, now or after its approval.
-pub(super) async fn execute(
-    state: &AppState,
-    name: &AgentName,
-    key_id: Option<&str>,
-    digest: [u8; 32],
-    request_id: &str,
-    policy_version: i64,
-) -> Result<SignResponse, ApiError> {
-    let signed = state
-        .signer
-        .sign(name, digest, request_id, policy_version, key_id)
-        .await?;
-    Ok(SignResponse {
-        signature_der_b64: b64().encode(signed.signature.to_der().as_bytes()),
-        signature_p1363_b64: b64().encode(signed.signature.to_bytes()),
-        algorithm: "ES256",
-        key_id: signed.key_id.to_string(),
-        certificate_serial: signed.certificate_serial,
-    })
+impl From<AgentSignature> for SignResponse {
+    fn from(signed: AgentSignature) -> Self {
+        SignResponse {
+            signature_der_b64: b64().encode(signed.signature.to_der().as_bytes()),
+            signature_p1363_b64: b64().encode(signed.signature.to_bytes()),
+            algorithm: "ES256",
+            key_id: signed.key_id.to_string(),
+            certificate_serial: signed.certificate_serial,
+        }
+    }
 }

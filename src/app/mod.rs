@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use crate::agents::cache::AgentCache;
+use crate::agents::requests::AgentRequests;
 use crate::agents::signing::AgentSigner;
 use crate::agents::verification::Verifier;
 use crate::agents::Registry;
@@ -51,6 +52,9 @@ const SERVICE_CERT_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 /// A started keyward: everything the API needs, and the TLS identity.
 pub struct Keyward {
     pub state: Arc<AppState>,
+    /// For the operator's commands (admin credentials, CA changes) and the
+    /// listener's key; requests reach the store through the domain.
+    pub store: Arc<dyn Store>,
     pub authority: Arc<Authority>,
     /// The names the HTTPS listener's certificate carries; its key is made
     /// on the token when `serve` starts (CLI commands start keyward too,
@@ -202,23 +206,27 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
             }
         },
     );
-    let hooks = crate::revocation::hooks::Deliverer::new(store.clone(), metrics.hooks.clone())
-        .context("building the hook client")?;
+    let hooks = crate::revocation::hooks::Deliverer::new(
+        store.clone(),
+        config.hook_allowed_hosts.clone(),
+        metrics.hooks.clone(),
+    )
+    .context("building the hook client")?;
     hooks.start();
-    let policy = crate::policy::engine::PolicyEngine::load(store.clone(), signer.clone())
+    let policy = crate::policy::engine::PolicyEngine::load(store.clone())
         .await
         .context("loading the policy")?;
     policy.watch();
-    let scheduled = Arc::downgrade(&registry);
+    let scheduled = Arc::downgrade(&policy);
     crate::runtime::periodic::every(
         SCHEDULED_ROTATION_SWEEP,
-        &policy,
+        &registry,
         "scheduled key rotation",
-        move |policy| {
-            let registry = scheduled.upgrade();
+        move |registry| {
+            let policy = scheduled.upgrade();
             async move {
-                match registry {
-                    Some(registry) => policy.rotate_due_keys(&registry).await,
+                match policy {
+                    Some(policy) => registry.rotate_due_keys(&policy).await,
                     None => Ok(0),
                 }
             }
@@ -253,17 +261,23 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         ek_allowlist,
         config.tpm_challenge_ttl,
     ));
-    let state = Arc::new(AppState {
-        tpm,
-        registry,
+    let approvals = Arc::new(crate::approvals::Approvals::new(store.clone()));
+    let requests = Arc::new(AgentRequests::new(
+        registry.clone(),
         signer,
+        policy.clone(),
+        approvals.clone(),
+        store.clone(),
+        tpm,
+    ));
+    let state = Arc::new(AppState {
+        registry,
+        requests,
         verifier,
         status,
         hooks,
         policy,
-        approvals: Arc::new(crate::approvals::Approvals::new(store.clone())),
-        hook_allowed_hosts: config.hook_allowed_hosts.clone(),
-        store,
+        approvals,
         pool,
         admin_tokens,
         admin_token_enabled: config.admin_token_enabled,
@@ -271,6 +285,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     });
     Ok(Keyward {
         state,
+        store,
         authority,
         server_names: ServerNames::for_config(config),
     })
@@ -504,7 +519,6 @@ pub async fn admin_token_create(
     let audit = AuditEvent::new("operator", "admin_token.create", name.as_str())
         .with("token_sha256_prefix", id.clone());
     keyward
-        .state
         .store
         .insert_admin_token(&hash, name.as_str(), &audit)
         .await?;
@@ -535,7 +549,7 @@ pub async fn admin_cert_issue(
     let audit = AuditEvent::new("operator", "admin_cert.issue", name.as_str())
         .with("serial", issued.serial.clone())
         .with("not_after", issued.not_after);
-    keyward.state.store.append_audit_event(&audit).await?;
+    keyward.store.append_audit_event(&audit).await?;
     Ok(issued.serial)
 }
 
@@ -546,11 +560,7 @@ pub async fn ca_rotate(keyward: &Keyward, config: &Config) -> anyhow::Result<Str
     let record = Authority::create_root(&keyward.state.pool, config.ca_validity).await?;
     let audit = AuditEvent::new("operator", "ca.rotate", &record.key_id)
         .with("previous_key_id", keyward.authority.key_id().to_string());
-    keyward
-        .state
-        .store
-        .install_ca(&record, true, &audit)
-        .await?;
+    keyward.store.install_ca(&record, true, &audit).await?;
     // ca.pem gains the new root now, so clients can trust both before the
     // restart that makes the new CA active.
     let mut bundle = keyward.authority.trust_bundle_pem()?;
@@ -585,7 +595,7 @@ pub async fn serve(
     let identity = Arc::new(
         ServerIdentity::issue(
             &keyward.state.pool,
-            keyward.state.store.clone(),
+            keyward.store.clone(),
             &keyward.authority,
             keyward.server_names.clone(),
         )
@@ -660,11 +670,7 @@ pub async fn ca_import(
     let cert = crate::pki::Certificate::from_der(&record.cert_der)?;
     let audit = AuditEvent::new("operator", "ca.import", &record.key_id)
         .with("subject", cert.tbs_certificate.subject.to_string());
-    keyward
-        .state
-        .store
-        .install_ca(&record, true, &audit)
-        .await?;
+    keyward.store.install_ca(&record, true, &audit).await?;
     let root = crate::pki::parse_pem_chain(&record.chain_pem)?
         .last()
         .context("empty chain")?

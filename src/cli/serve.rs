@@ -194,7 +194,7 @@ async fn serve(
         });
     }
     let listen_file = config.data_dir.join("listen.addr");
-    let store_name = kw.state.store.backend_name();
+    let store_name = kw.store.backend_name();
     let ready = move || {
         if let Err(e) = std::fs::write(&listen_file, addr.to_string()) {
             tracing::warn!(error = %e, "writing listen.addr failed");

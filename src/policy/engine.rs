@@ -14,14 +14,10 @@ use std::time::{Duration, Instant};
 
 use super::document::{Grant, PolicyDocument};
 use super::{Caller, PolicyError, BUILTIN_POLICY_VERSION};
-use crate::agents::signing::AgentSigner;
 use crate::audit::AuditEvent;
 use crate::identity::AgentName;
-use crate::store::{PolicyRecord, Store, StoreError};
-
-/// Grace and retention of a rotation the policy schedules.
-const SCHEDULED_GRACE: Duration = Duration::from_secs(300);
-const SCHEDULED_RETENTION: Duration = Duration::from_secs(86_400);
+pub use crate::store::PolicyRecord;
+use crate::store::{Store, StoreError};
 
 /// How often a replica looks for a version applied elsewhere.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
@@ -112,7 +108,6 @@ struct Bucket {
 
 pub struct PolicyEngine {
     store: Arc<dyn Store>,
-    signer: Arc<AgentSigner>,
     in_force: RwLock<Arc<InForce>>,
     buckets: Mutex<HashMap<(AgentName, BucketKind), Bucket>>,
 }
@@ -128,13 +123,9 @@ pub enum ApplyError {
 }
 
 impl PolicyEngine {
-    pub async fn load(
-        store: Arc<dyn Store>,
-        signer: Arc<AgentSigner>,
-    ) -> Result<Arc<Self>, StoreError> {
+    pub async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
         let engine = Arc::new(Self {
             store,
-            signer,
             in_force: RwLock::new(Arc::new(InForce {
                 version: BUILTIN_POLICY_VERSION,
                 document: None,
@@ -213,6 +204,20 @@ impl PolicyEngine {
         Ok(record)
     }
 
+    /// Applied versions, newest first, after `after`, at most `limit`.
+    pub async fn history_page(
+        &self,
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.store.policies_page(after, limit).await
+    }
+
+    /// One applied version.
+    pub async fn applied_version(&self, version: i64) -> Result<Option<PolicyRecord>, StoreError> {
+        self.store.policy(version).await
+    }
+
     /// Makes an earlier version's content the next version.
     pub async fn rollback(&self, author: &str, version: i64) -> Result<PolicyRecord, ApplyError> {
         let old = self
@@ -224,13 +229,17 @@ impl PolicyEngine {
             .await
     }
 
-    /// Whether `caller` may make `request` for `agent` under the policy in
-    /// force. Admins may do anything; an agent needs a role (scope) that
-    /// grants the request, within its limits and its rate.
+    /// Whether `caller` may make `request` for `agent`, whose roles
+    /// (scopes) are `roles`, under the policy in force. Admins may do
+    /// anything; an agent needs a role that grants the request, within its
+    /// limits and its rate. The caller loads the agent and checks its
+    /// revocation state first: this decides on what it is given, and a
+    /// request that reaches it may be charged to the agent's rate.
     pub async fn permit(
         &self,
         caller: &Caller,
         agent: &AgentName,
+        roles: &[String],
         request: AgentRequest<'_>,
     ) -> Result<Permit, PolicyError> {
         let in_force = self.in_force();
@@ -242,21 +251,14 @@ impl PolicyEngine {
                 approvals_required: 0,
             });
         };
-        let roles = self
-            .signer
-            .scopes(agent)
-            .await
-            .map_err(|_| PolicyError::Forbidden {
-                reason: "unknown_agent",
-            })?;
         let intent = match request {
             AgentRequest::Message { intent } => Some(intent),
             _ => None,
         };
-        let Some(allowance) = document.allowance(&roles, request.grant(), intent) else {
+        let Some(allowance) = document.allowance(roles, request.grant(), intent) else {
             let reason = match request {
                 AgentRequest::Message { .. }
-                    if document.allowance(&roles, Grant::Message, None).is_some() =>
+                    if document.allowance(roles, Grant::Message, None).is_some() =>
                 {
                     "intent_not_allowed"
                 }
@@ -316,76 +318,23 @@ impl PolicyEngine {
         }
     }
 
-    /// The document in force and the agent's roles, when a policy (not the
-    /// built-in one) is in force.
-    async fn document_and_roles(&self, agent: &AgentName) -> Option<(Arc<InForce>, Vec<String>)> {
-        let in_force = self.in_force();
-        in_force.document.as_ref()?;
-        let roles = self.signer.scopes(agent).await.ok()?;
-        Some((in_force, roles))
+    /// Whether some role of `roles` requires renewal of the client
+    /// certificate at half its lifetime, under the policy in force.
+    pub fn renew_at_half_life(&self, roles: &[String]) -> bool {
+        self.in_force()
+            .document
+            .as_ref()
+            .is_some_and(|d| d.renew_at_half_life(roles))
     }
 
-    /// Whether the policy requires `agent` to renew its client certificate
-    /// at half its lifetime.
-    pub async fn renew_at_half_life(&self, agent: &AgentName) -> bool {
-        match self.document_and_roles(agent).await {
-            Some((in_force, roles)) => in_force
-                .document
-                .as_ref()
-                .is_some_and(|d| d.renew_at_half_life(&roles)),
-            None => false,
-        }
+    /// Whether a policy other than the built-in one is in force.
+    pub fn is_applied(&self) -> bool {
+        self.in_force().document.is_some()
     }
 
     /// How old `roles`' custodial keys may get, under the policy in force.
     pub fn rotate_after(&self, roles: &[String]) -> Option<Duration> {
         self.in_force().document.as_ref()?.rotate_after(roles)
-    }
-
-    /// Rotates, as the policy requires (`rotate_after_seconds`), every
-    /// custodial key that has been current for too long. Returns how many.
-    pub async fn rotate_due_keys(
-        &self,
-        registry: &crate::agents::Registry,
-    ) -> Result<usize, crate::agents::AgentError> {
-        if self.in_force().document.is_none() {
-            return Ok(0);
-        }
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut rotated = 0;
-        for key in self.store.custodial_key_ages().await? {
-            let Some(after) = self.rotate_after(&key.scopes) else {
-                continue;
-            };
-            if now - key.current_since < after.as_secs() as i64 {
-                continue;
-            }
-            let (Ok(name), Ok(expected)) = (
-                AgentName::parse(&key.agent_name),
-                crate::keys::KeyId::parse(&key.key_id),
-            ) else {
-                continue;
-            };
-            let rotation = crate::agents::Rotation {
-                reason: crate::pki::crl::RevocationReason::Superseded,
-                grace: SCHEDULED_GRACE,
-                retention: SCHEDULED_RETENTION,
-                certificate_ttl: registry.authority().ttl_limits().default,
-                expected_old_key: Some(expected),
-            };
-            match registry
-                .rotate_key("policy", &name, rotation, self.version())
-                .await
-            {
-                Ok(_) => rotated += 1,
-                // Another replica rotated it first, or the agent changed.
-                Err(crate::agents::AgentError::NotActive(..)) => {}
-                Err(e) => {
-                    tracing::warn!(agent = %name, error = %e, "scheduled key rotation failed")
-                }
-            }
-        }
-        Ok(rotated)
     }
 
     /// One token from the agent's bucket, or how long until there is one.

@@ -90,17 +90,34 @@ fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// Delivers the outbox. Every replica runs one; leases keep them from
-/// sending the same event at the same time.
+/// Why a hook was not registered.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error(transparent)]
+    Url(#[from] HookUrlError),
+    #[error("a hook with that URL is registered already")]
+    Exists,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Registers hooks and delivers the outbox. Every replica runs one; leases
+/// keep them from sending the same event at the same time.
 pub struct Deliverer {
     store: Arc<dyn Store>,
+    /// The hosts a hook may point at (`hooks.allowed_hosts`).
+    allowed_hosts: Vec<String>,
     http: reqwest::Client,
     metrics: HookMetrics,
     wake: tokio::sync::Notify,
 }
 
 impl Deliverer {
-    pub fn new(store: Arc<dyn Store>, metrics: HookMetrics) -> Result<Arc<Self>, reqwest::Error> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        allowed_hosts: Vec<String>,
+        metrics: HookMetrics,
+    ) -> Result<Arc<Self>, reqwest::Error> {
         let mut builder = reqwest::Client::builder().use_rustls_tls();
         // https hooks are checked against the system's trust store (Debian's
         // ca-certificates, a runtime package).
@@ -116,10 +133,38 @@ impl Deliverer {
             .build()?;
         Ok(Arc::new(Self {
             store,
+            allowed_hosts,
             http,
             metrics,
             wake: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// Registers a hook for `url` (checked against the allowed hosts),
+    /// with a new secret, shown only in this answer.
+    pub async fn register(&self, actor: &str, url: &str) -> Result<HookRecord, HookError> {
+        let url = check_url(url, &self.allowed_hosts)?;
+        let audit = AuditEvent::new(actor, "hook.create", &url);
+        match self.store.insert_hook(&url, &new_secret(), &audit).await {
+            Ok(hook) => Ok(hook),
+            Err(StoreError::Conflict(_)) => Err(HookError::Exists),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Active hooks by id, after `after`, at most `limit`.
+    pub async fn page(
+        &self,
+        after: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<HookRecord>, StoreError> {
+        self.store.hooks_page(after, limit).await
+    }
+
+    /// Stops delivering to hook `id`; false if there is no active one.
+    pub async fn remove(&self, actor: &str, id: i64) -> Result<bool, StoreError> {
+        let audit = AuditEvent::new(actor, "hook.delete", id.to_string());
+        self.store.deactivate_hook(id, &audit).await
     }
 
     /// Asks for a round now (after a change made here), instead of at the
