@@ -32,7 +32,9 @@ pub const MAX_OPEN_CHALLENGES: i64 = 8;
 pub fn token_ttl(requested: Option<u64>) -> Result<u64, RequestError> {
     let ttl = requested.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
     if !(1..=MAX_TOKEN_TTL_SECS).contains(&ttl) {
-        return Err(RequestError::TokenTtlOutOfRange);
+        return Err(RequestError::TokenTtlOutOfRange {
+            max: MAX_TOKEN_TTL_SECS,
+        });
     }
     Ok(ttl)
 }
@@ -184,6 +186,7 @@ impl AgentRequests {
         {
             return Err(RequestError::TooManyChallenges {
                 agent: name.clone(),
+                max: MAX_OPEN_CHALLENGES,
             });
         }
         let issued = self

@@ -52,19 +52,13 @@ pub enum RequestError {
     Tpm(#[from] TpmAttestationError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(
-        "token lifetime must be 1 to {} seconds",
-        super::enrollment::MAX_TOKEN_TTL_SECS
-    )]
-    TokenTtlOutOfRange,
+    #[error("token lifetime must be 1 to {max} seconds")]
+    TokenTtlOutOfRange { max: u64 },
     /// Unknown, used or expired: the same answer for all three.
     #[error("the enrollment token is not valid")]
     InvalidEnrollmentToken,
-    #[error(
-        "agent {agent} holds {max} unused challenges; use one or let them expire",
-        max = super::enrollment::MAX_OPEN_CHALLENGES
-    )]
-    TooManyChallenges { agent: AgentName },
+    #[error("agent {agent} holds {max} unused challenges; use one or let them expire")]
+    TooManyChallenges { agent: AgentName, max: i64 },
     #[error("the CSR's key is not the certified key")]
     CsrKeyMismatch,
 }

@@ -221,7 +221,9 @@ impl From<RequestError> for ApiError {
             RequestError::Ca(e) => e.into(),
             RequestError::Tpm(e) => e.into(),
             RequestError::Store(e) => ApiError::internal(e),
-            RequestError::TokenTtlOutOfRange => ApiError::bad_request("invalid_ttl", e.to_string()),
+            RequestError::TokenTtlOutOfRange { .. } => {
+                ApiError::bad_request("invalid_ttl", e.to_string())
+            }
             RequestError::InvalidEnrollmentToken => {
                 ApiError::unauthenticated("invalid_enrollment_token", e.to_string())
             }
