@@ -52,11 +52,25 @@ impl Format {
         human: impl FnOnce() -> String,
     ) -> anyhow::Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(answer)?);
+            emit(&(serde_json::to_string_pretty(answer)? + "\n"))
         } else {
-            print!("{}", human());
+            emit(&human())
         }
-        Ok(())
+    }
+}
+
+/// Writes `text` to standard output. A reader that has closed the pipe
+/// (`| head`, `| grep -m1`) has all it wanted: that ends the command
+/// quietly instead of in `print!`'s panic.
+pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
     }
 }
 
@@ -220,12 +234,32 @@ fn rfc3339(unix: i64) -> Option<String> {
 }
 
 /// Rows in columns two spaces apart, under `header` if there is one, the
-/// columns numbered in `right` aligned right. On a terminal the table is
-/// wrapped to the terminal's width; otherwise each row is one line.
+/// columns numbered in `right` aligned right. On a terminal the cells
+/// wrap to fit its width; otherwise each row is one line.
 pub(crate) fn grid(header: Option<Vec<&str>>, rows: Vec<Vec<String>>, right: &[usize]) -> String {
+    layout(header, rows, right, terminal_width())
+}
+
+/// Below this many characters a column is mostly wrapping: a terminal
+/// too narrow to give each column this much gets one line per row (which
+/// it wraps as it does any long line).
+const NARROWEST_COLUMN: usize = 8;
+
+fn layout(
+    header: Option<Vec<&str>>,
+    rows: Vec<Vec<String>>,
+    right: &[usize],
+    width: Option<u16>,
+) -> String {
+    let columns = header
+        .as_ref()
+        .map(Vec::len)
+        .or_else(|| rows.first().map(Vec::len))
+        .unwrap_or(0);
+    let width = width.filter(|&w| usize::from(w) >= columns * NARROWEST_COLUMN);
     let mut table = Table::new();
     table.load_preset(presets::NOTHING);
-    if let Some(width) = terminal_width() {
+    if let Some(width) = width {
         table
             .set_content_arrangement(ContentArrangement::Dynamic)
             .set_width(width);
@@ -308,6 +342,45 @@ mod tests {
              request.intent:  pay\\u{1b}[2J\n\
              scopes:          -\n"
         );
+    }
+
+    fn wide_rows() -> Vec<Vec<String>> {
+        (0..3)
+            .map(|i| {
+                vec![
+                    format!("agent-{i}"),
+                    "orders:read, payments:refund, reports:weekly-summary".into(),
+                    "2026-12-06T17:27:29Z".into(),
+                ]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn on_a_narrow_terminal_cells_wrap_to_its_width() {
+        let text = layout(
+            Some(vec!["NAME", "SCOPES", "CREATED"]),
+            wide_rows(),
+            &[],
+            Some(50),
+        );
+        assert!(text.lines().all(|l| l.chars().count() <= 50), "{text}");
+        assert!(text.lines().count() > 4, "{text}");
+        assert!(text.starts_with("NAME "), "{text}");
+    }
+
+    #[test]
+    fn too_narrow_a_terminal_or_a_pipe_gets_one_line_a_row() {
+        for width in [Some(20), None] {
+            let text = layout(
+                Some(vec!["NAME", "SCOPES", "CREATED"]),
+                wide_rows(),
+                &[],
+                width,
+            );
+            assert_eq!(text.lines().count(), 4, "{text}");
+            assert!(text.lines().all(|l| !l.ends_with(' ')), "{text}");
+        }
     }
 
     #[test]
