@@ -23,7 +23,7 @@ pub(crate) struct Format {
     /// Print the answer as JSON, every field as the API sends it, instead
     /// of a table or `key: value` lines: for scripts.
     #[arg(long)]
-    pub(crate) json: bool,
+    json: bool,
 }
 
 impl Format {
