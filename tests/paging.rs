@@ -191,16 +191,38 @@ async fn the_cli_follows_cursors_to_the_last_page(db: Db) {
             .await;
         assert_eq!(status, 201);
     }
-    let mut history = std::process::Command::new(common::keyward_bin());
-    history
-        .args(["policy", "history", "--url"])
-        .arg(&server.url)
-        .arg("--data-dir")
-        .arg(server.data_dir.path());
-    let (ok, out) = common::run(&mut history);
-    assert!(ok, "{out}");
-    assert_eq!(out.lines().count(), 1001, "{}", &out[..out.len().min(300)]);
-    assert!(out.lines().last().unwrap().contains("(in force)"));
+    let history = |format: &[&str]| {
+        let out = std::process::Command::new(common::keyward_bin())
+            .args(["policy", "history", "--url"])
+            .arg(&server.url)
+            .arg("--data-dir")
+            .arg(server.data_dir.path())
+            .args(format)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: Value = serde_json::from_str(&history(&["--json"])).unwrap();
+    let versions = listed["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1001);
+    assert_eq!(versions[1000]["version"], 1001);
+    assert_eq!(versions[1000]["in_force"], true);
+    // The table: its header and one row a version, the last in force.
+    let table = history(&[]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["VERSION", "CREATED", "AUTHOR", "SHA256", "SOURCE", "IN", "FORCE"]
+    );
+    assert_eq!(lines.clone().count(), 1001);
+    let last: Vec<&str> = lines.last().unwrap().split_whitespace().collect();
+    assert_eq!((last[0], last[5]), ("1001", "true"), "{last:?}");
 }
 
 on_both_databases!(

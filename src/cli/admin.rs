@@ -7,8 +7,43 @@ use clap::Subcommand;
 use keyward::config::KeysConfig;
 use serde_json::json;
 
+use super::output::{Column, Format};
 use super::serve::{load_config, with_keyward, ServerArgs};
 use super::{client, ClientArgs};
+
+/// `revoke cert|agent`'s answers, what was revoked first.
+const REVOKED_FIELDS: &[&str] = &[
+    "serial",
+    "name",
+    "status",
+    "reason",
+    "revoked_at",
+    "already_revoked",
+    "changed",
+];
+
+const APPROVAL_FIELDS: &[&str] = &[
+    "id",
+    "agent",
+    "kind",
+    "status",
+    "approvals_required",
+    "policy_version",
+    "created_at",
+    "expires_at",
+    "request",
+];
+
+const APPROVAL_COLUMNS: &[Column] = &[
+    Column::new("ID", "id"),
+    Column::new("AGENT", "agent"),
+    Column::new("KIND", "kind"),
+    Column::new("STATUS", "status"),
+    Column::number("APPROVALS", "approvals_required"),
+    Column::number("POLICY", "policy_version"),
+    Column::new("CREATED", "created_at"),
+    Column::new("EXPIRES", "expires_at"),
+];
 
 #[derive(Subcommand)]
 pub(crate) enum AdminCommand {
@@ -95,6 +130,8 @@ pub(crate) enum RevokeCommand {
         reason: String,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// Revoke an agent: all its unexpired certificates, and its key may sign no more.
     Agent {
@@ -103,6 +140,8 @@ pub(crate) enum RevokeCommand {
         reason: String,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
@@ -112,6 +151,8 @@ pub(crate) enum ApprovalsCommand {
     List {
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// Approve a request (it runs once enough admins have).
     Approve {
@@ -120,6 +161,8 @@ pub(crate) enum ApprovalsCommand {
         comment: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// Deny a request.
     Deny {
@@ -128,6 +171,8 @@ pub(crate) enum ApprovalsCommand {
         comment: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
@@ -238,44 +283,56 @@ pub(crate) fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
 
 /// `keyward revoke`.
 pub(crate) async fn revoke_command(command: RevokeCommand) -> anyhow::Result<()> {
-    let (path, args, reason) = match command {
+    let (path, args, reason, format) = match command {
         RevokeCommand::Cert {
             serial,
             reason,
             client,
-        } => (format!("/v1/certificates/{serial}/revoke"), client, reason),
+            format,
+        } => (
+            format!("/v1/certificates/{serial}/revoke"),
+            client,
+            reason,
+            format,
+        ),
         RevokeCommand::Agent {
             name,
             reason,
             client,
-        } => (format!("/v1/agents/{name}/revoke"), client, reason),
+            format,
+        } => (format!("/v1/agents/{name}/revoke"), client, reason, format),
     };
     let out = client(&args)?
         .post(&path, json!({ "reason": reason }))
         .await?;
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    format.object(&out, REVOKED_FIELDS)
 }
 
 /// `keyward approvals`.
 pub(crate) async fn approvals_command(command: ApprovalsCommand) -> anyhow::Result<()> {
-    let out = match command {
-        ApprovalsCommand::List { client: args } => {
-            client(&args)?.get_all("/v1/approvals", "approvals").await?
+    let (args, id, decision, comment, format) = match command {
+        ApprovalsCommand::List {
+            client: args,
+            format,
+        } => {
+            let pending = client(&args)?.get_all("/v1/approvals", "approvals").await?;
+            return format.list(&pending, "approvals", APPROVAL_COLUMNS);
         }
         ApprovalsCommand::Approve {
             id,
             comment,
             client: args,
-        } => vote(&args, &id, "approve", comment).await?,
+            format,
+        } => (args, id, "approve", comment, format),
         ApprovalsCommand::Deny {
             id,
             comment,
             client: args,
-        } => vote(&args, &id, "deny", comment).await?,
+            format,
+        } => (args, id, "deny", comment, format),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    let decided = vote(&args, &id, decision, comment).await?;
+    format.object(&decided, APPROVAL_FIELDS)
 }
 
 /// `keyward approvals approve|deny`: one admin's vote.

@@ -5,9 +5,53 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use serde_json::json;
+use serde_json::{json, Value};
 
+use super::output::{self, Column, Format};
 use super::{client, ClientArgs};
+
+/// `agent create`'s fields, in the order people look for them.
+const AGENT_FIELDS: &[&str] = &[
+    "name",
+    "spiffe_id",
+    "custody",
+    "status",
+    "scopes",
+    "key_id",
+    "attestation_digest",
+    "created_at",
+    "enrollment_token",
+    "enrollment_token_expires_at",
+];
+
+const AGENT_COLUMNS: &[Column] = &[
+    Column::new("NAME", "name"),
+    Column::new("CUSTODY", "custody"),
+    Column::new("STATUS", "status"),
+    Column::new("SCOPES", "scopes"),
+    Column::new("CREATED", "created_at"),
+];
+
+/// An issued certificate's fields; its PEM blocks are in files, named instead.
+const ISSUED_FIELDS: &[&str] = &[
+    "agent",
+    "serial",
+    "not_before",
+    "not_after",
+    "attestation",
+    "certificate_pem",
+    "chain_pem",
+    "key",
+];
+
+/// `issued`, for people: where its PEM blocks were written, in their place.
+fn issued_in_files(issued: &Value, written: &[(&str, String)]) -> Value {
+    let mut shown = issued.clone();
+    for (field, text) in written {
+        shown[*field] = json!(text);
+    }
+    shown
+}
 
 #[derive(Subcommand)]
 pub(crate) enum AgentCommand {
@@ -18,11 +62,15 @@ pub(crate) enum AgentCommand {
         scopes: Vec<String>,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// List agents.
     List {
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// Run as an agent-tpm agent: create a key in this host's TPM, prove
     /// it to keyward (EK certificate, credential activation, TPM2_Certify)
@@ -46,6 +94,8 @@ pub(crate) enum AgentCommand {
         /// Certificate lifetime to ask for, in seconds.
         #[arg(long)]
         ttl: Option<u64>,
+        #[command(flatten)]
+        format: Format,
     },
     /// Print this host's TPM EK fingerprint (SHA-256 of the RSA EK's public
     /// key), the line keyward's [attestation.tpm] ek_allowlist needs to
@@ -77,6 +127,8 @@ pub(crate) enum AgentCommand {
         /// Certificate lifetime to ask for, in seconds.
         #[arg(long)]
         ttl: Option<u64>,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
@@ -94,26 +146,34 @@ pub(crate) enum CertCommand {
         out: PathBuf,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
 pub(crate) async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
-    let out = match command {
+    match command {
         AgentCommand::Create {
             name,
             scopes,
             client: args,
+            format,
         } => {
-            client(&args)?
+            let created = client(&args)?
                 .post("/v1/agents", json!({ "name": name, "scopes": scopes }))
-                .await?
+                .await?;
+            format.object(&created, AGENT_FIELDS)
         }
-        AgentCommand::List { client: args } => {
-            client(&args)?.get_all("/v1/agents", "agents").await?
+        AgentCommand::List {
+            client: args,
+            format,
+        } => {
+            let listed = client(&args)?.get_all("/v1/agents", "agents").await?;
+            format.list(&listed, "agents", AGENT_COLUMNS)
         }
         AgentCommand::EkFingerprint { tpm } => {
             println!("{}", keyward::client::tpm_enrollment::ek_fingerprint(&tpm)?);
-            return Ok(());
+            Ok(())
         }
         AgentCommand::Enroll {
             name,
@@ -123,6 +183,7 @@ pub(crate) async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
             enrollment_token_file,
             out,
             ttl,
+            format,
         } => {
             let token = std::fs::read_to_string(&enrollment_token_file)
                 .with_context(|| format!("reading {}", enrollment_token_file.display()))?;
@@ -138,14 +199,22 @@ pub(crate) async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            println!(
-                "{name}: certificate {} until {}, key in the TPM (attestation {}); files in {}",
-                issued["serial"].as_str().unwrap_or("?"),
-                issued["not_after"].as_str().unwrap_or("?"),
-                issued["attestation"].as_str().unwrap_or("?"),
-                out.display()
+            let shown = issued_in_files(
+                &issued,
+                &[
+                    ("agent", name),
+                    (
+                        "certificate_pem",
+                        out.join("cert.pem").display().to_string(),
+                    ),
+                    ("chain_pem", out.join("chain.pem").display().to_string()),
+                    (
+                        "key",
+                        format!("in the TPM, {}", out.join("tpm-key.json").display()),
+                    ),
+                ],
             );
-            return Ok(());
+            format.print(&issued, || output::fields(&shown, ISSUED_FIELDS))
         }
         AgentCommand::Login {
             name,
@@ -155,6 +224,7 @@ pub(crate) async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
             ca,
             once,
             ttl,
+            format,
         } => {
             let options = keyward::client::credential::LoginOptions {
                 url: url.trim_end_matches('/').to_owned(),
@@ -168,19 +238,28 @@ pub(crate) async fn agent_command(command: AgentCommand) -> anyhow::Result<()> {
                 let token = token.context("no credential yet: give --token")?;
                 keyward::client::credential::enroll(&options, &name, &token).await?
             };
-            println!(
-                "{name}: certificate {} until {}",
-                issued["serial"].as_str().unwrap_or("?"),
-                issued["not_after"].as_str().unwrap_or("?")
+            let shown = issued_in_files(
+                &issued,
+                &[
+                    ("agent", name.clone()),
+                    (
+                        "certificate_pem",
+                        options.dir.join("cert.pem").display().to_string(),
+                    ),
+                    (
+                        "chain_pem",
+                        options.dir.join("chain.pem").display().to_string(),
+                    ),
+                    ("key", options.dir.join("key.pem").display().to_string()),
+                ],
             );
+            format.print(&issued, || output::fields(&shown, ISSUED_FIELDS))?;
             if !once {
                 keyward::client::credential::keep_renewed(&options, &name).await?;
             }
-            return Ok(());
+            Ok(())
         }
-    };
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    }
 }
 
 pub(crate) async fn cert_command(command: CertCommand) -> anyhow::Result<()> {
@@ -191,6 +270,7 @@ pub(crate) async fn cert_command(command: CertCommand) -> anyhow::Result<()> {
             ttl,
             out,
             client: args,
+            format,
         } => {
             let mut body = json!({});
             if let Some(ttl) = ttl {
@@ -205,21 +285,24 @@ pub(crate) async fn cert_command(command: CertCommand) -> anyhow::Result<()> {
                 .await?;
             std::fs::create_dir_all(&out)?;
             let cert_path = out.join(format!("{name}.pem"));
+            let chain_path = out.join("chain.pem");
             std::fs::write(
                 &cert_path,
                 issued["certificate_pem"].as_str().unwrap_or_default(),
             )?;
             std::fs::write(
-                out.join("chain.pem"),
+                &chain_path,
                 issued["chain_pem"].as_str().unwrap_or_default(),
             )?;
-            println!(
-                "serial {} valid until {}; wrote {}",
-                issued["serial"].as_str().unwrap_or("?"),
-                issued["not_after"].as_str().unwrap_or("?"),
-                cert_path.display()
+            let shown = issued_in_files(
+                &issued,
+                &[
+                    ("agent", name),
+                    ("certificate_pem", cert_path.display().to_string()),
+                    ("chain_pem", chain_path.display().to_string()),
+                ],
             );
+            format.print(&issued, || output::fields(&shown, ISSUED_FIELDS))
         }
     }
-    Ok(())
 }

@@ -5,6 +5,7 @@ mod admin;
 mod agent;
 mod bench;
 mod msg;
+mod output;
 mod policy;
 mod serve;
 

@@ -6,8 +6,22 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::output::Format;
 use super::serve::cli_runtime;
 use super::{client, ClientArgs};
+
+/// A verdict's fields: whether, then why not, then what the message says.
+const VERDICT_FIELDS: &[&str] = &[
+    "valid",
+    "reason",
+    "iss",
+    "aud",
+    "intent",
+    "iat",
+    "exp",
+    "jti",
+    "signer_serial",
+];
 
 /// The recipient of a message: a SPIFFE ID or an agent of this keyward.
 #[derive(Args, Clone)]
@@ -23,7 +37,8 @@ pub(crate) struct Recipient {
 
 #[derive(Subcommand)]
 pub(crate) enum MsgCommand {
-    /// Sign a message as an agent; prints the token.
+    /// Sign a message as an agent; prints the token (with --json: the
+    /// whole answer).
     Sign {
         /// The sending agent.
         agent: String,
@@ -37,6 +52,8 @@ pub(crate) enum MsgCommand {
         ttl: Option<i64>,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// Verify a token read from standard input (or --input). Exits 0 when
     /// it is valid, 1 when not. With --bundle it is verified here, offline,
@@ -53,6 +70,8 @@ pub(crate) enum MsgCommand {
         bundle: Option<PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
@@ -74,6 +93,7 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
             intent,
             ttl,
             client: args,
+            format,
         } => {
             let mut body = json!({ "intent": intent });
             if let Some(audience) = recipient.audience {
@@ -88,7 +108,10 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
             let signed = client(&args)?
                 .post(&format!("/v1/agents/{agent}/messages"), body)
                 .await?;
-            println!("{}", signed["token"].as_str().unwrap_or_default());
+            // Just the token by default: it is what gets piped on.
+            format.print(&signed, || {
+                format!("{}\n", signed["token"].as_str().unwrap_or_default())
+            })?;
             Ok(true)
         }
         MsgCommand::Verify {
@@ -96,6 +119,7 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
             input,
             bundle,
             client: args,
+            format,
         } => {
             let token = match input {
                 Some(path) => std::fs::read_to_string(&path)
@@ -131,7 +155,7 @@ async fn msg_command(command: MsgCommand) -> anyhow::Result<bool> {
                         .await?
                 }
             };
-            println!("{}", serde_json::to_string_pretty(&outcome)?);
+            format.object(&outcome, VERDICT_FIELDS)?;
             Ok(outcome["valid"] == json!(true))
         }
     }

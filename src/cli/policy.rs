@@ -6,7 +6,27 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
 
+use super::output::{Column, Format};
 use super::{client, ClientArgs};
+
+/// A version's fields; its content is `policy show`'s.
+const VERSION_FIELDS: &[&str] = &[
+    "version",
+    "in_force",
+    "author",
+    "source",
+    "created_at",
+    "content_sha256",
+];
+
+const HISTORY_COLUMNS: &[Column] = &[
+    Column::number("VERSION", "version"),
+    Column::new("CREATED", "created_at"),
+    Column::new("AUTHOR", "author"),
+    Column::abbreviated("SHA256", "content_sha256", 12),
+    Column::new("SOURCE", "source"),
+    Column::new("IN FORCE", "in_force"),
+];
 
 #[derive(Subcommand)]
 pub(crate) enum PolicyCommand {
@@ -15,17 +35,23 @@ pub(crate) enum PolicyCommand {
         file: PathBuf,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// Every version: number, author, time, content hash, origin.
     History {
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
-    /// One version's content.
+    /// One version's content (with --json: and its record).
     Show {
         version: i64,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
     /// What changed from version A to version B.
     Diff {
@@ -39,49 +65,42 @@ pub(crate) enum PolicyCommand {
         version: i64,
         #[command(flatten)]
         client: ClientArgs,
+        #[command(flatten)]
+        format: Format,
     },
 }
 
 pub(crate) async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
-        PolicyCommand::Apply { file, client: args } => {
+        PolicyCommand::Apply {
+            file,
+            client: args,
+            format,
+        } => {
             let content = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let applied = client(&args)?
                 .post("/v1/policies", json!({ "content": content }))
                 .await?;
-            println!(
-                "policy version {} in force (sha256 {})",
-                applied["version"], applied["content_sha256"]
-            );
+            format.object(&applied, VERSION_FIELDS)
         }
-        PolicyCommand::History { client: args } => {
+        PolicyCommand::History {
+            client: args,
+            format,
+        } => {
             let history = client(&args)?.get_all("/v1/policies", "versions").await?;
-            for v in history["versions"].as_array().into_iter().flatten() {
-                println!(
-                    "{:>4} {} {} {} {}{}",
-                    v["version"],
-                    v["created_at"],
-                    v["author"].as_str().unwrap_or(""),
-                    &v["content_sha256"].as_str().unwrap_or("")
-                        [..12.min(v["content_sha256"].as_str().unwrap_or("").len())],
-                    v["source"].as_str().unwrap_or(""),
-                    if v["in_force"] == json!(true) {
-                        "  (in force)"
-                    } else {
-                        ""
-                    }
-                );
-            }
+            format.list(&history, "versions", HISTORY_COLUMNS)
         }
         PolicyCommand::Show {
             version,
             client: args,
+            format,
         } => {
             let v = client(&args)?
                 .get(&format!("/v1/policies/{version}"))
                 .await?;
-            print!("{}", v["content"].as_str().unwrap_or(""));
+            // The content as it was applied, to redirect into a file.
+            format.print(&v, || v["content"].as_str().unwrap_or("").to_owned())
         }
         PolicyCommand::Diff { a, b, client: args } => {
             let c = client(&args)?;
@@ -94,19 +113,17 @@ pub(crate) async fn policy_command(command: PolicyCommand) -> anyhow::Result<()>
                     new["content"].as_str().unwrap_or("")
                 )
             );
+            Ok(())
         }
         PolicyCommand::Rollback {
             version,
             client: args,
+            format,
         } => {
             let applied = client(&args)?
                 .post("/v1/policies/rollback", json!({ "version": version }))
                 .await?;
-            println!(
-                "policy version {} (the content of version {version}) in force",
-                applied["version"]
-            );
+            format.object(&applied, VERSION_FIELDS)
         }
     }
-    Ok(())
 }

@@ -928,26 +928,38 @@ pub async fn run_agents(
     })
 }
 
-/// A table for people.
+/// A table for people: the rates, latencies and CPU figures to compare
+/// modes by; `--json` has every field.
 pub fn table(results: &[BenchResult]) -> String {
-    let mut out = format!(
-        "{:<10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>8} {:>7}\n",
-        "mode", "ops/s", "p50 us", "p99 us", "vs raw", "cpu us/op", "errors", "W/C"
-    );
-    for r in results {
-        out.push_str(&format!(
-            "{:<10} {:>10.0} {:>9} {:>9} {:>8} {:>10.1} {:>8} {:>7}\n",
-            r.mode,
-            r.ops_per_sec,
-            r.p50_us,
-            r.p99_us,
-            r.ratio_to_raw.map_or("-".into(), |x| format!("{x:.2}")),
-            r.cpu_us_per_op,
-            r.errors,
-            format!("{}/{}", r.workers, r.concurrency)
-        ));
-    }
-    out
+    let rows = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.mode.clone(),
+                format!("{:.0}", r.ops_per_sec),
+                r.p50_us.to_string(),
+                r.p99_us.to_string(),
+                r.ratio_to_raw.map_or("-".into(), |x| format!("{x:.2}")),
+                format!("{:.1}", r.cpu_us_per_op),
+                r.errors.to_string(),
+                format!("{}/{}", r.workers, r.concurrency),
+            ]
+        })
+        .collect();
+    crate::cli::output::grid(
+        Some(vec![
+            "MODE",
+            "OPS/S",
+            "P50 US",
+            "P99 US",
+            "VS RAW",
+            "CPU US/OP",
+            "ERRORS",
+            "W/C",
+        ]),
+        rows,
+        &[1, 2, 3, 4, 5, 6, 7],
+    )
 }
 
 /// TPM2_Sign on one long-lived connection, one thread: the TPM's limit.

@@ -118,13 +118,14 @@ pub(crate) fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
     let json = args.json;
     let print = |results: Vec<measure::BenchResult>| -> anyhow::Result<()> {
         if json {
+            let mut lines = String::new();
             for r in &results {
-                println!("{}", serde_json::to_string(r)?);
+                lines += &(serde_json::to_string(r)? + "\n");
             }
+            super::output::emit(&lines)
         } else {
-            print!("{}", measure::table(&results));
+            super::output::emit(&measure::table(&results))
         }
-        Ok(())
     };
     let mut options = measure::BenchOptions {
         seconds: args.seconds,
