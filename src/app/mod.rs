@@ -37,6 +37,7 @@ use crate::pki::Authority;
 use crate::pool::KeyPool;
 use crate::revocation::RevocationSet;
 use crate::runtime::files::{private_dir, write_private_file};
+use crate::runtime::supervisor::Supervisor;
 use tower::Layer;
 
 /// How often keys due for a scheduled rotation are looked for.
@@ -60,6 +61,18 @@ pub struct Keyward {
     /// on the token when `serve` starts (CLI commands start keyward too,
     /// and need none).
     pub server_names: ServerNames,
+    /// Every background task, stopped in order by [`Keyward::shutdown`].
+    pub tasks: Arc<Supervisor>,
+}
+
+/// How long each background task gets to stop before it is aborted.
+const TASK_STOP_GRACE: Duration = Duration::from_secs(5);
+
+impl Keyward {
+    /// Stops the background tasks, newest first.
+    pub async fn shutdown(&self) {
+        self.tasks.shutdown(TASK_STOP_GRACE).await;
+    }
 }
 
 /// Opens the token, starts the pool, opens the database, and makes sure the
@@ -131,11 +144,12 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     let admin_tokens = ensure_admin_token(store.as_ref(), &config.data_dir).await?;
     write_trust_anchor(&config.data_dir, &authority)?;
 
+    let tasks = Arc::new(Supervisor::new());
     let agent_cache = Arc::new(AgentCache::default());
     let revocations = RevocationSet::load(store.clone(), metrics.revocation.clone())
         .await
         .context("loading the revocation set")?;
-    revocations.watch(&config.database_url);
+    revocations.watch(&tasks, &config.database_url);
     check_custodial_storage(&pool, config.custodial_storage).await?;
     let registry = Arc::new(
         Registry::new(
@@ -167,18 +181,18 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         revocations.clone(),
         ocsp_responder,
     ));
-    crate::runtime::periodic::every(
+    tasks.every(
+        "destroying retired keys",
         RETIRED_KEY_SWEEP,
         &registry,
-        "destroying retired keys",
         |registry| async move { registry.destroy_retired_keys().await },
     );
     // A day past expiry a challenge can only be refused as unknown (stale)
     // instead of expired: the difference no longer matters to anyone.
-    crate::runtime::periodic::every(
+    tasks.every(
+        "deleting expired TPM challenges",
         RETIRED_KEY_SWEEP,
         &store,
-        "deleting expired TPM challenges",
         |store| async move {
             let day_ago = time::OffsetDateTime::now_utc().unix_timestamp() - 86_400;
             store.delete_expired_tpm_challenges(day_ago).await
@@ -186,18 +200,18 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     );
     // Twice per grace period, so a key goes between one and one and a half
     // periods after it was first found unowned.
-    crate::runtime::periodic::every(
+    tasks.every(
+        "looking for keys no agent owns",
         (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1)),
         &registry,
-        "looking for keys no agent owns",
         |registry| async move { registry.destroy_orphan_keys().await },
     );
     // With the custodial-key janitor's cadence, which tests can shorten.
     let listener_keys = pool.clone();
-    crate::runtime::periodic::every(
+    tasks.every(
+        "looking for TLS keys of listeners that did not shut down",
         (config.orphan_key_grace / 2).max(std::time::Duration::from_secs(1)),
         &store,
-        "looking for TLS keys of listeners that did not shut down",
         move |store| {
             let pool = listener_keys.clone();
             async move {
@@ -212,16 +226,16 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         metrics.hooks.clone(),
     )
     .context("building the hook client")?;
-    hooks.start();
+    hooks.start(&tasks);
     let policy = crate::policy::engine::PolicyEngine::load(store.clone())
         .await
         .context("loading the policy")?;
-    policy.watch();
+    policy.watch(&tasks);
     let scheduled = Arc::downgrade(&policy);
-    crate::runtime::periodic::every(
+    tasks.every(
+        "scheduled key rotation",
         SCHEDULED_ROTATION_SWEEP,
         &registry,
-        "scheduled key rotation",
         move |registry| {
             let policy = scheduled.upgrade();
             async move {
@@ -288,6 +302,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         store,
         authority,
         server_names: ServerNames::for_config(config),
+        tasks,
     })
 }
 
@@ -606,13 +621,21 @@ pub async fn serve(
         tokio_rustls::TlsAcceptor::from(identity.rustls_config(&keyward.authority.roots())?);
     let identify = api::extract::ClientIdentifier::new(&keyward.authority);
     let app = api::router(keyward.state.clone());
-    let renewal = tokio::spawn(identity.clone().renew_forever(keyward.authority.clone()));
+    let renewing = identity.clone();
+    let authority = keyward.authority.clone();
+    keyward
+        .tasks
+        .spawn("listener certificate renewal", move |mut stop| async move {
+            tokio::select! {
+                _ = stop.stopped() => {}
+                _ = renewing.renew_forever(authority) => {}
+            }
+        });
     ready();
     tokio::pin!(shutdown);
     loop {
         let (tcp, _peer) = tokio::select! {
             _ = &mut shutdown => {
-                renewal.abort();
                 identity.retire().await;
                 return Ok(());
             }

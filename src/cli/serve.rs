@@ -169,11 +169,16 @@ async fn serve(
         let status_addr = listener.local_addr()?;
         std::fs::write(config.data_dir.join("status.addr"), status_addr.to_string())?;
         let app = keyward::api::status_router(kw.state.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the status listener stopped");
-            }
-        });
+        kw.tasks
+            .spawn("status listener", move |mut stop| async move {
+                let stopping = async move { stop.stopped().await };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stopping)
+                    .await
+                {
+                    tracing::error!(error = %e, "the status listener stopped");
+                }
+            });
         tracing::info!(%status_addr, "CRL and OCSP over plain HTTP");
     }
     if let Some(addr) = insecure_http {
@@ -187,11 +192,16 @@ async fn serve(
         )?;
         tracing::warn!(%bound, "serving the API over plain HTTP on loopback (--insecure-http)");
         let app = keyward::api::router(kw.state.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the plain-HTTP listener stopped");
-            }
-        });
+        kw.tasks
+            .spawn("plain-HTTP listener", move |mut stop| async move {
+                let stopping = async move { stop.stopped().await };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(stopping)
+                    .await
+                {
+                    tracing::error!(error = %e, "the plain-HTTP listener stopped");
+                }
+            });
     }
     let listen_file = config.data_dir.join("listen.addr");
     let store_name = kw.store.backend_name();
@@ -203,6 +213,7 @@ async fn serve(
         println!("keyward listening on https://{addr}");
     };
     keyward::app::serve(listener, &kw, ready, shutdown_signal()).await?;
+    kw.shutdown().await;
     Ok(kw.state.pool.clone())
 }
 

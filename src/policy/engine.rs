@@ -16,6 +16,7 @@ use super::document::{Grant, PolicyDocument};
 use super::{Caller, PolicyError, BUILTIN_POLICY_VERSION};
 use crate::audit::AuditEvent;
 use crate::identity::AgentName;
+use crate::runtime::supervisor::Supervisor;
 pub use crate::store::PolicyRecord;
 use crate::store::{Store, StoreError};
 
@@ -178,11 +179,11 @@ impl PolicyEngine {
     }
 
     /// Keeps the version in force current for the life of the runtime.
-    pub fn watch(self: &Arc<Self>) {
-        crate::runtime::periodic::every(
+    pub fn watch(self: &Arc<Self>, tasks: &Supervisor) {
+        tasks.every(
+            "refreshing the policy",
             REFRESH_INTERVAL,
             self,
-            "refreshing the policy",
             |engine| async move { engine.refresh().await },
         );
     }

@@ -16,6 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::audit::AuditEvent;
+use crate::runtime::supervisor::Supervisor;
 use crate::store::{HookDelivery, HookRecord, Store, StoreError};
 use crate::telemetry::HookMetrics;
 
@@ -173,15 +174,19 @@ impl Deliverer {
         self.wake.notify_one();
     }
 
-    /// Runs for the life of the runtime.
-    pub fn start(self: &Arc<Self>) {
+    /// Delivers until shutdown. A delivery under way when shutdown begins
+    /// is finished (or times out); its lease covers a replica that dies.
+    pub fn start(self: &Arc<Self>, tasks: &Supervisor) {
         let deliverer = self.clone();
-        tokio::spawn(async move {
-            loop {
+        tasks.spawn("hook delivery", move |mut stop| async move {
+            while !stop.is_stopped() {
                 if let Err(e) = deliverer.round().await {
                     tracing::warn!(error = %e, "delivering revocation hooks failed");
                 }
-                let _ = tokio::time::timeout(POLL_INTERVAL, deliverer.wake.notified()).await;
+                tokio::select! {
+                    _ = stop.stopped() => {}
+                    _ = tokio::time::timeout(POLL_INTERVAL, deliverer.wake.notified()) => {}
+                }
             }
         });
     }

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::runtime::supervisor::Supervisor;
 use crate::store::{RevocationSnapshot, Store, StoreError, REVOCATION_CHANNEL};
 use crate::telemetry::RevocationMetrics;
 
@@ -154,17 +155,22 @@ impl RevocationSet {
     /// Keeps the set current for as long as the process runs: a reload
     /// every `RELOAD_INTERVAL`, and on PostgreSQL one on every announced
     /// revocation.
-    pub fn watch(self: &Arc<Self>, database_url: &str) {
-        crate::runtime::periodic::every(
+    pub fn watch(self: &Arc<Self>, tasks: &Supervisor, database_url: &str) {
+        tasks.every(
+            "reloading the revocation set",
             RELOAD_INTERVAL,
             self,
-            "reloading the revocation set",
             |set| async move { set.reload().await },
         );
         if database_url.starts_with("postgres") {
             let listening = Arc::downgrade(self);
             let url = database_url.to_owned();
-            tokio::spawn(async move { listen(listening, url).await });
+            tasks.spawn("revocation listener", move |mut stop| async move {
+                tokio::select! {
+                    _ = stop.stopped() => {}
+                    _ = listen(listening, url) => {}
+                }
+            });
         }
     }
 }
