@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use sqlx::{Postgres, QueryBuilder, Sqlite, Transaction};
 
 use super::enrollment::NewEnrollmentToken;
-use super::revocation::{CompromisedKey, KEY_COMPROMISE};
+use super::revocation::{public_key_sha256, CompromisedKey, KEY_COMPROMISE};
 use super::sql::{now_ms, unique_violation, SqlStore};
 use super::StoreError;
 use crate::audit::AuditEvent;
@@ -137,13 +137,6 @@ pub(super) fn admit_certificates<'a>(
         outcomes.push(CertificateInsert::Inserted);
     }
     (outcomes, accepted)
-}
-
-/// Hex SHA-256 of a DER SubjectPublicKeyInfo: how `certificates` and
-/// `compromised_keys` name a key.
-pub fn public_key_sha256(spki_der: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(spki_der))
 }
 
 /// A rotation of an agent's custodial key, as the store records it.

@@ -53,9 +53,9 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 pub use agents::{
-    public_key_sha256, signature_batch_event, AgentRecord, AgentStore, AttestationRecord,
-    CertificateInsert, CertificateRecord, CustodialKeyAge, KeyRotation, KeyRotationOutcome,
-    NewCertificate, RetiredKey, SignatureRecord,
+    signature_batch_event, AgentRecord, AgentStore, AttestationRecord, CertificateInsert,
+    CertificateRecord, CustodialKeyAge, KeyRotation, KeyRotationOutcome, NewCertificate,
+    RetiredKey, SignatureRecord,
 };
 pub use approvals::{ApprovalRecord, ApprovalStore, VoteOutcome};
 pub use audit::AuditStore;
@@ -65,8 +65,8 @@ pub use enrollment::{EnrollmentStore, NewEnrollmentToken, TpmChallengeRecord, Tp
 pub use hooks::{HookDelivery, HookRecord, HookStore};
 pub use policy::{PolicyRecord, PolicyStore};
 pub use revocation::{
-    AgentStatusChange, AgentTransition, CertificateRevocation, RevocationSnapshot, RevocationStore,
-    RevokedCertificate, KEY_COMPROMISE, REVOCATION_CHANNEL,
+    public_key_sha256, AgentStatusChange, AgentTransition, CertificateRevocation,
+    RevocationSnapshot, RevocationStore, RevokedCertificate, KEY_COMPROMISE, REVOCATION_CHANNEL,
 };
 pub use signature_log::SignatureLog;
 pub use sql::SqlStore;

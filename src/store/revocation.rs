@@ -10,7 +10,6 @@
 use async_trait::async_trait;
 use sqlx::{Postgres, Sqlite, Transaction};
 
-use super::agents::public_key_sha256;
 use super::sql::{now_ms, SqlStore};
 use super::StoreError;
 use crate::audit::AuditEvent;
@@ -38,6 +37,13 @@ pub struct RevocationSnapshot {
     pub retired_keys: Vec<String>,
     /// Custodial keys (key ids) reported compromised: they sign nothing.
     pub compromised_keys: Vec<String>,
+}
+
+/// Hex SHA-256 of a DER SubjectPublicKeyInfo: how `certificates` and
+/// `compromised_keys` name a key.
+pub fn public_key_sha256(spki_der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(spki_der))
 }
 
 /// The RFC 5280 reason that bars a key for good.
