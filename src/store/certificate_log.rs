@@ -15,8 +15,8 @@
 //! batch is a round trip to the connection's worker thread (two thread
 //! wake-ups), which made a batch's commit several times longer than its
 //! fsync and was most of issuance's latency at half load. The statements
-//! are those of `Store::insert_certificates` in `store/sql.rs`; keep the two
-//! in step.
+//! are those of `AgentStore::insert_certificates` in `store/agents.rs`;
+//! keep the two in step.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -150,7 +150,8 @@ fn insert_sqlite(
             compromised.insert(key);
         }
     }
-    let (outcomes, accepted) = super::admit_certificates(certificates, &status, &compromised);
+    let (outcomes, accepted) =
+        super::agents::admit_certificates(certificates, &status, &compromised);
     for certificate in &accepted {
         if let Some(ev) = &certificate.evidence {
             tx.prepare_cached(
@@ -162,7 +163,7 @@ fn insert_sqlite(
     }
     if !accepted.is_empty() {
         let events: Vec<&crate::audit::AuditEvent> = accepted.iter().map(|c| &c.audit).collect();
-        super::signature_log::append_audit_sqlite(&tx, &events)?;
+        super::audit::append_audit_sqlite(&tx, &events)?;
         for certificate in &accepted {
             let cert = &certificate.record;
             tx.prepare_cached(

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{signature_batch_event, SignatureRecord, Store, StoreError};
-use crate::audit::{chain_hash, AuditEvent};
 use crate::runtime::handoff::Handoff;
 
 /// Records per transaction at most.
@@ -253,47 +252,8 @@ fn drain(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
     }
 }
 
-/// Appends `events` to the audit chain in this order, in the transaction;
-/// returns the last one's sequence number. The statements of
-/// `append_audit_many` in `store/sql.rs`, on a rusqlite connection.
-pub(super) fn append_audit_sqlite(
-    tx: &rusqlite::Transaction<'_>,
-    events: &[&AuditEvent],
-) -> rusqlite::Result<i64> {
-    use rusqlite::params;
-    let count = events.len() as i64;
-    let (last, prev): (i64, Vec<u8>) = tx
-        .prepare_cached("UPDATE audit_head SET seq = seq + ?1 WHERE id = 1 RETURNING seq, hash")?
-        .query_row(params![count], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    let mut prev: [u8; 32] = prev.try_into().map_err(|_| {
-        rusqlite::Error::InvalidColumnType(1, "hash".into(), rusqlite::types::Type::Blob)
-    })?;
-    let at = time::OffsetDateTime::now_utc().unix_timestamp();
-    for (seq, event) in (last - count + 1..).zip(events) {
-        let hash = chain_hash(&prev, seq, at, event);
-        tx.prepare_cached(
-            "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
-            seq,
-            at,
-            event.actor,
-            event.action,
-            event.subject,
-            event.details.to_string(),
-            prev,
-            hash
-        ])?;
-        prev = hash;
-    }
-    tx.prepare_cached("UPDATE audit_head SET hash = ?1 WHERE id = 1")?
-        .execute(params![prev])?;
-    Ok(last)
-}
-
-/// `Store::insert_signatures` for SQLite, in this thread. Keep the
-/// statements in step with `store/sql.rs`.
+/// `AgentStore::insert_signatures` for SQLite, in this thread. Keep the
+/// statements in step with `store/agents.rs`.
 fn insert_sqlite(
     conn: &mut rusqlite::Connection,
     records: &[SignatureRecord],
@@ -303,7 +263,7 @@ fn insert_sqlite(
     // IMMEDIATE takes the write lock up front, as the sqlx path's first
     // statement (the audit head update) does.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let seq = append_audit_sqlite(&tx, &[&event])?;
+    let seq = super::audit::append_audit_sqlite(&tx, &[&event])?.start;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, message,
