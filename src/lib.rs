@@ -6,10 +6,12 @@
 //!
 //! ```text
 //! app          wiring: start, serve, the embedded token, the listener's key
-//! api          HTTP only: routes, extractors, ApiError -> status codes
-//! policy       who may do what: partitioning and the versioned policy
+//! api          HTTP only: extract, authorize, one domain call, map the result
+//! agents       agents' requests (one sequence: revocation, policy, work or
+//!              hold), enrollment, the registry, signing, verification,
+//!              signed envelopes
 //! approvals    requests held for human approval, typed, and the votes
-//! agents       the registry, signing, verification, signed envelopes
+//! policy       who may do what: partitioning and the versioned policy
 //! pki          CA, certificate profiles, CSRs, CRLs, OCSP, path building
 //! attestation  evidence that a key is on the token or in a TPM
 //! revocation   the in-memory revocation set, and the hooks that announce it
@@ -18,7 +20,8 @@
 //! store        SQLite / PostgreSQL, audit rows in the same transaction
 //! audit        hash-chained audit events
 //! telemetry    metrics and logs
-//! runtime      answers handed from threads to tasks, periodic work, private files
+//! runtime      answers handed from threads to tasks, the supervisor of
+//!              background tasks, private files
 //! identity     AgentName, TrustDomain, Scope: names checked at the edge
 //! config       the validated configuration
 //! client       the agent's side (HTTPS client, credentials, TPM enrollment)

@@ -25,6 +25,12 @@ use crate::policy::engine::{AgentRequest, Permit, PolicyEngine, RequestedTtl};
 use crate::policy::{Caller, PolicyError};
 use crate::store::{Store, StoreError};
 
+/// The policy's answer to a request it grants.
+enum Decided {
+    Run(Permit),
+    Held(Approval),
+}
+
 /// What became of a request: done now, or waiting for approvers.
 pub enum Outcome<T> {
     Done(T),
@@ -127,23 +133,33 @@ impl AgentRequests {
         &self.policy
     }
 
-    async fn hold(
+    /// The policy's decision on `request` by `caller` for `agent`, whose
+    /// roles are `roles`: run it under the permit, or (when the policy asks
+    /// for approvers) the request `held` describes is held, and its
+    /// approval is the answer.
+    async fn decide(
         &self,
         caller: &Caller,
         agent: &AgentName,
-        held: HeldRequest,
-        permit: &Permit,
-    ) -> Result<Approval, RequestError> {
-        Ok(self
+        roles: &[String],
+        request: AgentRequest<'_>,
+        held: impl FnOnce(&Permit) -> HeldRequest,
+    ) -> Result<Decided, RequestError> {
+        let permit = self.policy.permit(caller, agent, roles, request).await?;
+        if permit.approvals_required == 0 {
+            return Ok(Decided::Run(permit));
+        }
+        let approval = self
             .approvals
             .hold(
                 caller,
                 agent,
-                &held,
+                &held(&permit),
                 permit.approvals_required,
                 permit.policy_version,
             )
-            .await?)
+            .await?;
+        Ok(Decided::Held(approval))
     }
 
     pub async fn sign(
@@ -154,20 +170,19 @@ impl AgentRequests {
         request_id: &str,
     ) -> Result<Outcome<AgentSignature>, RequestError> {
         let signing = self.signer.signing_agent(agent).await?;
-        let permit = self
-            .policy
-            .permit(caller, agent, signing.roles(), AgentRequest::Sign)
-            .await?;
-        if permit.approvals_required > 0 {
-            let held = HeldRequest::Sign {
-                digest: request.digest,
-                key_id: request.key_id,
-                message_b64: request.message_b64,
-            };
-            return Ok(Outcome::Held(
-                self.hold(caller, agent, held, &permit).await?,
-            ));
-        }
+        let held = |_: &Permit| HeldRequest::Sign {
+            digest: request.digest,
+            key_id: request.key_id.clone(),
+            message_b64: request.message_b64.clone(),
+        };
+        let roles = signing.roles();
+        let permit = match self
+            .decide(caller, agent, roles, AgentRequest::Sign, held)
+            .await?
+        {
+            Decided::Run(permit) => permit,
+            Decided::Held(approval) => return Ok(Outcome::Held(approval)),
+        };
         let signature = self
             .signer
             .sign(
@@ -189,39 +204,29 @@ impl AgentRequests {
         request_id: &str,
     ) -> Result<Outcome<SignedMessage>, RequestError> {
         let signing = self.signer.signing_agent(agent).await?;
-        let permit = self
-            .policy
-            .permit(
-                caller,
-                agent,
-                signing.roles(),
-                AgentRequest::Message {
-                    intent: &ask.intent,
-                },
-            )
-            .await?;
-        if permit.approvals_required > 0 {
-            let held = HeldRequest::Message {
-                audience: ask.audience,
-                intent: ask.intent,
-                lifetime_secs: ask.lifetime_secs,
-            };
-            return Ok(Outcome::Held(
-                self.hold(caller, agent, held, &permit).await?,
-            ));
-        }
+        let request = AgentRequest::Message {
+            intent: &ask.intent,
+        };
+        let held = |_: &Permit| HeldRequest::Message {
+            audience: ask.audience.clone(),
+            intent: ask.intent.clone(),
+            lifetime_secs: ask.lifetime_secs,
+        };
+        let permit = match self
+            .decide(caller, agent, signing.roles(), request, held)
+            .await?
+        {
+            Decided::Run(permit) => permit,
+            Decided::Held(approval) => return Ok(Outcome::Held(approval)),
+        };
+        let message = MessageRequest {
+            audience: &ask.audience,
+            intent: &ask.intent,
+            lifetime_secs: ask.lifetime_secs,
+        };
         let signed = self
             .signer
-            .sign_message(
-                &signing,
-                MessageRequest {
-                    audience: &ask.audience,
-                    intent: &ask.intent,
-                    lifetime_secs: ask.lifetime_secs,
-                },
-                request_id,
-                permit.policy_version,
-            )
+            .sign_message(&signing, message, request_id, permit.policy_version)
             .await?;
         Ok(Outcome::Done(signed))
     }
@@ -254,27 +259,21 @@ impl AgentRequests {
         let requested = self.requested_ttl(ttl_seconds)?;
         let key = CertificateKey::from_csr_pem(csr_pem.as_deref())?;
         let record = self.registry.active_agent(agent).await?;
-        let permit = self
-            .policy
-            .permit(
-                caller,
-                agent,
-                &record.scopes,
-                AgentRequest::IssueCertificate(requested),
-            )
-            .await?;
+        // Held with the lifetime decided now, under this version's caps; the
+        // PEM is verified again when it runs.
+        let held = |permit: &Permit| HeldRequest::Certificate {
+            ttl_seconds: permit.certificate_ttl.map(|ttl| ttl.as_secs()),
+            csr_pem: csr_pem.clone(),
+        };
+        let request = AgentRequest::IssueCertificate(requested);
+        let permit = match self
+            .decide(caller, agent, &record.scopes, request, held)
+            .await?
+        {
+            Decided::Run(permit) => permit,
+            Decided::Held(approval) => return Ok(Outcome::Held(approval)),
+        };
         let ttl = permit_ttl(&permit)?;
-        if permit.approvals_required > 0 {
-            // Held with the lifetime decided now, under this version's caps;
-            // the PEM is verified again when it runs.
-            let held = HeldRequest::Certificate {
-                ttl_seconds: Some(ttl.as_secs()),
-                csr_pem,
-            };
-            return Ok(Outcome::Held(
-                self.hold(caller, agent, held, &permit).await?,
-            ));
-        }
         let (certificate, attestation) = self
             .registry
             .issue_certificate(
