@@ -278,3 +278,48 @@ async fn key_blobs_no_agent_owns_leave_the_key_directory() {
         .await;
     assert_eq!(status, 200, "{signed}");
 }
+
+/// A process killed with keys loaded (SIGKILL, a crash) never flushes
+/// them, and a TPM without a resource manager keeps them: swtpm's three
+/// object slots stayed full, and the next keyward could neither create its
+/// primary nor its listener's key. Simulated here by leaking a session
+/// (its context is never finalized, so nothing is flushed), once with all
+/// three slots taken (CreatePrimary fails) and once with two (Create does).
+#[test]
+fn slots_a_killed_process_left_full_are_reclaimed_by_the_next_session() {
+    let tpm = Swtpm::start();
+    let config = tpm.config();
+    let ids: Vec<KeyId> = ["left-a", "left-b", "next"]
+        .iter()
+        .map(|n| KeyId::parse(n).unwrap())
+        .collect();
+    let keys: Vec<VerifyingKey> = {
+        let backend = TpmBackend::open(&config).unwrap();
+        let mut session = backend.open_session().unwrap();
+        ids[..2]
+            .iter()
+            .map(|id| VerifyingKey::from(session.generate(id).unwrap()))
+            .collect()
+    };
+    for loaded in [2, 1] {
+        let backend = TpmBackend::open(&config).unwrap();
+        let mut dying = backend.open_tpm_session().unwrap();
+        for (i, (id, key)) in ids.iter().zip(&keys).take(loaded).enumerate() {
+            sign_and_verify(&mut dying, id, key, i as u64);
+        }
+        // The primary and `loaded` keys stay in the TPM.
+        std::mem::forget(dying);
+
+        let backend = TpmBackend::open(&config).unwrap();
+        let mut next = backend.open_session().unwrap();
+        let _ = next.destroy(&ids[2]);
+        let fresh = VerifyingKey::from(
+            next.generate(&ids[2])
+                .unwrap_or_else(|e| panic!("with {loaded} keys left loaded: {e}")),
+        );
+        sign_and_verify(next.as_mut(), &ids[2], &fresh, 10);
+        for (i, (id, key)) in ids.iter().zip(&keys).enumerate() {
+            sign_and_verify(next.as_mut(), id, key, 20 + i as u64);
+        }
+    }
+}
