@@ -1,12 +1,13 @@
 //! Human approval: an agent's request under a role with
 //! `requires_approval` gets nothing until admins approve it; a keyward
-//! process on a real SoftHSM2 token, on SQLite and PostgreSQL.
+//! process with its keys on a real SoftHSM2 token and in a real swtpm, on
+//! SQLite and PostgreSQL.
 
 mod common;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{enrolled_with, mtls_client, post, Db, Server};
+use common::{enrolled_with, mtls_client, post, Backends, Server};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
@@ -56,8 +57,8 @@ async fn poll(alice: &reqwest::Client, server: &Server, id: &str) -> (u16, Value
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn a_held_request_runs_only_once_an_admin_approves_it(db: Db) {
-    let server = Server::start(db).await;
+async fn a_held_request_runs_only_once_an_admin_approves_it(backends: Backends) {
+    let server = Server::start(backends).await;
     let (alice, pending) = pending_request(&server, 1).await;
     let id = pending["id"].as_str().unwrap();
     let (status, waiting) = poll(&alice, &server, id).await;
@@ -119,8 +120,8 @@ async fn a_held_request_runs_only_once_an_admin_approves_it(db: Db) {
     assert!(records.iter().any(|r| r.event.action == "approval.request"));
 }
 
-async fn a_denied_request_never_runs(db: Db) {
-    let server = Server::start(db).await;
+async fn a_denied_request_never_runs(backends: Backends) {
+    let server = Server::start(backends).await;
     let (alice, pending) = pending_request(&server, 1).await;
     let id = pending["id"].as_str().unwrap();
     let (status, denied) = server
@@ -139,9 +140,9 @@ async fn a_denied_request_never_runs(db: Db) {
     assert_eq!(signature_rows(&server).await, 0);
 }
 
-async fn the_two_person_rule_needs_two_different_admins(db: Db) {
+async fn the_two_person_rule_needs_two_different_admins(backends: Backends) {
     // A second admin, with a token of their own.
-    let (server, second) = common::with_admin_token(Server::start(db).await, "second").await;
+    let (server, second) = common::with_admin_token(Server::start(backends).await, "second").await;
 
     let (alice, pending) = pending_request(&server, 2).await;
     let id = pending["id"].as_str().unwrap();
@@ -167,8 +168,8 @@ async fn the_two_person_rule_needs_two_different_admins(db: Db) {
     assert!(seen["result"]["signature_der_b64"].is_string(), "{seen}");
 }
 
-async fn only_admins_decide_and_agents_see_only_their_own(db: Db) {
-    let server = Server::start(db).await;
+async fn only_admins_decide_and_agents_see_only_their_own(backends: Backends) {
+    let server = Server::start(backends).await;
     let (alice, pending) = pending_request(&server, 1).await;
     let id = pending["id"].as_str().unwrap();
     let (bob_key, bob_cert) = enrolled_with(&server, "bob", &["treasury"]).await;
@@ -231,8 +232,8 @@ async fn only_admins_decide_and_agents_see_only_their_own(db: Db) {
     assert_eq!(still["status"], "pending");
 }
 
-async fn a_held_certificate_is_issued_once_approved(db: Db) {
-    let server = Server::start(db).await;
+async fn a_held_certificate_is_issued_once_approved(backends: Backends) {
+    let server = Server::start(backends).await;
     let (key, cert) = enrolled_with(&server, "alice", &["certs"]).await;
     let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
     apply(
@@ -281,7 +282,7 @@ async fn a_held_certificate_is_issued_once_approved(db: Db) {
     );
 }
 
-on_both_databases!(
+on_every_backend!(
     a_held_certificate_is_issued_once_approved,
     a_held_request_runs_only_once_an_admin_approves_it,
     a_denied_request_never_runs,

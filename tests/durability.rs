@@ -1,7 +1,8 @@
 //! Durability under load: whatever keyward answered (a certificate, a
 //! signature) is in its database after the process is killed with
-//! SIGKILL in the middle of the load, on SQLite and PostgreSQL, and the
-//! audit chain still verifies.
+//! SIGKILL in the middle of the load, with keyward's keys on SoftHSM2 and
+//! in a swtpm, on SQLite and PostgreSQL; the audit chain still verifies,
+//! and the process starts again on the same key store.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Db, Server};
+use common::{Backends, Server};
 use serde_json::{json, Value};
 
 /// What the clients were answered before the process died.
@@ -30,8 +31,8 @@ async fn not_recorded(server: &Server, answered: &[String], query: &str) -> Vec<
         .collect()
 }
 
-async fn every_answered_certificate_and_signature_survives_kill_9_under_load(db: Db) {
-    let mut server = Server::start(db).await;
+async fn every_answered_certificate_and_signature_survives_kill_9_under_load(backends: Backends) {
+    let mut server = Server::start(backends).await;
     common::certified_agent(&server, "alpha").await;
     let stop = Arc::new(AtomicBool::new(false));
     let answers = Arc::new(AtomicUsize::new(0));
@@ -145,4 +146,4 @@ async fn every_answered_certificate_and_signature_survives_kill_9_under_load(db:
     assert_eq!(status, 200, "{signed}");
 }
 
-on_both_databases!(every_answered_certificate_and_signature_survives_kill_9_under_load);
+on_every_backend!(every_answered_certificate_and_signature_survives_kill_9_under_load,);

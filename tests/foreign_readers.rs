@@ -10,12 +10,31 @@
 mod common;
 
 use common::readers::{self, Purpose};
-use common::{Db, Server};
+use common::{Backends, Db, Keys, Server};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestation() {
-    let server = Server::start(Db::Sqlite).await;
+/// With keyward's keys in a TPM the CA's signatures come from the TPM, and
+/// the custodial key's evidence is the TPM's: both key backends.
+mod softhsm {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestation() {
+        super::every_certificate_kind(super::Keys::SoftHsm).await
+    }
+}
+
+mod swtpm {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestation() {
+        super::every_certificate_kind(super::Keys::Swtpm).await
+    }
+}
+
+async fn every_certificate_kind(keys: Keys) {
+    let mut server = Server::start(Backends {
+        keys,
+        db: Db::Sqlite,
+    })
+    .await;
     let dir = server.path("readers");
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -31,13 +50,15 @@ async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestat
     .await;
     let (_, enrolled) = common::enrolled(&server, "bravo").await;
     let admin_dir = dir.join("admin");
-    let (ok, out) = server.operator([
-        "admin",
-        "cert-issue",
-        "ops",
-        "--out",
-        admin_dir.to_str().unwrap(),
-    ]);
+    let (ok, out) = server
+        .operator_beside([
+            "admin",
+            "cert-issue",
+            "ops",
+            "--out",
+            admin_dir.to_str().unwrap(),
+        ])
+        .await;
     assert!(ok, "{out}");
 
     let chains = [
@@ -65,7 +86,11 @@ async fn go_openssl_and_pyca_verify_every_certificate_kind_and_read_its_attestat
     // of it names the evidence keyward serves.
     let cmw = &read[0]["cmw"];
     assert_eq!(cmw["type"], "application/vnd.keyward.key-attestation+json");
-    assert_eq!(cmw["payload"]["format"], "pkcs11-key-attributes");
+    let format = match keys {
+        Keys::SoftHsm => "pkcs11-key-attributes",
+        Keys::Swtpm => "tpm2-key-attributes",
+    };
+    assert_eq!(cmw["payload"]["format"], format);
     assert_eq!(cmw["payload"]["evidence_sha256"], custodial["attestation"]);
     let digest = custodial["attestation"].as_str().unwrap();
     let (status, evidence) = server

@@ -1,7 +1,7 @@
 //! Agents on the wire: enrollment with a single-use token, then mutual TLS
 //! with the agent's own key (held by the agent, as OpenSSL makes it here),
-//! against a keyward process on a real SoftHSM2 token, on SQLite and
-//! PostgreSQL.
+//! against a keyward process with its keys on a real SoftHSM2 token and in
+//! a real swtpm, on SQLite and PostgreSQL.
 
 mod common;
 
@@ -10,15 +10,17 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{enroll, enrolled, enrollment_token, key_and_csr, mtls_client, post, run, Db, Server};
+use common::{
+    enroll, enrolled, enrollment_token, key_and_csr, mtls_client, post, run, Backends, Server,
+};
 use serde_json::{json, Value};
 
 fn sign_body() -> Value {
     json!({"message_b64": B64.encode(b"hello")})
 }
 
-async fn an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other(db: Db) {
-    let server = Server::start(db).await;
+async fn an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other(backends: Backends) {
+    let server = Server::start(backends).await;
     let (alice_key, alice_cert) = enrolled(&server, "alice").await;
     common::register_agent(&server, "bob").await;
     let alice = mtls_client(
@@ -119,8 +121,8 @@ async fn an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other(db: Db) {
     assert_eq!(status, 200, "the renewed certificate still stands");
 }
 
-async fn forged_and_foreign_certificates_get_no_identity(db: Db) {
-    let server = Server::start(db).await;
+async fn forged_and_foreign_certificates_get_no_identity(backends: Backends) {
+    let server = Server::start(backends).await;
     let (alice_key, alice_cert) = enrolled(&server, "alice").await;
     let dir = server.data_dir.path();
     // Self-signed, same key, same SPIFFE ID: refused in the handshake.
@@ -164,8 +166,8 @@ async fn forged_and_foreign_certificates_get_no_identity(db: Db) {
     );
 }
 
-async fn enrollment_tokens_work_once_and_not_after_they_expire(db: Db) {
-    let server = Server::start(db).await;
+async fn enrollment_tokens_work_once_and_not_after_they_expire(backends: Backends) {
+    let server = Server::start(backends).await;
     common::register_agent(&server, "alice").await;
     let dir = server.data_dir.path();
     let (_, csr) = key_and_csr(dir, "alice");
@@ -260,9 +262,9 @@ async fn enrollment_tokens_work_once_and_not_after_they_expire(db: Db) {
 
 /// `keyward agent login`: enrolls with a key of the agent's own, then keeps
 /// the client certificate renewed at half-life.
-async fn keyward_agent_login_enrolls_and_keeps_the_credential_renewed(db: Db) {
+async fn keyward_agent_login_enrolls_and_keeps_the_credential_renewed(backends: Backends) {
     use std::os::unix::fs::PermissionsExt;
-    let server = Server::start(db).await;
+    let server = Server::start(backends).await;
     common::register_agent(&server, "alice").await;
     let token = enrollment_token(&server, "alice").await;
     let dir = server.path("alice-credential");
@@ -338,16 +340,17 @@ async fn keyward_agent_login_enrolls_and_keeps_the_credential_renewed(db: Db) {
 }
 
 /// Admins with client certificates, and admin tokens switched off.
-async fn admins_can_use_client_certificates_when_tokens_are_off(db: Db) {
-    let server = Server::start_with_config(db, "[server]\nadmin_token = false\n").await;
+async fn admins_can_use_client_certificates_when_tokens_are_off(backends: Backends) {
+    let mut server = Server::start_with_config(backends, "[server]\nadmin_token = false\n").await;
     let (status, answer) = server.admin("GET", "/v1/agents", None).await;
     assert_eq!(
         (status, answer["error"]["code"].as_str()),
         (401, Some("admin_token_disabled"))
     );
     let out = server.path("ops");
-    let (ok, text) =
-        server.operator(["admin", "cert-issue", "ops", "--out", out.to_str().unwrap()]);
+    let (ok, text) = server
+        .operator_beside(["admin", "cert-issue", "ops", "--out", out.to_str().unwrap()])
+        .await;
     assert!(ok, "{text}");
     let cert = std::fs::read_to_string(out.join("cert.pem")).unwrap();
     let ops = mtls_client(&server, &cert, &out.join("key.pem"));
@@ -377,7 +380,7 @@ async fn admins_can_use_client_certificates_when_tokens_are_off(db: Db) {
     assert_eq!(create.event.actor, "admin:ops");
 }
 
-on_both_databases!(
+on_every_backend!(
     admins_can_use_client_certificates_when_tokens_are_off,
     keyward_agent_login_enrolls_and_keeps_the_credential_renewed,
     an_enrolled_agent_signs_as_itself_over_mtls_and_as_no_other,

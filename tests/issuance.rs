@@ -1,11 +1,12 @@
-//! The foundation, end to end: a keyward process on a real SoftHSM2 token,
-//! on SQLite and on PostgreSQL, driven over HTTPS like an operator would.
+//! The foundation, end to end: a keyward process with its keys on a real
+//! SoftHSM2 token and in a real swtpm, on SQLite and on PostgreSQL, driven
+//! over HTTPS like an operator would.
 
 mod common;
 
 use std::process::Command;
 
-use common::{run, Db, Server};
+use common::{run, Backends, Db, Keys, Server};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
@@ -131,6 +132,57 @@ async fn a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token(db: Db) {
     assert_eq!(fetched["key_id"], agent["key_id"]);
 }
 
+/// On a TPM, the counterpart: the agent's key is a blob pair in the key
+/// directory (owner-only), loadable only in that TPM, none wrapped in the
+/// database; and every key there, keyward's own included, is bound to the
+/// TPM and good for signing only, as `tpm2_print` (tpm2-tools, a reader
+/// keyward did not write) reads its public area.
+async fn a_registered_agent_gets_a_spiffe_id_and_a_key_blob_in_the_tpm_key_directory(
+    backends: Backends,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::start(backends).await;
+    let agent = create_agent(&server, "alpha").await;
+    assert_eq!(agent["spiffe_id"], "spiffe://keyward.local/agent/alpha");
+    let key_id = agent["key_id"].as_str().unwrap();
+
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&server.tpm_key_dir()), 0o700);
+    for ext in ["pub", "priv"] {
+        let blob = server.tpm_key_dir().join(format!("{key_id}.{ext}"));
+        assert_eq!(mode(&blob), 0o600, "{}", blob.display());
+    }
+    assert_eq!(server.wrapped_key_count().await, 0);
+    let ids = server.key_store_ids();
+    assert!(ids.contains(key_id), "{ids:?}");
+    assert_eq!(ids.len(), common::SERVICE_KEYS + 1, "{ids:?}");
+    for id in &ids {
+        let public = server.tpm_key_dir().join(format!("{id}.pub"));
+        let printed = server.tpm2("print", &["-t", "TPM2B_PUBLIC", public.to_str().unwrap()]);
+        let attributes = printed
+            .split("attributes:")
+            .nth(1)
+            .and_then(|a| a.lines().find_map(|l| l.trim().strip_prefix("value: ")))
+            .unwrap_or_else(|| panic!("{id}: {printed}"));
+        assert_eq!(
+            attributes, "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign",
+            "{id}"
+        );
+        assert!(printed.contains("NIST p256"), "{id}: {printed}");
+    }
+
+    let (status, signed) = server
+        .admin(
+            "POST",
+            "/v1/agents/alpha/sign",
+            Some(json!({"message_b64": "aGk="})),
+        )
+        .await;
+    assert_eq!(status, 200, "{signed}");
+    assert_eq!(signed["key_id"], key_id);
+}
+
 /// Every private key on the token, the CA's included: generated there,
 /// sensitive, never extractable, and good for signing only.
 fn assert_service_keys_are_hardware_resident(listing: &str) {
@@ -145,8 +197,8 @@ fn assert_service_keys_are_hardware_resident(listing: &str) {
     }
 }
 
-async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
-    let server = Server::start(db).await;
+async fn a_custodial_certificate_verifies_and_follows_the_profile(backends: Backends) {
+    let server = Server::start(backends).await;
     let agent = create_agent(&server, "alpha").await;
     let issued =
         common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 600})).await;
@@ -199,9 +251,14 @@ async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
         .expect("attestation extension");
     assert!(!ext.critical);
     let claims = keyward::attestation::AttestationClaims::from_extension_value(ext.value).unwrap();
-    assert_eq!(claims.format, "pkcs11-key-attributes");
+    let (format, device) = match backends.keys {
+        Keys::SoftHsm => ("pkcs11-key-attributes", "SoftHSM".to_owned()),
+        // A TPM is named by its manufacturer's strings and its TCTI.
+        Keys::Swtpm => ("tpm2-key-attributes", server.tcti().unwrap()),
+    };
+    assert_eq!(claims.format, format);
     assert!(
-        claims.key_location.contains("SoftHSM"),
+        claims.key_location.contains(&device),
         "{}",
         claims.key_location
     );
@@ -225,6 +282,7 @@ async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
         "served evidence matches the digest"
     );
     let document: Value = serde_json::from_slice(&evidence).unwrap();
+    assert_eq!(document["format"], format!("keyward-{format}-v1"));
     use base64::Engine;
     let statement: Value = serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -232,19 +290,56 @@ async fn a_custodial_certificate_verifies_and_follows_the_profile(db: Db) {
             .unwrap(),
     )
     .unwrap();
-    // Kept wrapped (the default): generated on the token, always
-    // sensitive, and extractable only under the token's trusted wrapping
-    // key; the evidence and the certificate say so.
-    for claim in ["local", "always_sensitive", "sign", "wrap_with_trusted"] {
-        assert_eq!(statement["attributes"][claim], true, "{claim}");
+    let (held, not_held, storage): (&[&str], &[&str], _) = match backends.keys {
+        // Kept wrapped (SoftHSM2's default): generated on the token, always
+        // sensitive, and extractable only under the token's trusted
+        // wrapping key; the evidence and the certificate say so.
+        Keys::SoftHsm => (
+            &[
+                "local",
+                "always_sensitive",
+                "sign",
+                "wrap_with_trusted",
+                "extractable",
+            ],
+            &["never_extractable", "decrypt", "derive", "unwrap"],
+            "wrapped",
+        ),
+        // In a TPM: generated there (sensitiveDataOrigin) and bound to it
+        // (fixedTPM, fixedParent), so never extractable; its blob leaves
+        // only encrypted under the TPM's own storage key, which is no
+        // PKCS#11 trusted wrapping.
+        Keys::Swtpm => (
+            &[
+                "local",
+                "sensitive",
+                "always_sensitive",
+                "never_extractable",
+                "sign",
+            ],
+            &[
+                "extractable",
+                "wrap_with_trusted",
+                "decrypt",
+                "derive",
+                "unwrap",
+            ],
+            "token",
+        ),
+    };
+    for claim in held {
+        assert_eq!(statement["attributes"][claim], true, "{claim}: {statement}");
     }
-    for claim in ["never_extractable", "decrypt", "derive", "unwrap"] {
-        assert_eq!(statement["attributes"][claim], false, "{claim}");
+    for claim in not_held {
+        assert_eq!(
+            statement["attributes"][claim], false,
+            "{claim}: {statement}"
+        );
     }
-    assert_eq!(statement["attributes"]["extractable"], true);
-    assert_eq!(statement["storage"], "wrapped");
-    assert!(
+    assert_eq!(statement["storage"], storage);
+    assert_eq!(
         claims.key_location.ends_with(", wrapped"),
+        storage == "wrapped",
         "{}",
         claims.key_location
     );
@@ -264,8 +359,8 @@ fn pem_body(pem: &str) -> Vec<u8> {
     p.contents
 }
 
-async fn a_csr_certificate_carries_the_csr_key_and_keywards_names(db: Db) {
-    let server = Server::start(db).await;
+async fn a_csr_certificate_carries_the_csr_key_and_keywards_names(backends: Backends) {
+    let server = Server::start(backends).await;
     create_agent(&server, "alpha").await;
     let dir = server.data_dir.path();
     let key = dir.join("own.key");
@@ -338,8 +433,8 @@ async fn a_csr_certificate_carries_the_csr_key_and_keywards_names(db: Db) {
 
 /// Each bad request gets its 4xx and machine-readable code, and writes no
 /// row anywhere (agents, certificates, audit).
-async fn bad_input_is_refused_and_writes_nothing(db: Db) {
-    let server = Server::start(db).await;
+async fn bad_input_is_refused_and_writes_nothing(backends: Backends) {
+    let server = Server::start(backends).await;
     create_agent(&server, "alpha").await;
     let dir = server.data_dir.path();
     let p384_key = dir.join("p384.key");
@@ -543,15 +638,12 @@ async fn bad_input_is_refused_and_writes_nothing(db: Db) {
         before,
         "a refused request wrote a row"
     );
+    // alpha's key, and keyward's own: a refused request made none, in the
+    // key store or wrapped.
     assert_eq!(
-        server.token_private_key_count(),
-        common::SERVICE_KEYS,
-        "a refused request left a key on the token"
-    );
-    assert_eq!(
-        server.wrapped_key_count().await,
-        1,
-        "a refused request left a wrapped key"
+        server.key_counts().await,
+        server.expected_key_counts(1),
+        "(key store, wrapped): a refused request left a key behind"
     );
 }
 
@@ -579,8 +671,8 @@ async fn only_health_and_the_ca_answer_without_credentials(db: Db) {
     );
 }
 
-async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
-    let server = Server::start(db).await;
+async fn a_restart_reuses_the_token_the_ca_and_the_database(backends: Backends) {
+    let server = Server::start(backends).await;
     let agent = create_agent(&server, "alpha").await;
     let ca_before = std::fs::read_to_string(server.path("ca.pem")).unwrap();
     let token_before = server.admin_token.clone();
@@ -596,7 +688,8 @@ async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
     let issued = common::issue_certificate_with(&server, "alpha", json!({})).await;
     let (ok, out) = openssl_verify(&server, &issued);
     assert!(ok, "{out}");
-    // The wrapped key, read back from the database, signs in the new process.
+    // The custodial key, read back from the database (wrapped) or the key
+    // directory (a TPM's blobs), signs in the new process.
     let (status, signed) = server
         .admin(
             "POST",
@@ -607,7 +700,7 @@ async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
     assert_eq!(status, 200, "{signed}");
     // The first process destroyed its listener's key on the way out, and
     // said so; the second made its own.
-    assert_eq!(server.token_private_key_count(), common::SERVICE_KEYS);
+    assert_eq!(server.key_counts().await, server.expected_key_counts(1));
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
     let count = |action: &str| records.iter().filter(|r| r.event.action == action).count();
     assert_eq!(
@@ -616,8 +709,8 @@ async fn a_restart_reuses_the_token_the_ca_and_the_database(db: Db) {
     );
 }
 
-async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
-    let server = Server::start(db).await;
+async fn every_change_is_in_an_unbroken_audit_chain(backends: Backends) {
+    let server = Server::start(backends).await;
     create_agent(&server, "alpha").await;
     create_agent(&server, "beta").await;
     let issued = common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 60})).await;
@@ -643,18 +736,22 @@ async fn every_change_is_in_an_unbroken_audit_chain(db: Db) {
     // No secret reaches the audit trail.
     let text =
         serde_json::to_string(&records.iter().map(|r| &r.event).collect::<Vec<_>>()).unwrap();
-    let pin = std::fs::read_to_string(server.path("softhsm/user.pin")).unwrap();
-    assert!(!text.contains(server.admin_token.trim()) && !text.contains(pin.trim()));
+    assert!(!text.contains(server.admin_token.trim()));
+    // A TPM's keys take no PIN here (empty authValues); the token's does.
+    if backends.keys == Keys::SoftHsm {
+        let pin = std::fs::read_to_string(server.path("softhsm/user.pin")).unwrap();
+        assert!(!text.contains(pin.trim()));
+    }
 }
 
 /// 200 registrations from 16 concurrent clients all succeed, each with
-/// one wrapped key in the database and none on the token besides keyward's
-/// own (`common::SERVICE_KEYS`).
-async fn concurrent_registrations_all_succeed_and_leave_no_stray_key(db: Db) {
-    let server = Server::start(db).await;
+/// one key: wrapped in the database, and none on the token besides
+/// keyward's own (`common::SERVICE_KEYS`), on SoftHSM2; one blob pair each
+/// beside keyward's own, and none wrapped, on a TPM.
+async fn concurrent_registrations_all_succeed_and_leave_no_stray_key(backends: Backends) {
+    let server = Server::start(backends).await;
     register_200_concurrently(&server).await;
-    assert_eq!(server.wrapped_key_count().await, 200);
-    assert_eq!(server.token_private_key_count(), common::SERVICE_KEYS);
+    assert_eq!(server.key_counts().await, server.expected_key_counts(200));
 }
 
 /// With token objects, the token holds exactly one key per agent besides
@@ -716,8 +813,8 @@ async fn register_200_concurrently(server: &Server) {
 /// Issuance reads agents from a short-lived cache: a change made through
 /// keyward shows in the very next certificate, and a revoked agent gets
 /// none, however recently its record was read.
-async fn a_certificate_right_after_a_change_reflects_it(db: Db) {
-    let server = Server::start(db).await;
+async fn a_certificate_right_after_a_change_reflects_it(backends: Backends) {
+    let server = Server::start(backends).await;
     create_agent(&server, "alpha").await;
     common::issue_certificate_with(&server, "alpha", json!({"ttl_seconds": 600})).await;
     let (status, answer) = server
@@ -763,16 +860,20 @@ async fn a_certificate_right_after_a_change_reflects_it(db: Db) {
     );
 }
 
-on_both_databases!(
+on_every_backend!(
     a_certificate_right_after_a_change_reflects_it,
     concurrent_registrations_all_succeed_and_leave_no_stray_key,
-    concurrent_registrations_of_token_keys_all_succeed_and_leave_no_stray_key,
-    a_registered_agent_gets_a_spiffe_id_and_a_key_wrapped_by_the_token,
-    a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token,
     a_custodial_certificate_verifies_and_follows_the_profile,
     a_csr_certificate_carries_the_csr_key_and_keywards_names,
     bad_input_is_refused_and_writes_nothing,
-    only_health_and_the_ca_answer_without_credentials,
     a_restart_reuses_the_token_the_ca_and_the_database,
-    every_change_is_in_an_unbroken_audit_chain,
+    every_change_is_in_an_unbroken_audit_chain;
+    swtpm only: a_registered_agent_gets_a_spiffe_id_and_a_key_blob_in_the_tpm_key_directory,
+);
+
+on_both_databases!(
+    concurrent_registrations_of_token_keys_all_succeed_and_leave_no_stray_key,
+    a_registered_agent_gets_a_spiffe_id_and_a_key_wrapped_by_the_token,
+    a_registered_agent_gets_a_spiffe_id_and_a_key_on_the_token,
+    only_health_and_the_ca_answer_without_credentials,
 );

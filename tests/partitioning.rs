@@ -1,7 +1,8 @@
 //! Context partitioning, the whole matrix: every agent endpoint against
 //! every kind of caller — the agent itself, another agent, an admin, no
 //! credential, an expired certificate, a revoked certificate, and a
-//! certificate from a foreign CA. On SQLite and PostgreSQL.
+//! certificate from a foreign CA. With keyward's keys on SoftHSM2 and in a
+//! swtpm, on SQLite and PostgreSQL.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{enrolled, mtls_client, Db, Server};
+use common::{enrolled, mtls_client, Backends, Server};
 use serde_json::{json, Value};
 
 /// The agent endpoints: method, path (`{a}` is the target agent), body.
@@ -92,8 +93,8 @@ async fn call(
     }
 }
 
-async fn every_agent_endpoint_answers_every_kind_of_caller_as_it_should(db: Db) {
-    let server = Server::start(db).await;
+async fn every_agent_endpoint_answers_every_kind_of_caller_as_it_should(backends: Backends) {
+    let server = Server::start(backends).await;
     let (alice_key, alice_cert) = enrolled(&server, "alice").await;
     common::register_agent(&server, "bob").await;
     common::register_agent(&server, "carol").await;
@@ -213,4 +214,4 @@ async fn every_agent_endpoint_answers_every_kind_of_caller_as_it_should(db: Db) 
     }
 }
 
-on_both_databases!(every_agent_endpoint_answers_every_kind_of_caller_as_it_should);
+on_every_backend!(every_agent_endpoint_answers_every_kind_of_caller_as_it_should,);

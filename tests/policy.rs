@@ -1,6 +1,7 @@
 //! The versioned policy against agents over mTLS: scopes, intents, rates
-//! and certificate lifetimes, apply and rollback; a keyward process on a
-//! real SoftHSM2 token, on SQLite and PostgreSQL.
+//! and certificate lifetimes, apply and rollback; a keyward process with
+//! its keys on a real SoftHSM2 token and in a real swtpm, on SQLite and
+//! PostgreSQL.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{enrolled_with, mtls_client, post, run, Db, Server};
+use common::{enrolled_with, mtls_client, post, run, Backends, Server};
 use serde_json::{json, Value};
 
 const SIGN_AND_MESSAGE: &str = r#"
@@ -51,8 +52,8 @@ async fn recorded_versions(server: &Server) -> Vec<i64> {
     versions
 }
 
-async fn a_rollback_changes_what_an_agent_may_do_on_its_next_request(db: Db) {
-    let server = Server::start(db).await;
+async fn a_rollback_changes_what_an_agent_may_do_on_its_next_request(backends: Backends) {
+    let server = Server::start(backends).await;
     let (key, cert) = enrolled_with(&server, "alice", &["payments"]).await;
     let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
 
@@ -114,8 +115,8 @@ async fn a_rollback_changes_what_an_agent_may_do_on_its_next_request(db: Db) {
     assert!(out.contains("+ actions = [\"message\"]"), "{out}");
 }
 
-async fn intents_rates_and_lifetimes_are_enforced(db: Db) {
-    let server = Server::start(db).await;
+async fn intents_rates_and_lifetimes_are_enforced(backends: Backends) {
+    let server = Server::start(backends).await;
     let (key, cert) = enrolled_with(&server, "alice", &["payments", "certs"]).await;
     let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
     common::register_agent(&server, "bob").await;
@@ -211,8 +212,8 @@ max_ttl_seconds = 60
     assert_eq!(status, 200, "the bucket refills");
 }
 
-async fn bad_policies_are_refused_and_change_nothing(db: Db) {
-    let server = Server::start(db).await;
+async fn bad_policies_are_refused_and_change_nothing(backends: Backends) {
+    let server = Server::start(backends).await;
     let (key, cert) = enrolled_with(&server, "alice", &["payments"]).await;
     let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
     apply(&server, SIGN_AND_MESSAGE).await;
@@ -264,8 +265,8 @@ async fn bad_policies_are_refused_and_change_nothing(db: Db) {
 
 /// `renew_at_half_life`: past half its lifetime, a client certificate
 /// authenticates for its renewal only.
-async fn a_certificate_past_half_life_must_be_renewed_first(db: Db) {
-    let server = Server::start(db).await;
+async fn a_certificate_past_half_life_must_be_renewed_first(backends: Backends) {
+    let server = Server::start(backends).await;
     common::register_agent_with(&server, "alice", &["short"]).await;
     let token = common::enrollment_token(&server, "alice").await;
     let (key, csr) = common::key_and_csr(server.data_dir.path(), "alice");
@@ -310,8 +311,8 @@ async fn a_certificate_past_half_life_must_be_renewed_first(db: Db) {
     assert_eq!(status, 200);
 }
 
-async fn changing_an_agents_scopes_changes_what_it_may_do(db: Db) {
-    let server = Server::start(db).await;
+async fn changing_an_agents_scopes_changes_what_it_may_do(backends: Backends) {
+    let server = Server::start(backends).await;
     let (key, cert) = enrolled_with(&server, "alice", &[]).await;
     let alice = mtls_client(&server, cert["certificate_pem"].as_str().unwrap(), &key);
     apply(&server, "[roles.payments]\nactions = [\"sign\"]\n").await;
@@ -374,8 +375,8 @@ async fn changing_an_agents_scopes_changes_what_it_may_do(db: Db) {
 /// The revocation state is checked before the policy charges a rate: a
 /// suspended agent's enrollment is refused without spending its token or
 /// a renewal from its bucket, so once resumed it enrolls with both.
-async fn a_suspended_agents_refused_enrollment_spends_neither_token_nor_rate(db: Db) {
-    let server = Server::start(db).await;
+async fn a_suspended_agents_refused_enrollment_spends_neither_token_nor_rate(backends: Backends) {
+    let server = Server::start(backends).await;
     common::register_agent_with(&server, "alice", &["slow"]).await;
     apply(
         &server,
@@ -404,7 +405,7 @@ async fn a_suspended_agents_refused_enrollment_spends_neither_token_nor_rate(db:
     );
 }
 
-on_both_databases!(
+on_every_backend!(
     a_suspended_agents_refused_enrollment_spends_neither_token_nor_rate,
     changing_an_agents_scopes_changes_what_it_may_do,
     a_certificate_past_half_life_must_be_renewed_first,

@@ -1,6 +1,7 @@
-//! Revocation end to end: a keyward process on a real SoftHSM2 token, on
-//! SQLite and PostgreSQL, checked with OpenSSL's own CRL and OCSP clients;
-//! and two replicas on one PostgreSQL database.
+//! Revocation end to end: a keyward process with its keys on a real
+//! SoftHSM2 token and in a real swtpm, on SQLite and PostgreSQL, checked
+//! with OpenSSL's own CRL and OCSP clients; and two replicas on one token
+//! and one PostgreSQL database.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{run, Db, Server};
+use common::{run, Backends, Db, Server};
 use serde_json::{json, Value};
 
 fn write(server: &Server, name: &str, contents: &[u8]) -> PathBuf {
@@ -112,8 +113,10 @@ async fn audit_actions(server: &Server) -> Vec<String> {
     records.into_iter().map(|r| r.event.action).collect()
 }
 
-async fn a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_revoked(db: Db) {
-    let server = Server::start(db).await;
+async fn a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_revoked(
+    backends: Backends,
+) {
+    let server = Server::start(backends).await;
     let (issued, leaf) = certified_leaf(&server, "victim").await;
     // The certificate says where to ask.
     let (_, uri) = run(Command::new("openssl")
@@ -212,8 +215,8 @@ async fn a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_re
     );
 }
 
-async fn one_certificate_can_be_revoked_alone(db: Db) {
-    let server = Server::start(db).await;
+async fn one_certificate_can_be_revoked_alone(backends: Backends) {
+    let server = Server::start(backends).await;
     let first = common::certified_agent(&server, "alpha").await;
     let second = common::issue_certificate(&server, "alpha").await;
     let (status, revoked) = server
@@ -288,8 +291,8 @@ async fn one_certificate_can_be_revoked_alone(db: Db) {
     );
 }
 
-async fn a_suspension_holds_the_agent_and_resuming_releases_it(db: Db) {
-    let server = Server::start(db).await;
+async fn a_suspension_holds_the_agent_and_resuming_releases_it(backends: Backends) {
+    let server = Server::start(backends).await;
     let (issued, leaf) = certified_leaf(&server, "paused").await;
     let (status, suspended) = server
         .admin("POST", "/v1/agents/paused/suspend", None)
@@ -362,8 +365,10 @@ async fn token_signatures(server: &Server) -> u64 {
 /// own, certified by the CA for OCSP signing only, never by the CA key; a
 /// flood of requests for one certificate is answered from the one signed
 /// answer.
-async fn ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing(db: Db) {
-    let server = Server::start(db).await;
+async fn ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing(
+    backends: Backends,
+) {
+    let server = Server::start(backends).await;
     let (_, leaf) = certified_leaf(&server, "alpha").await;
     let out = ocsp_query(&server, &leaf, &["-resp_text"]);
     assert!(out.contains("leaf.pem: good"), "{out}");
@@ -408,8 +413,8 @@ async fn post_ocsp(server: &Server, body: Vec<u8>, content_type: &str) -> (u16, 
     (status, response.bytes().await.unwrap().to_vec())
 }
 
-async fn bad_revocation_requests_are_refused_and_write_nothing(db: Db) {
-    let server = Server::start(db).await;
+async fn bad_revocation_requests_are_refused_and_write_nothing(backends: Backends) {
+    let server = Server::start(backends).await;
     let issued = common::certified_agent(&server, "alpha").await;
     let serial = issued["serial"].as_str().unwrap();
     let before = server.row_counts().await;
@@ -596,8 +601,9 @@ async fn a_revocation_on_one_replica_is_enforced_by_the_other_within_a_second() 
 
 /// With `server.status_listen`, CRL and OCSP are also served over plain
 /// HTTP, and certificates point there; nothing else is.
-async fn crl_and_ocsp_can_be_served_over_plain_http(db: Db) {
-    let server = Server::start_with_config(db, "[server]\nstatus_listen = \"127.0.0.1:0\"\n").await;
+async fn crl_and_ocsp_can_be_served_over_plain_http(backends: Backends) {
+    let server =
+        Server::start_with_config(backends, "[server]\nstatus_listen = \"127.0.0.1:0\"\n").await;
     let status = std::fs::read_to_string(server.path("status.addr")).unwrap();
     let base = format!("http://{}", status.trim());
     let (_, leaf) = certified_leaf(&server, "plain").await;
@@ -640,7 +646,7 @@ async fn crl_and_ocsp_can_be_served_over_plain_http(db: Db) {
     }
 }
 
-on_both_databases!(
+on_every_backend!(
     crl_and_ocsp_can_be_served_over_plain_http,
     a_revoked_agent_is_refused_at_once_and_openssl_sees_its_certificates_revoked,
     one_certificate_can_be_revoked_alone,

@@ -1,5 +1,6 @@
-//! Custodial key rotation end to end: a keyward process on a real SoftHSM2
-//! token, on SQLite and PostgreSQL; the token inspected with pkcs11-tool.
+//! Custodial key rotation end to end: a keyward process with its keys on a
+//! real SoftHSM2 token (inspected with pkcs11-tool) and in a real swtpm
+//! (its key directory), on SQLite and PostgreSQL.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{Db, Server};
+use common::{Backends, Db, Server};
 use serde_json::{json, Value};
 
 fn message() -> String {
@@ -41,14 +42,17 @@ async fn verdict(server: &Server, certificate_pem: &Value, signature: &Value) ->
     verdict
 }
 
-/// The default: custodial keys kept wrapped in the database.
-async fn a_rotated_key_signs_only_in_its_grace_and_is_destroyed_after_retention(db: Db) {
-    let server = Server::start(db).await;
+/// The default: custodial keys kept wrapped in the database (SoftHSM2),
+/// or as blobs in the key directory (a TPM).
+async fn a_rotated_key_signs_only_in_its_grace_and_is_destroyed_after_retention(
+    backends: Backends,
+) {
+    let server = Server::start(backends).await;
     rotated_key_lifecycle(&server).await;
     assert_eq!(
-        server.token_private_key_count(),
-        common::SERVICE_KEYS,
-        "wrapped keys never become token objects"
+        server.key_counts().await,
+        server.expected_key_counts(1),
+        "(key store, wrapped): the new key alone is left, where the backend keeps it"
     );
 }
 
@@ -134,8 +138,8 @@ async fn rotated_key_lifecycle(server: &Server) {
     assert_eq!(destroyed[0].event.subject, old_key);
 }
 
-async fn a_key_rotated_for_compromise_signs_nothing_more(db: Db) {
-    let server = Server::start(db).await;
+async fn a_key_rotated_for_compromise_signs_nothing_more(backends: Backends) {
+    let server = Server::start(backends).await;
     let (agent, _) = (
         common::register_agent(&server, "alpha").await,
         common::issue_certificate(&server, "alpha").await,
@@ -172,8 +176,8 @@ async fn a_key_rotated_for_compromise_signs_nothing_more(db: Db) {
     assert_eq!(status, 403);
 }
 
-async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
-    let server = Server::start(db).await;
+async fn bad_rotations_are_refused_and_leave_no_key_behind(backends: Backends) {
+    let server = Server::start(backends).await;
     common::certified_agent(&server, "alpha").await;
     common::certified_agent(&server, "gone").await;
     server
@@ -183,7 +187,7 @@ async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
             Some(json!({"reason": "cessationOfOperation"})),
         )
         .await;
-    let keys_before = server.token_private_key_count();
+    let keys_before = server.key_store_key_count();
     let wrapped_before = server.wrapped_key_count().await;
     let rows_before = server.row_counts().await;
     let cases = [
@@ -227,9 +231,9 @@ async fn bad_rotations_are_refused_and_leave_no_key_behind(db: Db) {
     }
     assert_eq!(server.row_counts().await, rows_before);
     assert_eq!(
-        server.token_private_key_count(),
+        server.key_store_key_count(),
         keys_before,
-        "a refused rotation left a key on the token"
+        "a refused rotation left a key in the key store"
     );
     assert_eq!(
         server.wrapped_key_count().await,
@@ -245,8 +249,8 @@ fn pem_count(text: &str) -> usize {
 /// CA rotation: `keyward ca rotate` while keyward is stopped, then a
 /// restart. The new CA issues; the old one still vouches, and answers OCSP,
 /// for what it issued.
-async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
-    let mut server = Server::start(db).await;
+async fn a_rotated_ca_keeps_validating_what_it_issued(backends: Backends) {
+    let mut server = Server::start(backends).await;
     let (_, old_cert) = (
         common::register_agent(&server, "alpha").await,
         common::issue_certificate(&server, "alpha").await,
@@ -257,14 +261,7 @@ async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
     assert_eq!(pem_count(&old_root), 1);
 
     server.stop();
-    let (ok, out) = common::run(
-        std::process::Command::new(common::keyward_bin())
-            .args(["ca", "rotate", "--data-dir"])
-            .arg(server.data_dir.path())
-            .arg("--database-url")
-            .arg(&server.database.url)
-            .env_remove("SOFTHSM2_CONF"),
-    );
+    let (ok, out) = server.operator(["ca", "rotate"]);
     assert!(ok, "keyward ca rotate: {out}");
     let server = server.restart().await;
 
@@ -392,8 +389,8 @@ async fn a_rotated_ca_keeps_validating_what_it_issued(db: Db) {
 
 /// `rotate_after_seconds`: keyward rotates the custodial keys of agents
 /// with that role once they are older.
-async fn the_policy_rotates_old_keys_on_schedule(db: Db) {
-    let server = Server::start(db).await;
+async fn the_policy_rotates_old_keys_on_schedule(backends: Backends) {
+    let server = Server::start(backends).await;
     let agent = common::register_agent_with(&server, "alpha", &["rotating"]).await;
     common::register_agent(&server, "steady").await;
     let (_, steady) = server.admin("GET", "/v1/agents/steady", None).await;
@@ -484,11 +481,14 @@ async fn the_other_replica_stops_using_a_rotated_key_at_once() {
     }
 }
 
-on_both_databases!(
+on_every_backend!(
     the_policy_rotates_old_keys_on_schedule,
     a_rotated_ca_keeps_validating_what_it_issued,
     a_rotated_key_signs_only_in_its_grace_and_is_destroyed_after_retention,
-    a_rotated_token_key_signs_only_in_its_grace_and_leaves_the_token_after_retention,
     a_key_rotated_for_compromise_signs_nothing_more,
     bad_rotations_are_refused_and_leave_no_key_behind,
+);
+
+on_both_databases!(
+    a_rotated_token_key_signs_only_in_its_grace_and_leaves_the_token_after_retention,
 );

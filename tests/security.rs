@@ -1,8 +1,8 @@
 //! The attacks of the outside security review, each performed against a
-//! keyward process on a real SoftHSM2 token, on SQLite and PostgreSQL, and
-//! each shown to fail now. The caller is an agent that holds its own key
-//! and certificate (or an admin who holds two credentials) and tries the
-//! route the review found.
+//! keyward process with its keys on a real SoftHSM2 token and in a real
+//! swtpm, on SQLite and PostgreSQL, and each shown to fail now. The caller
+//! is an agent that holds its own key and certificate (or an admin who
+//! holds two credentials) and tries the route the review found.
 
 mod common;
 
@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use common::{
     agent_client, enroll, enrolled_with, enrollment_token, key_and_csr, mtls_client, post,
-    register_agent_with, run, Db, Server,
+    register_agent_with, run, Backends, Db, Keys, Server,
 };
 use keyward::agents::envelope::{self, Claims, Header};
 use keyward::pki::Certificate;
@@ -103,8 +103,8 @@ async fn verify_as(
 /// Finding 1: an agent whose role forbids messages signs an envelope with
 /// its own client key (which keyward never held), or has keyward sign an
 /// envelope's digest as a raw signature. Neither is a keyward message.
-async fn an_agent_cannot_forge_a_message_with_its_own_key_or_a_raw_signature(db: Db) {
-    let server = Server::start(db).await;
+async fn an_agent_cannot_forge_a_message_with_its_own_key_or_a_raw_signature(backends: Backends) {
+    let server = Server::start(backends).await;
     apply(&server, POLICY).await;
     let (alice, alice_key, alice_cert) = agent_client(&server, "alice", &["limited"]).await;
     let (bob, _, _) = agent_client(&server, "bob", &["full"]).await;
@@ -276,8 +276,8 @@ fn lifetime(issued: &Value) -> i64 {
 
 /// Finding 2: renewal and enrollment past the role's TTL cap, and renewal
 /// at any rate; the certificates recorded under policy version 0.
-async fn renewal_and_enrollment_go_through_the_policy(db: Db) {
-    let server = Server::start(db).await;
+async fn renewal_and_enrollment_go_through_the_policy(backends: Backends) {
+    let server = Server::start(backends).await;
     let version = apply(&server, POLICY).await;
     register_agent_with(&server, "alice", &["limited"]).await;
     let token = enrollment_token(&server, "alice").await;
@@ -358,11 +358,11 @@ async fn renewal_and_enrollment_go_through_the_policy(db: Db) {
 /// renew as fast as keyward answers while an admin revokes the agent;
 /// afterwards no certificate of the agent is unrevoked, every one is in
 /// the CRL, and the newest authenticates nothing.
-async fn no_certificate_issued_while_an_agent_is_revoked_survives_it(db: Db) {
+async fn no_certificate_issued_while_an_agent_is_revoked_survives_it(backends: Backends) {
     use std::sync::{Arc, Mutex};
     const ROUNDS: usize = 20;
     const CLIENTS: usize = 6;
-    let server = Arc::new(Server::start(db).await);
+    let server = Arc::new(Server::start(backends).await);
     let mut issued_in_all = Vec::new();
     let mut refused_after = 0;
     for round in 0..ROUNDS {
@@ -480,8 +480,8 @@ async fn no_certificate_issued_while_an_agent_is_revoked_survives_it(db: Db) {
 
 /// Finding 4: an agent holding a message meant for someone else verifies
 /// it "as" the recipient and so spends it.
-async fn a_third_party_cannot_spend_a_message_meant_for_another(db: Db) {
-    let server = Server::start(db).await;
+async fn a_third_party_cannot_spend_a_message_meant_for_another(backends: Backends) {
+    let server = Server::start(backends).await;
     apply(&server, POLICY).await;
     let (alice, _, _) = agent_client(&server, "alice", &["limited"]).await;
     let (bob, _, _) = agent_client(&server, "bob", &["full"]).await;
@@ -529,8 +529,8 @@ async fn a_third_party_cannot_spend_a_message_meant_for_another(db: Db) {
 
 /// Finding 5: a keyCompromise revocation of one certificate left the
 /// key's other certificates standing and the key certifiable.
-async fn key_compromise_revokes_every_certificate_of_the_key(db: Db) {
-    let server = Server::start(db).await;
+async fn key_compromise_revokes_every_certificate_of_the_key(backends: Backends) {
+    let server = Server::start(backends).await;
     let (frank, key, enrolled) = agent_client(&server, "frank", &[]).await;
     let csr = std::fs::read_to_string(server.path("frank.csr")).unwrap();
     let mut renewed = Vec::new();
@@ -642,32 +642,82 @@ async fn key_compromise_revokes_every_certificate_of_the_key(db: Db) {
     assert_eq!(status, 200, "{answer}");
 }
 
-/// Signs `digest` with a key on the server's token as someone holding the
-/// token's PIN would, outside keyward: what a key compromise means.
-fn sign_on_the_token_outside_keyward(server: &Server, key_id: &str, digest: &[u8; 32]) -> Vec<u8> {
+/// Signs `digest` with the custodial key `key_id` in the server's key
+/// store, outside keyward, as a thief who got there would: what a key
+/// compromise means. On SoftHSM2 with the token's PIN (`pkcs11-tool`, the
+/// key a token object); on a TPM with the key's blobs and the TPM itself
+/// (tpm2-tools, beside a stopped keyward: see `Server::beside`). The
+/// signature as r || s.
+async fn sign_in_the_key_store_outside_keyward(
+    server: &mut Server,
+    key_id: &str,
+    digest: &[u8; 32],
+) -> Vec<u8> {
     let input = server.path("stolen-digest.bin");
     let output = server.path("stolen-signature.bin");
     std::fs::write(&input, digest).unwrap();
-    let pin = std::fs::read_to_string(server.path("softhsm/user.pin")).unwrap();
-    let (ok, out) = run(Command::new("pkcs11-tool")
-        .arg("--module")
-        .arg(keyward::app::embedded::find_softhsm_module().unwrap())
-        .args([
-            "--login",
-            "--pin",
-            pin.trim(),
-            "--sign",
-            "--mechanism",
-            "ECDSA",
-        ])
-        // keyward's CKA_ID is the key id's bytes; pkcs11-tool selects by it.
-        .args(["--id", &hex::encode(key_id)])
-        .arg("--input-file")
-        .arg(&input)
-        .arg("--output-file")
-        .arg(&output)
-        .env("SOFTHSM2_CONF", server.path("softhsm/softhsm2.conf")));
-    assert!(ok, "{out}");
+    match server.keys {
+        Keys::SoftHsm => {
+            let pin = std::fs::read_to_string(server.path("softhsm/user.pin")).unwrap();
+            let (ok, out) = run(Command::new("pkcs11-tool")
+                .arg("--module")
+                .arg(keyward::app::embedded::find_softhsm_module().unwrap())
+                .args([
+                    "--login",
+                    "--pin",
+                    pin.trim(),
+                    "--sign",
+                    "--mechanism",
+                    "ECDSA",
+                ])
+                // keyward's CKA_ID is the key id's bytes; pkcs11-tool
+                // selects by it.
+                .args(["--id", &hex::encode(key_id)])
+                .arg("--input-file")
+                .arg(&input)
+                .arg("--output-file")
+                .arg(&output)
+                .env("SOFTHSM2_CONF", server.path("softhsm/softhsm2.conf")));
+            assert!(ok, "{out}");
+        }
+        Keys::Swtpm => {
+            let blob = |ext: &str| {
+                let path = server.tpm_key_dir().join(format!("{key_id}.{ext}"));
+                path.to_str().unwrap().to_owned()
+            };
+            let (public, private) = (blob("pub"), blob("priv"));
+            let (input, output) = (input.to_str().unwrap(), output.to_str().unwrap());
+            server
+                .beside(|server| {
+                    // keyward's storage primary, which the TPM derives again
+                    // from its owner seed and this template (keys::tpm).
+                    server.tpm2(
+                        "createprimary",
+                        &[
+                            "-Q", "-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb",
+                            "-a", "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt",
+                            "-c", "stolen-primary.ctx",
+                        ],
+                    );
+                    server.tpm2("flushcontext", &["-t"]);
+                    server.tpm2(
+                        "load",
+                        &["-Q", "-C", "stolen-primary.ctx", "-u", &public, "-r", &private, "-c", "stolen-key.ctx"],
+                    );
+                    server.tpm2("flushcontext", &["-t"]);
+                    server.tpm2(
+                        "sign",
+                        &["-c", "stolen-key.ctx", "-g", "sha256", "-d", "-f", "plain", "-o", output, input],
+                    );
+                    server.tpm2("flushcontext", &["-t"]);
+                })
+                .await;
+            // tpm2-tools' plain ECDSA signature is DER.
+            let der = std::fs::read(output).unwrap();
+            let signature = p256::ecdsa::Signature::from_der(&der).unwrap();
+            return signature.to_bytes().to_vec();
+        }
+    }
     std::fs::read(output).unwrap()
 }
 
@@ -680,9 +730,14 @@ fn rfc3339(unix: i64) -> String {
 
 /// Finding 6: a signature made with a compromised key, checked "as of"
 /// a time before the revocation.
-async fn a_backdated_time_does_not_save_a_signature_by_a_compromised_key(db: Db) {
-    // The thief signs on the token itself, so the key is a token object.
-    let server = Server::start_with_config(db, common::TOKEN_STORAGE).await;
+async fn a_backdated_time_does_not_save_a_signature_by_a_compromised_key(backends: Backends) {
+    // The thief signs in the key store itself, so on SoftHSM2 the key is a
+    // token object; a TPM's keys are always its blobs.
+    let config = match backends.keys {
+        Keys::SoftHsm => common::TOKEN_STORAGE,
+        Keys::Swtpm => "",
+    };
+    let mut server = Server::start_with_config(backends, config).await;
     let agent = register_agent_with(&server, "alpha", &[]).await;
     let certificate = issue_custodial(&server, "alpha").await;
     let before = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -709,11 +764,25 @@ async fn a_backdated_time_does_not_save_a_signature_by_a_compromised_key(db: Db)
     assert_eq!(status, 200);
 
     let stolen = b"pay 1000 to mallory";
-    let forged = sign_on_the_token_outside_keyward(
-        &server,
+    let forged = sign_in_the_key_store_outside_keyward(
+        &mut server,
         agent["key_id"].as_str().unwrap(),
         &Sha256::digest(stolen).into(),
-    );
+    )
+    .await;
+    // A signature by the agent's key indeed, or "revoked" below would say
+    // nothing.
+    {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        use p256::pkcs8::DecodePublicKey;
+        let key = p256::ecdsa::VerifyingKey::from_public_key_pem(
+            agent["public_key_pem"].as_str().unwrap(),
+        )
+        .unwrap();
+        let signature = p256::ecdsa::Signature::from_slice(&forged).unwrap();
+        key.verify_prehash(&Sha256::digest(stolen), &signature)
+            .expect("the thief's signature is the agent key's");
+    }
     let check = |message: &[u8], signature: &[u8], at: Option<i64>| {
         let mut body = json!({
             "agent": "alpha",
@@ -797,9 +866,9 @@ async fn a_policy_number_cannot_crash_a_request(db: Db) {
 
 /// Finding 8: an existing data directory open to other users was used as
 /// it was, and the database was created 0644.
-async fn keyward_refuses_a_data_directory_others_can_read(db: Db) {
+async fn keyward_refuses_a_data_directory_others_can_read(backends: Backends) {
     use std::os::unix::fs::PermissionsExt;
-    let mut server = Server::start(db).await;
+    let mut server = Server::start(backends).await;
     // Everything keyward made is its owner's alone, whatever the umask.
     let mut shared = Vec::new();
     for entry in walk(server.data_dir.path()) {
@@ -823,7 +892,7 @@ async fn keyward_refuses_a_data_directory_others_can_read(db: Db) {
         refused.text
     );
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    if db == Db::Sqlite {
+    if backends.db == Db::Sqlite {
         let database = dir.join("keyward.db");
         std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
         let refused = start_and_wait(&dir, &server.database.url);
@@ -864,6 +933,7 @@ fn start_and_wait(dir: &Path, database_url: &str) -> Exited {
         .arg(dir)
         .arg("--database-url")
         .arg(database_url)
+        .args(common::config_args(dir))
         .env_remove("SOFTHSM2_CONF")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -954,17 +1024,19 @@ async fn a_refused_request_costs_the_agent_no_rate(db: Db) {
 
 /// Finding 10: one admin holding an admin token and an admin certificate
 /// counted as two approvers.
-async fn one_admin_with_two_credentials_is_one_approver(db: Db) {
-    let server = Server::start(db).await;
+async fn one_admin_with_two_credentials_is_one_approver(backends: Backends) {
+    let mut server = Server::start(backends).await;
     // The bootstrap token is the admin "admin"'s; so is this certificate.
     let cert_dir = server.path("admin-cert");
-    let (ok, out) = server.operator([
-        "admin",
-        "cert-issue",
-        "admin",
-        "--out",
-        cert_dir.to_str().unwrap(),
-    ]);
+    let (ok, out) = server
+        .operator_beside([
+            "admin",
+            "cert-issue",
+            "admin",
+            "--out",
+            cert_dir.to_str().unwrap(),
+        ])
+        .await;
     assert!(ok, "{out}");
     // And a second person's token.
     let (server, carol) = common::with_admin_token(server, "carol").await;
@@ -1010,15 +1082,18 @@ async fn one_admin_with_two_credentials_is_one_approver(db: Db) {
     assert_eq!(votes, Some(2));
 }
 
-on_both_databases!(
+on_every_backend!(
     an_agent_cannot_forge_a_message_with_its_own_key_or_a_raw_signature,
     renewal_and_enrollment_go_through_the_policy,
     no_certificate_issued_while_an_agent_is_revoked_survives_it,
     a_third_party_cannot_spend_a_message_meant_for_another,
     key_compromise_revokes_every_certificate_of_the_key,
-    a_backdated_time_does_not_save_a_signature_by_a_compromised_key,
-    a_policy_number_cannot_crash_a_request,
     keyward_refuses_a_data_directory_others_can_read,
-    a_refused_request_costs_the_agent_no_rate,
     one_admin_with_two_credentials_is_one_approver,
+    a_backdated_time_does_not_save_a_signature_by_a_compromised_key,
+);
+
+on_both_databases!(
+    a_policy_number_cannot_crash_a_request,
+    a_refused_request_costs_the_agent_no_rate,
 );

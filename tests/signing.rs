@@ -1,5 +1,6 @@
 //! Signing for agents, verification and signed messages, end to end: a
-//! keyward process on a real SoftHSM2 token, on SQLite and on PostgreSQL,
+//! keyward process with its keys on a real SoftHSM2 token and in a real
+//! swtpm, each on SQLite and on PostgreSQL,
 //! checked by independent verifiers (OpenSSL, p256, Python's
 //! `cryptography` running the verifier printed in docs/envelope.md).
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use common::{keyward_bin, run, Db, Server};
+use common::{keyward_bin, run, Backends, Server};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
@@ -27,8 +28,8 @@ fn write(server: &Server, name: &str, contents: &[u8]) -> std::path::PathBuf {
     path
 }
 
-async fn a_signature_from_the_api_verifies_independently_and_is_recorded(db: Db) {
-    let server = Server::start(db).await;
+async fn a_signature_from_the_api_verifies_independently_and_is_recorded(backends: Backends) {
+    let server = Server::start(backends).await;
     let issued = common::certified_agent(&server, "payer").await;
     let message = b"pay 10 to bob";
     let (status, signed) = server
@@ -114,8 +115,8 @@ async fn a_signature_from_the_api_verifies_independently_and_is_recorded(db: Db)
     assert_eq!(batched, 2);
 }
 
-async fn bad_sign_requests_are_refused_and_record_nothing(db: Db) {
-    let server = Server::start(db).await;
+async fn bad_sign_requests_are_refused_and_record_nothing(backends: Backends) {
+    let server = Server::start(backends).await;
     common::certified_agent(&server, "payer").await;
     let digest = B64.encode([7u8; 32]);
     let cases = [
@@ -183,8 +184,8 @@ async fn bad_sign_requests_are_refused_and_record_nothing(db: Db) {
     assert_eq!(signature_rows(&server).await, 0);
 }
 
-async fn a_disabled_agent_may_not_sign(db: Db) {
-    let server = Server::start(db).await;
+async fn a_disabled_agent_may_not_sign(backends: Backends) {
+    let server = Server::start(backends).await;
     common::certified_agent(&server, "payer").await;
     let sign = json!({"message_b64": "aGk="});
     let (status, _) = server
@@ -230,8 +231,8 @@ fn impostor(server: &Server) -> (std::path::PathBuf, String) {
     (key, pem)
 }
 
-async fn verify_accepts_keywards_signatures_and_says_why_it_refuses_others(db: Db) {
-    let server = Server::start(db).await;
+async fn verify_accepts_keywards_signatures_and_says_why_it_refuses_others(backends: Backends) {
+    let server = Server::start(backends).await;
     let issued = common::certified_agent(&server, "payer").await;
     let certificate_pem = issued["certificate_pem"].as_str().unwrap();
     let message = B64.encode(b"pay 10 to bob");
@@ -388,8 +389,8 @@ fn python_verifier() -> String {
     )
 }
 
-async fn messages_are_signed_as_the_agent_and_accepted_once_by_their_recipient(db: Db) {
-    let server = Server::start(db).await;
+async fn messages_are_signed_as_the_agent_and_accepted_once_by_their_recipient(backends: Backends) {
+    let server = Server::start(backends).await;
     let issued = common::certified_agent(&server, "alice").await;
     common::certified_agent(&server, "bob").await;
     let bob = "spiffe://keyward.local/agent/bob";
@@ -509,8 +510,8 @@ async fn messages_are_signed_as_the_agent_and_accepted_once_by_their_recipient(d
     assert_eq!(recorded, Some(1));
 }
 
-async fn bad_message_requests_are_refused_and_record_nothing(db: Db) {
-    let server = Server::start(db).await;
+async fn bad_message_requests_are_refused_and_record_nothing(backends: Backends) {
+    let server = Server::start(backends).await;
     common::certified_agent(&server, "alice").await;
     let (status, _) = server
         .admin(
@@ -643,8 +644,8 @@ async fn bad_message_requests_are_refused_and_record_nothing(db: Db) {
     assert_eq!(signature_rows(&server).await, 0);
 }
 
-async fn the_cli_signs_and_verifies_messages(db: Db) {
-    let server = Server::start(db).await;
+async fn the_cli_signs_and_verifies_messages(backends: Backends) {
+    let server = Server::start(backends).await;
     common::certified_agent(&server, "alice").await;
     let client_args = |cmd: &mut Command| {
         cmd.arg("--url")
@@ -703,7 +704,7 @@ async fn the_cli_signs_and_verifies_messages(db: Db) {
     assert!(ok, "{out}");
 }
 
-on_both_databases!(
+on_every_backend!(
     a_signature_from_the_api_verifies_independently_and_is_recorded,
     bad_sign_requests_are_refused_and_record_nothing,
     a_disabled_agent_may_not_sign,

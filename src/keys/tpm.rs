@@ -21,17 +21,17 @@ use std::sync::Arc;
 use p256::ecdsa::Signature;
 use p256::{FieldBytes, PublicKey};
 use tss_esapi::attributes::{ObjectAttributes, ObjectAttributesBuilder};
-use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
-use tss_esapi::constants::{PropertyTag, Tss2ResponseCodeKind};
-use tss_esapi::handles::KeyHandle;
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK, TPM2_TRANSIENT_FIRST};
+use tss_esapi::constants::{CapabilityType, PropertyTag, Tss2ResponseCodeKind};
+use tss_esapi::handles::{KeyHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, Private, Public, PublicBuffer,
-    PublicBuilder, PublicEccParametersBuilder, Signature as TpmSignature, SignatureScheme,
-    SymmetricDefinitionObject,
+    CapabilityData, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket, Private, Public,
+    PublicBuffer, PublicBuilder, PublicEccParametersBuilder, Signature as TpmSignature,
+    SignatureScheme, SymmetricDefinitionObject,
 };
 use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
@@ -106,6 +106,59 @@ fn classify(function: &str, e: TssError) -> KeyError {
 fn is_object_memory(e: &TssError) -> bool {
     matches!(e, TssError::Tss2Error(rc)
         if matches!(rc.kind(), Some(Tss2ResponseCodeKind::ObjectMemory)))
+}
+
+/// Flushes every transient object the TPM lists; how many it flushed.
+///
+/// Called only when the TPM is out of object slots and the caller holds
+/// none of them (it has flushed its own first). Without a resource manager
+/// (swtpm, `/dev/tpm0`) the TPM keeps a process's objects after the process
+/// dies without flushing them (SIGKILL, a crash): once a killed keyward had
+/// left its primary and a key loaded, the next one could not even create
+/// its listener's key, until the TPM was reset. Behind a resource manager
+/// (`/dev/tpmrm0`) the TPM lists only this connection's objects. A live
+/// process whose objects go (a second keyward on one swtpm) sees a stale
+/// handle on its next command, which the pool treats as a lost session and
+/// recovers from with a new one.
+fn flush_transient_objects(ctx: &mut Context) -> Result<usize, KeyError> {
+    let mut flushed = 0;
+    loop {
+        let (handles, _) = ctx
+            .execute_without_session(|ctx| {
+                ctx.get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 32)
+            })
+            .map_err(|e| classify("GetCapability", e))?;
+        let CapabilityData::Handles(handles) = handles else {
+            return Err(KeyError::Malformed(
+                "GetCapability(handles) returned another capability".into(),
+            ));
+        };
+        let transient: Vec<TpmHandle> = handles
+            .into_inner()
+            .into_iter()
+            .filter(|h| matches!(h, TpmHandle::Transient(_)))
+            .collect();
+        if transient.is_empty() {
+            return Ok(flushed);
+        }
+        for handle in transient {
+            // ReadPublic (behind TR_FromTPMPublic) takes no authorization,
+            // and FlushContext none at all.
+            let object = ctx
+                .execute_without_session(|ctx| ctx.tr_from_tpm_public(handle))
+                .map_err(|e| classify("TR_FromTPMPublic", e))?;
+            ctx.flush_context(object)
+                .map_err(|e| classify("FlushContext", e))?;
+            flushed += 1;
+        }
+    }
+}
+
+fn create_primary(ctx: &mut Context) -> Result<KeyHandle, TssError> {
+    let template = primary_template()?;
+    Ok(ctx
+        .create_primary(Hierarchy::Owner, template, None, None, None, None)?
+        .key_handle)
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> KeyError {
@@ -333,11 +386,20 @@ impl TpmBackend {
         // Every object here has an empty authValue; a password session
         // carries it without costing a TPM session slot.
         ctx.set_sessions((Some(AuthSession::Password), None, None));
-        let template = primary_template().map_err(|e| classify("CreatePrimary", e))?;
-        let primary = ctx
-            .create_primary(Hierarchy::Owner, template, None, None, None, None)
-            .map_err(|e| classify("CreatePrimary", e))?
-            .key_handle;
+        let primary = match create_primary(&mut ctx) {
+            Ok(primary) => primary,
+            // This context holds nothing yet: whatever fills the TPM was left
+            // by another (see flush_transient_objects).
+            Err(e) if is_object_memory(&e) => {
+                let flushed = flush_transient_objects(&mut ctx)?;
+                tracing::warn!(
+                    flushed,
+                    "the TPM's object slots were full: flushed what was left in them"
+                );
+                create_primary(&mut ctx).map_err(|e| classify("CreatePrimary", e))?
+            }
+            Err(e) => return Err(classify("CreatePrimary", e)),
+        };
         let available = ctx
             .get_tpm_property(PropertyTag::HrTransientAvail)
             .map_err(|e| classify("GetCapability", e))?
@@ -348,6 +410,7 @@ impl TpmBackend {
             primary,
             loaded: Vec::new(),
             capacity: available.clamp(1, MAX_LOADED_KEYS),
+            reclaimed: false,
         })
     }
 }
@@ -389,6 +452,8 @@ pub struct TpmSession {
     loaded: Vec<(KeyId, KeyHandle)>,
     /// Invariant: 1..=MAX_LOADED_KEYS.
     capacity: usize,
+    /// Whether this session has flushed objects it did not load.
+    reclaimed: bool,
 }
 
 struct Blobs {
@@ -442,6 +507,33 @@ impl TpmSession {
         write_key_blobs(&self.shared.key_dir, id, public, private)
     }
 
+    /// When the TPM has no slot for an object and this session has no key
+    /// loaded to evict: flushes its own primary, then everything else the
+    /// TPM holds (see `flush_transient_objects`), and makes the primary
+    /// again. Once a session: slots taken again after that are a live
+    /// process's, not a dead one's.
+    fn reclaim_object_slots(&mut self) -> Result<(), KeyError> {
+        debug_assert!(self.loaded.is_empty());
+        self.reclaimed = true;
+        // Past the first flush this session has no primary: a failure must
+        // make the pool open a new session, not use this one again.
+        let lost = |e: KeyError| KeyError::SessionLost {
+            function: "reclaiming the TPM's object slots".into(),
+            detail: e.to_string(),
+        };
+        self.ctx
+            .flush_context(self.primary.into())
+            .map_err(|e| lost(classify("FlushContext", e)))?;
+        let flushed = flush_transient_objects(&mut self.ctx).map_err(lost)?;
+        tracing::warn!(
+            flushed,
+            "the TPM's object slots were full: flushed what was left in them"
+        );
+        self.primary =
+            create_primary(&mut self.ctx).map_err(|e| lost(classify("CreatePrimary", e)))?;
+        Ok(())
+    }
+
     /// Drops the handle from the cache and frees its TPM slot.
     fn unload(&mut self, index: usize) -> Result<(), KeyError> {
         let (_, handle) = self.loaded.remove(index);
@@ -473,6 +565,7 @@ impl TpmSession {
                     self.unload(0)?;
                     self.capacity = self.loaded.len().max(1);
                 }
+                Err(e) if is_object_memory(&e) && !self.reclaimed => self.reclaim_object_slots()?,
                 Err(e) => return Err(classify("Load", e)),
             }
         };
@@ -500,6 +593,7 @@ impl KeySession for TpmSession {
                     self.unload(0)?;
                     self.capacity = self.loaded.len().max(1);
                 }
+                Err(e) if is_object_memory(&e) && !self.reclaimed => self.reclaim_object_slots()?,
                 Err(e) => return Err(classify("Create", e)),
             }
         };

@@ -1,6 +1,6 @@
-//! Test harness: a real keyward process on a real SoftHSM2 token (its own
-//! data directory and SOFTHSM2_CONF), on SQLite or on the real PostgreSQL
-//! server, driven over HTTPS.
+//! Test harness: a real keyward process with its keys on a real SoftHSM2
+//! token (its own data directory and SOFTHSM2_CONF) or in a real swtpm of
+//! its own, on SQLite or on the real PostgreSQL server, driven over HTTPS.
 
 #![allow(dead_code)]
 
@@ -24,6 +24,36 @@ pub fn postgres_admin_url() -> String {
 pub enum Db {
     Sqlite,
     Postgres,
+}
+
+/// Where keyward keeps its keys (the CA's, its service keys, the agents'
+/// custodial keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keys {
+    /// The embedded SoftHSM2 token, keyward's default: custodial keys kept
+    /// wrapped in the database unless the config says `custodial_storage =
+    /// "token"`.
+    SoftHsm,
+    /// A TPM 2.0 (`[keys] backend = "tpm"`): a swtpm process the `Server`
+    /// starts and owns; every key is a blob pair in `<data-dir>/tpm-keys`.
+    Swtpm,
+}
+
+/// One cell of the test matrix: a key backend and a database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backends {
+    pub keys: Keys,
+    pub db: Db,
+}
+
+/// The tests that do not name a key backend run on keyward's default.
+impl From<Db> for Backends {
+    fn from(db: Db) -> Self {
+        Self {
+            keys: Keys::SoftHsm,
+            db,
+        }
+    }
 }
 
 /// A database for one test: a SQLite file in the data directory, or a fresh
@@ -108,27 +138,40 @@ pub fn https_client(ca: &[u8]) -> reqwest::Client {
         .unwrap()
 }
 
-/// A running `keyward serve` on its embedded SoftHSM2 token.
+/// A running `keyward serve` on its embedded SoftHSM2 token or its own
+/// swtpm.
 pub struct Server {
     pub data_dir: tempfile::TempDir,
     pub url: String,
     pub database: TestDatabase,
     pub client: reqwest::Client,
     pub admin_token: String,
+    pub keys: Keys,
     child: Option<Child>,
+    /// Dropped after `child` is killed (`Drop for Server`), so keyward never
+    /// sees its TPM vanish under it.
+    swtpm: Option<swtpm::Swtpm>,
 }
 
 pub fn keyward_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keyward")
 }
 
-fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
+/// `--config <data-dir>/config.toml` when the test wrote one: every keyward
+/// command on a server's data directory must see the same `[keys]`.
+pub fn config_args(data_dir: &Path) -> Vec<std::ffi::OsString> {
     let config = data_dir.join("config.toml");
+    if config.exists() {
+        vec!["--config".into(), config.into()]
+    } else {
+        Vec::new()
+    }
+}
+
+fn spawn(data_dir: &Path, database_url: &str) -> (Child, String) {
     let mut command = Command::new(keyward_bin());
     command.args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"]);
-    if config.exists() {
-        command.arg("--config").arg(&config);
-    }
+    command.args(config_args(data_dir));
     let mut child = command
         .arg("--data-dir")
         .arg(data_dir)
@@ -179,49 +222,82 @@ macro_rules! with_connection {
 pub const SERVICE_KEYS: usize = 4;
 
 impl Server {
-    pub async fn start(db: Db) -> Self {
-        let data_dir = private_tempdir();
-        let database = TestDatabase::create(db, data_dir.path()).await;
-        Self::start_in(data_dir, database).await
+    /// A server on `backends` (or on SoftHSM2, given only a `Db`) with
+    /// keyward's default config.
+    pub async fn start(backends: impl Into<Backends>) -> Self {
+        Self::start_with_config(backends, "").await
     }
 
-    /// A server whose `config.toml` (in its data directory) is `config`.
-    pub async fn start_with_config(db: Db, config: &str) -> Self {
+    /// A server whose `config.toml` (in its data directory) is `config`,
+    /// plus, on a TPM, the `[keys]` table for the server's own swtpm. A
+    /// config with a `[keys]` table of its own is SoftHSM2's to run.
+    pub async fn start_with_config(backends: impl Into<Backends>, config: &str) -> Self {
+        let backends = backends.into();
         let data_dir = private_tempdir();
-        std::fs::write(data_dir.path().join("config.toml"), config).unwrap();
-        let database = TestDatabase::create(db, data_dir.path()).await;
-        Self::start_in(data_dir, database).await
-    }
-
-    pub async fn start_in(data_dir: tempfile::TempDir, database: TestDatabase) -> Self {
+        let swtpm = match backends.keys {
+            Keys::SoftHsm => None,
+            Keys::Swtpm => Some(swtpm::Swtpm::start()),
+        };
+        let config = match &swtpm {
+            None => config.to_owned(),
+            Some(tpm) => {
+                assert!(
+                    !config.lines().any(|l| l.trim() == "[keys]"),
+                    "this config chooses its own key backend: {config:?}"
+                );
+                let separator = if config.is_empty() || config.ends_with('\n') {
+                    ""
+                } else {
+                    "\n"
+                };
+                format!(
+                    "{config}{separator}[keys]\nbackend = \"tpm\"\ntcti = \"{}\"\n",
+                    tpm.tcti()
+                )
+            }
+        };
+        if !config.is_empty() {
+            std::fs::write(data_dir.path().join("config.toml"), config).unwrap();
+        }
+        let database = TestDatabase::create(backends.db, data_dir.path()).await;
         let (child, url) = spawn(data_dir.path(), &database.url);
-        let ca = std::fs::read(data_dir.path().join("ca.pem")).unwrap();
-        let client = https_client(&ca);
-        let admin_token = std::fs::read_to_string(data_dir.path().join("admin.token")).unwrap();
-        Self {
+        let mut server = Self {
             data_dir,
             url,
             database,
-            client,
-            admin_token,
+            client: reqwest::Client::new(),
+            admin_token: String::new(),
+            keys: backends.keys,
             child: Some(child),
-        }
+            swtpm,
+        };
+        server.connect();
+        server
+    }
+
+    /// The client and admin token for the process just started: its CA and
+    /// token are in the data directory by the time it listens.
+    fn connect(&mut self) {
+        let ca = std::fs::read(self.path("ca.pem")).unwrap();
+        self.client = https_client(&ca);
+        self.admin_token = std::fs::read_to_string(self.path("admin.token")).unwrap();
     }
 
     /// Stops the process as an operator would (SIGTERM, see `terminate`)
-    /// and starts it again on the same data and database. After `stop`, it
-    /// restarts a killed process.
+    /// and starts it again on the same data, database and key store. After
+    /// `stop`, it restarts a killed process.
     pub async fn restart(mut self) -> Self {
         self.terminate();
-        let data_dir = std::mem::replace(&mut self.data_dir, private_tempdir());
-        let database = std::mem::replace(
-            &mut self.database,
-            TestDatabase {
-                url: String::new(),
-                postgres_name: None,
-            },
-        );
-        Self::start_in(data_dir, database).await
+        self.respawn();
+        self
+    }
+
+    /// Starts the stopped process again, on the same everything.
+    fn respawn(&mut self) {
+        let (child, url) = spawn(self.data_dir.path(), &self.database.url);
+        self.child = Some(child);
+        self.url = url;
+        self.connect();
     }
 
     /// SIGTERM, and up to 10 s for keyward to shut down (it destroys its
@@ -274,6 +350,11 @@ impl Server {
     /// A second keyward process on the same token, data directory and
     /// database: another replica, as production runs them.
     pub fn spawn_replica(&self) -> Replica {
+        assert_eq!(
+            self.keys,
+            Keys::SoftHsm,
+            "a TPM's keys load only in that TPM, whose object slots one keyward fills"
+        );
         let (child, url) = spawn(self.data_dir.path(), &self.database.url);
         Replica { child, url }
     }
@@ -304,8 +385,11 @@ impl Server {
         )
     }
 
-    /// Runs a `keyward` command on this server's data directory and
-    /// database, as an operator on its host would.
+    /// Runs a `keyward` command on this server's data directory, config
+    /// and database, as an operator on its host would.
+    ///
+    /// A command that opens the key store cannot run beside a serving
+    /// process on swtpm; see `operator_beside`.
     pub fn operator<I, A>(&self, args: I) -> (bool, String)
     where
         I: IntoIterator<Item = A>,
@@ -317,7 +401,51 @@ impl Server {
             .arg(self.data_dir.path())
             .arg("--database-url")
             .arg(&self.database.url)
+            .args(config_args(self.data_dir.path()))
             .env_remove("SOFTHSM2_CONF"))
+    }
+
+    /// `operator` while this server serves: beside the running process on
+    /// SoftHSM2 (a PKCS#11 token serves several processes at once), and
+    /// between a SIGTERM and a restart on swtpm. swtpm has no resource
+    /// manager: its three object slots are shared by every process, and a
+    /// serving keyward keeps its primary and keys loaded in them, so a
+    /// second keyward process finds none free (`keyward admin cert-issue`
+    /// failed with "Load: out of memory for object contexts"). A host TPM
+    /// behind the kernel's resource manager (`/dev/tpmrm0`) serves both.
+    pub async fn operator_beside<I, A>(&mut self, args: I) -> (bool, String)
+    where
+        I: IntoIterator<Item = A>,
+        A: AsRef<std::ffi::OsStr>,
+    {
+        self.beside(|server| server.operator(args)).await
+    }
+
+    /// Runs `work` as another user of this server's key store while it
+    /// serves, as `operator_beside` runs a command.
+    pub async fn beside<T>(&mut self, work: impl FnOnce(&Self) -> T) -> T {
+        match self.keys {
+            Keys::SoftHsm => work(self),
+            Keys::Swtpm => {
+                self.terminate();
+                let outcome = work(self);
+                self.respawn();
+                outcome
+            }
+        }
+    }
+
+    /// A tpm2-tools command (`tpm2_<tool>`) against this server's swtpm,
+    /// run in its data directory; its output, having succeeded. tpm2-tools
+    /// leave what they load in the TPM (no resource manager flushes it):
+    /// follow with `tpm2("flushcontext", &["-t"])`.
+    pub fn tpm2(&self, tool: &str, args: &[&str]) -> String {
+        let (ok, out) = run(Command::new(format!("tpm2_{tool}"))
+            .args(args)
+            .current_dir(self.data_dir.path())
+            .env("TPM2TOOLS_TCTI", self.tcti().expect("a server on swtpm")));
+        assert!(ok, "tpm2_{tool} {args:?}: {out}");
+        out
     }
 
     /// Opens the server's database directly, to check what was written.
@@ -347,9 +475,10 @@ impl Server {
             .map(|r| r.get::<i64, _>(0)))
     }
 
-    /// Whether keyward still holds the custodial key `key_id`: as an object
-    /// on its token, or as a wrapped blob in its database (an agent's
-    /// current key or a retired one not yet destroyed).
+    /// Whether keyward still holds the custodial key `key_id`: in its key
+    /// store (an object on its token, a blob in the TPM key directory), or
+    /// as a wrapped blob in its database (an agent's current key or a
+    /// retired one not yet destroyed).
     pub async fn custodial_key_held(&self, key_id: &str) -> bool {
         assert!(key_id
             .bytes()
@@ -361,10 +490,79 @@ impl Server {
             ))
             .await
             .unwrap_or(0);
-        wrapped > 0
-            || self
+        wrapped > 0 || self.key_store_ids().contains(key_id)
+    }
+
+    /// The ids of the private keys in keyward's key store: the token's
+    /// private key objects as `pkcs11-tool` lists them, or the keys whose
+    /// blobs (either half: a half-removed key is still there) are in the
+    /// TPM key directory.
+    pub fn key_store_ids(&self) -> std::collections::BTreeSet<String> {
+        match self.keys {
+            Keys::SoftHsm => self
                 .token_private_keys()
-                .contains(&format!("label:      {key_id}"))
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("label:"))
+                .map(|label| label.trim().to_owned())
+                .collect(),
+            Keys::Swtpm => std::fs::read_dir(self.tpm_key_dir())
+                .unwrap()
+                .filter_map(|e| {
+                    let name = e.unwrap().file_name().into_string().unwrap();
+                    match name.rsplit_once('.') {
+                        Some((id, "pub" | "priv")) => Some(id.to_owned()),
+                        _ => None,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Private keys in keyward's key store: its own service keys
+    /// (`SERVICE_KEYS`) and the custodial keys it keeps there.
+    pub fn key_store_key_count(&self) -> usize {
+        match self.keys {
+            Keys::SoftHsm => self.token_private_key_count(),
+            Keys::Swtpm => self.key_store_ids().len(),
+        }
+    }
+
+    /// The TCTI of this server's swtpm, on a TPM.
+    pub fn tcti(&self) -> Option<String> {
+        self.swtpm.as_ref().map(swtpm::Swtpm::tcti)
+    }
+
+    /// Where keyward keeps the blobs of a TPM's keys (`[keys] key_dir`'s
+    /// default).
+    pub fn tpm_key_dir(&self) -> PathBuf {
+        self.path("tpm-keys")
+    }
+
+    /// Whether custodial keys live in the key store (a TPM's blobs, or token
+    /// objects under `custodial_storage = "token"`) rather than wrapped in
+    /// the database (SoftHSM2's default).
+    pub fn custodial_keys_in_key_store(&self) -> bool {
+        let config = std::fs::read_to_string(self.path("config.toml")).unwrap_or_default();
+        self.keys == Keys::Swtpm
+            || config
+                .lines()
+                .any(|l| l.replace(' ', "") == "custodial_storage=\"token\"")
+    }
+
+    /// What `key_store_key_count` and `wrapped_key_count` should say when
+    /// keyward holds `custodial` custodial keys and nothing more.
+    pub fn expected_key_counts(&self, custodial: usize) -> (usize, i64) {
+        if self.custodial_keys_in_key_store() {
+            (SERVICE_KEYS + custodial, 0)
+        } else {
+            (SERVICE_KEYS, custodial as i64)
+        }
+    }
+
+    /// `key_store_key_count` and `wrapped_key_count`, for comparing with
+    /// `expected_key_counts`.
+    pub async fn key_counts(&self) -> (usize, i64) {
+        (self.key_store_key_count(), self.wrapped_key_count().await)
     }
 
     /// The first column of every row a query returns, as text.
@@ -450,6 +648,7 @@ impl Server {
 
     /// `pkcs11-tool` in a session logged in with the user PIN.
     fn pkcs11_tool_as_user(&self, args: &[&str]) -> String {
+        assert_eq!(self.keys, Keys::SoftHsm, "no token to list on a TPM");
         let pin = std::fs::read_to_string(self.path("softhsm/user.pin")).unwrap();
         let login = ["--login", "--pin", pin.trim()];
         self.pkcs11_tool(&[&login[..], args].concat())
@@ -737,7 +936,53 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
     )
 }
 
-/// Declares each listed test once for SQLite and once for PostgreSQL.
+/// Declares each listed test, an `async fn(Backends)`, for every cell of
+/// the matrix: {SoftHSM2, swtpm} x {SQLite, PostgreSQL}, named
+/// `softhsm::sqlite::<test>` ... `swtpm::postgres::<test>` (nextest:
+/// `-E 'test(/^swtpm::/)'` runs the TPM half). Tests after `swtpm only:`
+/// run on swtpm with both databases: the TPM's counterparts of tests that
+/// inspect the SoftHSM2 token (`on_both_databases!`).
+#[macro_export]
+macro_rules! on_every_backend {
+    (swtpm only: $($tpm:ident),* $(,)?) => {
+        $crate::on_every_backend!(@cells [] [$($tpm),*]);
+    };
+    ($($every:ident),+ $(,)?) => {
+        $crate::on_every_backend!(@cells [$($every),+] []);
+    };
+    ($($every:ident),+ ; swtpm only: $($tpm:ident),* $(,)?) => {
+        $crate::on_every_backend!(@cells [$($every),+] [$($tpm),*]);
+    };
+    (@cells [$($every:ident),*] [$($tpm:ident),*]) => {
+        mod softhsm {
+            $crate::on_every_backend!(@db SoftHsm, Sqlite, sqlite; $($every),*);
+            $crate::on_every_backend!(@db SoftHsm, Postgres, postgres; $($every),*);
+        }
+        mod swtpm {
+            $crate::on_every_backend!(@db Swtpm, Sqlite, sqlite; $($every,)* $($tpm),*);
+            $crate::on_every_backend!(@db Swtpm, Postgres, postgres; $($every,)* $($tpm),*);
+        }
+    };
+    (@db $keys:ident, $db:ident, $module:ident; $($name:ident),* $(,)?) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::super::$name($crate::common::Backends {
+                        keys: $crate::common::Keys::$keys,
+                        db: $crate::common::Db::$db,
+                    })
+                    .await
+                }
+            )*
+        }
+    };
+}
+
+/// Declares each listed test, an `async fn(Db)`, once for SQLite and once
+/// for PostgreSQL, on SoftHSM2: for tests the key backend does not touch
+/// (hooks, paging, policy arithmetic) and tests of the token itself (its
+/// objects, the wrapped tier, a second process on it).
 #[macro_export]
 macro_rules! on_both_databases {
     ($($name:ident),* $(,)?) => {
