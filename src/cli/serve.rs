@@ -212,18 +212,25 @@ async fn serve(
         tracing::info!(%addr, store = store_name, "keyward listening (HTTPS)");
         println!("keyward listening on https://{addr}");
     };
-    keyward::app::serve(listener, &kw, ready, shutdown_signal()).await?;
+    let shutdown = shutdown_signal()?;
+    keyward::app::serve(listener, &kw, ready, shutdown).await?;
     kw.shutdown().await;
     Ok(kw.state.pool.clone())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed here, before
+/// keyward says it is listening: a SIGTERM that arrives between that line
+/// and the first poll of the returned future must not kill the process by
+/// the signal's default action, skipping the shutdown.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    })
 }
