@@ -326,6 +326,11 @@ struct AgentRow {
     created_at: i64,
 }
 
+/// An agent's scopes, kept as a JSON array of strings.
+fn scopes_from_json(json: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("agent scopes: {e}")))
+}
+
 impl TryFrom<AgentRow> for AgentRecord {
     type Error = StoreError;
 
@@ -338,8 +343,7 @@ impl TryFrom<AgentRow> for AgentRecord {
             public_key_der: row.public_key_der,
             key_wrapped: row.key_wrapped,
             attestation_digest: row.attestation_digest,
-            scopes: serde_json::from_str(&row.scopes)
-                .map_err(|e| StoreError::Corrupt(format!("agent scopes: {e}")))?,
+            scopes: scopes_from_json(&row.scopes)?,
             status: row.status,
             created_at: row.created_at,
         })
@@ -360,8 +364,7 @@ impl TryFrom<CustodialKeyAgeRow> for CustodialKeyAge {
     fn try_from(row: CustodialKeyAgeRow) -> Result<Self, StoreError> {
         Ok(CustodialKeyAge {
             agent_name: row.name,
-            scopes: serde_json::from_str(&row.scopes)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            scopes: scopes_from_json(&row.scopes)?,
             key_id: row.key_id,
             current_since: row.current_since,
         })
