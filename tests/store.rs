@@ -827,6 +827,38 @@ async fn policies_take_consecutive_versions_and_page_oldest_first(db: Db) {
     assert_eq!(audited[2].event.details["version"], 3);
 }
 
+/// A write that reads before it writes (a policy's next version) is not
+/// refused because another writer committed in between: on SQLite it holds
+/// the write lock from its first statement, so it waits its turn instead of
+/// failing with "database is locked" (seen as a 500 on `POST /v1/policies`
+/// while the hook deliverer wrote).
+async fn a_write_that_reads_first_waits_for_other_writers_instead_of_failing(db: Db) {
+    let opened = open(db).await;
+    let other = opened.store.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..300 {
+            other
+                .append_audit_event(&event("test.write", &i.to_string()))
+                .await
+                .unwrap();
+        }
+    });
+    for i in 0..300 {
+        opened
+            .store
+            .insert_policy(
+                &format!("# {i}"),
+                "ann",
+                "api",
+                &event("policy.apply", "policy"),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("policy {i}: {e}"));
+    }
+    writer.await.unwrap();
+    assert_eq!(opened.store.latest_policy_version().await.unwrap(), 300);
+}
+
 fn ca(key_id: &str) -> CaRecord {
     CaRecord {
         key_id: key_id.into(),
@@ -887,4 +919,5 @@ on_both_databases!(
     the_audit_chain_runs_unbroken_through_single_and_batch_appends,
     policies_take_consecutive_versions_and_page_oldest_first,
     one_issuing_ca_is_active_and_a_replaced_one_stays_previous,
+    a_write_that_reads_first_waits_for_other_writers_instead_of_failing,
 );

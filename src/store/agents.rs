@@ -447,7 +447,7 @@ macro_rules! impl_agent_store {
                 enrollment_token: Option<&NewEnrollmentToken>,
                 audit: &AuditEvent,
             ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 Self::insert_evidence(&mut tx, evidence).await?;
                 sqlx::query(
@@ -499,7 +499,7 @@ macro_rules! impl_agent_store {
                 scopes: &[String],
                 audit: &AuditEvent,
             ) -> Result<bool, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let changed = sqlx::query("UPDATE agents SET scopes = $1 WHERE name = $2")
                     .bind(scopes_json(scopes))
                     .bind(name)
@@ -793,7 +793,7 @@ macro_rules! impl_agent_store {
                 at: i64,
                 audit: &AuditEvent,
             ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let changed = sqlx::query(
                     "UPDATE retired_keys SET destroyed_at = $1, key_wrapped = NULL
                      WHERE key_id = $2 AND destroyed_at IS NULL",
@@ -816,7 +816,7 @@ macro_rules! impl_agent_store {
                     return Ok(());
                 }
                 let event = signature_batch_event(records);
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let seq = Self::append_audit(&mut tx, &[&event]).await?.start;
                 // One statement per chunk; 9 binds a row stays far below
                 // PostgreSQL's 65535-parameter limit.

@@ -93,7 +93,7 @@ macro_rules! impl_approval_store {
                 a: &ApprovalRecord,
                 audit: &AuditEvent,
             ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 sqlx::query(
                     "INSERT INTO approvals (id, agent_name, kind, request, approvals_required,
@@ -151,7 +151,7 @@ macro_rules! impl_approval_store {
                 now: i64,
                 audit: &AuditEvent,
             ) -> Result<VoteOutcome, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 // Locks the row: concurrent votes are counted one at a time.
                 let ballot: Option<Ballot> = sqlx::query_as(
                     "UPDATE approvals SET status = status WHERE id = $1

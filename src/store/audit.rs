@@ -211,7 +211,7 @@ macro_rules! impl_audit_store {
         #[async_trait]
         impl AuditStore for SqlStore<$db> {
             async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[event]).await?;
                 tx.commit().await?;
                 Ok(())

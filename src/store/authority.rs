@@ -86,7 +86,7 @@ macro_rules! impl_authority_store {
             }
 
             async fn install_ca(&self, ca: &CaRecord, replace: bool, audit: &AuditEvent) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 if replace {
                     sqlx::query("UPDATE ca_certificates SET active = 0, retired_at = $1 WHERE active = 1")
@@ -117,7 +117,7 @@ macro_rules! impl_authority_store {
             }
 
             async fn insert_service_key(&self, key: &ServiceKeyRecord, audit: &AuditEvent) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 sqlx::query(
                     "INSERT INTO service_keys (purpose, key_id, cert_der, created_at) VALUES ($1, $2, $3, $4)",
@@ -139,7 +139,7 @@ macro_rules! impl_authority_store {
                 name: &str,
                 audit: &AuditEvent,
             ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 sqlx::query("INSERT INTO admin_tokens (token_sha256, name, created_at) VALUES ($1, $2, $3)")
                     .bind(token_sha256.to_vec())

@@ -144,7 +144,7 @@ macro_rules! impl_enrollment_store {
                 expires_at: i64,
                 audit: &AuditEvent,
             ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 sqlx::query(
                     "INSERT INTO enrollment_tokens (token_sha256, agent_name, created_at, expires_at)
@@ -166,7 +166,7 @@ macro_rules! impl_enrollment_store {
                 now: i64,
                 audit: &AuditEvent,
             ) -> Result<Option<String>, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let agent: Option<String> = sqlx::query_scalar(
                     "UPDATE enrollment_tokens SET used_at = $1
                      WHERE token_sha256 = $2 AND used_at IS NULL AND expires_at > $1
@@ -204,7 +204,7 @@ macro_rules! impl_enrollment_store {
                 challenge: &TpmChallengeRecord,
                 audit: &AuditEvent,
             ) -> Result<(), StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 sqlx::query(
                     "INSERT INTO tpm_challenges (nonce, agent_name, secret_sha256, ak_public,
@@ -264,7 +264,7 @@ macro_rules! impl_enrollment_store {
                 now: i64,
                 audit: &AuditEvent,
             ) -> Result<TpmRedemption, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let agent: Option<String> = sqlx::query_scalar(
                     "UPDATE tpm_challenges SET used_at = $1
                      WHERE nonce = $2 AND used_at IS NULL AND expires_at > $1

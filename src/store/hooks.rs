@@ -137,7 +137,7 @@ macro_rules! impl_hook_store {
                 secret: &str,
                 audit: &AuditEvent,
             ) -> Result<HookRecord, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 Self::append_audit(&mut tx, &[audit]).await?;
                 let hook = sqlx::query_as::<_, HookRow>(
                     "INSERT INTO hooks (url, secret, active, created_at) VALUES ($1, $2, 1, $3)
@@ -172,7 +172,7 @@ macro_rules! impl_hook_store {
             }
 
             async fn deactivate_hook(&self, id: i64, audit: &AuditEvent) -> Result<bool, StoreError> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let changed = sqlx::query("UPDATE hooks SET active = 0 WHERE id = $1 AND active = 1")
                     .bind(id)
                     .execute(&mut *tx)

@@ -56,7 +56,7 @@ macro_rules! impl_policy_store {
                 audit: &AuditEvent,
             ) -> Result<PolicyRecord, StoreError> {
                 use sha2::Digest;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let latest: Option<i64> = sqlx::query_scalar(LATEST_VERSION)
                     .fetch_one(&mut *tx)
                     .await?;

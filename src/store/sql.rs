@@ -65,7 +65,10 @@ impl SqlStore<Sqlite> {
     /// A transaction that holds SQLite's one write lock from its first
     /// statement, so that what it reads is what it writes against: a
     /// deferred one reads a snapshot that another writer may commit past
-    /// before this one upgrades.
+    /// before this one upgrades, and SQLite then refuses the upgrade at
+    /// once ("database is locked"; the busy handler is not asked). Every
+    /// write transaction of the store begins here
+    /// (`a_write_that_reads_first_waits_for_other_writers_instead_of_failing`).
     pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
