@@ -859,6 +859,33 @@ async fn a_write_that_reads_first_waits_for_other_writers_instead_of_failing(db:
     assert_eq!(opened.store.latest_policy_version().await.unwrap(), 300);
 }
 
+/// Two replicas applying policies at the same time each get the next
+/// version: neither computes one the other already took (on PostgreSQL
+/// both read the same latest version unless the version is locked).
+async fn concurrent_applies_take_consecutive_versions_without_a_conflict(db: Db) {
+    let opened = open(db).await;
+    let replicas = [opened.store.clone(), opened.store.clone()];
+    let applying = replicas.map(|store| {
+        tokio::spawn(async move {
+            for i in 0..100 {
+                store
+                    .insert_policy(
+                        &format!("# {i}"),
+                        "ann",
+                        "api",
+                        &event("policy.apply", "policy"),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("policy {i}: {e}"));
+            }
+        })
+    });
+    for task in applying {
+        task.await.unwrap();
+    }
+    assert_eq!(opened.store.latest_policy_version().await.unwrap(), 200);
+}
+
 fn ca(key_id: &str) -> CaRecord {
     CaRecord {
         key_id: key_id.into(),
@@ -920,4 +947,5 @@ on_both_databases!(
     policies_take_consecutive_versions_and_page_oldest_first,
     one_issuing_ca_is_active_and_a_replaced_one_stays_previous,
     a_write_that_reads_first_waits_for_other_writers_instead_of_failing,
+    concurrent_applies_take_consecutive_versions_without_a_conflict,
 );

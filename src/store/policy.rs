@@ -2,7 +2,7 @@
 //! force.
 
 use async_trait::async_trait;
-use sqlx::{Postgres, Sqlite};
+use sqlx::{Postgres, Sqlite, Transaction};
 
 use super::sql::{now, unique_violation, SqlStore};
 use super::StoreError;
@@ -19,11 +19,30 @@ pub struct PolicyRecord {
     pub created_at: i64,
 }
 
+impl SqlStore<Sqlite> {
+    /// SQLite has one writer: a write transaction holds every lock already.
+    async fn lock_policy_versions(_tx: &mut Transaction<'_, Sqlite>) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl SqlStore<Postgres> {
+    /// Serializes applies until the transaction ends, so that each reads
+    /// the version the previous one wrote: without it two replicas read the
+    /// same latest version and one failed on the primary key.
+    async fn lock_policy_versions(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('keyward.policy_versions', 0))")
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 pub trait PolicyStore: Send + Sync {
     /// Stores `content` as the next policy version (the highest so far plus
-    /// one) with its audit event; `Conflict` if another writer took that
-    /// number first.
+    /// one) with its audit event. Applies on every replica take consecutive
+    /// versions.
     async fn insert_policy(
         &self,
         content: &str,
@@ -57,6 +76,7 @@ macro_rules! impl_policy_store {
             ) -> Result<PolicyRecord, StoreError> {
                 use sha2::Digest;
                 let mut tx = self.begin_write().await?;
+                Self::lock_policy_versions(&mut tx).await?;
                 let latest: Option<i64> = sqlx::query_scalar(LATEST_VERSION)
                     .fetch_one(&mut *tx)
                     .await?;
