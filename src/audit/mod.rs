@@ -6,6 +6,8 @@
 //! Never put a secret in an event: details hold names, serials, digests and
 //! reasons only.
 
+pub mod merkle;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
