@@ -125,12 +125,8 @@ impl AgentRequests {
         &self.tpm
     }
 
-    pub fn registry(&self) -> &Registry {
+    pub(super) fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    pub fn policy(&self) -> &PolicyEngine {
-        &self.policy
     }
 
     /// The policy's decision on `request` by `caller` for `agent`, whose
