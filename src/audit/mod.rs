@@ -7,6 +7,8 @@
 //! reasons only.
 
 pub mod merkle;
+pub mod note;
+pub mod tiles;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
