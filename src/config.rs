@@ -57,6 +57,23 @@ pub struct ConfigFile {
     pub attestation: AttestationFile,
     #[serde(default)]
     pub maintenance: MaintenanceFile,
+    #[serde(default)]
+    pub audit: AuditFile,
+}
+
+/// The audit transparency log (`docs/audit.md`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFile {
+    /// The checkpoints' origin line and key name (default
+    /// `<trust-domain>/audit`). A new origin starts a new log.
+    pub origin: Option<String>,
+    /// How often new entries are sealed into a signed checkpoint (default
+    /// 1000 ms).
+    pub checkpoint_interval_ms: Option<u64>,
+    /// How often the whole stored log is checked against its latest
+    /// checkpoint, besides at start (default 600 s).
+    pub self_check_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +234,14 @@ pub struct Config {
     pub tpm_ek_roots: Option<PathBuf>,
     pub tpm_ek_allowlist: Option<PathBuf>,
     pub tpm_challenge_ttl: Duration,
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub origin: String,
+    pub checkpoint_interval: Duration,
+    pub self_check_interval: Duration,
 }
 
 /// Half the cores, at least one. Under load the pool's workers (one per
@@ -395,7 +420,39 @@ impl ConfigFile {
                 "[maintenance] orphan_key_grace_seconds must be 1 to 604800".into(),
             ));
         }
+        let audit = AuditConfig {
+            origin: self
+                .audit
+                .origin
+                .unwrap_or_else(|| format!("{}/audit", trust_domain.as_str())),
+            checkpoint_interval: Duration::from_millis(
+                self.audit.checkpoint_interval_ms.unwrap_or(1000),
+            ),
+            self_check_interval: Duration::from_secs(
+                self.audit.self_check_interval_seconds.unwrap_or(600),
+            ),
+        };
+        if audit.origin.is_empty()
+            || audit
+                .origin
+                .contains(|c: char| c.is_whitespace() || c == '+')
+        {
+            return Err(invalid(
+                "[audit] origin must be one word with no spaces or '+'".into(),
+            ));
+        }
+        if audit.checkpoint_interval < Duration::from_millis(10)
+            || audit.checkpoint_interval > Duration::from_secs(3600)
+            || audit.self_check_interval < Duration::from_secs(1)
+        {
+            return Err(invalid(
+                "[audit] checkpoint_interval_ms must be 10 to 3600000 and \
+                 self_check_interval_seconds at least 1"
+                    .into(),
+            ));
+        }
         Ok(Config {
+            audit,
             orphan_key_grace,
             tpm_ek_roots: overrides
                 .tpm_ek_roots

@@ -46,3 +46,4 @@ pub mod revocation;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;
+pub mod transparency;

@@ -111,7 +111,7 @@ async fn a_held_request_runs_only_once_an_admin_approves_it(backends: Backends) 
         Some(1)
     );
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
-    keyward::audit::verify_chain(&records).unwrap();
+    keyward::audit::verify_sequence(&records).unwrap();
     let approve = records
         .iter()
         .find(|r| r.event.action == "approval.approve")

@@ -28,8 +28,9 @@ fn config() -> String {
 /// written just after the key is destroyed) or after ten seconds.
 async fn orphan_audit_entries(server: &Server, key_id: &str) -> Option<i64> {
     let query = format!(
-        "SELECT COUNT(*) FROM audit_events
-         WHERE action = 'key.destroy_orphan' AND subject = '{key_id}' AND actor = 'keyward'"
+        "SELECT COUNT(*) FROM audit_entries
+         WHERE action = 'key.destroy_orphan' AND actor = 'keyward'
+           AND entry LIKE '%\"subject\":\"{key_id}\"%'"
     );
     let until = std::time::Instant::now() + Duration::from_secs(10);
     loop {

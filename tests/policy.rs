@@ -95,7 +95,7 @@ async fn a_rollback_changes_what_an_agent_may_do_on_its_next_request(backends: B
     assert_eq!(versions, [(1, false), (2, false), (3, true)]);
     assert_eq!(recorded_versions(&server).await, [1, 3]);
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
-    keyward::audit::verify_chain(&records).unwrap();
+    keyward::audit::verify_sequence(&records).unwrap();
     let denial = records
         .iter()
         .find(|r| r.event.action == "policy.deny")

@@ -109,7 +109,7 @@ fn sign_body() -> Value {
 
 async fn audit_actions(server: &Server) -> Vec<String> {
     let records = server.store().await.audit_records(0, 10_000).await.unwrap();
-    keyward::audit::verify_chain(&records).unwrap();
+    keyward::audit::verify_sequence(&records).unwrap();
     records.into_iter().map(|r| r.event.action).collect()
 }
 

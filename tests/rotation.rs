@@ -127,7 +127,7 @@ async fn rotated_key_lifecycle(server: &Server) {
     }
     assert!(server.custodial_key_held(&new_key).await);
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
-    keyward::audit::verify_chain(&records).unwrap();
+    keyward::audit::verify_sequence(&records).unwrap();
     let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
     assert!(actions.contains(&"agent.rotate_key"), "{actions:?}");
     let destroyed: Vec<_> = records
@@ -383,7 +383,7 @@ async fn a_rotated_ca_keeps_validating_what_it_issued(backends: Backends) {
     );
 
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
-    keyward::audit::verify_chain(&records).unwrap();
+    keyward::audit::verify_sequence(&records).unwrap();
     assert!(records.iter().any(|r| r.event.action == "ca.rotate"));
 }
 

@@ -106,7 +106,7 @@ async fn a_signature_from_the_api_verifies_independently_and_is_recorded(backend
         .await;
     assert_eq!(matching, Some(2));
     let records = server.store().await.audit_records(0, 1000).await.unwrap();
-    keyward::audit::verify_chain(&records).unwrap();
+    keyward::audit::verify_sequence(&records).unwrap();
     let batched: i64 = records
         .iter()
         .filter(|r| r.event.action == "signature.batch")

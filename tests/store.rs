@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::{private_tempdir, Db, TestDatabase};
-use keyward::audit::{verify_chain, AuditEvent};
+use keyward::audit::{verify_sequence, AuditEvent};
 use keyward::store::{
     AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
     CertificateInsert, CertificateLog, CertificateRecord, CertificateRevocation, KeyRotation,
@@ -724,7 +724,7 @@ async fn the_hook_outbox_hands_each_hook_its_events_in_order(db: Db) {
     assert_eq!(store.hooks_page(None, 10).await.unwrap(), [second]);
 }
 
-async fn the_audit_chain_runs_unbroken_through_single_and_batch_appends(db: Db) {
+async fn the_audit_log_numbers_entries_unbroken_through_single_and_batch_appends(db: Db) {
     let opened = open(db).await;
     let store = &opened.store;
     let alpha = registered(store.as_ref(), "alpha").await;
@@ -770,7 +770,7 @@ async fn the_audit_chain_runs_unbroken_through_single_and_batch_appends(db: Db) 
 
     let records = store.audit_records(0, 100).await.unwrap();
 
-    assert_eq!(verify_chain(&records), Ok(()));
+    assert_eq!(verify_sequence(&records), Ok(()));
     let actions: Vec<&str> = records.iter().map(|r| r.event.action.as_str()).collect();
     assert_eq!(
         actions,
@@ -792,7 +792,7 @@ async fn the_audit_chain_runs_unbroken_through_single_and_batch_appends(db: Db) 
         })
         .await
         .unwrap());
-    // A page starts after the sequence number given.
+    // A page starts at the index given.
     let tail = store.audit_records(6, 100).await.unwrap();
     assert_eq!(tail, records[6..]);
 }
@@ -943,7 +943,7 @@ on_both_databases!(
     a_tpm_challenge_is_redeemed_once_and_spends_its_token_with_it,
     an_approval_is_decided_by_enough_approvals_or_one_denial,
     the_hook_outbox_hands_each_hook_its_events_in_order,
-    the_audit_chain_runs_unbroken_through_single_and_batch_appends,
+    the_audit_log_numbers_entries_unbroken_through_single_and_batch_appends,
     policies_take_consecutive_versions_and_page_oldest_first,
     one_issuing_ca_is_active_and_a_replaced_one_stays_previous,
     a_write_that_reads_first_waits_for_other_writers_instead_of_failing,

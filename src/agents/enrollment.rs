@@ -78,6 +78,7 @@ impl AgentRequests {
         let token = new_enrollment_token();
         let expires_at = now() + ttl as i64;
         let audit = AuditEvent::new(actor, "enrollment_token.create", agent.as_str())
+            .agent(agent.as_str())
             .with("expires_at", expires_at);
         self.store()
             .insert_enrollment_token(
@@ -122,7 +123,8 @@ impl AgentRequests {
         }
         let token_sha256 = enrollment_token_hash(token);
         self.client_certificate(&name, requested, CertificateKey::Csr(csr), || async {
-            let audit = AuditEvent::new("enrollment", "enrollment_token.redeem", "token");
+            let audit = AuditEvent::new("enrollment", "enrollment_token.redeem", "token")
+                .agent(name.as_str());
             let redeemed = self
                 .store()
                 .redeem_enrollment_token(&token_sha256, now(), &audit)
@@ -197,6 +199,7 @@ impl AgentRequests {
             "attestation.challenge",
             name.as_str(),
         )
+        .agent(name.as_str())
         .with("ek_sha256", hex::encode(issued.record.ek_sha256))
         .with("key_location", issued.record.key_location.clone())
         .with("expires_at", issued.record.expires_at);
@@ -242,6 +245,7 @@ impl AgentRequests {
             return Err(RequestError::CsrKeyMismatch);
         }
         let audit = AuditEvent::new(format!("agent:{name}"), "attestation.redeem", name.as_str())
+            .agent(name.as_str())
             .with("evidence_digest", verified.attested.evidence.digest.clone())
             .with("route", if csr.is_some() { "csr" } else { "json" });
         let nonce = challenge.nonce.clone();

@@ -281,8 +281,11 @@ impl Registry {
             return Err(AgentError::HoldIsForSuspension);
         }
         let at = time::OffsetDateTime::now_utc().unix_timestamp();
-        let audit =
+        let mut audit =
             AuditEvent::new(actor, "certificate.revoke", serial).with("reason", reason.as_str());
+        if let Some(certificate) = self.store.certificate(serial).await? {
+            audit = audit.agent(certificate.agent_name);
+        }
         let outcome = self
             .store
             .revoke_certificate(serial, reason.as_str(), at, &audit)
@@ -312,7 +315,7 @@ impl Registry {
             StatusChange::Suspend => (AgentTransition::Suspend, "agent.suspend", None),
             StatusChange::Resume => (AgentTransition::Resume, "agent.resume", None),
         };
-        let mut audit = AuditEvent::new(actor, action, name.as_str());
+        let mut audit = AuditEvent::new(actor, action, name.as_str()).agent(name.as_str());
         if let Some(reason) = reason {
             audit = audit.with("reason", reason);
         }
@@ -405,6 +408,7 @@ impl Registry {
         let grace = rotation.grace.as_secs() as i64;
         let retention = rotation.retention.as_secs() as i64;
         let audit = AuditEvent::new(actor, "agent.rotate_key", name.as_str())
+            .agent(name.as_str())
             .with("new_key_id", key.to_string())
             .with("reason", rotation.reason.as_str())
             .with("grace_seconds", grace)
@@ -451,7 +455,7 @@ impl Registry {
                 }
             }
             let audit = AuditEvent::new("keyward", "key.destroy", &retired.key_id)
-                .with("agent", retired.agent_name.clone())
+                .agent(retired.agent_name.clone())
                 .with("retired_at", retired.retired_at);
             self.store
                 .mark_key_destroyed(&retired.key_id, now, &audit)
@@ -521,11 +525,12 @@ impl Registry {
             created_at: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         let audit = AuditEvent::new(actor, "agent.create", name.as_str())
+            .agent(name.as_str())
+            .under_policy(policy_version)
             .with("key_id", key.to_string())
             .with("custody", CUSTODIAL)
             .with("scopes", record.scopes.clone())
-            .with("attestation_digest", evidence.digest.clone())
-            .with("policy_version", policy_version);
+            .with("attestation_digest", evidence.digest.clone());
         match self
             .store
             .insert_agent(&record, Some(evidence), None, &audit)
@@ -565,10 +570,11 @@ impl Registry {
             created_at: time::OffsetDateTime::now_utc().unix_timestamp(),
         };
         let audit = AuditEvent::new(actor, "agent.create", name.as_str())
+            .agent(name.as_str())
+            .under_policy(policy_version)
             .with("custody", AGENT_TPM)
             .with("scopes", record.scopes.clone())
-            .with("enrollment_token_expires_at", token_expires_at)
-            .with("policy_version", policy_version);
+            .with("enrollment_token_expires_at", token_expires_at);
         let enrollment = crate::store::NewEnrollmentToken {
             token_sha256: crate::identity::enrollment_token_hash(&token),
             expires_at: token_expires_at,
@@ -596,8 +602,9 @@ impl Registry {
             return Err(AgentError::TooManyScopes(MAX_SCOPES));
         }
         let scopes: Vec<String> = scopes.into_iter().map(String::from).collect();
-        let audit =
-            AuditEvent::new(actor, "agent.scopes", name.as_str()).with("scopes", scopes.clone());
+        let audit = AuditEvent::new(actor, "agent.scopes", name.as_str())
+            .agent(name.as_str())
+            .with("scopes", scopes.clone());
         if !self
             .store
             .set_agent_scopes(name.as_str(), &scopes, &audit)

@@ -5,6 +5,7 @@
 //! failed; the detail goes to the log under the request's span, never to the
 //! client (it could name files, keys or tokens).
 
+use crate::transparency::AuditLogError;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -300,6 +301,24 @@ impl From<ApprovalError> for ApiError {
             }
             ApprovalError::InvalidComment => ApiError::bad_request("invalid_comment", message),
             ApprovalError::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<AuditLogError> for ApiError {
+    fn from(e: AuditLogError) -> Self {
+        match e {
+            AuditLogError::NoCheckpoint => ApiError::not_found("no_checkpoint", e.to_string()),
+            AuditLogError::TileNotFound => ApiError::not_found("tile_not_found", e.to_string()),
+            AuditLogError::NotYourEvents | AuditLogError::AdminOnly => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
+            AuditLogError::Inconsistent(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_log_inconsistent",
+                e.to_string(),
+            ),
+            AuditLogError::Store(_) | AuditLogError::Signing(_) => ApiError::internal(e),
         }
     }
 }

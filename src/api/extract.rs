@@ -285,6 +285,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                              POST /v1/renew first",
                         ));
                     }
+                    crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
                     Ok(Caller::Agent(name))
                 }
                 Some(PeerIdentity::Admin {
@@ -298,6 +299,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                             "the client certificate has expired",
                         ));
                     }
+                    crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
                     Ok(Caller::Admin(Admin {
                         name,
                         credential: format!("cert:{serial}"),
@@ -329,6 +331,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .then(|| state.admin_tokens.identify(token))
             .flatten();
         if let Some(admin) = admin {
+            crate::audit::RequestContext::set_credential(admin.credential.clone());
             Ok(Caller::Admin(admin))
         } else {
             Err(ApiError::unauthenticated(

@@ -5,6 +5,7 @@
 mod agents;
 mod approvals;
 mod attestation;
+mod audit;
 mod enrollment;
 pub mod error;
 pub mod extract;
@@ -17,6 +18,7 @@ mod revocation;
 mod signing;
 mod status;
 
+use crate::transparency::LogHealth;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +57,7 @@ pub struct AppState {
     /// then authenticate with client certificates only.
     pub admin_token_enabled: bool,
     pub metrics: Metrics,
+    pub audit_log: Arc<crate::transparency::AuditLog>,
 }
 
 /// Only `/v1/crl` and `/v1/ocsp`: the plain-HTTP status listener.
@@ -75,6 +78,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/trust-bundle", get(trust_bundle))
         .route("/v1/attestations/{digest}", get(attestation))
         .merge(agents::router())
+        .merge(audit::router())
         .merge(signing::router())
         .merge(messages::router())
         .merge(revocation::router())
@@ -113,16 +117,49 @@ async fn count_errors(State(state): State<Arc<AppState>>, response: Response) ->
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
+/// The address a connection comes from, for the audit log.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddress(pub std::net::SocketAddr);
+
+/// Gives the request its id, and opens the audit context its events carry
+/// (id, W3C trace id, source address; the caller check adds the
+/// credential).
 async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument;
     let id = hex::encode(rand::random::<[u8; 8]>());
     request.extensions_mut().insert(RequestId(id.clone()));
+    let context = crate::audit::RequestContext {
+        request_id: Some(id.clone()),
+        trace_id: request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id),
+        source: request
+            .extensions()
+            .get::<ClientAddress>()
+            .map(|a| a.0.to_string()),
+        credential: None,
+    };
     let span = tracing::debug_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
-    let mut response = next.run(request).instrument(span).await;
+    let mut response = context.scope(next.run(request)).instrument(span).await;
     if let Ok(value) = header::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2
+/// hex>`), if it is one: 32 lowercase hex digits, not all zero.
+fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    let well_formed = trace.len() == 32
+        && trace
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && trace.bytes().any(|b| b != b'0');
+    well_formed.then(|| trace.to_owned())
 }
 
 /// Bodies declared larger than this are refused without reading them.
@@ -184,16 +221,30 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let database = tokio::time::timeout(limit, state.registry.ping_database()).await;
     let token_ok = matches!(token, Ok(Ok(())));
     let database_ok = matches!(database, Ok(Ok(())));
-    let status = if token_ok && database_ok {
+    let audit = state.audit_log.health();
+    let audit_ok = audit == LogHealth::Consistent;
+    let status = if token_ok && database_ok && audit_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
         "token": if token_ok { "ok" } else { "unavailable" },
         "database": if database_ok { "ok" } else { "unavailable" },
+        "audit_log": match &audit {
+            LogHealth::Consistent => "ok",
+            LogHealth::Unchecked => "unchecked",
+            LogHealth::Inconsistent(_) => "inconsistent",
+        },
     });
+    // The code a client acts on: the one thing an operator must fix first.
+    if let LogHealth::Inconsistent(reason) = &audit {
+        body["code"] = json!("audit_log_inconsistent");
+        body["reason"] = json!(reason);
+    } else if audit == LogHealth::Unchecked {
+        body["code"] = json!("audit_log_unchecked");
+    }
     (status, axum::Json(body)).into_response()
 }
 

@@ -141,6 +141,20 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         let public_key = pool.public_key(&key).await?;
         crate::pki::responder::OcspResponder::new(key, public_key)
     };
+    let audit_log = {
+        let key = ensure_service_key(&pool, store.as_ref(), &authority, ServiceKey::AuditLog)
+            .await?
+            .key;
+        let public_key = pool.public_key(&key).await?;
+        Arc::new(crate::transparency::AuditLog::new(
+            store.clone(),
+            pool.clone(),
+            key,
+            public_key,
+            config.audit.origin.clone(),
+            metrics.audit.clone(),
+        ))
+    };
     let admin_tokens = ensure_admin_token(store.as_ref(), &config.data_dir).await?;
     write_trust_anchor(&config.data_dir, &authority)?;
 
@@ -220,6 +234,14 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
             }
         },
     );
+    let sealing = audit_log.clone();
+    let (seal_every, check_every) = (
+        config.audit.checkpoint_interval,
+        config.audit.self_check_interval,
+    );
+    tasks.spawn("sealing audit checkpoints", move |stop| {
+        sealing.run(seal_every, check_every, stop)
+    });
     let hooks = crate::revocation::hooks::Deliverer::new(
         store.clone(),
         config.hook_allowed_hosts.clone(),
@@ -296,6 +318,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         admin_tokens,
         admin_token_enabled: config.admin_token_enabled,
         metrics,
+        audit_log,
     });
     Ok(Keyward {
         state,
@@ -338,6 +361,8 @@ enum ServiceKey {
     Attestation,
     /// OCSP answers: the delegated responder (`pki::responder`).
     OcspResponder,
+    /// The audit log's checkpoints (`transparency`).
+    AuditLog,
 }
 
 impl ServiceKey {
@@ -345,6 +370,7 @@ impl ServiceKey {
         match self {
             ServiceKey::Attestation => "attestation",
             ServiceKey::OcspResponder => "ocsp-responder",
+            ServiceKey::AuditLog => "audit",
         }
     }
 
@@ -357,7 +383,7 @@ impl ServiceKey {
         public_key: &p256::PublicKey,
     ) -> Result<crate::pki::cert::Certificate, crate::pki::CaError> {
         match self {
-            ServiceKey::Attestation => {
+            ServiceKey::Attestation | ServiceKey::AuditLog => {
                 authority
                     .issue_service_certificate(self.purpose(), public_key, SERVICE_CERT_LIFETIME)
                     .await
@@ -634,7 +660,7 @@ pub async fn serve(
     ready();
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, client_address) = tokio::select! {
             _ = &mut shutdown => {
                 identity.retire().await;
                 return Ok(());
@@ -665,7 +691,10 @@ pub async fn serve(
             // The client certificate names the caller for the whole
             // connection: checked once here, not on every request.
             let peer = identify.identify(tls.get_ref().1.peer_certificates());
-            let service = TowerToHyperService::new(axum::Extension(peer).layer(app));
+            let service = TowerToHyperService::new(
+                axum::Extension(crate::api::ClientAddress(client_address))
+                    .layer(axum::Extension(peer).layer(app)),
+            );
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
                 .await

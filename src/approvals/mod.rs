@@ -313,9 +313,9 @@ impl Approvals {
             decided_at: None,
         };
         let audit = AuditEvent::new(caller.audit_name(), "approval.request", &record.id)
-            .with("agent", agent.to_string())
+            .agent(agent.as_str())
+            .decided(policy_version, "hold", Some("the policy requires approval"))
             .with("kind", request.kind())
-            .with("policy_version", policy_version)
             .with("approvals_required", i64::from(approvals_required));
         self.store.insert_approval(&record, &audit).await?;
         Ok(Approval::from_record(record, now))

@@ -1,24 +1,50 @@
-//! The audit trail: one append-only row per security-relevant change, each
-//! row chained to the one before by SHA-256, written in the same database
-//! transaction as the change it records (see `store`). If the audit write
-//! fails, the change fails with it.
+//! The audit trail as a transparency log (issue 16). Every security-relevant
+//! change appends an entry, in the same database transaction as the change
+//! (see `store`; if the entry cannot be written, the change fails), and
+//! each entry is a leaf of an RFC 6962 Merkle tree whose checkpoints are
+//! signed on the token and whose tiles anyone can fetch and check
+//! (`transparency` builds and serves them; this module is the format).
 //!
-//! Never put a secret in an event: details hold names, serials, digests and
-//! reasons only.
+//! An entry is the event as UTF-8 JSON, with its leaf index and time. Never
+//! put a secret in an event: details hold names, serials, digests and
+//! reasons only (`tests/audit_log.rs` checks what a run writes).
 
+pub mod context;
 pub mod merkle;
 pub mod note;
 pub mod tiles;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-/// What happened, by whom, to what. `details` is a JSON object.
+pub use context::RequestContext;
+
+/// The largest entry an entry bundle can carry (a uint16 length prefix).
+pub const MAX_ENTRY_BYTES: usize = u16::MAX as usize;
+
+/// What happened, by whom, to what, under which decision, and the request
+/// it came from. Built with [`AuditEvent::new`], which takes the request's
+/// context (request id, source address, credential) from the task it runs
+/// in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
+    /// An admin (`admin:<name>`), an agent (`agent:<name>`), or keyward.
     pub actor: String,
     pub action: String,
     pub subject: String,
+    /// The agent the event is about, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(flatten)]
+    pub context: RequestContext,
+    /// The policy version a decision was taken under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<i64>,
+    /// `allow`, `deny` or `hold` (waiting for approval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A JSON object.
     pub details: serde_json::Value,
 }
 
@@ -28,6 +54,11 @@ impl AuditEvent {
             actor: actor.into(),
             action: action.to_owned(),
             subject: subject.into(),
+            agent: None,
+            context: RequestContext::current(),
+            policy_version: None,
+            decision: None,
+            reason: None,
             details: serde_json::Value::Object(Default::default()),
         }
     }
@@ -38,69 +69,108 @@ impl AuditEvent {
         }
         self
     }
-}
 
-/// A stored audit row.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    pub seq: i64,
-    pub at: i64,
-    pub event: AuditEvent,
-    pub prev_hash: [u8; 32],
-    pub hash: [u8; 32],
-}
-
-/// The chain hash of one row: SHA-256 over the previous hash and the row's
-/// fields, each length-prefixed so no two rows can encode alike.
-pub fn chain_hash(prev_hash: &[u8; 32], seq: i64, at: i64, event: &AuditEvent) -> [u8; 32] {
-    let details = event.details.to_string();
-    let mut h = Sha256::new();
-    h.update(b"keyward-audit-v1");
-    h.update(prev_hash);
-    h.update(seq.to_be_bytes());
-    h.update(at.to_be_bytes());
-    for field in [
-        event.actor.as_str(),
-        event.action.as_str(),
-        event.subject.as_str(),
-        &details,
-    ] {
-        h.update((field.len() as u64).to_be_bytes());
-        h.update(field.as_bytes());
+    /// The agent the event is about.
+    pub fn agent(mut self, name: impl Into<String>) -> Self {
+        self.agent = Some(name.into());
+        self
     }
-    h.finalize().into()
+
+    /// The policy decision behind the change.
+    pub fn decided(mut self, policy_version: i64, decision: &str, reason: Option<&str>) -> Self {
+        self.policy_version = Some(policy_version);
+        self.decision = Some(decision.to_owned());
+        self.reason = reason.map(str::to_owned);
+        self
+    }
+
+    /// The policy version in force, where no single decision was taken.
+    pub fn under_policy(mut self, policy_version: i64) -> Self {
+        self.policy_version = Some(policy_version);
+        self
+    }
+
+    /// The leaf bytes of this event as entry `index`, recorded at `at_ms`
+    /// (Unix milliseconds). An event too large for an entry bundle keeps
+    /// its fields and gives its details' digest instead of the details.
+    pub fn to_entry(&self, index: u64, at_ms: i64) -> String {
+        let time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        let entry = |event: &AuditEvent| {
+            serde_json::to_string(&AuditEntry {
+                index,
+                time: time.clone(),
+                event: event.clone(),
+            })
+            .expect("plain data serializes")
+        };
+        let written = entry(self);
+        if written.len() <= MAX_ENTRY_BYTES {
+            return written;
+        }
+        use sha2::Digest as _;
+        let mut shortened = self.clone();
+        shortened.details = serde_json::json!({
+            "truncated": true,
+            "details_sha256": hex::encode(sha2::Sha256::digest(self.details.to_string())),
+        });
+        entry(&shortened)
+    }
+}
+
+/// One entry of the log as its leaf bytes hold it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Its leaf index, from 0.
+    pub index: u64,
+    /// RFC 3339, milliseconds, UTC.
+    pub time: String,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+/// A stored entry: its leaf bytes and what they say.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditRecord {
+    pub index: u64,
+    pub at_ms: i64,
+    /// The leaf's bytes, exactly as hashed.
+    pub entry: String,
+    pub event: AuditEvent,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ChainError {
-    #[error("audit row {seq} does not follow row {expected_prev}")]
-    Gap { seq: i64, expected_prev: i64 },
-    #[error("audit row {seq}: previous-hash link is broken")]
-    BrokenLink { seq: i64 },
-    #[error("audit row {seq}: contents do not match its hash")]
-    Tampered { seq: i64 },
+pub enum SequenceError {
+    #[error("audit entry {found} where entry {expected} was expected")]
+    Gap { expected: u64, found: u64 },
+    #[error("audit entry {index} says it is entry {says}")]
+    Misnumbered { index: u64, says: String },
 }
 
-/// Checks that the rows, in order, form an unbroken chain from the genesis
-/// (all-zero) hash.
-pub fn verify_chain(records: &[AuditRecord]) -> Result<(), ChainError> {
-    let mut prev = [0u8; 32];
-    let mut prev_seq = 0;
-    for r in records {
-        if r.seq != prev_seq + 1 {
-            return Err(ChainError::Gap {
-                seq: r.seq,
-                expected_prev: prev_seq,
+/// Checks that `records` are the log's first entries, in order, each
+/// numbered as it is stored. (That they hash to the signed root is the
+/// verifier's part: `verify`.)
+pub fn verify_sequence(records: &[AuditRecord]) -> Result<(), SequenceError> {
+    for (expected, record) in records.iter().enumerate() {
+        let expected = expected as u64;
+        if record.index != expected {
+            return Err(SequenceError::Gap {
+                expected,
+                found: record.index,
             });
         }
-        if r.prev_hash != prev {
-            return Err(ChainError::BrokenLink { seq: r.seq });
+        let says: serde_json::Value = serde_json::from_str(&record.entry).unwrap_or_default();
+        if says["index"].as_u64() != Some(expected) {
+            return Err(SequenceError::Misnumbered {
+                index: expected,
+                says: says["index"].to_string(),
+            });
         }
-        if chain_hash(&r.prev_hash, r.seq, r.at, &r.event) != r.hash {
-            return Err(ChainError::Tampered { seq: r.seq });
-        }
-        prev = r.hash;
-        prev_seq = r.seq;
     }
     Ok(())
 }
@@ -109,47 +179,59 @@ pub fn verify_chain(records: &[AuditRecord]) -> Result<(), ChainError> {
 mod tests {
     use super::*;
 
-    fn chain(n: i64) -> Vec<AuditRecord> {
-        let mut prev = [0u8; 32];
-        (1..=n)
-            .map(|seq| {
-                let event = AuditEvent::new("admin", "agent.create", format!("a{seq}"));
-                let hash = chain_hash(&prev, seq, 1000 + seq, &event);
-                let r = AuditRecord {
-                    seq,
-                    at: 1000 + seq,
-                    event,
-                    prev_hash: prev,
-                    hash,
-                };
-                prev = hash;
-                r
-            })
-            .collect()
+    #[test]
+    fn an_entry_is_json_with_its_index_time_and_every_field() {
+        let event = AuditEvent::new("admin:ops", "certificate.issue", "alpha")
+            .agent("alpha")
+            .decided(3, "allow", None)
+            .with("serial", "01ab");
+        let entry = event.to_entry(41, 1_765_000_000_123);
+        let parsed: serde_json::Value = serde_json::from_str(&entry).unwrap();
+        assert_eq!(parsed["index"], 41);
+        assert_eq!(parsed["time"], "2025-12-06T05:46:40.123Z");
+        assert_eq!(parsed["actor"], "admin:ops");
+        assert_eq!(parsed["agent"], "alpha");
+        assert_eq!(parsed["policy_version"], 3);
+        assert_eq!(parsed["decision"], "allow");
+        assert_eq!(parsed["details"]["serial"], "01ab");
+        let back: AuditEntry = serde_json::from_str(&entry).unwrap();
+        assert_eq!((back.index, back.event), (41, event));
     }
 
     #[test]
-    fn an_intact_chain_verifies() {
-        assert_eq!(verify_chain(&chain(5)), Ok(()));
+    fn an_event_too_large_for_a_bundle_gives_its_details_digest() {
+        let event =
+            AuditEvent::new("keyward", "policy.apply", "policy").with("source", "x".repeat(70_000));
+        let entry = event.to_entry(0, 0);
+        assert!(entry.len() <= MAX_ENTRY_BYTES);
+        let parsed: serde_json::Value = serde_json::from_str(&entry).unwrap();
+        assert_eq!(parsed["details"]["truncated"], true);
+        assert_eq!(parsed["action"], "policy.apply");
+    }
+
+    fn record(index: u64, says: u64) -> AuditRecord {
+        let event = AuditEvent::new("keyward", "x", "y");
+        AuditRecord {
+            index,
+            at_ms: 0,
+            entry: event.to_entry(says, 0),
+            event,
+        }
     }
 
     #[test]
-    fn an_edited_row_is_detected() {
-        let mut rows = chain(5);
-        rows[2].event.subject = "someone-else".into();
-        assert_eq!(verify_chain(&rows), Err(ChainError::Tampered { seq: 3 }));
-    }
-
-    #[test]
-    fn a_deleted_row_is_detected() {
-        let mut rows = chain(5);
-        rows.remove(1);
+    fn a_missing_or_misnumbered_entry_breaks_the_sequence() {
+        assert_eq!(verify_sequence(&[record(0, 0), record(1, 1)]), Ok(()));
         assert_eq!(
-            verify_chain(&rows),
-            Err(ChainError::Gap {
-                seq: 3,
-                expected_prev: 1
+            verify_sequence(&[record(0, 0), record(2, 2)]),
+            Err(SequenceError::Gap {
+                expected: 1,
+                found: 2
             })
         );
+        assert!(matches!(
+            verify_sequence(&[record(0, 0), record(1, 7)]),
+            Err(SequenceError::Misnumbered { index: 1, .. })
+        ));
     }
 }

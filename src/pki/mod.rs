@@ -470,11 +470,12 @@ impl Authority {
             revocation_reason: None,
         };
         let audit = AuditEvent::new(actor, "certificate.issue", agent.as_str())
+            .agent(agent.as_str())
+            .decided(policy_version, "allow", None)
             .with("serial", issued.serial.clone())
             .with("not_after", issued.not_after)
             .with("key_id", key_id.map(|k| k.to_string()))
-            .with("attestation_digest", attestation_digest)
-            .with("policy_version", policy_version);
+            .with("attestation_digest", attestation_digest);
         // Checked again where the row is written, under the locks a
         // revocation takes: a certificate signed while its agent was being
         // revoked is dropped here, never recorded and never handed out.

@@ -311,9 +311,9 @@ impl PolicyEngine {
         policy_version: i64,
     ) {
         let audit = AuditEvent::new(caller.audit_name(), "policy.deny", agent.as_str())
-            .with("reason", reason)
-            .with("request", format!("{:?}", request.grant()))
-            .with("policy_version", policy_version);
+            .agent(agent.as_str())
+            .decided(policy_version, "deny", Some(reason))
+            .with("request", format!("{:?}", request.grant()));
         if let Err(e) = self.store.append_audit_event(&audit).await {
             tracing::warn!(error = %e, "recording a policy denial failed");
         }

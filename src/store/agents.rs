@@ -823,7 +823,7 @@ macro_rules! impl_agent_store {
                 for chunk in records.chunks(1000) {
                     let mut insert = QueryBuilder::<$db>::new(
                         "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, \
-                         message, policy_version, signed_at_ms, audit_seq) ",
+                         message, policy_version, signed_at_ms, audit_index) ",
                     );
                     insert.push_values(chunk, |mut row, r| {
                         row.push_bind(&r.request_id)

@@ -1,121 +1,178 @@
-//! The audit trail: the one way events join the hash chain
+//! The audit log: the one way events become entries
 //! ([`SqlStore::append_audit`], inside the transaction of the change they
-//! record) and reading the chain back.
+//! record), reading entries back and searching them, and the tree's tiles
+//! and signed checkpoints.
 //!
 //! A list of events is appended in three statements however many there
 //! are; a single event is a list of one. The SQLite writer threads of the
 //! signature and certificate logs (rusqlite, see `signature_log`) append
-//! with [`append_audit_sqlite`]: the same statements and the same links.
+//! with [`append_audit_sqlite`]: the same statements, the same entries.
+//!
+//! Numbering: `audit_head.seq` is the number of entries. Each append
+//! updates it first, which takes its row lock until the transaction ends,
+//! so appends on every connection and every replica are serialized, take
+//! consecutive indexes, and commit in index order: the committed entries
+//! are always the first `seq`, with no gap for the tree builder to trip
+//! on. (A transaction that rolls back gives its numbers back with its head
+//! update.)
 
 use std::ops::Range;
 
 use async_trait::async_trait;
 use sqlx::{Postgres, QueryBuilder, Sqlite, Transaction};
 
-use super::sql::{hash32, now, SqlStore};
+use super::sql::{hash32, now_ms, SqlStore};
 use super::StoreError;
-use crate::audit::{chain_hash, AuditEvent, AuditRecord};
+use crate::audit::tiles::BuiltTile;
+use crate::audit::{AuditEntry, AuditEvent, AuditRecord};
+
+/// What `GET /v1/audit/events` asks for: entries after `after` (an index),
+/// oldest first, matching every filter given.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    pub agent: Option<String>,
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since_ms: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub until_ms: Option<i64>,
+    pub after: Option<u64>,
+    pub limit: u32,
+}
+
+/// A signed checkpoint as stored and served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub size: u64,
+    pub root: [u8; 32],
+    /// The C2SP signed note.
+    pub note: String,
+    pub signed_at_ms: i64,
+}
 
 #[async_trait]
 pub trait AuditStore: Send + Sync {
     /// Appends an event that records no other change (e.g. a failing hook).
     async fn append_audit_event(&self, event: &AuditEvent) -> Result<(), StoreError>;
 
-    /// The audit trail from `after_seq` on, oldest first, at most `limit` rows.
-    async fn audit_records(
+    /// Entries from index `from` on, oldest first, at most `limit`.
+    async fn audit_records(&self, from: u64, limit: i64) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// The number of entries committed.
+    async fn audit_size(&self) -> Result<u64, StoreError>;
+
+    /// The entries in `range` with their indexes, in order (fewer if the
+    /// log is shorter, or rows are missing).
+    async fn audit_entries(&self, range: Range<u64>) -> Result<Vec<(u64, String)>, StoreError>;
+
+    async fn search_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// A tile's hashes as stored (a partial tile: the widest written).
+    async fn audit_tile(&self, level: u8, index: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The checkpoint of the largest tree signed so far.
+    async fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, StoreError>;
+
+    /// Stores `checkpoint` and the tiles that grew to make it, if the
+    /// latest checkpoint is still `previous` (its size; `None`: there is
+    /// none). False, with nothing written, when another replica got there
+    /// first.
+    async fn record_checkpoint(
         &self,
-        after_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<AuditRecord>, StoreError>;
+        previous: Option<u64>,
+        tiles: &[BuiltTile],
+        checkpoint: &StoredCheckpoint,
+    ) -> Result<bool, StoreError>;
 }
 
-/// Takes the next `$1` sequence numbers. Updating the head row first takes
-/// its write lock, which serializes appends across connections and
-/// replicas.
-const ADVANCE_HEAD: &str = "UPDATE audit_head SET seq = seq + $1 WHERE id = 1 RETURNING seq, hash";
+/// Takes the next `$1` indexes; returns the entry count after them.
+const ADVANCE_HEAD: &str = "UPDATE audit_head SET seq = seq + $1 WHERE id = 1 RETURNING seq";
 /// Followed by one `VALUES` row per event.
-const INSERT_EVENTS: &str =
-    "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash) ";
-/// `INSERT_EVENTS` for one event: what a prepared statement repeats.
-const INSERT_EVENT: &str =
-    "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-const SET_HEAD_HASH: &str = "UPDATE audit_head SET hash = $1 WHERE id = 1";
+const INSERT_ENTRIES: &str = "INSERT INTO audit_entries (idx, at_ms, actor, action, agent, entry) ";
+/// `INSERT_ENTRIES` for one event: what a prepared statement repeats.
+const INSERT_ENTRY: &str = "INSERT INTO audit_entries (idx, at_ms, actor, action, agent, entry)
+     VALUES ($1, $2, $3, $4, $5, $6)";
+const ENTRY_COUNT: &str = "SELECT seq FROM audit_head WHERE id = 1";
+const LATEST_CHECKPOINT: &str =
+    "SELECT size, root, note, signed_at_ms FROM audit_checkpoints ORDER BY size DESC LIMIT 1";
+/// A partial tile is only ever replaced by a wider one: a replica behind
+/// another cannot narrow a tile a served checkpoint needs.
+const UPSERT_TILE: &str = "INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3)
+     ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes
+     WHERE length(excluded.hashes) > length(audit_tiles.hashes)";
 
-/// The chain's head as `ADVANCE_HEAD` leaves it: the last number taken,
-/// and the hash of the row before the first.
-#[derive(sqlx::FromRow)]
-struct Head {
-    seq: i64,
-    hash: Vec<u8>,
-}
-
-/// One row of the chain.
-struct Link<'a> {
-    seq: i64,
+/// One entry to insert.
+struct NewEntry<'a> {
+    index: i64,
     event: &'a AuditEvent,
-    prev_hash: [u8; 32],
-    hash: [u8; 32],
+    entry: String,
 }
 
-/// Chains `events`, numbered `seqs` and all recorded `at`, onto a chain
-/// whose last hash is `prev`; returns the rows and the new last hash.
-fn link<'a>(
-    mut prev: [u8; 32],
-    seqs: Range<i64>,
-    at: i64,
-    events: &[&'a AuditEvent],
-) -> (Vec<Link<'a>>, [u8; 32]) {
-    let links = seqs
-        .zip(events)
-        .map(|(seq, event)| {
-            let hash = chain_hash(&prev, seq, at, event);
-            let link = Link {
-                seq,
+/// The entries `events` become when `count_after` is the entry count
+/// after them, all recorded `at_ms`.
+fn entries<'a>(count_after: i64, at_ms: i64, events: &[&'a AuditEvent]) -> Vec<NewEntry<'a>> {
+    let first = count_after - events.len() as i64;
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let index = first + i as i64;
+            NewEntry {
+                index,
                 event,
-                prev_hash: prev,
-                hash,
-            };
-            prev = hash;
-            link
+                entry: event.to_entry(index as u64, at_ms),
+            }
         })
-        .collect();
-    (links, prev)
+        .collect()
 }
 
-/// The numbers `count` events take when `last` is the last of them.
-fn numbers(last: i64, count: i64) -> Range<i64> {
-    last - count + 1..last + 1
+fn indexes(entries: &[NewEntry<'_>]) -> Range<i64> {
+    match (entries.first(), entries.last()) {
+        (Some(first), Some(last)) => first.index..last.index + 1,
+        _ => 0..0,
+    }
 }
 
 #[derive(sqlx::FromRow)]
-struct AuditRow {
-    seq: i64,
-    at: i64,
-    actor: String,
-    action: String,
-    subject: String,
-    details: String,
-    prev_hash: Vec<u8>,
-    hash: Vec<u8>,
+struct EntryRow {
+    idx: i64,
+    at_ms: i64,
+    entry: String,
 }
 
-impl TryFrom<AuditRow> for AuditRecord {
+impl TryFrom<EntryRow> for AuditRecord {
     type Error = StoreError;
 
-    fn try_from(row: AuditRow) -> Result<Self, StoreError> {
+    fn try_from(row: EntryRow) -> Result<Self, StoreError> {
+        let parsed: AuditEntry = serde_json::from_str(&row.entry)
+            .map_err(|e| StoreError::Corrupt(format!("audit entry {}: {e}", row.idx)))?;
         Ok(AuditRecord {
-            seq: row.seq,
-            at: row.at,
-            event: AuditEvent {
-                actor: row.actor,
-                action: row.action,
-                subject: row.subject,
-                details: serde_json::from_str(&row.details)
-                    .map_err(|e| StoreError::Corrupt(format!("audit details: {e}")))?,
-            },
-            prev_hash: hash32(row.prev_hash, "audit prev_hash")?,
-            hash: hash32(row.hash, "audit hash")?,
+            index: row.idx as u64,
+            at_ms: row.at_ms,
+            entry: row.entry,
+            event: parsed.event,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    size: i64,
+    root: Vec<u8>,
+    note: String,
+    signed_at_ms: i64,
+}
+
+impl TryFrom<CheckpointRow> for StoredCheckpoint {
+    type Error = StoreError;
+
+    fn try_from(row: CheckpointRow) -> Result<Self, StoreError> {
+        Ok(StoredCheckpoint {
+            size: row.size as u64,
+            root: hash32(row.root, "checkpoint root")?,
+            note: row.note,
+            signed_at_ms: row.signed_at_ms,
         })
     }
 }
@@ -128,45 +185,57 @@ pub(super) fn append_audit_sqlite(
     events: &[&AuditEvent],
 ) -> rusqlite::Result<Range<i64>> {
     use rusqlite::params;
-    let count = events.len() as i64;
-    if count == 0 {
+    if events.is_empty() {
         return Ok(0..0);
     }
-    let (last, prev): (i64, Vec<u8>) = tx
+    let count_after: i64 = tx
         .prepare_cached(ADVANCE_HEAD)?
-        .query_row(params![count], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    let prev: [u8; 32] = prev.try_into().map_err(|_| {
-        rusqlite::Error::InvalidColumnType(1, "hash".into(), rusqlite::types::Type::Blob)
-    })?;
-    let seqs = numbers(last, count);
-    let at = now();
-    let (links, head) = link(prev, seqs.clone(), at, events);
-    let mut insert = tx.prepare_cached(INSERT_EVENT)?;
-    for link in &links {
+        .query_row(params![events.len() as i64], |row| row.get(0))?;
+    let at_ms = now_ms();
+    let entries = entries(count_after, at_ms, events);
+    let mut insert = tx.prepare_cached(INSERT_ENTRY)?;
+    for e in &entries {
         insert.execute(params![
-            link.seq,
-            at,
-            link.event.actor,
-            link.event.action,
-            link.event.subject,
-            link.event.details.to_string(),
-            link.prev_hash,
-            link.hash
+            e.index,
+            at_ms,
+            e.event.actor,
+            e.event.action,
+            e.event.agent,
+            e.entry
         ])?;
     }
-    tx.prepare_cached(SET_HEAD_HASH)?.execute(params![head])?;
-    Ok(seqs)
+    Ok(indexes(&entries))
+}
+
+impl SqlStore<Sqlite> {
+    /// SQLite has one writer: a write transaction holds every lock already.
+    async fn lock_checkpoints(_tx: &mut Transaction<'_, Sqlite>) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl SqlStore<Postgres> {
+    /// Serializes checkpoint writers across replicas until the transaction
+    /// ends, so each sees the checkpoint the previous one wrote.
+    async fn lock_checkpoints(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('keyward.audit_checkpoints', 0))",
+        )
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
 }
 
 macro_rules! impl_audit_store {
     ($db:ty) => {
         impl SqlStore<$db> {
-            /// Appends `events` to the chain in this order, inside `tx`, in
+            /// Appends `events` as entries in this order, inside `tx`, in
             /// three statements however many there are: one write
             /// transaction's worth of certificates costs the database a few
-            /// round trips, not a few per certificate. Returns the sequence
-            /// numbers they took (none for no events: the head is then not
-            /// touched, nor its lock taken).
+            /// round trips, not a few per certificate. Returns the indexes
+            /// they took (none for no events: the head is then not touched,
+            /// nor its lock taken).
             pub(super) async fn append_audit(
                 tx: &mut Transaction<'_, $db>,
                 events: &[&AuditEvent],
@@ -177,34 +246,26 @@ macro_rules! impl_audit_store {
                 if count == 0 {
                     return Ok(0..0);
                 }
-                let head: Head = sqlx::query_as(ADVANCE_HEAD)
+                let count_after: i64 = sqlx::query_scalar(ADVANCE_HEAD)
                     .bind(count)
                     .fetch_one(&mut **tx)
                     .await?;
-                let seqs = numbers(head.seq, count);
-                let at = now();
-                let prev = hash32(head.hash, "audit head hash")?;
-                let (links, head) = link(prev, seqs.clone(), at, events);
-                // 8 binds a row: far below either database's limit.
-                for chunk in links.chunks(1000) {
-                    let mut insert = QueryBuilder::<$db>::new(INSERT_EVENTS);
-                    insert.push_values(chunk, |mut row, link| {
-                        row.push_bind(link.seq)
-                            .push_bind(at)
-                            .push_bind(&link.event.actor)
-                            .push_bind(&link.event.action)
-                            .push_bind(&link.event.subject)
-                            .push_bind(link.event.details.to_string())
-                            .push_bind(link.prev_hash.to_vec())
-                            .push_bind(link.hash.to_vec());
+                let at_ms = now_ms();
+                let entries = entries(count_after, at_ms, events);
+                // 6 binds a row: far below either database's limit.
+                for chunk in entries.chunks(1000) {
+                    let mut insert = QueryBuilder::<$db>::new(INSERT_ENTRIES);
+                    insert.push_values(chunk, |mut row, e| {
+                        row.push_bind(e.index)
+                            .push_bind(at_ms)
+                            .push_bind(&e.event.actor)
+                            .push_bind(&e.event.action)
+                            .push_bind(&e.event.agent)
+                            .push_bind(&e.entry);
                     });
                     insert.build().execute(&mut **tx).await?;
                 }
-                sqlx::query(SET_HEAD_HASH)
-                    .bind(head.to_vec())
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(seqs)
+                Ok(indexes(&entries))
             }
         }
 
@@ -219,19 +280,136 @@ macro_rules! impl_audit_store {
 
             async fn audit_records(
                 &self,
-                after_seq: i64,
+                from: u64,
                 limit: i64,
             ) -> Result<Vec<AuditRecord>, StoreError> {
-                sqlx::query_as::<_, AuditRow>(
-                    "SELECT * FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                sqlx::query_as::<_, EntryRow>(
+                    "SELECT idx, at_ms, entry FROM audit_entries WHERE idx >= $1
+                     ORDER BY idx LIMIT $2",
                 )
-                .bind(after_seq)
+                .bind(from as i64)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?
                 .into_iter()
                 .map(AuditRecord::try_from)
                 .collect()
+            }
+
+            async fn audit_size(&self) -> Result<u64, StoreError> {
+                let count: i64 = sqlx::query_scalar(ENTRY_COUNT)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(count as u64)
+            }
+
+            async fn audit_entries(
+                &self,
+                range: Range<u64>,
+            ) -> Result<Vec<(u64, String)>, StoreError> {
+                let rows: Vec<(i64, String)> = sqlx::query_as(
+                    "SELECT idx, entry FROM audit_entries WHERE idx >= $1 AND idx < $2
+                     ORDER BY idx",
+                )
+                .bind(range.start as i64)
+                .bind(range.end as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(|(i, e)| (i as u64, e)).collect())
+            }
+
+            async fn search_audit(
+                &self,
+                query: &AuditQuery,
+            ) -> Result<Vec<AuditRecord>, StoreError> {
+                let mut select = QueryBuilder::<$db>::new(
+                    "SELECT idx, at_ms, entry FROM audit_entries WHERE idx > ",
+                );
+                select.push_bind(query.after.map_or(-1, |a| a as i64));
+                if let Some(agent) = &query.agent {
+                    select.push(" AND agent = ").push_bind(agent);
+                }
+                if let Some(action) = &query.action {
+                    select.push(" AND action = ").push_bind(action);
+                }
+                if let Some(actor) = &query.actor {
+                    select.push(" AND actor = ").push_bind(actor);
+                }
+                if let Some(since) = query.since_ms {
+                    select.push(" AND at_ms >= ").push_bind(since);
+                }
+                if let Some(until) = query.until_ms {
+                    select.push(" AND at_ms < ").push_bind(until);
+                }
+                select
+                    .push(" ORDER BY idx LIMIT ")
+                    .push_bind(i64::from(query.limit));
+                select
+                    .build_query_as::<EntryRow>()
+                    .fetch_all(&self.pool)
+                    .await?
+                    .into_iter()
+                    .map(AuditRecord::try_from)
+                    .collect()
+            }
+
+            async fn audit_tile(
+                &self,
+                level: u8,
+                index: u64,
+            ) -> Result<Option<Vec<u8>>, StoreError> {
+                Ok(sqlx::query_scalar(
+                    "SELECT hashes FROM audit_tiles WHERE level = $1 AND idx = $2",
+                )
+                .bind(i32::from(level))
+                .bind(index as i64)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, StoreError> {
+                sqlx::query_as::<_, CheckpointRow>(LATEST_CHECKPOINT)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(StoredCheckpoint::try_from)
+                    .transpose()
+            }
+
+            async fn record_checkpoint(
+                &self,
+                previous: Option<u64>,
+                tiles: &[BuiltTile],
+                checkpoint: &StoredCheckpoint,
+            ) -> Result<bool, StoreError> {
+                let mut tx = self.begin_write().await?;
+                Self::lock_checkpoints(&mut tx).await?;
+                let latest: Option<i64> =
+                    sqlx::query_scalar("SELECT MAX(size) FROM audit_checkpoints")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if latest.map(|s| s as u64) != previous {
+                    return Ok(false);
+                }
+                for tile in tiles {
+                    sqlx::query(UPSERT_TILE)
+                        .bind(i32::from(tile.level))
+                        .bind(tile.index as i64)
+                        .bind(&tile.hashes)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO audit_checkpoints (size, root, note, signed_at_ms)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(checkpoint.size as i64)
+                .bind(checkpoint.root.to_vec())
+                .bind(&checkpoint.note)
+                .bind(checkpoint.signed_at_ms)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(true)
             }
         }
     };

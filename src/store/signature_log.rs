@@ -267,7 +267,7 @@ fn insert_sqlite(
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO signatures (request_id, agent_name, key_id, digest, purpose, message,
-                policy_version, signed_at_ms, audit_seq)
+                policy_version, signed_at_ms, audit_index)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
         for r in records {

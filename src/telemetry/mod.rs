@@ -126,6 +126,63 @@ pub struct HttpLabels {
 }
 
 /// Metrics of revocation hook deliveries.
+/// The audit transparency log.
+#[derive(Clone, Debug, Default)]
+pub struct AuditMetrics {
+    /// Entries this replica sealed into checkpoints (summed over replicas:
+    /// every entry appended, once).
+    pub appended: Counter,
+    /// The tree size of the latest checkpoint this replica knows.
+    pub size: Gauge,
+    pub checkpoint_failures: Counter,
+    /// 1 while the stored log does not match its signed checkpoint.
+    pub inconsistent: Gauge,
+    /// When the latest known checkpoint was signed (Unix ms); the age is
+    /// computed from it at each scrape.
+    pub signed_at_ms: Arc<std::sync::atomic::AtomicI64>,
+    checkpoint_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl AuditMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("keyward_audit");
+        r.register(
+            "entries_appended",
+            "Audit entries sealed into signed checkpoints by this replica",
+            self.appended.clone(),
+        );
+        r.register(
+            "log_size",
+            "Entries in the latest signed checkpoint",
+            self.size.clone(),
+        );
+        r.register(
+            "checkpoint_failures",
+            "Checkpoint rounds that failed (signing on the token, or the store)",
+            self.checkpoint_failures.clone(),
+        );
+        r.register(
+            "log_inconsistent",
+            "1 while the stored audit log does not match its latest signed checkpoint",
+            self.inconsistent.clone(),
+        );
+        r.register(
+            "checkpoint_age_seconds",
+            "Seconds since the latest checkpoint was signed",
+            self.checkpoint_age.clone(),
+        );
+    }
+
+    fn refresh_age(&self) {
+        let signed = self.signed_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if signed > 0 {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+            self.checkpoint_age
+                .set((now as i64 - signed) as f64 / 1000.0);
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct HookMetrics {
     pub delivered: Counter,
@@ -208,6 +265,7 @@ pub struct Metrics {
     pub pool: PoolMetrics,
     pub revocation: RevocationMetrics,
     pub hooks: HookMetrics,
+    pub audit: AuditMetrics,
     pub certificates_issued: Counter,
     pub agents_created: Counter,
     pub api_errors: Family<HttpLabels, Counter>,
@@ -222,6 +280,8 @@ impl Metrics {
         revocation.register(&mut registry);
         let hooks = HookMetrics::unregistered();
         hooks.register(&mut registry);
+        let audit = AuditMetrics::default();
+        audit.register(&mut registry);
         let certificates_issued = Counter::default();
         let agents_created = Counter::default();
         let api_errors = Family::<HttpLabels, Counter>::default();
@@ -246,6 +306,7 @@ impl Metrics {
             pool,
             revocation,
             hooks,
+            audit,
             certificates_issued,
             agents_created,
             api_errors,
@@ -254,6 +315,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.audit.refresh_age();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

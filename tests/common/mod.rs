@@ -218,8 +218,9 @@ macro_rules! with_connection {
 }
 
 /// keyward's own keys on a serving keyward's token: the CA's, the
-/// attestation key, the OCSP responder's and the HTTPS listener's.
-pub const SERVICE_KEYS: usize = 4;
+/// attestation key, the OCSP responder's, the audit log's and the HTTPS
+/// listener's.
+pub const SERVICE_KEYS: usize = 5;
 
 impl Server {
     /// A server on `backends` (or on SoftHSM2, given only a `Db`) with
@@ -456,7 +457,7 @@ impl Server {
     /// Rows in each table a request could write: (agents, certificates, audit events).
     pub async fn row_counts(&self) -> (i64, i64, i64) {
         let sql = "SELECT (SELECT COUNT(*) FROM agents), (SELECT COUNT(*) FROM certificates), \
-                   (SELECT COUNT(*) FROM audit_events)";
+                   (SELECT COUNT(*) FROM audit_entries)";
         with_connection!(&self.database.url, |c| sqlx::query_as(sql)
             .fetch_one(&mut c)
             .await
