@@ -100,8 +100,10 @@ async fn a_rollback_changes_what_an_agent_may_do_on_its_next_request(backends: B
         .iter()
         .find(|r| r.event.action == "policy.deny")
         .expect("the denial is recorded");
-    assert_eq!(denial.event.details["policy_version"], 2);
-    assert_eq!(denial.event.details["reason"], "not_in_scope");
+    assert_eq!(denial.event.policy_version, Some(2));
+    assert_eq!(denial.event.decision.as_deref(), Some("deny"));
+    assert_eq!(denial.event.reason.as_deref(), Some("not_in_scope"));
+    assert_eq!(denial.event.agent.as_deref(), Some("alice"));
 
     let mut diff = std::process::Command::new(common::keyward_bin());
     diff.args(["policy", "diff", "1", "2", "--url"])
