@@ -9,6 +9,7 @@
 pub mod merkle;
 pub mod note;
 pub mod tiles;
+pub mod verify;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
