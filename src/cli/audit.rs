@@ -91,6 +91,8 @@ fn verify_command(args: &VerifyArgs) -> anyhow::Result<()> {
             (Box::new(HttpSource::new(http, url, token)), entries)
         }
         (None, Some(dir)) => {
+            // Else every file in it is "not found", the checkpoint first.
+            anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
             let source = DirSource::new(dir);
             let entries = source.has_entries();
             (Box::new(source), entries)
