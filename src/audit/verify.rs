@@ -1395,8 +1395,8 @@ mod tests {
     }
 
     /// Not a test: writes a fixture for trying the CLI by hand, e.g.
-    /// `KEYWARD_AUDIT_FIXTURE=/tmp/log cargo test --lib -- --ignored
-    /// write_a_fixture`, then `keyward audit verify --dir /tmp/log/log
+    /// `KEYWARD_AUDIT_FIXTURE=/tmp/log [KEYWARD_AUDIT_FIXTURE_SIZE=1234]
+    /// cargo test --lib -- --ignored write_a_fixture`, then `keyward audit verify --dir /tmp/log/log
     /// --key /tmp/log/audit.pem --checkpoint /tmp/log/old-checkpoint`.
     #[test]
     #[ignore = "writes a fixture to $KEYWARD_AUDIT_FIXTURE"]
@@ -1406,9 +1406,14 @@ mod tests {
             return;
         };
         let out = Path::new(&out);
-        let all = entries(1234);
+        let size = std::env::var("KEYWARD_AUDIT_FIXTURE_SIZE").map_or(1234, |s| s.parse().unwrap());
+        let all = entries(size);
         write_log(&out.join("log"), &all, &audit_key());
-        put(out, "old-checkpoint", &checkpoint_of(&all[..1000]));
+        put(
+            out,
+            "old-checkpoint",
+            &checkpoint_of(&all[..all.len() * 4 / 5]),
+        );
         let pem = public(&audit_key())
             .to_public_key_pem(LineEnding::LF)
             .unwrap();
