@@ -13,6 +13,7 @@ pub mod context;
 pub mod merkle;
 pub mod note;
 pub mod tiles;
+pub mod verify;
 
 use serde::{Deserialize, Serialize};
 

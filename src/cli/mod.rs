@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+mod audit;
 mod bench;
 mod msg;
 mod output;
@@ -16,6 +17,7 @@ use keyward::client::{Client, ClientOptions};
 
 use admin::{AdminCommand, ApprovalsCommand, CaCommand, KeysCommand, RevokeCommand};
 use agent::{AgentCommand, CertCommand};
+use audit::AuditCommand;
 use bench::BenchCommand;
 use msg::MsgCommand;
 use policy::PolicyCommand;
@@ -62,6 +64,9 @@ enum Command {
     /// Signed agent-to-agent messages (docs/envelope.md).
     #[command(subcommand)]
     Msg(MsgCommand),
+    /// The audit log: a transparency log anyone can verify.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -104,6 +109,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         Command::Approvals(command) => cli_runtime()?.block_on(admin::approvals_command(command)),
         Command::Policy(command) => cli_runtime()?.block_on(policy::policy_command(command)),
         Command::Msg(command) => msg::msg(command),
+        Command::Audit(command) => audit::audit_command(command),
         Command::Bench(command) => bench::bench_command(command),
         Command::Keys(command) => admin::keys_command(command),
     }

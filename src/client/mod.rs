@@ -33,13 +33,7 @@ impl Client {
             .ca_file
             .clone()
             .unwrap_or_else(|| options.data_dir.join("ca.pem"));
-        let ca_pem = std::fs::read(&ca_file)
-            .with_context(|| format!("reading the CA certificate {}", ca_file.display()))?;
-        let ca = reqwest::Certificate::from_pem(&ca_pem).context("parsing the CA certificate")?;
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca);
+        let mut builder = pinned_to(&ca_file)?;
         let token = match &options.identity {
             Some((cert, key)) => {
                 let mut pem =
@@ -126,7 +120,20 @@ impl Client {
     }
 }
 
-fn read_token(path: &Path) -> anyhow::Result<SecretString> {
+/// An HTTPS client that trusts `ca_file`'s certificate alone, not the
+/// system's roots: keyward's CA is the only authority for its server.
+pub fn pinned_to(ca_file: &Path) -> anyhow::Result<reqwest::ClientBuilder> {
+    let ca_pem = std::fs::read(ca_file)
+        .with_context(|| format!("reading the CA certificate {}", ca_file.display()))?;
+    let ca = reqwest::Certificate::from_pem(&ca_pem).context("parsing the CA certificate")?;
+    Ok(reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca))
+}
+
+/// The admin token in `path`, without the newline an editor adds.
+pub fn read_token(path: &Path) -> anyhow::Result<SecretString> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the admin token from {}", path.display()))?;
     Ok(SecretString::from(text.trim().to_owned()))
