@@ -284,7 +284,7 @@ async fn an_edited_entry_is_named_by_audit_verify_and_fails_the_log_closed(db: D
         server.sql("SELECT MAX(size) FROM audit_checkpoints").await,
         before
     );
-    let (_, metrics) = server.request("GET", "/metrics", None, None).await;
+    let (_, metrics) = server.admin("GET", "/metrics", None).await;
     assert!(
         metrics
             .as_str()
@@ -307,6 +307,10 @@ async fn a_deleted_entry_is_caught(db: Db) {
 
     let (ok, out) = audit_verify(&server, Some(&old));
     assert!(!ok, "audit verify accepted a deleted entry: {out}");
+    assert!(
+        out.contains("entries, not "),
+        "the short bundle is named: {out}"
+    );
     let ready = fails_closed(&server).await;
     assert!(
         ready["reason"].as_str().unwrap().contains("entry 3"),
@@ -372,6 +376,10 @@ async fn a_history_rewritten_consistently_is_caught(db: Db) {
     );
     let (ok, out) = audit_verify(&server, Some(&old));
     assert!(!ok, "audit verify accepted a rewritten history: {out}");
+    assert!(
+        out.contains("does not extend the checkpoint of size"),
+        "{out}"
+    );
 
     // With the checkpoints gone too, keyward finds tiles no checkpoint
     // signed, and still refuses.

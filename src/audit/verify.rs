@@ -361,7 +361,20 @@ async fn check_entries(
             for tile in filled.drain(..) {
                 compare_tile(source, &tile).await?;
             }
-            check_old_root(&edge, old)?;
+            if let Err(does_not_extend) = check_old_root(&edge, old) {
+                // An edited entry under the old checkpoint is the likelier
+                // story, and the one to name: the tiles the log serves for
+                // this size show which entry it is, if they were not
+                // rewritten with it.
+                for tile in edge.partial_tiles().iter().filter(|t| t.level == 0) {
+                    if let Err(named @ VerifyError::EntryDoesNotHash { .. }) =
+                        compare_tile(source, tile).await
+                    {
+                        return Err(named);
+                    }
+                }
+                return Err(does_not_extend);
+            }
         }
     }
     for tile in edge.partial_tiles() {
