@@ -336,3 +336,77 @@ fn bench_issue_json_has_the_modes_and_fields_the_scale_check_reads() {
         assert_eq!(line["errors"], 0, "{line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_print_a_table_or_json_lines_and_export_follows_every_page() {
+    let server = Server::start(Db::Sqlite).await;
+    register_agent_with(&server, "alpha", &[]).await;
+    register_agent_with(&server, "beta", &[]).await;
+
+    let text = stdout_of(&server, &["audit", "events", "--action", "agent.create"]);
+    assert_plain(&text);
+    let (header, rows) = table(&text);
+    assert_eq!(
+        header,
+        ["INDEX", "TIME", "ACTOR", "ACTION", "SUBJECT", "AGENT", "DECISION"]
+    );
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows[0].contains("agent.create") && rows[0].contains("alpha"),
+        "{text}"
+    );
+
+    // JSON lines: each the entry as the log holds it.
+    let lines = stdout_of(&server, &["audit", "events", "--agent", "beta", "--json"]);
+    let events: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 1, "{lines}");
+    assert_eq!(events[0]["action"], "agent.create");
+    let (_, api) = server
+        .admin("GET", "/v1/audit/events?agent=beta", None)
+        .await;
+    assert_eq!(events[0], api["events"][0]);
+
+    // A page at a time: the table says where the next starts.
+    let text = stdout_of(&server, &["audit", "events", "--limit", "1"]);
+    assert!(text.trim_end().ends_with("(more: --after 0)"), "{text}");
+
+    // The export holds every event from --since on, in order.
+    let out = server.path("export.jsonl");
+    let (_, stderr, ok) = keyward(
+        &server,
+        &[
+            "audit",
+            "export",
+            "--since",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let exported: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let total = server
+        .sql("SELECT COUNT(*) FROM audit_entries")
+        .await
+        .unwrap();
+    assert_eq!(exported.len() as i64, total);
+    for (i, event) in exported.iter().enumerate() {
+        assert_eq!(event["index"], i as u64);
+    }
+    assert!(
+        stderr.contains(&format!("exported {total} events")),
+        "{stderr}"
+    );
+
+    // Bad input is the server's 400, on stderr, with a failing exit.
+    let (_, stderr, ok) = keyward(&server, &["audit", "events", "--since", "yesterday"]);
+    assert!(!ok);
+    assert!(stderr.contains("invalid_time"), "{stderr}");
+}

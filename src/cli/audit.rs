@@ -13,7 +13,9 @@ use p256::pkcs8::DecodePublicKey as _;
 use keyward::audit::verify::{self, DirSource, HttpSource, LogSource, Report, VerifyOptions};
 use keyward::client::{pinned_to, read_token};
 
+use super::output::{self, Column};
 use super::serve::cli_runtime;
+use super::ClientArgs;
 
 #[derive(Subcommand)]
 pub(crate) enum AuditCommand {
@@ -22,7 +24,70 @@ pub(crate) enum AuditCommand {
     /// a mirror holding them) every entry. Exits 0 when it verifies, 1 with
     /// the first thing wrong as the last line.
     Verify(VerifyArgs),
+    /// Search the log's events, oldest first: a table, or JSON lines with
+    /// --json (admins; an agent on its own certificate reads its own).
+    Events(EventsArgs),
+    /// Every event from --since on as JSON lines, for a SIEM: to standard
+    /// output, or --out FILE.
+    Export(ExportArgs),
 }
+
+/// What `GET /v1/audit/events` filters on.
+#[derive(Args)]
+pub(crate) struct EventFilter {
+    #[arg(long)]
+    agent: Option<String>,
+    /// e.g. certificate.issue, policy.deny, agent.revoke.
+    #[arg(long)]
+    action: Option<String>,
+    /// e.g. admin:ops, agent:alpha, keyward.
+    #[arg(long)]
+    actor: Option<String>,
+    /// RFC 3339 time or Unix seconds (inclusive).
+    #[arg(long)]
+    since: Option<String>,
+    /// RFC 3339 time or Unix seconds (exclusive).
+    #[arg(long)]
+    until: Option<String>,
+}
+
+#[derive(Args)]
+pub(crate) struct EventsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    filter: EventFilter,
+    /// Events after this entry index (the `next` of an earlier page).
+    #[arg(long)]
+    after: Option<u64>,
+    /// At most this many events (1-1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// One JSON object per line, each the entry as the log holds it.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct ExportArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(flatten)]
+    filter: EventFilter,
+    /// Where to write the JSON lines (default: standard output).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+const EVENT_COLUMNS: &[Column] = &[
+    Column::number("INDEX", "index"),
+    Column::new("TIME", "time"),
+    Column::new("ACTOR", "actor"),
+    Column::new("ACTION", "action"),
+    Column::new("SUBJECT", "subject"),
+    Column::new("AGENT", "agent"),
+    Column::new("DECISION", "decision"),
+];
 
 #[derive(Args)]
 pub(crate) struct VerifyArgs {
@@ -64,7 +129,88 @@ struct LogLocation {
 pub(crate) fn audit_command(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify(args) => verify_command(&args),
+        AuditCommand::Events(args) => cli_runtime()?.block_on(events_command(&args)),
+        AuditCommand::Export(args) => cli_runtime()?.block_on(export_command(&args)),
     }
+}
+
+/// The query string of a search: the filters given, then `extra`.
+fn events_query(filter: &EventFilter, extra: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut pairs: Vec<(&str, String)> = [
+        ("agent", &filter.agent),
+        ("action", &filter.action),
+        ("actor", &filter.actor),
+        ("since", &filter.since),
+        ("until", &filter.until),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+    .collect();
+    pairs.extend(extra.iter().cloned());
+    Ok(serde_urlencoded::to_string(pairs)?)
+}
+
+async fn events_command(args: &EventsArgs) -> anyhow::Result<()> {
+    let mut extra = vec![("limit", args.limit.to_string())];
+    if let Some(after) = args.after {
+        extra.push(("after", after.to_string()));
+    }
+    let query = events_query(&args.filter, &extra)?;
+    let page = super::client(&args.client)?
+        .get(&format!("/v1/audit/events?{query}"))
+        .await?;
+    let events = page["events"].as_array().map_or(&[][..], Vec::as_slice);
+    if args.json {
+        return output::emit(&json_lines(events)?);
+    }
+    let mut shown = output::table(EVENT_COLUMNS, events);
+    if let Some(next) = page["next"].as_u64() {
+        shown.push_str(&format!("(more: --after {next})\n"));
+    }
+    output::emit(&shown)
+}
+
+/// Follows `next` from the first page to the last, writing each page as it
+/// comes: an export of millions of events holds one page at a time.
+async fn export_command(args: &ExportArgs) -> anyhow::Result<()> {
+    let client = super::client(&args.client)?;
+    let mut out: Box<dyn std::io::Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut after: Option<u64> = None;
+    let mut exported = 0u64;
+    loop {
+        let mut extra = vec![("limit", "1000".to_owned())];
+        if let Some(after) = after {
+            extra.push(("after", after.to_string()));
+        }
+        let query = events_query(&args.filter, &extra)?;
+        let page = client.get(&format!("/v1/audit/events?{query}")).await?;
+        let events = page["events"].as_array().map_or(&[][..], Vec::as_slice);
+        out.write_all(json_lines(events)?.as_bytes())?;
+        exported += events.len() as u64;
+        match page["next"].as_u64() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    out.flush()?;
+    if args.out.is_some() {
+        eprintln!("exported {exported} events");
+    }
+    Ok(())
+}
+
+fn json_lines(events: &[serde_json::Value]) -> anyhow::Result<String> {
+    let mut lines = String::new();
+    for event in events {
+        lines.push_str(&serde_json::to_string(event)?);
+        lines.push('\n');
+    }
+    Ok(lines)
 }
 
 /// `keyward audit verify`: a log that fails exits 1, its refusal last.

@@ -115,7 +115,7 @@ impl Column {
 }
 
 /// A table of `columns` with one row for each of `items`.
-fn table(columns: &[Column], items: &[Value]) -> String {
+pub(crate) fn table(columns: &[Column], items: &[Value]) -> String {
     let rows = items
         .iter()
         .map(|item| {
