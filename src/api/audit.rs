@@ -16,8 +16,8 @@ use serde_json::json;
 use super::error::ApiError;
 use super::AppState;
 use crate::audit::tiles::{TileKind, TilePath};
+use crate::audit::AuditQuery;
 use crate::policy::Caller;
-use crate::store::AuditQuery;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()

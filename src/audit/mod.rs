@@ -47,6 +47,23 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     /// A JSON object.
     pub details: serde_json::Value,
+    /// The event as JSON, made once: by [`AuditEvent::prepare`] in the
+    /// task that records the change, so that the one writer that numbers
+    /// entries (a serialized section on SQLite) only splices in the index
+    /// and time.
+    #[serde(skip)]
+    body: PreparedBody,
+}
+
+/// An event's JSON, once made; not part of what the event says (two
+/// events that say the same are equal whether or not either was prepared).
+#[derive(Clone, Debug, Default)]
+struct PreparedBody(std::sync::OnceLock<String>);
+
+impl PartialEq for PreparedBody {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl AuditEvent {
@@ -61,6 +78,7 @@ impl AuditEvent {
             decision: None,
             reason: None,
             details: serde_json::Value::Object(Default::default()),
+            body: PreparedBody::default(),
         }
     }
 
@@ -91,37 +109,64 @@ impl AuditEvent {
         self
     }
 
-    /// The leaf bytes of this event as entry `index`, recorded at `at_ms`
-    /// (Unix milliseconds). An event too large for an entry bundle keeps
-    /// its fields and gives its details' digest instead of the details.
-    pub fn to_entry(&self, index: u64, at_ms: i64) -> String {
-        let time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default();
-        let entry = |event: &AuditEvent| {
-            serde_json::to_string(&AuditEntry {
-                index,
-                time: time.clone(),
-                event: event.clone(),
-            })
-            .expect("plain data serializes")
-        };
-        let written = entry(self);
-        if written.len() <= MAX_ENTRY_BYTES {
-            return written;
-        }
-        use sha2::Digest as _;
-        let mut shortened = self.clone();
-        shortened.details = serde_json::json!({
-            "truncated": true,
-            "details_sha256": hex::encode(sha2::Sha256::digest(self.details.to_string())),
-        });
-        entry(&shortened)
+    /// Makes the event's JSON now, in this task, if it is not made yet:
+    /// call it before handing the event to a writer thread.
+    pub fn prepare(&self) -> &str {
+        self.body.0.get_or_init(|| {
+            let written = serde_json::to_string(self).expect("plain data serializes");
+            if written.len() + ENTRY_HEAD_BYTES <= MAX_ENTRY_BYTES {
+                return written;
+            }
+            use sha2::Digest as _;
+            let mut shortened = self.clone();
+            shortened.body = PreparedBody::default();
+            shortened.details = serde_json::json!({
+                "truncated": true,
+                "details_sha256": hex::encode(sha2::Sha256::digest(self.details.to_string())),
+            });
+            serde_json::to_string(&shortened).expect("plain data serializes")
+        })
     }
+
+    /// The leaf bytes of this event as entry `index` at `time` (see
+    /// [`entry_time`]): `{"index":…,"time":…,` and the event's own fields.
+    /// An event too large for an entry bundle keeps its fields and gives
+    /// its details' digest instead of the details.
+    pub fn to_entry(&self, index: u64, time: &str) -> String {
+        let body = self.prepare();
+        let fields = body.strip_prefix('{').unwrap_or(body);
+        format!("{{\"index\":{index},\"time\":\"{time}\",{fields}")
+    }
+}
+
+/// Room the index and time take in an entry: `{"index":<20 digits>,
+/// "time":"<24>",`, rounded up.
+const ENTRY_HEAD_BYTES: usize = 64;
+
+/// An entry's `time`: RFC 3339 with milliseconds, UTC, from Unix ms.
+pub fn entry_time(at_ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// What `GET /v1/audit/events` asks for: entries after `after` (an index),
+/// oldest first, matching every filter given.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    pub agent: Option<String>,
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since_ms: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub until_ms: Option<i64>,
+    pub after: Option<u64>,
+    pub limit: u32,
 }
 
 /// One entry of the log as its leaf bytes hold it.
@@ -186,7 +231,7 @@ mod tests {
             .agent("alpha")
             .decided(3, "allow", None)
             .with("serial", "01ab");
-        let entry = event.to_entry(41, 1_765_000_000_123);
+        let entry = event.to_entry(41, &entry_time(1_765_000_000_123));
         let parsed: serde_json::Value = serde_json::from_str(&entry).unwrap();
         assert_eq!(parsed["index"], 41);
         assert_eq!(parsed["time"], "2025-12-06T05:46:40.123Z");
@@ -203,7 +248,7 @@ mod tests {
     fn an_event_too_large_for_a_bundle_gives_its_details_digest() {
         let event =
             AuditEvent::new("keyward", "policy.apply", "policy").with("source", "x".repeat(70_000));
-        let entry = event.to_entry(0, 0);
+        let entry = event.to_entry(0, &entry_time(0));
         assert!(entry.len() <= MAX_ENTRY_BYTES);
         let parsed: serde_json::Value = serde_json::from_str(&entry).unwrap();
         assert_eq!(parsed["details"]["truncated"], true);
@@ -215,7 +260,7 @@ mod tests {
         AuditRecord {
             index,
             at_ms: 0,
-            entry: event.to_entry(says, 0),
+            entry: event.to_entry(says, &entry_time(0)),
             event,
         }
     }

@@ -24,22 +24,7 @@ use sqlx::{Postgres, QueryBuilder, Sqlite, Transaction};
 use super::sql::{hash32, now_ms, SqlStore};
 use super::StoreError;
 use crate::audit::tiles::BuiltTile;
-use crate::audit::{AuditEntry, AuditEvent, AuditRecord};
-
-/// What `GET /v1/audit/events` asks for: entries after `after` (an index),
-/// oldest first, matching every filter given.
-#[derive(Clone, Debug, Default)]
-pub struct AuditQuery {
-    pub agent: Option<String>,
-    pub action: Option<String>,
-    pub actor: Option<String>,
-    /// Unix milliseconds, inclusive.
-    pub since_ms: Option<i64>,
-    /// Unix milliseconds, exclusive.
-    pub until_ms: Option<i64>,
-    pub after: Option<u64>,
-    pub limit: u32,
-}
+use crate::audit::{AuditEntry, AuditEvent, AuditQuery, AuditRecord};
 
 /// A signed checkpoint as stored and served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +98,7 @@ struct NewEntry<'a> {
 /// after them, all recorded `at_ms`.
 fn entries<'a>(count_after: i64, at_ms: i64, events: &[&'a AuditEvent]) -> Vec<NewEntry<'a>> {
     let first = count_after - events.len() as i64;
+    let time = crate::audit::entry_time(at_ms);
     events
         .iter()
         .enumerate()
@@ -121,7 +107,7 @@ fn entries<'a>(count_after: i64, at_ms: i64, events: &[&'a AuditEvent]) -> Vec<N
             NewEntry {
                 index,
                 event,
-                entry: event.to_entry(index as u64, at_ms),
+                entry: event.to_entry(index as u64, &time),
             }
         })
         .collect()

@@ -59,6 +59,9 @@ impl CertificateLog {
         &self,
         certificate: NewCertificate,
     ) -> Result<CertificateInsert, StoreError> {
+        // Here, in the requester's task, not in the writer every
+        // certificate waits for.
+        certificate.audit.prepare();
         let (done, written) = oneshot::channel();
         self.queue
             .send((certificate, done))

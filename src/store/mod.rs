@@ -58,7 +58,7 @@ pub use agents::{
     RetiredKey, SignatureRecord,
 };
 pub use approvals::{ApprovalRecord, ApprovalStore, VoteOutcome};
-pub use audit::{AuditQuery, AuditStore, StoredCheckpoint};
+pub use audit::{AuditStore, StoredCheckpoint};
 pub use authority::{AuthorityStore, CaRecord, ServiceKeyRecord};
 pub use certificate_log::CertificateLog;
 pub use enrollment::{EnrollmentStore, NewEnrollmentToken, TpmChallengeRecord, TpmRedemption};

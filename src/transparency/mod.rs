@@ -23,15 +23,17 @@ use p256::pkcs8::EncodePublicKey as _;
 use crate::audit::merkle::leaf_hash;
 use crate::audit::note::{self, NoteError};
 use crate::audit::tiles::{BuiltTile, TileKind, TilePath, TreeEdge, TreeError, HASH_BYTES};
-use crate::audit::{AuditRecord, MAX_ENTRY_BYTES};
+use crate::audit::{AuditQuery, AuditRecord, MAX_ENTRY_BYTES};
 use crate::keys::KeyId;
 use crate::policy::Caller;
 use crate::pool::{KeyPool, PoolError};
-use crate::store::{AuditQuery, Store, StoreError, StoredCheckpoint};
+use crate::store::{Store, StoreError, StoredCheckpoint};
 use crate::telemetry::AuditMetrics;
 
-/// Entries read from the store at a time, sealing or checking.
-const READ_CHUNK: u64 = 4096;
+/// Entries read from the store at a time, sealing or checking: short reads,
+/// so that no read holds an old snapshot long enough to hold up SQLite's
+/// log checkpoints (see `store/checkpoint.rs`).
+const READ_CHUNK: u64 = 1024;
 /// Entries one checkpoint round seals at most: a backlog (after an outage
 /// of the token) is sealed over several rounds, each bounded in memory.
 const MAX_ENTRIES_PER_ROUND: u64 = 200_000;
