@@ -34,7 +34,8 @@ fn migrations(dialect: &str, first_new: &str) -> (Vec<String>, Vec<String>) {
 const OLD_ROWS: &str = "INSERT INTO audit_events
     (seq, at, actor, action, subject, details, prev_hash, hash) VALUES
     (1, 1765000000, 'keyward', 'ca.create', 'ca-key', '{}', X'00', X'01'),
-    (2, 1765000001, 'admin:ops', 'agent.create', 'alpha', '{\"scopes\":[\"payments\"]}', X'01', X'02')";
+    (2, 1765000001, 'admin:ops', 'agent.create', 'alpha', '{\"scopes\":[\"payments\"]}', X'01', X'02');
+    UPDATE audit_head SET seq = 2, hash = X'02'";
 
 async fn the_hash_chain_becomes_entries_keyward_reads(db: Db) {
     let dir = common::private_tempdir();

@@ -23,6 +23,7 @@ CREATE INDEX audit_entries_by_agent ON audit_entries (agent, idx) WHERE agent IS
 
 -- `seq` stays the number of entries: the next entry's index.
 ALTER TABLE audit_head DROP COLUMN hash;
+UPDATE audit_head SET seq = (SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_entries);
 
 ALTER TABLE signatures RENAME COLUMN audit_seq TO audit_index;
 UPDATE signatures SET audit_index = audit_index - 1;

@@ -232,29 +232,8 @@ impl AuditLog {
             return Ok(Sealed::NothingNew);
         }
         let mut filled = Vec::new();
-        let mut next = start;
-        while next < end {
-            let chunk = self
-                .store
-                .audit_entries(next..end.min(next + READ_CHUNK))
-                .await?;
-            if chunk.is_empty() {
-                break;
-            }
-            for (index, entry) in chunk {
-                if index != next {
-                    return Err(AuditLogError::Inconsistent(format!(
-                        "entry {next} is missing from the store"
-                    )));
-                }
-                edge.push(leaf_hash(entry.as_bytes()), |t| filled.push(t));
-                next += 1;
-            }
-        }
-        if next != end {
-            return Err(AuditLogError::Inconsistent(format!(
-                "entry {next} is missing from the store"
-            )));
+        while edge.size() < end {
+            filled.extend(self.fold_chunk(&mut edge, end).await?);
         }
         let root = edge.root().map_err(tree_failed)?;
         let text = note::checkpoint_text(&self.origin, end, &root)
@@ -322,33 +301,10 @@ impl AuditLog {
         self.check_signed(&latest)
             .map_err(AuditLogError::Inconsistent)?;
         let mut edge = TreeEdge::new();
-        let mut next = 0u64;
-        while next < latest.size {
-            let chunk = self
-                .store
-                .audit_entries(next..latest.size.min(next + READ_CHUNK))
-                .await?;
-            if chunk.is_empty() {
-                break;
+        while edge.size() < latest.size {
+            for tile in self.fold_chunk(&mut edge, latest.size).await? {
+                self.compare_tile(&tile).await?;
             }
-            let mut filled = Vec::new();
-            for (index, entry) in chunk {
-                if index != next {
-                    return Err(AuditLogError::Inconsistent(format!(
-                        "entry {next} is missing from the store"
-                    )));
-                }
-                edge.push(leaf_hash(entry.as_bytes()), |t| filled.push(t));
-                next += 1;
-            }
-            for tile in &filled {
-                self.compare_tile(tile).await?;
-            }
-        }
-        if next != latest.size {
-            return Err(AuditLogError::Inconsistent(format!(
-                "entry {next} is missing from the store"
-            )));
         }
         for tile in edge.partial_tiles() {
             self.compare_tile(&tile).await?;
@@ -360,6 +316,30 @@ impl AuditLog {
             )));
         }
         Ok(latest.size)
+    }
+
+    /// Reads the next entries after the edge (at most `READ_CHUNK`, none
+    /// at or past `end`) into it; returns the tiles they filled. An entry
+    /// the store lacks is an inconsistency: indexes are never skipped.
+    async fn fold_chunk(
+        &self,
+        edge: &mut TreeEdge,
+        end: u64,
+    ) -> Result<Vec<BuiltTile>, AuditLogError> {
+        let start = edge.size();
+        let chunk_end = end.min(start + READ_CHUNK);
+        let chunk = self.store.audit_entries(start..chunk_end).await?;
+        let mut filled = Vec::new();
+        for (expected, (index, entry)) in (start..chunk_end).zip(&chunk) {
+            if *index != expected {
+                return Err(missing(expected));
+            }
+            edge.push(leaf_hash(entry.as_bytes()), |t| filled.push(t));
+        }
+        if edge.size() != chunk_end {
+            return Err(missing(edge.size()));
+        }
+        Ok(filled)
     }
 
     /// A recomputed tile against the stored one (which may be wider).
@@ -514,6 +494,10 @@ impl AuditLog {
             Err(e) => tracing::warn!(error = %e, "checking the audit log failed; retrying"),
         }
     }
+}
+
+fn missing(index: u64) -> AuditLogError {
+    AuditLogError::Inconsistent(format!("entry {index} is missing from the store"))
 }
 
 fn tree_failed(e: TreeError) -> AuditLogError {
