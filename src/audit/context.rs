@@ -2,8 +2,8 @@
 //! and the credential it presented.
 //!
 //! The HTTP layer opens a context per request ([`RequestContext::scope`])
-//! and the caller check fills in the credential; [`AuditEvent::new`]
-//! (`super::AuditEvent::new`) copies it. A task-local, like a tracing span,
+//! and the caller check fills in the credential;
+//! [`AuditEvent::new`](super::AuditEvent::new) copies it. A task-local, like a tracing span,
 //! rather than one more argument through every domain call between the
 //! handler and the store: the domain decides *what* is recorded, and the
 //! request's provenance is the same for everything it records. Work a
