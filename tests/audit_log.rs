@@ -483,10 +483,8 @@ async fn no_secret_reaches_the_log(backends: Backends) {
         server.admin_token.trim().to_owned(),
         enrollment_token,
         hook["secret"].as_str().unwrap().to_owned(),
+        tpm_agent["enrollment_token"].as_str().unwrap().to_owned(),
     ];
-    if let Some(token) = tpm_agent["enrollment_token"].as_str() {
-        secrets.push(token.to_owned());
-    }
     if backends.keys == Keys::SoftHsm {
         secrets.push(
             std::fs::read_to_string(server.path("softhsm/user.pin"))

@@ -199,11 +199,7 @@ impl TreeEdge {
         mut read: impl FnMut(u8, u64) -> Option<Vec<u8>>,
     ) -> Result<Self, TreeError> {
         let mut tiles = Vec::new();
-        let mut level = 0u8;
-        let mut count = size;
-        while count > 0 {
-            let index = (count - 1) / TILE_WIDTH;
-            let width = count - index * TILE_WIDTH;
+        for (level, index, width) in Self::edge_tiles(size) {
             let missing = TreeError::MissingTile {
                 level,
                 index,
@@ -216,10 +212,24 @@ impl TreeEdge {
             }
             hashes.truncate(bytes);
             tiles.push(hashes);
+        }
+        Ok(Self { size, tiles })
+    }
+
+    /// The tiles at the edge of a tree of `size` leaves, level 0 first:
+    /// `(level, index, width)`, the rightmost tile of each level (full
+    /// when the level's count is a multiple of 256).
+    pub fn edge_tiles(size: u64) -> Vec<(u8, u64, u64)> {
+        let mut edge = Vec::new();
+        let mut level = 0u8;
+        let mut count = size;
+        while count > 0 {
+            let index = (count - 1) / TILE_WIDTH;
+            edge.push((level, index, count - index * TILE_WIDTH));
             level += 1;
             count /= TILE_WIDTH;
         }
-        Ok(Self { size, tiles })
+        edge
     }
 
     pub fn size(&self) -> u64 {

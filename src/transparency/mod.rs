@@ -156,7 +156,7 @@ impl AuditLog {
         .map_err(|e: NoteError| format!("checkpoint of size {}: {e}", checkpoint.size))?;
         if verified.size != checkpoint.size || verified.root != checkpoint.root {
             return Err(format!(
-                "checkpoint of size {}: its note says size {}",
+                "checkpoint of size {}: its signed note states another tree (size {})",
                 checkpoint.size, verified.size
             ));
         }
@@ -169,15 +169,10 @@ impl AuditLog {
         self.check_signed(checkpoint)
             .map_err(AuditLogError::Inconsistent)?;
         let mut tiles = std::collections::HashMap::new();
-        let mut count = checkpoint.size;
-        let mut level = 0u8;
-        while count > 0 {
-            let index = (count - 1) / crate::audit::tiles::TILE_WIDTH;
+        for (level, index, _) in TreeEdge::edge_tiles(checkpoint.size) {
             if let Some(hashes) = self.store.audit_tile(level, index).await? {
                 tiles.insert((level, index), hashes);
             }
-            count /= crate::audit::tiles::TILE_WIDTH;
-            level += 1;
         }
         let edge = TreeEdge::resume(checkpoint.size, |l, i| tiles.remove(&(l, i)))
             .map_err(|e| AuditLogError::Inconsistent(e.to_string()))?;
