@@ -795,6 +795,22 @@ async fn the_audit_log_numbers_entries_unbroken_through_single_and_batch_appends
     // A page starts at the index given.
     let tail = store.audit_records(6, 100).await.unwrap();
     assert_eq!(tail, records[6..]);
+    // Sealing's reads (on SQLite, through the store's own connection)
+    // give the stored bytes, and their leaf hashes, for exactly the range
+    // asked.
+    let entries = store.audit_entries(2..7).await.unwrap();
+    let stored: Vec<(u64, Vec<u8>)> = records[2..7]
+        .iter()
+        .map(|r| (r.index, r.entry.clone().into_bytes()))
+        .collect();
+    assert_eq!(entries, stored);
+    let leaves = store.audit_leaf_hashes(2..7).await.unwrap();
+    let hashed: Vec<(u64, [u8; 32])> = stored
+        .iter()
+        .map(|(index, entry)| (*index, keyward::audit::merkle::leaf_hash(entry)))
+        .collect();
+    assert_eq!(leaves, hashed);
+    assert!(store.audit_leaf_hashes(8..20).await.unwrap().is_empty());
 }
 
 async fn policies_take_consecutive_versions_and_page_oldest_first(db: Db) {

@@ -23,6 +23,7 @@ use sqlx::{Postgres, QueryBuilder, Sqlite, Transaction};
 
 use super::sql::{hash32, now_ms, SqlStore};
 use super::StoreError;
+use crate::audit::merkle::{leaf_hash, NodeHash};
 use crate::audit::tiles::BuiltTile;
 use crate::audit::{AuditEntry, AuditEvent, AuditQuery, AuditRecord};
 
@@ -48,8 +49,16 @@ pub trait AuditStore: Send + Sync {
     async fn audit_size(&self) -> Result<u64, StoreError>;
 
     /// The entries in `range` with their indexes, in order (fewer if the
-    /// log is shorter, or rows are missing).
-    async fn audit_entries(&self, range: Range<u64>) -> Result<Vec<(u64, String)>, StoreError>;
+    /// log is shorter, or rows are missing), as the bytes stored.
+    async fn audit_entries(&self, range: Range<u64>) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// The leaf hashes of the entries in `range` with their indexes, as
+    /// `audit_entries` would give them: what sealing and the self-check
+    /// read, hashed where the rows are read.
+    async fn audit_leaf_hashes(
+        &self,
+        range: Range<u64>,
+    ) -> Result<Vec<(u64, NodeHash)>, StoreError>;
 
     async fn search_audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
 
@@ -81,11 +90,29 @@ const INSERT_ENTRY: &str = "INSERT INTO audit_entries (idx, at_ms, actor, action
 const ENTRY_COUNT: &str = "SELECT seq FROM audit_head WHERE id = 1";
 const LATEST_CHECKPOINT: &str =
     "SELECT size, root, note, signed_at_ms FROM audit_checkpoints ORDER BY size DESC LIMIT 1";
+/// Followed by one `VALUES` row per tile, then `UPSERT_TILES_WIDER`.
+const INSERT_TILES: &str = "INSERT INTO audit_tiles (level, idx, hashes) ";
 /// A partial tile is only ever replaced by a wider one: a replica behind
 /// another cannot narrow a tile a served checkpoint needs.
-const UPSERT_TILE: &str = "INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3)
-     ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes
+const UPSERT_TILES_WIDER: &str = " ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes
      WHERE length(excluded.hashes) > length(audit_tiles.hashes)";
+
+/// Each tile of `tiles` once, the widest given: one statement may not
+/// upsert a row twice (PostgreSQL refuses it).
+fn widest_tiles(tiles: &[BuiltTile]) -> Vec<&BuiltTile> {
+    let mut widest = std::collections::BTreeMap::new();
+    for tile in tiles {
+        widest
+            .entry((tile.level, tile.index))
+            .and_modify(|kept: &mut &BuiltTile| {
+                if tile.hashes.len() > kept.hashes.len() {
+                    *kept = tile;
+                }
+            })
+            .or_insert(tile);
+    }
+    widest.into_values().collect()
+}
 
 /// One entry to insert.
 struct NewEntry<'a> {
@@ -193,14 +220,94 @@ pub(super) fn append_audit_sqlite(
     Ok(indexes(&entries))
 }
 
+const ENTRIES_IN_RANGE: &str =
+    "SELECT idx, entry FROM audit_entries WHERE idx >= $1 AND idx < $2 ORDER BY idx";
+
+fn in_range(range: &Range<u64>) -> (i64, i64) {
+    let bound = |i: u64| i64::try_from(i).unwrap_or(i64::MAX);
+    (bound(range.start), bound(range.end))
+}
+
 impl SqlStore<Sqlite> {
     /// SQLite has one writer: a write transaction holds every lock already.
     async fn lock_checkpoints(_tx: &mut Transaction<'_, Sqlite>) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Each entry in `range` as `leaf` makes it from its index and bytes,
+    /// read on a blocking thread through the store's own rusqlite
+    /// connection (`None` without one). Sealing reads every entry once,
+    /// thousands a second under load: through sqlx each row is handed from
+    /// the connection's worker thread to the reading task over a channel,
+    /// and those hand-overs (thread wake-ups on cores that serve requests)
+    /// and the hashing on the runtime's thread were most of what sealing
+    /// cost issuance. One statement is its own read snapshot, released when
+    /// it ends (see `READ_CHUNK` in `transparency`).
+    async fn read_entries_in_bulk<T: Send + 'static>(
+        &self,
+        range: Range<u64>,
+        leaf: fn(u64, &[u8]) -> T,
+    ) -> Option<Result<Vec<T>, StoreError>> {
+        let reader = self.bulk_reader.clone()?;
+        let read = move || -> rusqlite::Result<Vec<T>> {
+            let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let (start, end) = in_range(&range);
+            let mut statement = conn.prepare_cached(ENTRIES_IN_RANGE)?;
+            let mut rows = statement.query(rusqlite::params![start, end])?;
+            let mut read = Vec::new();
+            while let Some(row) = rows.next()? {
+                let index: i64 = row.get(0)?;
+                read.push(leaf(index as u64, row.get_ref(1)?.as_bytes()?));
+            }
+            Ok(read)
+        };
+        let failed = |e: String| StoreError::BatchFailed(e);
+        Some(match tokio::task::spawn_blocking(read).await {
+            Ok(read) => read.map_err(|e| failed(e.to_string())),
+            Err(e) => Err(failed(e.to_string())),
+        })
+    }
+
+    async fn read_entries(&self, range: Range<u64>) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let as_stored = |index, bytes: &[u8]| (index, bytes.to_vec());
+        match self.read_entries_in_bulk(range.clone(), as_stored).await {
+            Some(read) => read,
+            None => self.read_entries_through_pool(range).await,
+        }
+    }
+
+    async fn read_leaf_hashes(
+        &self,
+        range: Range<u64>,
+    ) -> Result<Vec<(u64, NodeHash)>, StoreError> {
+        let hashed = |index, bytes: &[u8]| (index, leaf_hash(bytes));
+        match self.read_entries_in_bulk(range.clone(), hashed).await {
+            Some(read) => read,
+            None => Ok(hash_leaves(self.read_entries_through_pool(range).await?)),
+        }
+    }
+}
+
+fn hash_leaves(entries: Vec<(u64, Vec<u8>)>) -> Vec<(u64, NodeHash)> {
+    entries
+        .into_iter()
+        .map(|(index, entry)| (index, leaf_hash(&entry)))
+        .collect()
 }
 
 impl SqlStore<Postgres> {
+    /// PostgreSQL's driver decodes rows as they arrive on the socket.
+    async fn read_entries(&self, range: Range<u64>) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.read_entries_through_pool(range).await
+    }
+
+    async fn read_leaf_hashes(
+        &self,
+        range: Range<u64>,
+    ) -> Result<Vec<(u64, NodeHash)>, StoreError> {
+        Ok(hash_leaves(self.read_entries_through_pool(range).await?))
+    }
+
     /// Serializes checkpoint writers across replicas until the transaction
     /// ends, so each sees the checkpoint the previous one wrote.
     async fn lock_checkpoints(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
@@ -253,6 +360,22 @@ macro_rules! impl_audit_store {
                 }
                 Ok(indexes(&entries))
             }
+
+            async fn read_entries_through_pool(
+                &self,
+                range: Range<u64>,
+            ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+                let (start, end) = in_range(&range);
+                let rows: Vec<(i64, String)> = sqlx::query_as(ENTRIES_IN_RANGE)
+                    .bind(start)
+                    .bind(end)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(i, e)| (i as u64, e.into_bytes()))
+                    .collect())
+            }
         }
 
         #[async_trait]
@@ -292,16 +415,15 @@ macro_rules! impl_audit_store {
             async fn audit_entries(
                 &self,
                 range: Range<u64>,
-            ) -> Result<Vec<(u64, String)>, StoreError> {
-                let rows: Vec<(i64, String)> = sqlx::query_as(
-                    "SELECT idx, entry FROM audit_entries WHERE idx >= $1 AND idx < $2
-                     ORDER BY idx",
-                )
-                .bind(range.start as i64)
-                .bind(range.end as i64)
-                .fetch_all(&self.pool)
-                .await?;
-                Ok(rows.into_iter().map(|(i, e)| (i as u64, e)).collect())
+            ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+                self.read_entries(range).await
+            }
+
+            async fn audit_leaf_hashes(
+                &self,
+                range: Range<u64>,
+            ) -> Result<Vec<(u64, NodeHash)>, StoreError> {
+                self.read_leaf_hashes(range).await
             }
 
             async fn search_audit(
@@ -376,13 +498,21 @@ macro_rules! impl_audit_store {
                 if latest.map(|s| s as u64) != previous {
                     return Ok(false);
                 }
-                for tile in tiles {
-                    sqlx::query(UPSERT_TILE)
-                        .bind(i32::from(tile.level))
-                        .bind(tile.index as i64)
-                        .bind(&tile.hashes)
-                        .execute(&mut *tx)
-                        .await?;
+                // One statement for many tiles: the write lock is held from
+                // the first statement to the commit, and on SQLite every
+                // statement through sqlx is a hand-over between threads,
+                // which every certificate and signature writer waited out
+                // (one statement a tile made sealing most of what the audit
+                // log cost issuance).
+                for chunk in widest_tiles(tiles).chunks(1000) {
+                    let mut upsert = QueryBuilder::<$db>::new(INSERT_TILES);
+                    upsert.push_values(chunk, |mut row, tile| {
+                        row.push_bind(i32::from(tile.level))
+                            .push_bind(tile.index as i64)
+                            .push_bind(&tile.hashes);
+                    });
+                    upsert.push(UPSERT_TILES_WIDER);
+                    upsert.build().execute(&mut *tx).await?;
                 }
                 sqlx::query(
                     "INSERT INTO audit_checkpoints (size, root, note, signed_at_ms)

@@ -142,9 +142,12 @@ pub async fn open(
         if migrate {
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         }
+        let bulk_reader = signature_log::open_sqlite(url)?;
         let checkpoints = checkpoint::Checkpointer::start(path)?;
         Ok(Arc::new(
-            SqlStore::new(pool, "sqlite").with_checkpoints(checkpoints),
+            SqlStore::new(pool, "sqlite")
+                .with_checkpoints(checkpoints)
+                .with_bulk_reader(bulk_reader),
         ))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let pool = PgPoolOptions::new()

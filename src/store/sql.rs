@@ -23,6 +23,9 @@ pub struct SqlStore<DB: sqlx::Database> {
     name: &'static str,
     /// SQLite's log checkpoints, for as long as the store is open.
     _checkpoints: Option<super::checkpoint::Checkpointer>,
+    /// SQLite only: a connection of its own for reading many rows at once
+    /// (`audit::read_entries_sqlite`), used on blocking threads.
+    pub(super) bulk_reader: Option<std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>>,
 }
 
 impl<DB: sqlx::Database> SqlStore<DB> {
@@ -31,7 +34,13 @@ impl<DB: sqlx::Database> SqlStore<DB> {
             pool,
             name,
             _checkpoints: None,
+            bulk_reader: None,
         }
+    }
+
+    pub fn with_bulk_reader(mut self, connection: rusqlite::Connection) -> Self {
+        self.bulk_reader = Some(std::sync::Arc::new(std::sync::Mutex::new(connection)));
+        self
     }
 
     pub fn with_checkpoints(mut self, checkpoints: super::checkpoint::Checkpointer) -> Self {

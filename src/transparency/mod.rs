@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use p256::pkcs8::EncodePublicKey as _;
 
-use crate::audit::merkle::leaf_hash;
 use crate::audit::note::{self, NoteError};
 use crate::audit::tiles::{BuiltTile, TileKind, TilePath, TreeEdge, TreeError, HASH_BYTES};
 use crate::audit::{AuditQuery, AuditRecord, MAX_ENTRY_BYTES};
@@ -323,13 +322,13 @@ impl AuditLog {
     ) -> Result<Vec<BuiltTile>, AuditLogError> {
         let start = edge.size();
         let chunk_end = end.min(start + READ_CHUNK);
-        let chunk = self.store.audit_entries(start..chunk_end).await?;
+        let chunk = self.store.audit_leaf_hashes(start..chunk_end).await?;
         let mut filled = Vec::new();
-        for (expected, (index, entry)) in (start..chunk_end).zip(&chunk) {
-            if *index != expected {
+        for (expected, (index, leaf)) in (start..chunk_end).zip(chunk) {
+            if index != expected {
                 return Err(missing(expected));
             }
-            edge.push(leaf_hash(entry.as_bytes()), |t| filled.push(t));
+            edge.push(leaf, |t| filled.push(t));
         }
         if edge.size() != chunk_end {
             return Err(missing(edge.size()));
@@ -422,7 +421,7 @@ impl AuditLog {
                         )));
                     }
                     bundle.extend_from_slice(&(entry.len() as u16).to_be_bytes());
-                    bundle.extend_from_slice(entry.as_bytes());
+                    bundle.extend_from_slice(entry);
                 }
                 Ok(bundle)
             }
