@@ -11,6 +11,7 @@
 //!              hold), enrollment, the registry, signing, verification,
 //!              signed envelopes
 //! approvals    requests held for human approval, typed, and the votes
+//! detect       anomaly detectors over the request stream, and quarantine
 //! policy       who may do what: partitioning and the versioned policy
 //! pki          CA, certificate profiles, CSRs, CRLs, OCSP, path building
 //! attestation  evidence that a key is on the token or in a TPM
@@ -18,7 +19,9 @@
 //! pool         the batched key-operation pool: the only caller of `keys`
 //! keys         PKCS#11, TPM 2.0 (and software keys for unit tests)
 //! store        SQLite / PostgreSQL, audit rows in the same transaction
-//! audit        hash-chained audit events
+//! transparency the audit log sealed into signed checkpoints, checked
+//!              against them, and served
+//! audit        the audit log's formats: entries, tiles, notes, proofs
 //! telemetry    metrics and logs
 //! runtime      answers handed from threads to tasks, the supervisor of
 //!              background tasks, private files
@@ -37,6 +40,7 @@ pub mod attestation;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod detect;
 pub mod identity;
 pub mod keys;
 pub mod pki;

@@ -323,6 +323,12 @@ impl From<AuditLogError> for ApiError {
     }
 }
 
+impl From<crate::detect::DetectError> for ApiError {
+    fn from(e: crate::detect::DetectError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
 impl From<AgentError> for ApiError {
     fn from(e: AgentError) -> Self {
         match e {

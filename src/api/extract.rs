@@ -251,15 +251,29 @@ impl FromRequestParts<Arc<AppState>> for Caller {
                     // agent's own standing is checked as well as the serial:
                     // a certificate a revocation did not list (issued on
                     // another replica the moment before) must not outlive it.
+                    // A suspended agent (its certificates on hold) is known
+                    // and refused, as the admin path refuses it (403); a
+                    // revoked certificate authenticates no one (401).
                     let revoked = state.registry.revocations().current();
-                    if revoked.certificate(&serial).is_some() {
-                        return Err(ApiError::unauthenticated(
-                            "certificate_revoked",
-                            "the client certificate is revoked",
-                        ));
+                    match revoked.certificate(&serial) {
+                        Some(r) if r.reason == "certificateHold" => {
+                            return Err(ApiError::new(
+                                axum::http::StatusCode::FORBIDDEN,
+                                "agent_not_active",
+                                "the agent is suspended",
+                            ));
+                        }
+                        Some(_) => {
+                            return Err(ApiError::unauthenticated(
+                                "certificate_revoked",
+                                "the client certificate is revoked",
+                            ));
+                        }
+                        None => {}
                     }
                     if let Some(status) = revoked.inactive_status(name.as_str()) {
-                        return Err(ApiError::unauthenticated(
+                        return Err(ApiError::new(
+                            axum::http::StatusCode::FORBIDDEN,
                             "agent_not_active",
                             format!("the agent is {status}"),
                         ));

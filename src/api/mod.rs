@@ -3,6 +3,7 @@
 //! by `policy`, work is done by `agents`, `ca` and the pool.
 
 mod agents;
+mod anomalies;
 mod approvals;
 mod attestation;
 mod audit;
@@ -58,6 +59,7 @@ pub struct AppState {
     pub admin_token_enabled: bool,
     pub metrics: Metrics,
     pub audit_log: Arc<crate::transparency::AuditLog>,
+    pub detector: Arc<crate::detect::Detector>,
 }
 
 /// Only `/v1/crl` and `/v1/ocsp`: the plain-HTTP status listener.
@@ -88,10 +90,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(attestation::router())
         .merge(policies::router())
         .merge(approvals::router())
+        .merge(anomalies::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
             count_errors,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            anomalies::watch_credentials,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(read_body_first))

@@ -297,6 +297,18 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         ek_allowlist,
         config.tpm_challenge_ttl,
     ));
+    let detector = Arc::new(crate::detect::Detector::new(
+        store.clone(),
+        policy.clone(),
+        registry.clone(),
+        metrics.detect.clone(),
+    ));
+    tasks.every(
+        "forgetting old credential sightings",
+        std::time::Duration::from_secs(60),
+        &detector,
+        |detector| async move { detector.prune().await },
+    );
     let approvals = Arc::new(crate::approvals::Approvals::new(store.clone()));
     let requests = Arc::new(AgentRequests::new(
         registry.clone(),
@@ -319,6 +331,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         admin_token_enabled: config.admin_token_enabled,
         metrics,
         audit_log,
+        detector,
     });
     Ok(Keyward {
         state,

@@ -42,6 +42,15 @@ impl RequestContext {
         CURRENT.try_with(|c| c.borrow().clone()).unwrap_or_default()
     }
 
+    /// The credential the caller of this task's request authenticated
+    /// with, once the caller check has run.
+    pub fn current_credential() -> Option<String> {
+        CURRENT
+            .try_with(|c| c.borrow().credential.clone())
+            .ok()
+            .flatten()
+    }
+
     /// Runs `work` as the request this context describes.
     pub async fn scope<F: Future>(self, work: F) -> F::Output {
         CURRENT.scope(RefCell::new(self), work).await

@@ -7,6 +7,13 @@
 //! max_ttl_seconds = 600                   # certificates; absent = keyward's
 //! rate_per_second = 5                     # token bucket; absent = no limit
 //! burst = 10
+//!
+//! [anomaly]                               # what detection does; each
+//! credential_sharing = "suspend"          # "off", "alert" (the default)
+//! rate_spike = "alert"                    # or "suspend"
+//! cross_agent_probing = "suspend"
+//! sharing_window_seconds = 60             # two addresses within this
+//! shared_networks = ["10.0.0.0/8"]        # addresses behind one NAT or proxy
 //! ```
 //!
 //! An agent has the roles named by its scopes. A request is allowed when
@@ -67,7 +74,67 @@ pub struct Role {
 pub struct PolicyDocument {
     #[serde(default)]
     pub roles: BTreeMap<String, Role>,
+    #[serde(default)]
+    pub anomaly: AnomalyPolicy,
 }
+
+/// What keyward does when a detector fires.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalyResponse {
+    Off,
+    /// An audit entry, a metric, a hook event and a row in
+    /// `/v1/anomalies`.
+    #[default]
+    Alert,
+    /// All of that, and the agent is suspended at once until an admin
+    /// resumes it (quarantine with a human in the loop).
+    Suspend,
+}
+
+impl AnomalyResponse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Alert => "alert",
+            Self::Suspend => "suspend",
+        }
+    }
+}
+
+/// The `[anomaly]` section: detection is on (alerting) unless a policy
+/// turns it off.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyPolicy {
+    /// One credential used from two or more source addresses within
+    /// `sharing_window_seconds`: the mark of a copied credential.
+    pub credential_sharing: AnomalyResponse,
+    pub rate_spike: AnomalyResponse,
+    pub cross_agent_probing: AnomalyResponse,
+    pub sharing_window_seconds: u64,
+    /// Networks (CIDR) each of which counts as one address: a NAT or a
+    /// pool of proxies that one agent's requests may leave from.
+    pub shared_networks: Vec<ipnet::IpNet>,
+}
+
+impl Default for AnomalyPolicy {
+    fn default() -> Self {
+        Self {
+            credential_sharing: AnomalyResponse::Alert,
+            rate_spike: AnomalyResponse::Alert,
+            cross_agent_probing: AnomalyResponse::Alert,
+            sharing_window_seconds: DEFAULT_SHARING_WINDOW_SECONDS,
+            shared_networks: Vec::new(),
+        }
+    }
+}
+
+pub const DEFAULT_SHARING_WINDOW_SECONDS: u64 = 60;
+/// Longest sharing window: a day. Beyond it an agent that moved hosts
+/// looks like a thief.
+pub const MAX_SHARING_WINDOW_SECONDS: u64 = 86_400;
+pub const MAX_SHARED_NETWORKS: usize = 256;
 
 /// What the roles of an agent allow for one kind of request.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +152,8 @@ pub enum DocumentError {
     Parse(String),
     #[error("role {0:?}: {1}")]
     Role(String, &'static str),
+    #[error("[anomaly]: {0}")]
+    Anomaly(&'static str),
 }
 
 /// Longest policy accepted, in bytes.
@@ -110,6 +179,15 @@ impl PolicyDocument {
         }
         let document: Self =
             toml::from_str(text).map_err(|e| DocumentError::Parse(e.message().to_owned()))?;
+        let anomaly = &document.anomaly;
+        if !(1..=MAX_SHARING_WINDOW_SECONDS).contains(&anomaly.sharing_window_seconds) {
+            return Err(DocumentError::Anomaly(
+                "sharing_window_seconds must be 1 to 86400 (a day)",
+            ));
+        }
+        if anomaly.shared_networks.len() > MAX_SHARED_NETWORKS {
+            return Err(DocumentError::Anomaly("at most 256 shared_networks"));
+        }
         for (name, role) in &document.roles {
             let err = |what| Err(DocumentError::Role(name.clone(), what));
             if crate::identity::Scope::parse(name).is_err() {

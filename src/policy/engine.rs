@@ -333,6 +333,16 @@ impl PolicyEngine {
         self.in_force().document.is_some()
     }
 
+    /// What the detectors do, under the policy in force (the defaults
+    /// under the built-in policy).
+    pub fn anomaly_policy(&self) -> super::document::AnomalyPolicy {
+        self.in_force()
+            .document
+            .as_ref()
+            .map(|d| d.anomaly.clone())
+            .unwrap_or_default()
+    }
+
     /// How old `roles`' custodial keys may get, under the policy in force.
     pub fn rotate_after(&self, roles: &[String]) -> Option<Duration> {
         self.in_force().document.as_ref()?.rotate_after(roles)

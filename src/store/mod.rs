@@ -32,6 +32,7 @@
 //! record of a change that did not happen.
 
 mod agents;
+mod anomalies;
 mod approvals;
 mod audit;
 mod authority;
@@ -57,6 +58,7 @@ pub use agents::{
     CertificateRecord, CustodialKeyAge, KeyRotation, KeyRotationOutcome, NewCertificate,
     RetiredKey, SignatureRecord,
 };
+pub use anomalies::{AnomalyQuery, AnomalyRecord, AnomalyStore, NewAnomaly, Sighting};
 pub use approvals::{ApprovalRecord, ApprovalStore, VoteOutcome};
 pub use audit::{AuditStore, StoredCheckpoint};
 pub use authority::{AuthorityStore, CaRecord, ServiceKeyRecord};
@@ -104,6 +106,7 @@ pub trait Store:
     + EnrollmentStore
     + HookStore
     + AuditStore
+    + AnomalyStore
     + Send
     + Sync
     + 'static

@@ -258,6 +258,53 @@ impl RevocationMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnomalyLabels {
+    pub kind: &'static str,
+    pub response: &'static str,
+}
+
+/// Anomaly detection (`detect`).
+#[derive(Clone)]
+pub struct DetectMetrics {
+    pub anomalies: Family<AnomalyLabels, Counter>,
+    /// From the first offending request to the detection.
+    pub detection_seconds: Histogram,
+}
+
+impl Default for DetectMetrics {
+    fn default() -> Self {
+        Self {
+            anomalies: Family::default(),
+            // 1 ms to about 65 s.
+            detection_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+        }
+    }
+}
+
+impl DetectMetrics {
+    pub fn detected(&self, kind: &'static str, response: &'static str, after_seconds: f64) {
+        self.anomalies
+            .get_or_create(&AnomalyLabels { kind, response })
+            .inc();
+        self.detection_seconds.observe(after_seconds);
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("keyward");
+        r.register(
+            "anomalies",
+            "Anomalies detected, by kind and the response taken",
+            self.anomalies.clone(),
+        );
+        r.register(
+            "anomaly_detection_seconds",
+            "Time from the first offending request to the detection",
+            self.detection_seconds.clone(),
+        );
+    }
+}
+
 /// Every metric keyward exports.
 #[derive(Clone)]
 pub struct Metrics {
@@ -266,6 +313,7 @@ pub struct Metrics {
     pub revocation: RevocationMetrics,
     pub hooks: HookMetrics,
     pub audit: AuditMetrics,
+    pub detect: DetectMetrics,
     pub certificates_issued: Counter,
     pub agents_created: Counter,
     pub api_errors: Family<HttpLabels, Counter>,
@@ -282,6 +330,8 @@ impl Metrics {
         hooks.register(&mut registry);
         let audit = AuditMetrics::default();
         audit.register(&mut registry);
+        let detect = DetectMetrics::default();
+        detect.register(&mut registry);
         let certificates_issued = Counter::default();
         let agents_created = Counter::default();
         let api_errors = Family::<HttpLabels, Counter>::default();
@@ -307,6 +357,7 @@ impl Metrics {
             revocation,
             hooks,
             audit,
+            detect,
             certificates_issued,
             agents_created,
             api_errors,

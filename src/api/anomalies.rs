@@ -1,0 +1,131 @@
+//! Anomaly detection at the edge: every request's credential and source
+//! address go to the detector, and admins list what it found.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::audit::{checked_filter, unix_ms};
+use super::error::ApiError;
+use super::extract::PeerIdentity;
+use super::{AdminOnly, AppState, ClientAddress};
+use crate::audit::RequestContext;
+use crate::detect::CredentialUse;
+use crate::identity::AgentName;
+use crate::store::AnomalyQuery;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/anomalies", get(list))
+}
+
+const MAX_PAGE: i64 = 1000;
+
+/// Shows the detector each credential used and where from. A client
+/// certificate is known before the handler runs, so a use that makes an
+/// agent's certificate shared suspends the agent before this request is
+/// served; an admin token is known only once the caller check has run.
+/// Detection never fails a request: a store error is logged.
+pub(super) async fn watch_credentials(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(address) = request
+        .extensions()
+        .get::<ClientAddress>()
+        .map(|a| a.0.ip())
+    else {
+        return next.run(request).await;
+    };
+    let certificate = match request.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity::Agent { name, serial, .. }) => {
+            Some((format!("cert:{serial}"), Some(name.clone())))
+        }
+        Some(PeerIdentity::Admin { serial, .. }) => Some((format!("cert:{serial}"), None)),
+        _ => None,
+    };
+    if let Some((credential, agent)) = &certificate {
+        watch(&state, credential, agent.as_ref(), address).await;
+    }
+    let response = next.run(request).await;
+    if certificate.is_none() {
+        if let Some(token) =
+            RequestContext::current_credential().filter(|c| c.starts_with("token:"))
+        {
+            watch(&state, &token, None, address).await;
+        }
+    }
+    response
+}
+
+async fn watch(
+    state: &AppState,
+    credential: &str,
+    agent: Option<&AgentName>,
+    address: std::net::IpAddr,
+) {
+    let usage = CredentialUse {
+        credential,
+        agent,
+        address,
+    };
+    if let Err(e) = state.detector.credential_used(usage).await {
+        tracing::error!(error = %e, credential, "anomaly detection failed for a request");
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    agent: Option<String>,
+    kind: Option<String>,
+    since: Option<String>,
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /v1/anomalies?agent=&kind=&since=&before=&limit=`, newest first;
+/// `next` is the `before` of the next page.
+async fn list(
+    State(state): State<Arc<AppState>>,
+    _admin: AdminOnly,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let raw: ListQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or_default())
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let limit = match raw.limit.as_deref() {
+        None => 100,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit is 1 to 1000"))?,
+    };
+    let before =
+        raw.before
+            .as_deref()
+            .map(|b| {
+                b.parse::<i64>().ok().filter(|b| *b > 0).ok_or_else(|| {
+                    ApiError::bad_request("invalid_before", "before is an anomaly id")
+                })
+            })
+            .transpose()?;
+    let query = AnomalyQuery {
+        agent: raw.agent.map(checked_filter).transpose()?,
+        kind: raw.kind.map(checked_filter).transpose()?,
+        since_ms: raw.since.as_deref().map(unix_ms).transpose()?,
+        before,
+        limit,
+    };
+    let anomalies = state.detector.anomalies(&query).await?;
+    let next = (anomalies.len() == limit as usize)
+        .then(|| anomalies.last().map(|a| a.id))
+        .flatten();
+    Ok(axum::Json(json!({"anomalies": anomalies, "next": next})).into_response())
+}

@@ -1,0 +1,264 @@
+//! Anomaly detectors over the request stream, and the response the policy
+//! in force asks for (`[anomaly]`: off, alert, or suspend).
+//!
+//! **Credential sharing**: one credential (an agent's or an admin's
+//! client certificate, or an admin token) used from two or more source
+//! addresses within the sharing window. A stolen certificate and key work
+//! from anywhere; where they are used from is what a thief cannot copy.
+//! Addresses, not ports: an agent that reconnects uses a new port. A
+//! renewed certificate is a new credential, so renewal is never sharing.
+//! Addresses inside one of the policy's `shared_networks` count as one
+//! (a NAT, a pool of proxies).
+//!
+//! Replicas see one another's sightings through the store
+//! (`credential_sightings`): a credential used on one replica from one
+//! address and on another from a second is caught on the second. The
+//! store is written only when this replica sees a (credential, address)
+//! pair it has not written within a quarter of the window, so steady
+//! traffic costs a map lookup per request, not a database write.
+//!
+//! Each detection is stored once per credential and window, however many
+//! replicas notice it, with an audit entry (`anomaly`) and a hook event of
+//! type `anomaly` in the same transaction; then counted, and, under
+//! `suspend`, the agent is suspended at once (certificateHold) until an
+//! admin resumes it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::agents::{AgentError, Registry, StatusChange};
+use crate::audit::AuditEvent;
+use crate::identity::AgentName;
+use crate::policy::document::{AnomalyPolicy, AnomalyResponse};
+use crate::policy::engine::PolicyEngine;
+use crate::store::{AnomalyQuery, AnomalyRecord, NewAnomaly, Store, StoreError};
+use crate::telemetry::DetectMetrics;
+
+pub const CREDENTIAL_SHARING: &str = "credential_sharing";
+/// The actor of a suspension the detector makes.
+const DETECTOR: &str = "keyward:detect";
+/// Pairs this replica remembers writing; past it the map starts afresh
+/// (the store still holds every sighting, so nothing is missed: the next
+/// use of each pair writes again).
+const MAX_REMEMBERED_PAIRS: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("suspending the agent failed: {0}")]
+    Suspend(#[from] AgentError),
+}
+
+/// Who used which credential from where.
+#[derive(Clone, Debug)]
+pub struct CredentialUse<'a> {
+    /// `cert:<serial>` or `token:<id>`.
+    pub credential: &'a str,
+    /// The agent the credential is, for an agent's certificate.
+    pub agent: Option<&'a AgentName>,
+    pub address: IpAddr,
+}
+
+pub struct Detector {
+    store: Arc<dyn Store>,
+    policy: Arc<PolicyEngine>,
+    registry: Arc<Registry>,
+    metrics: DetectMetrics,
+    /// (credential, address as counted) -> when this replica last wrote
+    /// the sighting to the store.
+    written: Mutex<HashMap<(String, String), Instant>>,
+}
+
+impl Detector {
+    pub fn new(
+        store: Arc<dyn Store>,
+        policy: Arc<PolicyEngine>,
+        registry: Arc<Registry>,
+        metrics: DetectMetrics,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            registry,
+            metrics,
+            written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Notes a use of a credential; when it makes credential sharing,
+    /// records the anomaly and responds as the policy says. Returns the
+    /// anomaly when this call detected it.
+    pub async fn credential_used(
+        &self,
+        usage: CredentialUse<'_>,
+    ) -> Result<Option<AnomalyRecord>, DetectError> {
+        let policy = self.policy.anomaly_policy();
+        if policy.credential_sharing == AnomalyResponse::Off {
+            return Ok(None);
+        }
+        let window = Duration::from_secs(policy.sharing_window_seconds);
+        let address = counted_address(&policy, usage.address);
+        let pair = (usage.credential.to_owned(), address);
+        if !self.due_for_writing(&pair, window / 4) {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let since = now - window.as_millis() as i64;
+        let seen = self
+            .store
+            .sight_credential(
+                usage.credential,
+                &pair.1,
+                usage.agent.map(AgentName::as_str),
+                now,
+                since,
+            )
+            .await?;
+        if seen.len() < 2 {
+            return Ok(None);
+        }
+        // The offense is the first use from a second address.
+        let first_offense_ms = seen
+            .iter()
+            .map(|s| s.first_seen_ms.max(since))
+            .nth(1)
+            .unwrap_or(now);
+        let addresses: Vec<&str> = seen.iter().map(|s| s.address.as_str()).collect();
+        let response = match (policy.credential_sharing, usage.agent) {
+            // Only an agent can be quarantined; an admin credential alerts.
+            (AnomalyResponse::Suspend, Some(_)) => AnomalyResponse::Suspend,
+            _ => AnomalyResponse::Alert,
+        };
+        let anomaly = NewAnomaly {
+            kind: CREDENTIAL_SHARING,
+            agent: usage.agent.map(|a| a.as_str().to_owned()),
+            credential: usage.credential.to_owned(),
+            response: response.as_str(),
+            first_offense_ms,
+            detected_at_ms: now,
+            details: serde_json::json!({
+                "addresses": addresses,
+                "window_seconds": policy.sharing_window_seconds,
+            }),
+        };
+        self.respond(anomaly, response, since, usage.agent).await
+    }
+
+    async fn respond(
+        &self,
+        anomaly: NewAnomaly,
+        response: AnomalyResponse,
+        since_ms: i64,
+        agent: Option<&AgentName>,
+    ) -> Result<Option<AnomalyRecord>, DetectError> {
+        let mut audit = AuditEvent::new(DETECTOR, "anomaly", anomaly.credential.as_str())
+            .with("kind", anomaly.kind)
+            .with("response", anomaly.response)
+            .with("first_offense_ms", anomaly.first_offense_ms)
+            .with("seen", anomaly.details.clone());
+        if let Some(agent) = &anomaly.agent {
+            audit = audit.agent(agent.as_str());
+        }
+        let Some(record) = self
+            .store
+            .record_anomaly(&anomaly, since_ms, &audit)
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.metrics.detected(
+            anomaly.kind,
+            anomaly.response,
+            (anomaly.detected_at_ms - anomaly.first_offense_ms).max(0) as f64 / 1000.0,
+        );
+        tracing::warn!(
+            kind = anomaly.kind,
+            agent = anomaly.agent.as_deref().unwrap_or("-"),
+            credential = %anomaly.credential,
+            response = anomaly.response,
+            seen = %anomaly.details,
+            "anomaly detected"
+        );
+        if let (AnomalyResponse::Suspend, Some(agent)) = (response, agent) {
+            self.registry
+                .change_status(DETECTOR, agent, StatusChange::Suspend)
+                .await?;
+        }
+        Ok(Some(record))
+    }
+
+    /// Whether this replica should write the pair's sighting now: it has
+    /// not within `refresh` (so that every replica's view of the pair is at
+    /// most that stale).
+    fn due_for_writing(&self, pair: &(String, String), refresh: Duration) -> bool {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if written
+            .get(pair)
+            .is_some_and(|at| now.duration_since(*at) < refresh)
+        {
+            return false;
+        }
+        if written.len() >= MAX_REMEMBERED_PAIRS {
+            written.clear();
+        }
+        written.insert(pair.clone(), now);
+        true
+    }
+
+    /// Anomalies, newest first.
+    pub async fn anomalies(&self, query: &AnomalyQuery) -> Result<Vec<AnomalyRecord>, DetectError> {
+        Ok(self.store.anomalies(query).await?)
+    }
+
+    /// Forgets sightings older than a day, the longest window a policy
+    /// may set.
+    pub async fn prune(&self) -> Result<(), StoreError> {
+        let day = crate::policy::document::MAX_SHARING_WINDOW_SECONDS as i64 * 1000;
+        self.store.prune_sightings(now_ms() - day).await?;
+        Ok(())
+    }
+}
+
+/// The address as detection counts it: the shared network it is in, else
+/// itself (an IPv4-mapped IPv6 address as IPv4).
+fn counted_address(policy: &AnomalyPolicy, address: IpAddr) -> String {
+    let address = match address {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    policy
+        .shared_networks
+        .iter()
+        .find(|network| network.contains(&address))
+        .map(|network| network.to_string())
+        .unwrap_or_else(|| address.to_string())
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_in_one_shared_network_count_as_one() {
+        let policy = AnomalyPolicy {
+            shared_networks: vec!["10.1.0.0/16".parse().unwrap()],
+            ..AnomalyPolicy::default()
+        };
+        let counted = |a: &str| counted_address(&policy, a.parse().unwrap());
+        assert_eq!(counted("10.1.2.3"), counted("10.1.200.7"));
+        assert_eq!(counted("10.1.2.3"), "10.1.0.0/16");
+        assert_ne!(counted("10.2.0.1"), counted("10.2.0.2"));
+        assert_eq!(counted("::ffff:127.0.0.2"), "127.0.0.2");
+    }
+}

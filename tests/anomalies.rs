@@ -1,0 +1,295 @@
+//! Anomaly detection, as an attacker meets it: an agent's client
+//! certificate and key copied and used from a second address, on another
+//! replica, is caught and the agent quarantined until an admin resumes
+//! it; an agent that only reconnects or renews is left alone.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::{Db, Server};
+use serde_json::{json, Value};
+
+const QUARANTINE_POLICY: &str = r#"
+[roles.worker]
+actions = ["sign", "message", "issue_cert"]
+
+[anomaly]
+credential_sharing = "suspend"
+"#;
+
+fn sign_body() -> Value {
+    json!({"message_b64": base64::engine::general_purpose::STANDARD.encode(b"hello")})
+}
+
+/// The agent's certificate and key in a client that connects from
+/// `address`: a copy of the credential on another host.
+fn client_from(server: &Server, certificate: &Value, key: &Path, address: &str) -> reqwest::Client {
+    let mut identity = certificate["certificate_pem"]
+        .as_str()
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    identity.extend(std::fs::read(key).unwrap());
+    let ca = std::fs::read(server.path("ca.pem")).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .local_address(address.parse::<IpAddr>().unwrap())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn sign_at(client: &reqwest::Client, base: &str, agent: &str) -> u16 {
+    client
+        .post(format!("{base}/v1/agents/{agent}/sign"))
+        .json(&sign_body())
+        .send()
+        .await
+        .expect("reached keyward")
+        .status()
+        .as_u16()
+}
+
+async fn apply(server: &Server, policy: &str) {
+    let (status, body) = server
+        .admin("POST", "/v1/policies", Some(json!({"content": policy})))
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn status_of(server: &Server, agent: &str) -> String {
+    let (_, body) = server
+        .admin("GET", &format!("/v1/agents/{agent}"), None)
+        .await;
+    body["status"].as_str().unwrap_or_default().to_owned()
+}
+
+async fn a_copied_certificate_used_from_a_second_address_on_another_replica_is_quarantined(_: Db) {
+    let server = Server::start(Db::Postgres).await;
+    apply(&server, QUARANTINE_POLICY).await;
+    let replica = server.spawn_replica();
+    let mut detection_ms = Vec::new();
+    let mut suspended_after = Vec::new();
+    let mut everywhere_after = Vec::new();
+    for run in 0..10 {
+        let agent = format!("victim-{run}");
+        let (key, certificate) = common::enrolled_with(&server, &agent, &["worker"]).await;
+        let owner = client_from(&server, &certificate, &key, "127.0.0.1");
+        let thief = client_from(&server, &certificate, &key, "127.0.0.2");
+        assert_eq!(sign_at(&owner, &server.url, &agent).await, 200);
+
+        let attacked = Instant::now();
+        // The first request from the copy is already refused: the
+        // credential is checked before the request is served.
+        assert_eq!(sign_at(&thief, &replica.url, &agent).await, 403);
+        let mut status = status_of(&server, &agent).await;
+        while status != "suspended" && attacked.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            status = status_of(&server, &agent).await;
+        }
+        assert_eq!(
+            status, "suspended",
+            "run {run}: not quarantined within 10 s"
+        );
+        suspended_after.push(attacked.elapsed().as_millis());
+
+        // Quarantine holds for the owner too: on the replica that caught
+        // the copy at once, on the other as soon as its revocation set
+        // reloads (a NOTIFY away), until a human looks.
+        assert_eq!(sign_at(&owner, &replica.url, &agent).await, 403);
+        while sign_at(&owner, &server.url, &agent).await != 403 {
+            assert!(
+                attacked.elapsed() < Duration::from_secs(10),
+                "run {run}: the other replica still signs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        everywhere_after.push(attacked.elapsed().as_millis());
+        let (_, listed) = server
+            .admin("GET", &format!("/v1/anomalies?agent={agent}"), None)
+            .await;
+        let anomalies = listed["anomalies"].as_array().unwrap();
+        assert_eq!(
+            anomalies.len(),
+            1,
+            "one detection, however many replicas: {listed}"
+        );
+        let anomaly = &anomalies[0];
+        assert_eq!(anomaly["kind"], "credential_sharing");
+        assert_eq!(anomaly["response"], "suspend");
+        let seen: Vec<&str> = anomaly["details"]["addresses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(seen, ["127.0.0.1", "127.0.0.2"]);
+        detection_ms.push(
+            anomaly["detected_at_ms"].as_i64().unwrap()
+                - anomaly["first_offense_ms"].as_i64().unwrap(),
+        );
+
+        let (status, body) = server
+            .admin(
+                "POST",
+                &format!("/v1/agents/{agent}/resume"),
+                Some(json!({})),
+            )
+            .await;
+        assert!(status < 300, "{status} {body}");
+        assert_eq!(sign_at(&owner, &server.url, &agent).await, 200);
+    }
+    println!(
+        "time to detect (first offending request to detection), ms: {detection_ms:?}; \
+         attack request sent to status suspended seen, ms: {suspended_after:?}; \
+         to both replicas refusing, ms: {everywhere_after:?}"
+    );
+
+    // Each detection is an audit entry, a metric, and a hook event type.
+    let anomalies_audited = server
+        .sql("SELECT COUNT(*) FROM audit_entries WHERE action = 'anomaly'")
+        .await;
+    assert_eq!(anomalies_audited, Some(10));
+    let suspensions_by_detector = server
+        .sql(
+            "SELECT COUNT(*) FROM audit_entries
+             WHERE action = 'agent.suspend' AND actor = 'keyward:detect'",
+        )
+        .await;
+    assert_eq!(suspensions_by_detector, Some(10));
+    let metrics = metrics_text(&server, &replica.url).await;
+    assert!(
+        metrics.contains(
+            r#"keyward_anomalies_total{kind="credential_sharing",response="suspend"} 10"#
+        ),
+        "{metrics}"
+    );
+}
+
+async fn metrics_text(server: &Server, base: &str) -> String {
+    server
+        .client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(server.admin_token.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn an_agent_that_reconnects_or_renews_is_not_flagged(db: Db) {
+    let server = Server::start(db).await;
+    apply(&server, QUARANTINE_POLICY).await;
+    let (key, certificate) = common::enrolled_with(&server, "steady", &["worker"]).await;
+    // A new connection each time: a new source port, the same address.
+    for _ in 0..5 {
+        let client = client_from(&server, &certificate, &key, "127.0.0.1");
+        assert_eq!(sign_at(&client, &server.url, "steady").await, 200);
+    }
+    // Renewal gives a new certificate: a new credential.
+    let client = client_from(&server, &certificate, &key, "127.0.0.1");
+    let (new_key, new_csr) = common::key_and_csr(server.data_dir.path(), "steady-next");
+    let (status, renewed) =
+        common::post(&client, &server, "/v1/renew", json!({"csr_pem": new_csr})).await;
+    assert_eq!(status, 201, "{renewed}");
+    let next = client_from(&server, &renewed, &new_key, "127.0.0.1");
+    assert_eq!(sign_at(&next, &server.url, "steady").await, 200);
+    assert_eq!(sign_at(&client, &server.url, "steady").await, 200);
+
+    assert_eq!(status_of(&server, "steady").await, "active");
+    let (status, listed) = server.admin("GET", "/v1/anomalies", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["anomalies"], json!([]), "{listed}");
+}
+
+async fn under_alert_a_shared_credential_is_listed_and_the_agent_keeps_working(db: Db) {
+    let server = Server::start(db).await;
+    apply(
+        &server,
+        "[roles.worker]\nactions = [\"sign\"]\n[anomaly]\ncredential_sharing = \"alert\"\n",
+    )
+    .await;
+    let (key, certificate) = common::enrolled_with(&server, "watched", &["worker"]).await;
+    let owner = client_from(&server, &certificate, &key, "127.0.0.1");
+    let copy = client_from(&server, &certificate, &key, "127.0.0.2");
+    assert_eq!(sign_at(&owner, &server.url, "watched").await, 200);
+    assert_eq!(sign_at(&copy, &server.url, "watched").await, 200);
+    assert_eq!(status_of(&server, "watched").await, "active");
+    let (_, listed) = server
+        .admin("GET", "/v1/anomalies?kind=credential_sharing", None)
+        .await;
+    assert_eq!(listed["anomalies"][0]["response"], "alert", "{listed}");
+    assert_eq!(listed["anomalies"][0]["agent"], "watched");
+}
+
+async fn anomaly_listing_refuses_bad_queries_and_agents(db: Db) {
+    let server = Server::start(db).await;
+    for (query, code) in [
+        ("limit=0", "invalid_limit"),
+        ("limit=1001", "invalid_limit"),
+        ("limit=x", "invalid_limit"),
+        ("before=abc", "invalid_before"),
+        ("before=-1", "invalid_before"),
+        ("since=yesterday", "invalid_time"),
+        ("kind=%07", "invalid_filter"),
+        ("colour=red", "invalid_query"),
+    ] {
+        let (status, body) = server
+            .admin("GET", &format!("/v1/anomalies?{query}"), None)
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{query}: {body}"
+        );
+    }
+    let (key, certificate) = common::enrolled(&server, "curious").await;
+    let agent = client_from(&server, &certificate, &key, "127.0.0.1");
+    let response = agent
+        .get(format!("{}/v1/anomalies", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+}
+
+async fn a_policy_with_a_bad_anomaly_section_is_refused(db: Db) {
+    let server = Server::start(db).await;
+    for policy in [
+        "[anomaly]\ncredential_sharing = \"explode\"\n",
+        "[anomaly]\nsharing_window_seconds = 0\n",
+        "[anomaly]\nsharing_window_seconds = 86401\n",
+        "[anomaly]\nshared_networks = [\"10.0.0.0/33\"]\n",
+        "[anomaly]\nunknown = 1\n",
+    ] {
+        let (status, body) = server
+            .admin("POST", "/v1/policies", Some(json!({"content": policy})))
+            .await;
+        assert_eq!(status, 400, "{policy}: {body}");
+    }
+    let (_, versions) = server.admin("GET", "/v1/policies", None).await;
+    assert_eq!(versions["versions"], json!([]), "nothing was applied");
+}
+
+on_both_databases!(
+    an_agent_that_reconnects_or_renews_is_not_flagged,
+    under_alert_a_shared_credential_is_listed_and_the_agent_keeps_working,
+    anomaly_listing_refuses_bad_queries_and_agents,
+    a_policy_with_a_bad_anomaly_section_is_refused,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_a_copied_certificate_used_from_a_second_address_on_another_replica_is_quarantined(
+) {
+    a_copied_certificate_used_from_a_second_address_on_another_replica_is_quarantined(Db::Postgres)
+        .await
+}
