@@ -238,121 +238,140 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let Some(value) = parts.headers.get(AUTHORIZATION) else {
-            let peer = parts.extensions.get::<PeerIdentity>().cloned();
-            return match peer {
-                Some(PeerIdentity::Agent {
-                    name,
-                    serial,
-                    not_before,
-                    not_after,
-                }) => {
-                    // One reading of the revocation set for both checks. The
-                    // agent's own standing is checked as well as the serial:
-                    // a certificate a revocation did not list (issued on
-                    // another replica the moment before) must not outlive it.
-                    // A suspended agent (its certificates on hold) is known
-                    // and refused, as the admin path refuses it (403); a
-                    // revoked certificate authenticates no one (401).
-                    let revoked = state.registry.revocations().current();
-                    match revoked.certificate(&serial) {
-                        Some(r) if r.reason == "certificateHold" => {
-                            return Err(ApiError::new(
-                                axum::http::StatusCode::FORBIDDEN,
-                                "agent_not_active",
-                                "the agent is suspended",
-                            ));
-                        }
-                        Some(_) => {
-                            return Err(ApiError::unauthenticated(
-                                "certificate_revoked",
-                                "the client certificate is revoked",
-                            ));
-                        }
-                        None => {}
-                    }
-                    if let Some(status) = revoked.inactive_status(name.as_str()) {
+        let method = if parts.headers.contains_key(AUTHORIZATION) {
+            "token"
+        } else {
+            "client_certificate"
+        };
+        let identified = identify(parts, state).await;
+        let outcome = match &identified {
+            Ok(_) => "ok",
+            Err(refused) => refused.code,
+        };
+        state
+            .metrics
+            .authentications
+            .get_or_create(&crate::telemetry::AuthenticationLabels { method, outcome })
+            .inc();
+        identified
+    }
+}
+
+async fn identify(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
+    let Some(value) = parts.headers.get(AUTHORIZATION) else {
+        let peer = parts.extensions.get::<PeerIdentity>().cloned();
+        return match peer {
+            Some(PeerIdentity::Agent {
+                name,
+                serial,
+                not_before,
+                not_after,
+            }) => {
+                // One reading of the revocation set for both checks. The
+                // agent's own standing is checked as well as the serial:
+                // a certificate a revocation did not list (issued on
+                // another replica the moment before) must not outlive it.
+                // A suspended agent (its certificates on hold) is known
+                // and refused, as the admin path refuses it (403); a
+                // revoked certificate authenticates no one (401).
+                let revoked = state.registry.revocations().current();
+                match revoked.certificate(&serial) {
+                    Some(r) if r.reason == "certificateHold" => {
                         return Err(ApiError::new(
                             axum::http::StatusCode::FORBIDDEN,
                             "agent_not_active",
-                            format!("the agent is {status}"),
+                            "the agent is suspended",
                         ));
                     }
-                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                    if now >= not_after {
+                    Some(_) => {
                         return Err(ApiError::unauthenticated(
-                            "certificate_expired",
-                            "the client certificate has expired: reconnect with a renewed one",
+                            "certificate_revoked",
+                            "the client certificate is revoked",
                         ));
                     }
-                    // keyward backdates notBefore for clock skew; the
-                    // lifetime it granted starts at issuance.
-                    let issued = not_before + crate::pki::profile::BACKDATE.as_secs() as i64;
-                    let past_half_life = now >= issued + (not_after - issued) / 2;
-                    if past_half_life
-                        && parts.uri.path() != "/v1/renew"
-                        && state.requests.must_renew_at_half_life(&name).await
-                    {
-                        return Err(ApiError::unauthenticated(
-                            "renewal_required",
-                            "the policy requires renewal at half the certificate's lifetime: \
-                             POST /v1/renew first",
-                        ));
-                    }
-                    crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
-                    Ok(Caller::Agent(name))
+                    None => {}
                 }
-                Some(PeerIdentity::Admin {
+                if let Some(status) = revoked.inactive_status(name.as_str()) {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::FORBIDDEN,
+                        "agent_not_active",
+                        format!("the agent is {status}"),
+                    ));
+                }
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                if now >= not_after {
+                    return Err(ApiError::unauthenticated(
+                        "certificate_expired",
+                        "the client certificate has expired: reconnect with a renewed one",
+                    ));
+                }
+                // keyward backdates notBefore for clock skew; the
+                // lifetime it granted starts at issuance.
+                let issued = not_before + crate::pki::profile::BACKDATE.as_secs() as i64;
+                let past_half_life = now >= issued + (not_after - issued) / 2;
+                if past_half_life
+                    && parts.uri.path() != "/v1/renew"
+                    && state.requests.must_renew_at_half_life(&name).await
+                {
+                    return Err(ApiError::unauthenticated(
+                        "renewal_required",
+                        "the policy requires renewal at half the certificate's lifetime: \
+                         POST /v1/renew first",
+                    ));
+                }
+                crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
+                Ok(Caller::Agent(name))
+            }
+            Some(PeerIdentity::Admin {
+                name,
+                serial,
+                not_after,
+            }) => {
+                if time::OffsetDateTime::now_utc().unix_timestamp() >= not_after {
+                    return Err(ApiError::unauthenticated(
+                        "certificate_expired",
+                        "the client certificate has expired",
+                    ));
+                }
+                crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
+                Ok(Caller::Admin(Admin {
                     name,
-                    serial,
-                    not_after,
-                }) => {
-                    if time::OffsetDateTime::now_utc().unix_timestamp() >= not_after {
-                        return Err(ApiError::unauthenticated(
-                            "certificate_expired",
-                            "the client certificate has expired",
-                        ));
-                    }
-                    crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
-                    Ok(Caller::Admin(Admin {
-                        name,
-                        credential: format!("cert:{serial}"),
-                    }))
-                }
-                Some(PeerIdentity::NotAnAgent) => Err(ApiError::unauthenticated(
-                    "not_an_agent_certificate",
-                    "the client certificate names no agent of this trust domain",
-                )),
-                Some(PeerIdentity::None) | None => Err(ApiError::unauthenticated(
-                    "unauthenticated",
-                    "present an agent client certificate or Authorization: Bearer <admin token>",
-                )),
-            };
+                    credential: format!("cert:{serial}"),
+                }))
+            }
+            Some(PeerIdentity::NotAnAgent) => Err(ApiError::unauthenticated(
+                "not_an_agent_certificate",
+                "the client certificate names no agent of this trust domain",
+            )),
+            Some(PeerIdentity::None) | None => Err(ApiError::unauthenticated(
+                "unauthenticated",
+                "present an agent client certificate or Authorization: Bearer <admin token>",
+            )),
         };
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .unwrap_or_default();
-        if !state.admin_token_enabled {
-            return Err(ApiError::unauthenticated(
-                "admin_token_disabled",
-                "admin tokens are switched off here: use an admin client certificate",
-            ));
-        }
-        let admin = (!token.is_empty())
-            .then(|| state.admin_tokens.identify(token))
-            .flatten();
-        if let Some(admin) = admin {
-            crate::audit::RequestContext::set_credential(admin.credential.clone());
-            Ok(Caller::Admin(admin))
-        } else {
-            Err(ApiError::unauthenticated(
-                "invalid_credentials",
-                "the credentials are not valid",
-            ))
-        }
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    if !state.admin_token_enabled {
+        return Err(ApiError::unauthenticated(
+            "admin_token_disabled",
+            "admin tokens are switched off here: use an admin client certificate",
+        ));
+    }
+    let admin = (!token.is_empty())
+        .then(|| state.admin_tokens.identify(token))
+        .flatten();
+    if let Some(admin) = admin {
+        crate::audit::RequestContext::set_credential(admin.credential.clone());
+        Ok(Caller::Admin(admin))
+    } else {
+        Err(ApiError::unauthenticated(
+            "invalid_credentials",
+            "the credentials are not valid",
+        ))
     }
 }
 

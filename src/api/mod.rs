@@ -100,14 +100,50 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             anomalies::watch_credentials,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            time_request,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(read_body_first))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
 
+/// `http_server_request_duration_seconds` by method, route template and
+/// status; a path no route matched counts as `unmatched`.
+async fn time_request(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .http_requests
+        .get_or_create(&crate::telemetry::RequestLabels {
+            method,
+            route,
+            status: response.status().as_u16(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
 async fn count_errors(State(state): State<Arc<AppState>>, response: Response) -> Response {
     if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        // Partitioning's refusals are decisions the versioned policy never
+        // sees (`policy::authorize`); the engine counts its own.
+        if let code @ ("other_agent" | "admin_only") = *code {
+            state.metrics.policy.decided("partition", "deny", code);
+        }
         state
             .metrics
             .api_errors

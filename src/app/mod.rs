@@ -249,7 +249,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
     )
     .context("building the hook client")?;
     hooks.start(&tasks);
-    let policy = crate::policy::engine::PolicyEngine::load(store.clone())
+    let policy = crate::policy::engine::PolicyEngine::load(store.clone(), metrics.policy.clone())
         .await
         .context("loading the policy")?;
     policy.watch(&tasks);

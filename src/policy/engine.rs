@@ -59,6 +59,16 @@ impl AgentRequest<'_> {
         }
     }
 
+    /// The action as the decisions metric names it.
+    fn action_name(&self) -> &'static str {
+        match self {
+            AgentRequest::Sign => "sign",
+            AgentRequest::Message { .. } => "message",
+            AgentRequest::IssueCertificate(_) => "issue_cert",
+            AgentRequest::Renew(_) => "renew",
+        }
+    }
+
     fn requested_ttl(&self) -> Option<RequestedTtl> {
         match self {
             AgentRequest::IssueCertificate(ttl) | AgentRequest::Renew(ttl) => Some(*ttl),
@@ -109,6 +119,7 @@ struct Bucket {
 
 pub struct PolicyEngine {
     store: Arc<dyn Store>,
+    metrics: crate::telemetry::PolicyMetrics,
     in_force: RwLock<Arc<InForce>>,
     buckets: Mutex<HashMap<(AgentName, BucketKind), Bucket>>,
 }
@@ -124,9 +135,13 @@ pub enum ApplyError {
 }
 
 impl PolicyEngine {
-    pub async fn load(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+    pub async fn load(
+        store: Arc<dyn Store>,
+        metrics: crate::telemetry::PolicyMetrics,
+    ) -> Result<Arc<Self>, StoreError> {
         let engine = Arc::new(Self {
             store,
+            metrics,
             in_force: RwLock::new(Arc::new(InForce {
                 version: BUILTIN_POLICY_VERSION,
                 document: None,
@@ -237,6 +252,28 @@ impl PolicyEngine {
     /// revocation state first: this decides on what it is given, and a
     /// request that reaches it may be charged to the agent's rate.
     pub async fn permit(
+        &self,
+        caller: &Caller,
+        agent: &AgentName,
+        roles: &[String],
+        request: AgentRequest<'_>,
+    ) -> Result<Permit, PolicyError> {
+        let action = request.action_name();
+        let decided = self.decide(caller, agent, roles, request).await;
+        let (decision, reason) = match &decided {
+            Ok(permit) if permit.approvals_required > 0 => ("held", "approval_required"),
+            Ok(_) => ("allow", "granted"),
+            Err(PolicyError::Denied { reason, .. }) | Err(PolicyError::Forbidden { reason }) => {
+                ("deny", *reason)
+            }
+            Err(PolicyError::TtlAboveLimit { .. }) => ("deny", "ttl_above_policy"),
+            Err(PolicyError::RateLimited { .. }) => ("deny", "rate_limited"),
+        };
+        self.metrics.decided(action, decision, reason);
+        decided
+    }
+
+    async fn decide(
         &self,
         caller: &Caller,
         agent: &AgentName,

@@ -259,6 +259,49 @@ impl RevocationMetrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub action: &'static str,
+    /// `allow`, `deny` or `held`.
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+/// The policy's decisions on what agents ask for (`keyward_policy_decisions_total`).
+#[derive(Clone, Default)]
+pub struct PolicyMetrics {
+    pub decisions: Family<DecisionLabels, Counter>,
+}
+
+impl PolicyMetrics {
+    pub fn decided(&self, action: &'static str, decision: &'static str, reason: &'static str) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                action,
+                decision,
+                reason,
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    /// The route template (`/v1/agents/{name}/sign`), never the path: a
+    /// label per agent name would grow without bound.
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthenticationLabels {
+    /// `client_certificate` or `token`.
+    pub method: &'static str,
+    /// `ok`, or the refusal's code.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AnomalyLabels {
     pub kind: &'static str,
     pub response: &'static str,
@@ -314,6 +357,11 @@ pub struct Metrics {
     pub hooks: HookMetrics,
     pub audit: AuditMetrics,
     pub detect: DetectMetrics,
+    pub policy: PolicyMetrics,
+    /// `http_server_request_duration_seconds`, as OpenTelemetry's HTTP
+    /// semantic conventions name it.
+    pub http_requests: Family<RequestLabels, Histogram>,
+    pub authentications: Family<AuthenticationLabels, Counter>,
     pub certificates_issued: Counter,
     pub agents_created: Counter,
     pub api_errors: Family<HttpLabels, Counter>,
@@ -332,6 +380,16 @@ impl Metrics {
         audit.register(&mut registry);
         let detect = DetectMetrics::default();
         detect.register(&mut registry);
+        let policy = PolicyMetrics::default();
+        let http_requests = Family::<RequestLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))) as fn() -> Histogram,
+        );
+        let authentications = Family::<AuthenticationLabels, Counter>::default();
+        registry.register(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP requests served, by method, route template and status",
+            http_requests.clone(),
+        );
         let certificates_issued = Counter::default();
         let agents_created = Counter::default();
         let api_errors = Family::<HttpLabels, Counter>::default();
@@ -351,6 +409,16 @@ impl Metrics {
             "API error answers by machine-readable code",
             api_errors.clone(),
         );
+        r.register(
+            "policy_decisions",
+            "The policy's decisions on agents' requests: allow, deny or held, with the reason",
+            policy.decisions.clone(),
+        );
+        r.register(
+            "authentications",
+            "Callers authenticated or refused, by method and outcome",
+            authentications.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             pool,
@@ -358,6 +426,9 @@ impl Metrics {
             hooks,
             audit,
             detect,
+            policy,
+            http_requests,
+            authentications,
             certificates_issued,
             agents_created,
             api_errors,
