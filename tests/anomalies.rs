@@ -152,6 +152,23 @@ async fn a_copied_certificate_used_from_a_second_address_on_another_replica_is_q
          to both replicas refusing, ms: {everywhere_after:?}"
     );
 
+    // The KPIs count what happened: ten detections, each followed by a
+    // suspension, and what was allowed.
+    let (status, kpis) = server
+        .admin("GET", "/v1/kpis?window_seconds=3600", None)
+        .await;
+    assert_eq!(status, 200, "{kpis}");
+    assert_eq!(kpis["window_seconds"], 3600);
+    assert_eq!(kpis["anomalies_detected"], 10, "{kpis}");
+    assert_eq!(kpis["anomalies_revoked"], 10, "{kpis}");
+    let mean_to_revoke = kpis["mean_time_to_revoke_seconds"].as_f64().unwrap();
+    assert!((0.0..10.0).contains(&mean_to_revoke), "{kpis}");
+    assert_eq!(kpis["mean_time_to_detect_seconds"].as_f64(), Some(0.0));
+    // Twenty signatures, and the ten client certificates enrollment issued.
+    assert_eq!(kpis["requests_allowed"], 30, "{kpis}");
+    assert_eq!(kpis["policy_compliant_ratio"].as_f64(), Some(1.0));
+    println!("KPIs: {kpis}");
+
     // Each detection is an audit entry, a metric, and a hook event type.
     let anomalies_audited = server
         .sql("SELECT COUNT(*) FROM audit_entries WHERE action = 'anomaly'")
@@ -262,6 +279,42 @@ async fn anomaly_listing_refuses_bad_queries_and_agents(db: Db) {
     assert_eq!(response.status().as_u16(), 403);
 }
 
+async fn kpis_refuse_bad_windows_and_agents(db: Db) {
+    let server = Server::start(db).await;
+    for query in [
+        "window_seconds=0",
+        "window_seconds=7776001",
+        "window_seconds=x",
+    ] {
+        let (status, body) = server
+            .admin("GET", &format!("/v1/kpis?{query}"), None)
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_window")),
+            "{query}: {body}"
+        );
+    }
+    let (status, body) = server.admin("GET", "/v1/kpis?window=1", None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_query"))
+    );
+    // Nothing happened yet: no means to take, and they say so.
+    let (status, kpis) = server.admin("GET", "/v1/kpis", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(kpis["mean_time_to_detect_seconds"], Value::Null, "{kpis}");
+    assert_eq!(kpis["window_seconds"], 86_400);
+    let (key, certificate) = common::enrolled(&server, "nosy").await;
+    let agent = client_from(&server, &certificate, &key, "127.0.0.1");
+    let response = agent
+        .get(format!("{}/v1/kpis", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+}
+
 async fn a_policy_with_a_bad_anomaly_section_is_refused(db: Db) {
     let server = Server::start(db).await;
     for policy in [
@@ -285,6 +338,7 @@ on_both_databases!(
     under_alert_a_shared_credential_is_listed_and_the_agent_keeps_working,
     anomaly_listing_refuses_bad_queries_and_agents,
     a_policy_with_a_bad_anomaly_section_is_refused,
+    kpis_refuse_bad_windows_and_agents,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,9 @@ use crate::identity::AgentName;
 use crate::store::AnomalyQuery;
 
 pub fn router() -> Router<Arc<AppState>> {
-    Router::new().route("/v1/anomalies", get(list))
+    Router::new()
+        .route("/v1/anomalies", get(list))
+        .route("/v1/kpis", get(kpis))
 }
 
 const MAX_PAGE: i64 = 1000;
@@ -128,4 +130,41 @@ async fn list(
         .then(|| anomalies.last().map(|a| a.id))
         .flatten();
     Ok(axum::Json(json!({"anomalies": anomalies, "next": next})).into_response())
+}
+
+/// The default KPI window: a day.
+const DEFAULT_KPI_WINDOW_SECONDS: u64 = 86_400;
+/// The longest: 90 days.
+const MAX_KPI_WINDOW_SECONDS: u64 = 90 * 86_400;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KpiQuery {
+    window_seconds: Option<String>,
+}
+
+/// `GET /v1/kpis?window_seconds=`: the mission's KPIs over the window
+/// (a day by default).
+async fn kpis(
+    State(state): State<Arc<AppState>>,
+    _admin: AdminOnly,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let raw: KpiQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or_default())
+        .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
+    let window = match raw.window_seconds.as_deref() {
+        None => DEFAULT_KPI_WINDOW_SECONDS,
+        Some(w) => w
+            .parse::<u64>()
+            .ok()
+            .filter(|w| (1..=MAX_KPI_WINDOW_SECONDS).contains(w))
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_window", "window_seconds is 1 to 7776000 (90 days)")
+            })?,
+    };
+    let kpis = state
+        .detector
+        .kpis(std::time::Duration::from_secs(window))
+        .await?;
+    Ok(axum::Json(kpis).into_response())
 }

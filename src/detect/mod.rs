@@ -52,6 +52,20 @@ pub enum DetectError {
     Suspend(#[from] AgentError),
 }
 
+/// The mission's KPIs over a window; a mean over nothing is `null`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Kpis {
+    pub window_seconds: u64,
+    pub mean_time_to_detect_seconds: Option<f64>,
+    pub mean_time_to_revoke_seconds: Option<f64>,
+    pub policy_compliant_ratio: Option<f64>,
+    pub anomalies_detected: usize,
+    /// Detections followed by a suspension or revocation of their agent.
+    pub anomalies_revoked: usize,
+    pub requests_allowed: i64,
+    pub requests_denied: i64,
+}
+
 /// Who used which credential from where.
 #[derive(Clone, Debug)]
 pub struct CredentialUse<'a> {
@@ -212,6 +226,30 @@ impl Detector {
     /// Anomalies, newest first.
     pub async fn anomalies(&self, query: &AnomalyQuery) -> Result<Vec<AnomalyRecord>, DetectError> {
         Ok(self.store.anomalies(query).await?)
+    }
+
+    /// The mission's KPIs over the last `window` (definitions in
+    /// docs/observability.md).
+    pub async fn kpis(&self, window: Duration) -> Result<Kpis, DetectError> {
+        let samples = self
+            .store
+            .kpi_samples(now_ms() - window.as_millis() as i64)
+            .await?;
+        let mean_seconds = |delays: &[i64]| {
+            (!delays.is_empty())
+                .then(|| delays.iter().sum::<i64>() as f64 / delays.len() as f64 / 1000.0)
+        };
+        let decided = samples.allowed + samples.denied;
+        Ok(Kpis {
+            window_seconds: window.as_secs(),
+            mean_time_to_detect_seconds: mean_seconds(&samples.detection_delays_ms),
+            mean_time_to_revoke_seconds: mean_seconds(&samples.revocation_delays_ms),
+            policy_compliant_ratio: (decided > 0).then(|| samples.allowed as f64 / decided as f64),
+            anomalies_detected: samples.detection_delays_ms.len(),
+            anomalies_revoked: samples.revocation_delays_ms.len(),
+            requests_allowed: samples.allowed,
+            requests_denied: samples.denied,
+        })
     }
 
     /// Forgets sightings older than a day, the longest window a policy

@@ -57,6 +57,22 @@ pub struct AnomalyQuery {
     pub limit: i64,
 }
 
+/// What the KPIs are computed from, over the window since `since_ms`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KpiSamples {
+    /// Each detection's delay: detected minus first offense (ms).
+    pub detection_delays_ms: Vec<i64>,
+    /// For each detection whose agent was then suspended or revoked: from
+    /// the detection to the first suspension or revocation of the agent at
+    /// or after it, as the audit log recorded them (ms).
+    pub revocation_delays_ms: Vec<i64>,
+    /// Requests the policy allowed and that were carried out: signatures
+    /// made and certificates issued.
+    pub allowed: i64,
+    /// Requests the versioned policy denied (`policy.deny` audit entries).
+    pub denied: i64,
+}
+
 #[async_trait]
 pub trait AnomalyStore: Send + Sync {
     /// Notes that `credential` was used from `address` at `at_ms`; returns
@@ -86,6 +102,9 @@ pub trait AnomalyStore: Send + Sync {
     ) -> Result<Option<AnomalyRecord>, StoreError>;
 
     async fn anomalies(&self, query: &AnomalyQuery) -> Result<Vec<AnomalyRecord>, StoreError>;
+
+    /// What `GET /v1/kpis` is computed from, since `since_ms`.
+    async fn kpi_samples(&self, since_ms: i64) -> Result<KpiSamples, StoreError>;
 }
 
 const UPSERT_SIGHTING: &str =
@@ -265,6 +284,57 @@ macro_rules! impl_anomaly_store {
                     .into_iter()
                     .map(AnomalyRecord::try_from)
                     .collect()
+            }
+
+            async fn kpi_samples(&self, since_ms: i64) -> Result<KpiSamples, StoreError> {
+                let detection_delays_ms: Vec<i64> = sqlx::query_scalar(
+                    "SELECT detected_at_ms - first_offense_ms FROM anomalies
+                     WHERE detected_at_ms >= $1 ORDER BY id",
+                )
+                .bind(since_ms)
+                .fetch_all(&self.pool)
+                .await?;
+                // From the audit log, not the certificates: a resumption
+                // clears a hold's time there, and the log keeps it (ms).
+                let revoked: Vec<(i64, Option<i64>)> = sqlx::query_as(
+                    "SELECT a.detected_at_ms,
+                            (SELECT MIN(e.at_ms) FROM audit_entries e
+                             WHERE e.agent = a.agent
+                               AND e.action IN ('agent.suspend', 'agent.revoke')
+                               AND e.at_ms >= a.detected_at_ms)
+                     FROM anomalies a
+                     WHERE a.detected_at_ms >= $1 AND a.agent IS NOT NULL ORDER BY a.id",
+                )
+                .bind(since_ms)
+                .fetch_all(&self.pool)
+                .await?;
+                let revocation_delays_ms = revoked
+                    .into_iter()
+                    .filter_map(|(detected, revoked)| Some(revoked? - detected))
+                    .collect();
+                let signatures: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM signatures WHERE signed_at_ms >= $1")
+                        .bind(since_ms)
+                        .fetch_one(&self.pool)
+                        .await?;
+                let certificates: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM certificates WHERE created_at >= $1")
+                        .bind(since_ms / 1000)
+                        .fetch_one(&self.pool)
+                        .await?;
+                let denied: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM audit_entries
+                     WHERE action = 'policy.deny' AND at_ms >= $1",
+                )
+                .bind(since_ms)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(KpiSamples {
+                    detection_delays_ms,
+                    revocation_delays_ms,
+                    allowed: signatures + certificates,
+                    denied,
+                })
             }
         }
     };

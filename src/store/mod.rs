@@ -58,7 +58,7 @@ pub use agents::{
     CertificateRecord, CustodialKeyAge, KeyRotation, KeyRotationOutcome, NewCertificate,
     RetiredKey, SignatureRecord,
 };
-pub use anomalies::{AnomalyQuery, AnomalyRecord, AnomalyStore, NewAnomaly, Sighting};
+pub use anomalies::{AnomalyQuery, AnomalyRecord, AnomalyStore, KpiSamples, NewAnomaly, Sighting};
 pub use approvals::{ApprovalRecord, ApprovalStore, VoteOutcome};
 pub use audit::{AuditStore, StoredCheckpoint};
 pub use authority::{AuthorityStore, CaRecord, ServiceKeyRecord};
