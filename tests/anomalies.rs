@@ -323,6 +323,9 @@ async fn a_policy_with_a_bad_anomaly_section_is_refused(db: Db) {
         "[anomaly]\nsharing_window_seconds = 86401\n",
         "[anomaly]\nshared_networks = [\"10.0.0.0/33\"]\n",
         "[anomaly]\nunknown = 1\n",
+        // Not detected yet: refused rather than silently ignored.
+        "[anomaly]\nrate_spike = \"alert\"\n",
+        "[anomaly]\ncross_agent_probing = \"suspend\"\n",
     ] {
         let (status, body) = server
             .admin("POST", "/v1/policies", Some(json!({"content": policy})))

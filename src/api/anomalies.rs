@@ -16,9 +16,8 @@ use super::error::ApiError;
 use super::extract::PeerIdentity;
 use super::{AdminOnly, AppState, ClientAddress};
 use crate::audit::RequestContext;
-use crate::detect::CredentialUse;
+use crate::detect::{AnomalyQuery, CredentialUse};
 use crate::identity::AgentName;
-use crate::store::AnomalyQuery;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()

@@ -33,7 +33,9 @@ use crate::audit::AuditEvent;
 use crate::identity::AgentName;
 use crate::policy::document::{AnomalyPolicy, AnomalyResponse};
 use crate::policy::engine::PolicyEngine;
-use crate::store::{AnomalyQuery, AnomalyRecord, NewAnomaly, Store, StoreError};
+/// What a search of the anomalies asks for, and what it finds.
+pub use crate::store::{AnomalyQuery, AnomalyRecord};
+use crate::store::{NewAnomaly, Store, StoreError};
 use crate::telemetry::DetectMetrics;
 
 pub const CREDENTIAL_SHARING: &str = "credential_sharing";

@@ -8,10 +8,11 @@
 //! rate_per_second = 5                     # token bucket; absent = no limit
 //! burst = 10
 //!
-//! [anomaly]                               # what detection does; each
+//! [anomaly]                               # what detection does:
 //! credential_sharing = "suspend"          # "off", "alert" (the default)
-//! rate_spike = "alert"                    # or "suspend"
-//! cross_agent_probing = "suspend"
+//!                                         # or "suspend"
+//! rate_spike = "off"                      # not detected yet: only "off"
+//! cross_agent_probing = "off"             # not detected yet: only "off"
 //! sharing_window_seconds = 60             # two addresses within this
 //! shared_networks = ["10.0.0.0/8"]        # addresses behind one NAT or proxy
 //! ```
@@ -122,8 +123,10 @@ impl Default for AnomalyPolicy {
     fn default() -> Self {
         Self {
             credential_sharing: AnomalyResponse::Alert,
-            rate_spike: AnomalyResponse::Alert,
-            cross_agent_probing: AnomalyResponse::Alert,
+            // Not detected yet: off, and a policy cannot turn them on (see
+            // `parse`), so that no one believes they are watched for.
+            rate_spike: AnomalyResponse::Off,
+            cross_agent_probing: AnomalyResponse::Off,
             sharing_window_seconds: DEFAULT_SHARING_WINDOW_SECONDS,
             shared_networks: Vec::new(),
         }
@@ -183,6 +186,14 @@ impl PolicyDocument {
         if !(1..=MAX_SHARING_WINDOW_SECONDS).contains(&anomaly.sharing_window_seconds) {
             return Err(DocumentError::Anomaly(
                 "sharing_window_seconds must be 1 to 86400 (a day)",
+            ));
+        }
+        if anomaly.rate_spike != AnomalyResponse::Off
+            || anomaly.cross_agent_probing != AnomalyResponse::Off
+        {
+            return Err(DocumentError::Anomaly(
+                "rate_spike and cross_agent_probing are not detected by this version of \
+                 keyward yet: only \"off\" is accepted",
             ));
         }
         if anomaly.shared_networks.len() > MAX_SHARED_NETWORKS {
