@@ -410,3 +410,74 @@ async fn audit_events_print_a_table_or_json_lines_and_export_follows_every_page(
     assert!(!ok);
     assert!(stderr.contains("invalid_time"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anomalies_list_and_kpis_print_what_detection_found() {
+    let server = Server::start(Db::Sqlite).await;
+    let policy =
+        "[roles.worker]\nactions = [\"sign\"]\n[anomaly]\ncredential_sharing = \"alert\"\n";
+    let (status, _) = server
+        .admin("POST", "/v1/policies", Some(json!({"content": policy})))
+        .await;
+    assert_eq!(status, 201);
+    let (key, certificate) = enrolled_with(&server, "shared", &["worker"]).await;
+    let identity = [
+        certificate["certificate_pem"].as_str().unwrap().as_bytes(),
+        &std::fs::read(&key).unwrap(),
+    ]
+    .concat();
+    let ca = std::fs::read(server.path("ca.pem")).unwrap();
+    for address in ["127.0.0.1", "127.0.0.2"] {
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .identity(reqwest::Identity::from_pem(&identity).unwrap())
+            .local_address(address.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap();
+        let (status, _) = post(
+            &client,
+            &server,
+            "/v1/agents/shared/sign",
+            json!({"message_b64": "aGk="}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+
+    let text = stdout_of(&server, &["anomalies", "list"]);
+    assert_plain(&text);
+    let (header, rows) = table(&text);
+    assert_eq!(
+        header,
+        [
+            "ID",
+            "KIND",
+            "AGENT",
+            "CREDENTIAL",
+            "RESPONSE",
+            "DETECTED_AT_MS"
+        ]
+    );
+    assert_eq!(rows.len(), 1, "{text}");
+    assert!(rows[0].contains("credential_sharing") && rows[0].contains("shared"));
+    let listed = json_of(
+        &server,
+        &[
+            "anomalies",
+            "list",
+            "--kind",
+            "credential_sharing",
+            "--json",
+        ],
+    );
+    assert_eq!(listed["anomalies"][0]["response"], "alert");
+
+    let text = stdout_of(&server, &["kpis", "--window-seconds", "3600"]);
+    let fields = key_values(&text);
+    assert_eq!(fields[0], ("window_seconds", "3600"), "{text}");
+    assert_eq!(fields[1].0, "mean_time_to_detect_seconds");
+    let kpis = json_of(&server, &["kpis", "--json"]);
+    assert_eq!(kpis["anomalies_detected"], 1, "{kpis}");
+}

@@ -5,6 +5,7 @@ mod admin;
 mod agent;
 mod audit;
 mod bench;
+mod detect;
 mod msg;
 mod output;
 mod policy;
@@ -19,6 +20,7 @@ use admin::{AdminCommand, ApprovalsCommand, CaCommand, KeysCommand, RevokeComman
 use agent::{AgentCommand, CertCommand};
 use audit::AuditCommand;
 use bench::BenchCommand;
+use detect::{AnomaliesCommand, KpisArgs};
 use msg::MsgCommand;
 use policy::PolicyCommand;
 use serve::{cli_runtime, ServerArgs};
@@ -67,6 +69,12 @@ enum Command {
     /// The audit log: a transparency log anyone can verify.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// What anomaly detection found (docs/observability.md).
+    #[command(subcommand)]
+    Anomalies(AnomaliesCommand),
+    /// The mission's KPIs: mean time to detect and to revoke, the
+    /// policy-compliant ratio.
+    Kpis(KpisArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -110,6 +118,8 @@ pub(crate) fn run() -> anyhow::Result<()> {
         Command::Policy(command) => cli_runtime()?.block_on(policy::policy_command(command)),
         Command::Msg(command) => msg::msg(command),
         Command::Audit(command) => audit::audit_command(command),
+        Command::Anomalies(command) => cli_runtime()?.block_on(detect::anomalies_command(command)),
+        Command::Kpis(args) => cli_runtime()?.block_on(detect::kpis_command(args)),
         Command::Bench(command) => bench::bench_command(command),
         Command::Keys(command) => admin::keys_command(command),
     }
