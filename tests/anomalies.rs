@@ -325,7 +325,8 @@ async fn a_policy_with_a_bad_anomaly_section_is_refused(db: Db) {
         "[anomaly]\nunknown = 1\n",
         // Not detected yet: refused rather than silently ignored.
         "[anomaly]\nrate_spike = \"alert\"\n",
-        "[anomaly]\ncross_agent_probing = \"suspend\"\n",
+        "[anomaly]\nprobing_denials = 1\n",
+        "[anomaly]\nprobing_denials = 1001\n",
     ] {
         let (status, body) = server
             .admin("POST", "/v1/policies", Some(json!({"content": policy})))
@@ -336,7 +337,39 @@ async fn a_policy_with_a_bad_anomaly_section_is_refused(db: Db) {
     assert_eq!(versions["versions"], json!([]), "nothing was applied");
 }
 
+async fn an_agent_probing_for_others_is_quarantined_at_the_threshold(db: Db) {
+    let server = Server::start(db).await;
+    apply(
+        &server,
+        "[roles.worker]\nactions = [\"sign\"]\n\
+         [anomaly]\ncross_agent_probing = \"suspend\"\nprobing_denials = 5\n",
+    )
+    .await;
+    common::register_agent_with(&server, "target", &["worker"]).await;
+    let (key, certificate) = common::enrolled_with(&server, "prober", &["worker"]).await;
+    let prober = client_from(&server, &certificate, &key, "127.0.0.1");
+    // Four tries at another agent's key: denied, not yet probing.
+    for _ in 0..4 {
+        assert_eq!(sign_at(&prober, &server.url, "target").await, 403);
+    }
+    assert_eq!(status_of(&server, "prober").await, "active");
+    assert_eq!(sign_at(&prober, &server.url, "prober").await, 200);
+    // The fifth: quarantined, its own signing refused until resumed.
+    assert_eq!(sign_at(&prober, &server.url, "target").await, 403);
+    assert_eq!(status_of(&server, "prober").await, "suspended");
+    assert_eq!(sign_at(&prober, &server.url, "prober").await, 403);
+    let (_, listed) = server
+        .admin("GET", "/v1/anomalies?kind=cross_agent_probing", None)
+        .await;
+    let anomaly = &listed["anomalies"][0];
+    assert_eq!(anomaly["agent"], "prober", "{listed}");
+    assert_eq!(anomaly["response"], "suspend");
+    assert_eq!(anomaly["details"]["denials"]["other_agent"], 5, "{listed}");
+    assert_eq!(status_of(&server, "target").await, "active");
+}
+
 on_both_databases!(
+    an_agent_probing_for_others_is_quarantined_at_the_threshold,
     an_agent_that_reconnects_or_renews_is_not_flagged,
     under_alert_a_shared_credential_is_listed_and_the_agent_keeps_working,
     anomaly_listing_refuses_bad_queries_and_agents,

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::audit::{checked_filter, unix_ms};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCode};
 use super::extract::PeerIdentity;
 use super::{AdminOnly, AppState, ClientAddress};
 use crate::audit::RequestContext;
@@ -55,6 +55,13 @@ pub(super) async fn watch_credentials(
         watch(&state, credential, agent.as_ref(), address).await;
     }
     let response = next.run(request).await;
+    if let (Some((credential, Some(agent))), Some(ErrorCode(code))) =
+        (&certificate, response.extensions().get::<ErrorCode>())
+    {
+        if let Err(e) = state.detector.denied(credential, agent, code).await {
+            tracing::error!(error = %e, credential, "anomaly detection failed for a denial");
+        }
+    }
     if certificate.is_none() {
         if let Some(token) =
             RequestContext::current_credential().filter(|c| c.starts_with("token:"))

@@ -39,6 +39,10 @@ use crate::store::{NewAnomaly, Store, StoreError};
 use crate::telemetry::DetectMetrics;
 
 pub const CREDENTIAL_SHARING: &str = "credential_sharing";
+pub const CROSS_AGENT_PROBING: &str = "cross_agent_probing";
+/// The denials that probing is made of: asking for another agent, or for
+/// what the agent's roles do not grant.
+pub const PROBING_DENIALS: [&str; 3] = ["other_agent", "not_in_scope", "intent_not_allowed"];
 /// The actor of a suspension the detector makes.
 const DETECTOR: &str = "keyward:detect";
 /// Pairs this replica remembers writing; past it the map starts afresh
@@ -86,6 +90,9 @@ pub struct Detector {
     /// (credential, address as counted) -> when this replica last wrote
     /// the sighting to the store.
     written: Mutex<HashMap<(String, String), Instant>>,
+    /// Credential -> its recent denials (when, which code), on this
+    /// replica.
+    denials: Mutex<HashMap<String, Vec<(i64, &'static str)>>>,
 }
 
 impl Detector {
@@ -101,6 +108,7 @@ impl Detector {
             registry,
             metrics,
             written: Mutex::new(HashMap::new()),
+            denials: Mutex::new(HashMap::new()),
         }
     }
 
@@ -161,6 +169,54 @@ impl Detector {
             }),
         };
         self.respond(anomaly, response, since, usage.agent).await
+    }
+
+    /// Notes a denial of a request made with `credential` (an agent's
+    /// certificate); `probing_denials` of them within the window make
+    /// cross-agent probing. Counted per replica (see docs/observability.md).
+    pub async fn denied(
+        &self,
+        credential: &str,
+        agent: &AgentName,
+        code: &'static str,
+    ) -> Result<Option<AnomalyRecord>, DetectError> {
+        let policy = self.policy.anomaly_policy();
+        if policy.cross_agent_probing == AnomalyResponse::Off || !PROBING_DENIALS.contains(&code) {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let since = now - policy.sharing_window_seconds as i64 * 1000;
+        let recent = {
+            let mut denials = self.denials.lock().unwrap_or_else(|e| e.into_inner());
+            if denials.len() >= MAX_REMEMBERED_PAIRS {
+                denials.retain(|_, seen| seen.last().is_some_and(|(at, _)| *at >= since));
+            }
+            let seen = denials.entry(credential.to_owned()).or_default();
+            seen.retain(|(at, _)| *at >= since);
+            seen.push((now, code));
+            if seen.len() < policy.probing_denials as usize {
+                return Ok(None);
+            }
+            std::mem::take(seen)
+        };
+        let mut codes: std::collections::BTreeMap<&str, usize> = Default::default();
+        for (_, code) in &recent {
+            *codes.entry(code).or_default() += 1;
+        }
+        let anomaly = NewAnomaly {
+            kind: CROSS_AGENT_PROBING,
+            agent: Some(agent.as_str().to_owned()),
+            credential: credential.to_owned(),
+            response: policy.cross_agent_probing.as_str(),
+            first_offense_ms: recent.first().map_or(now, |(at, _)| *at),
+            detected_at_ms: now,
+            details: serde_json::json!({
+                "denials": codes,
+                "window_seconds": policy.sharing_window_seconds,
+            }),
+        };
+        self.respond(anomaly, policy.cross_agent_probing, since, Some(agent))
+            .await
     }
 
     async fn respond(

@@ -12,8 +12,9 @@
 //! credential_sharing = "suspend"          # "off", "alert" (the default)
 //!                                         # or "suspend"
 //! rate_spike = "off"                      # not detected yet: only "off"
-//! cross_agent_probing = "off"             # not detected yet: only "off"
-//! sharing_window_seconds = 60             # two addresses within this
+//! cross_agent_probing = "suspend"         # "alert" by default
+//! sharing_window_seconds = 60             # two addresses within this,
+//! probing_denials = 5                     # or this many denials
 //! shared_networks = ["10.0.0.0/8"]        # addresses behind one NAT or proxy
 //! ```
 //!
@@ -114,6 +115,9 @@ pub struct AnomalyPolicy {
     pub rate_spike: AnomalyResponse,
     pub cross_agent_probing: AnomalyResponse,
     pub sharing_window_seconds: u64,
+    /// Denials (`other_agent`, `not_in_scope`, `intent_not_allowed`) of
+    /// one credential within the window that make cross-agent probing.
+    pub probing_denials: u32,
     /// Networks (CIDR) each of which counts as one address: a NAT or a
     /// pool of proxies that one agent's requests may leave from.
     pub shared_networks: Vec<ipnet::IpNet>,
@@ -123,10 +127,11 @@ impl Default for AnomalyPolicy {
     fn default() -> Self {
         Self {
             credential_sharing: AnomalyResponse::Alert,
-            // Not detected yet: off, and a policy cannot turn them on (see
-            // `parse`), so that no one believes they are watched for.
+            // Not detected yet: off, and a policy cannot turn it on (see
+            // `parse`), so that no one believes it is watched for.
             rate_spike: AnomalyResponse::Off,
-            cross_agent_probing: AnomalyResponse::Off,
+            cross_agent_probing: AnomalyResponse::Alert,
+            probing_denials: DEFAULT_PROBING_DENIALS,
             sharing_window_seconds: DEFAULT_SHARING_WINDOW_SECONDS,
             shared_networks: Vec::new(),
         }
@@ -134,6 +139,8 @@ impl Default for AnomalyPolicy {
 }
 
 pub const DEFAULT_SHARING_WINDOW_SECONDS: u64 = 60;
+pub const DEFAULT_PROBING_DENIALS: u32 = 5;
+pub const MAX_PROBING_DENIALS: u32 = 1000;
 /// Longest sharing window: a day. Beyond it an agent that moved hosts
 /// looks like a thief.
 pub const MAX_SHARING_WINDOW_SECONDS: u64 = 86_400;
@@ -188,13 +195,14 @@ impl PolicyDocument {
                 "sharing_window_seconds must be 1 to 86400 (a day)",
             ));
         }
-        if anomaly.rate_spike != AnomalyResponse::Off
-            || anomaly.cross_agent_probing != AnomalyResponse::Off
-        {
+        if anomaly.rate_spike != AnomalyResponse::Off {
             return Err(DocumentError::Anomaly(
-                "rate_spike and cross_agent_probing are not detected by this version of \
-                 keyward yet: only \"off\" is accepted",
+                "rate_spike is not detected by this version of keyward yet: only \"off\" \
+                 is accepted",
             ));
+        }
+        if !(2..=MAX_PROBING_DENIALS).contains(&anomaly.probing_denials) {
+            return Err(DocumentError::Anomaly("probing_denials must be 2 to 1000"));
         }
         if anomaly.shared_networks.len() > MAX_SHARED_NETWORKS {
             return Err(DocumentError::Anomaly("at most 256 shared_networks"));
