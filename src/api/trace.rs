@@ -80,7 +80,8 @@ pub(super) async fn server_span(request: Request, next: Next) -> Response {
     let response = next.run(request).instrument(span.clone()).await;
 
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    // As an i64: the OTel layer records unsigned integers as strings.
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_client_error() || status.is_server_error() {
         span.record("error.type", status.as_str());
         if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {

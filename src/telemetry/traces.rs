@@ -114,6 +114,7 @@ where
         .with_threads(false)
         .with_location(false)
         .with_target(false)
+        .with_tracked_inactivity(false)
         .with_filter(only_ours))
 }
 
