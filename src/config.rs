@@ -584,6 +584,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_otlp_endpoint_on_the_command_line_wins_over_the_file_and_is_plain_http() {
+        let file = |url: &str| {
+            toml::from_str::<ConfigFile>(&format!("[telemetry]\notlp_endpoint = {url:?}\n"))
+                .unwrap()
+        };
+        let endpoint = |file: ConfigFile, overrides: &Overrides| {
+            file.validate(overrides).map(|c| c.otlp_endpoint)
+        };
+        assert_eq!(
+            endpoint(file("http://file:4318/"), &Overrides::default()).unwrap(),
+            Some("http://file:4318".to_owned())
+        );
+        let flag = Overrides {
+            otlp_endpoint: Some("http://flag:4318".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            endpoint(file("http://file:4318"), &flag).unwrap(),
+            Some("http://flag:4318".to_owned())
+        );
+        assert_eq!(
+            endpoint(ConfigFile::default(), &Overrides::default()).unwrap(),
+            None
+        );
+        for bad in ["https://c:4318", "c:4318", "http://", "http://c:4318/?x=1"] {
+            assert!(
+                matches!(
+                    endpoint(file(bad), &Overrides::default()),
+                    Err(ConfigError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn no_file_means_embedded_defaults() {
         let c = ConfigFile::default()
             .validate(&Overrides::default())
