@@ -40,3 +40,20 @@ ensure_pkilint() {
   fi
   export KEYWARD_PKILINT="$venv/bin/lint_pkix_cert"
 }
+
+# opentelemetry-proto (PyPI), which decodes OTLP for the tests' trace
+# receiver (tests/otlp_receiver.py), in a virtualenv of its own; its python
+# is exported for the tests.
+OTLP_PROTO_VERSION=1.45.2
+ensure_otlp_proto() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/keyward/otlp-proto-$OTLP_PROTO_VERSION"
+  if ! "$venv/bin/python" -c 'import opentelemetry.proto' >/dev/null 2>&1; then
+    echo "keyward: installing opentelemetry-proto $OTLP_PROTO_VERSION into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q "opentelemetry-proto==$OTLP_PROTO_VERSION" >&2 || {
+      echo "keyward: could not install opentelemetry-proto from PyPI" >&2
+      exit 1
+    }
+  fi
+  export KEYWARD_OTLP_PYTHON="$venv/bin/python"
+}

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/ensure-packages.sh
 ensure_packages "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 ensure_pkilint
+ensure_otlp_proto
 
 pg_url="${KEYWARD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 if ! psql "$pg_url" -qAtc 'select 1' >/dev/null 2>&1; then

@@ -59,6 +59,18 @@ pub struct ConfigFile {
     pub maintenance: MaintenanceFile,
     #[serde(default)]
     pub audit: AuditFile,
+    #[serde(default)]
+    pub telemetry: TelemetryFile,
+}
+
+/// Traces (`docs/architecture.md`, Traces).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryFile {
+    /// The OTLP/HTTP collector's base URL, e.g. `http://127.0.0.1:4318`:
+    /// spans go to `<otlp_endpoint>/v1/traces`. `--otlp-endpoint` and
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` win over it. Default: no traces.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The audit transparency log (`docs/audit.md`).
@@ -197,6 +209,8 @@ pub struct Overrides {
     pub pool_workers: Option<usize>,
     pub tpm_ek_roots: Option<PathBuf>,
     pub tpm_ek_allowlist: Option<PathBuf>,
+    /// `--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT` (the flag first).
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +249,8 @@ pub struct Config {
     pub tpm_ek_allowlist: Option<PathBuf>,
     pub tpm_challenge_ttl: Duration,
     pub audit: AuditConfig,
+    /// See `TelemetryFile::otlp_endpoint`, checked.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,6 +290,32 @@ fn check_public_url(url: &str) -> Result<String, String> {
     } else {
         Err(format!(
             "server.public_url = {url:?} must be scheme://host[:port] only"
+        ))
+    }
+}
+
+/// An `http://host[:port][/path]` collector base URL. Plain HTTP only: the
+/// exporter carries no TLS stack of its own (a collector on the host or
+/// beside it, as an agent or sidecar, is the expected deployment).
+fn check_otlp_endpoint(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        if url.starts_with("https://") {
+            format!("otlp_endpoint = {url:?}: https is not supported; use a collector over http://")
+        } else {
+            format!("otlp_endpoint = {url:?} is not an http:// URL")
+        }
+    })?;
+    let host = rest.split('/').next().unwrap_or_default();
+    let ok = !host.is_empty()
+        && !rest.contains(['?', '#', ' '])
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    if ok {
+        Ok(url.trim_end_matches('/').to_owned())
+    } else {
+        Err(format!(
+            "otlp_endpoint = {url:?} must be http://host[:port][/path]"
         ))
     }
 }
@@ -451,7 +493,17 @@ impl ConfigFile {
                     .into(),
             ));
         }
+        let otlp_endpoint = match overrides
+            .otlp_endpoint
+            .clone()
+            .or(self.telemetry.otlp_endpoint)
+            .filter(|url| !url.is_empty())
+        {
+            Some(url) => Some(check_otlp_endpoint(&url).map_err(invalid)?),
+            None => None,
+        };
         Ok(Config {
+            otlp_endpoint,
             audit,
             orphan_key_grace,
             tpm_ek_roots: overrides
@@ -530,6 +582,42 @@ pub fn read_secret_file(path: &Path) -> Result<SecretString, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_otlp_endpoint_on_the_command_line_wins_over_the_file_and_is_plain_http() {
+        let file = |url: &str| {
+            toml::from_str::<ConfigFile>(&format!("[telemetry]\notlp_endpoint = {url:?}\n"))
+                .unwrap()
+        };
+        let endpoint = |file: ConfigFile, overrides: &Overrides| {
+            file.validate(overrides).map(|c| c.otlp_endpoint)
+        };
+        assert_eq!(
+            endpoint(file("http://file:4318/"), &Overrides::default()).unwrap(),
+            Some("http://file:4318".to_owned())
+        );
+        let flag = Overrides {
+            otlp_endpoint: Some("http://flag:4318".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            endpoint(file("http://file:4318"), &flag).unwrap(),
+            Some("http://flag:4318".to_owned())
+        );
+        assert_eq!(
+            endpoint(ConfigFile::default(), &Overrides::default()).unwrap(),
+            None
+        );
+        for bad in ["https://c:4318", "c:4318", "http://", "http://c:4318/?x=1"] {
+            assert!(
+                matches!(
+                    endpoint(file(bad), &Overrides::default()),
+                    Err(ConfigError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn no_file_means_embedded_defaults() {

@@ -24,6 +24,8 @@ use crate::pki::{CaError, IssuedCertificate};
 use crate::policy::engine::{AgentRequest, Permit, PolicyEngine, RequestedTtl};
 use crate::policy::{Caller, PolicyError};
 use crate::store::{Store, StoreError};
+use crate::telemetry::traces;
+use tracing::Instrument as _;
 
 /// The policy's answer to a request it grants.
 enum Decided {
@@ -141,7 +143,32 @@ impl AgentRequests {
         request: AgentRequest<'_>,
         held: impl FnOnce(&Permit) -> HeldRequest,
     ) -> Result<Decided, RequestError> {
-        let permit = self.policy.permit(caller, agent, roles, request).await?;
+        let span = tracing::debug_span!(
+            target: traces::TARGET,
+            "policy decision",
+            keyward.policy_version = tracing::field::Empty,
+            keyward.decision = tracing::field::Empty,
+        );
+        let decided = self
+            .policy
+            .permit(caller, agent, roles, request)
+            .instrument(span.clone())
+            .await;
+        let (version, decision) = match &decided {
+            Ok(permit) if permit.approvals_required == 0 => (Some(permit.policy_version), "allow"),
+            Ok(permit) => (Some(permit.policy_version), "held"),
+            Err(
+                PolicyError::Denied { policy_version, .. }
+                | PolicyError::TtlAboveLimit { policy_version, .. },
+            ) => (Some(*policy_version), "deny"),
+            Err(_) => (None, "deny"),
+        };
+        span.record("keyward.decision", decision);
+        if let Some(version) = version {
+            span.record("keyward.policy_version", version);
+            traces::record_policy_version(version);
+        }
+        let permit = decided?;
         if permit.approvals_required == 0 {
             return Ok(Decided::Run(permit));
         }

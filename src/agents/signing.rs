@@ -18,6 +18,8 @@ use crate::pki::Authority;
 use crate::pool::KeyPool;
 use crate::revocation::{RevocationSet, RevocationView};
 use crate::store::{SignatureLog, SignatureRecord, Store};
+use crate::telemetry::traces;
+use tracing::Instrument as _;
 
 /// A signature made for an agent.
 #[derive(Clone, Debug)]
@@ -298,8 +300,14 @@ impl AgentSigner {
         // signing that fails after its record committed leaves the record
         // of an attempt whose answer was an error.
         let needed_at = pending.expected_at();
-        let (signature, recorded) =
-            tokio::join!(pending.wait(), self.log.record(record, needed_at));
+        let (signature, recorded) = tokio::join!(
+            pending
+                .wait()
+                .instrument(tracing::debug_span!(target: traces::TARGET, "pool sign")),
+            self.log
+                .record(record, needed_at)
+                .instrument(tracing::debug_span!(target: traces::TARGET, "store commit")),
+        );
         recorded?;
         Ok(signature?)
     }

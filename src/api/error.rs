@@ -57,7 +57,15 @@ impl ApiError {
 
     /// A 500 whose detail is logged, not returned.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %detail, "request failed");
+        // The request's ids even at the default level, where its log span
+        // is off: the line an operator looks up a trace or a report by.
+        let context = crate::audit::RequestContext::current();
+        tracing::error!(
+            error = %detail,
+            request_id = context.request_id.as_deref(),
+            trace_id = context.trace_id.as_deref(),
+            "request failed"
+        );
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

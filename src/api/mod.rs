@@ -18,6 +18,7 @@ mod policies;
 mod revocation;
 mod signing;
 mod status;
+mod trace;
 
 use crate::transparency::LogHealth;
 use std::sync::Arc;
@@ -106,6 +107,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(read_body_first))
+        .layer(axum::middleware::from_fn(trace::server_span))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -184,7 +186,8 @@ async fn request_id(mut request: axum::extract::Request, next: axum::middleware:
             .map(|a| a.0.to_string()),
         credential: None,
     };
-    let span = tracing::debug_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
+    // `trace_id` when known: the caller's, or the server span's (`trace`).
+    let span = tracing::debug_span!("request", id = %id, method = %request.method(), path = %request.uri().path(), trace_id = context.trace_id.as_deref());
     let mut response = context.scope(next.run(request)).instrument(span).await;
     if let Ok(value) = header::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);

@@ -20,7 +20,8 @@ pub struct RequestContext {
     /// The id in the response's `x-request-id` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
-    /// The W3C trace id the request carried, if any.
+    /// The W3C trace id: the one the request carried, or with traces on
+    /// (`telemetry::traces`) that of its server span.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
     /// The client's address and port.
@@ -60,6 +61,12 @@ impl RequestContext {
     /// known; outside a request, nothing.
     pub fn set_credential(credential: String) {
         let _ = CURRENT.try_with(|c| c.borrow_mut().credential = Some(credential));
+    }
+
+    /// Records the trace the request's server span belongs to; outside a
+    /// request, nothing.
+    pub fn set_trace_id(trace_id: String) {
+        let _ = CURRENT.try_with(|c| c.borrow_mut().trace_id = Some(trace_id));
     }
 }
 

@@ -247,8 +247,8 @@ pub(crate) fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
         so_pin_file,
         server,
     } = command;
-    keyward::telemetry::init_logging(server.log_json);
     let config = load_config(&server)?;
+    keyward::telemetry::init_logging(server.log_json, None)?;
     let KeysConfig::Pkcs11(token) = &config.keys else {
         anyhow::bail!(
             "only a [keys] backend = \"pkcs11\" token needs this: the embedded token \

@@ -40,6 +40,11 @@ pub(crate) struct ServerArgs {
     /// certificate ([attestation.tpm] ek_allowlist).
     #[arg(long)]
     tpm_ek_allowlist: Option<PathBuf>,
+    /// Export traces over OTLP/HTTP to this collector base URL (spans go
+    /// to <URL>/v1/traces), e.g. http://127.0.0.1:4318 ([telemetry]
+    /// otlp_endpoint). Default: no traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 pub(crate) fn load_config(args: &ServerArgs) -> anyhow::Result<Config> {
@@ -54,6 +59,7 @@ pub(crate) fn load_config(args: &ServerArgs) -> anyhow::Result<Config> {
         pool_workers: args.workers,
         tpm_ek_roots: args.tpm_ek_roots.clone(),
         tpm_ek_allowlist: args.tpm_ek_allowlist.clone(),
+        otlp_endpoint: args.otlp_endpoint.clone(),
     };
     Ok(file.validate(&overrides)?)
 }
@@ -74,8 +80,8 @@ fn key_store(config: &Config) -> anyhow::Result<KeyStoreConfig> {
 /// needs: logging, the validated config, the key store (the embedded token
 /// prepared before any thread starts), and a runtime.
 fn local(args: &ServerArgs) -> anyhow::Result<(Config, KeyStoreConfig, tokio::runtime::Runtime)> {
-    keyward::telemetry::init_logging(args.log_json);
     let config = load_config(args)?;
+    keyward::telemetry::init_logging(args.log_json, config.otlp_endpoint.as_deref())?;
     // Before the embedded token is prepared in it.
     keyward::app::refuse_shared_data(&config)?;
     let keys = key_store(&config)?;
@@ -127,6 +133,8 @@ pub(crate) fn serve_command(args: &ServerArgs) -> anyhow::Result<()> {
     let pool = rt.block_on(serve(config, keys, args.insecure_http))?;
     drop(rt);
     pool.join_workers(std::time::Duration::from_secs(5));
+    // The last spans, those of the requests served before the stop.
+    keyward::telemetry::traces::shutdown();
     Ok(())
 }
 

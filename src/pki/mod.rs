@@ -27,8 +27,10 @@ use crate::store::{
     AttestationRecord, CaRecord, CertificateInsert, CertificateLog, CertificateRecord,
     NewCertificate, StoreError,
 };
+use crate::telemetry::traces;
 pub use cert::{parse_pem_chain, Certificate, CertificateText};
 use profile::{AgentKeyPurpose, IssuerKey, Kind, TbsRequest};
+use tracing::Instrument as _;
 use x509_cert::builder::Builder;
 
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +169,10 @@ async fn sign_and_assemble(
     mut draft: profile::Draft<'_>,
 ) -> Result<Certificate, CaError> {
     let digest: [u8; 32] = Sha256::digest(draft.finalize()?).into();
-    let signature = pool.sign(key, digest).await?;
+    let signature = pool
+        .sign(key, digest)
+        .instrument(tracing::debug_span!(target: traces::TARGET, "pool sign"))
+        .await?;
     Ok(draft.assemble(profile::signature_bits(signature.to_der().as_bytes())?)?)
 }
 
@@ -486,6 +491,7 @@ impl Authority {
                 evidence: new_evidence.cloned(),
                 audit,
             })
+            .instrument(tracing::debug_span!(target: traces::TARGET, "store commit"))
             .await?;
         match recorded {
             CertificateInsert::Inserted => Ok(issued),

@@ -1,4 +1,4 @@
-//! Logging and Prometheus metrics.
+//! Logging, Prometheus metrics, and OpenTelemetry traces ([`traces`]).
 //!
 //! Secrets never reach a log line: PINs and tokens are `SecretString` or
 //! hashes everywhere, and request bodies are not logged.
@@ -12,21 +12,34 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer};
+
+pub mod traces;
 
 /// Installs the global tracing subscriber; `RUST_LOG` overrides the level.
-pub fn init_logging(json: bool) {
+/// With an OTLP endpoint, spans are also exported there ([`traces`]); the
+/// log filter applies to the log lines only.
+pub fn init_logging(json: bool, otlp_endpoint: Option<&str>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,rustls=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second initialization (tests) is harmless: keep the first.
-    let _ = if json {
-        builder.json().try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let otel = otlp_endpoint.map(traces::layer).transpose()?;
+    // A second initialization (tests) is harmless: keep the first.
+    let _ = tracing_subscriber::registry()
+        .with(otel)
+        .with(fmt.with_filter(filter))
+        .try_init();
+    if let Some(endpoint) = otlp_endpoint {
+        tracing::info!(url = %traces::traces_url(endpoint), "exporting traces over OTLP/HTTP");
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -418,6 +431,11 @@ impl Metrics {
             "authentications",
             "Callers authenticated or refused, by method and outcome",
             authentications.clone(),
+        );
+        r.register(
+            "otlp_spans_dropped",
+            "Trace spans not exported: the OTLP queue was full or the export failed",
+            traces::SPANS_DROPPED.clone(),
         );
         Self {
             registry: Arc::new(registry),

@@ -524,6 +524,7 @@ async fn start_server(
         pool_workers: Some(options.workers),
         tpm_ek_roots: None,
         tpm_ek_allowlist: None,
+        otlp_endpoint: None,
     })?;
     config.custodial_storage = options.custodial_storage;
     let kw = keyward::app::start(

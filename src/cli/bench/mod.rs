@@ -88,6 +88,11 @@ pub(crate) struct BenchArgs {
     /// empty, e.g. a database just made with createdb.
     #[arg(long)]
     database_url: Option<String>,
+    /// Export the server's spans over OTLP/HTTP to this collector base URL
+    /// (as `serve --otlp-endpoint`), to measure what tracing costs; no
+    /// log lines either way.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_custodial_storage(text: &str) -> Result<keyward::keys::KeyStorage, String> {
@@ -115,6 +120,9 @@ pub(crate) fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Issue { bench, modes } => (bench, modes.clone(), 1),
         BenchCommand::Agents { bench, agents, .. } => (bench, Vec::new(), *agents),
     };
+    if let Some(endpoint) = &args.otlp_endpoint {
+        keyward::telemetry::traces::install_alone(endpoint)?;
+    }
     let json = args.json;
     let print = |results: Vec<measure::BenchResult>| -> anyhow::Result<()> {
         if json {
@@ -183,5 +191,6 @@ pub(crate) fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
     for pool in run.pools {
         pool.join_workers(std::time::Duration::from_secs(5));
     }
+    keyward::telemetry::traces::shutdown();
     print(run.results)
 }
