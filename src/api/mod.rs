@@ -113,19 +113,19 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// `http_server_request_duration_seconds` by method, route template and
-/// status; a path no route matched counts as `unmatched`.
+/// status; a path no route matched counts as `unmatched`. The labels are
+/// static strings, so that counting a request allocates nothing.
 async fn time_request(
     State(state): State<Arc<AppState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let started = std::time::Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or("unmatched", |m| m.as_str())
-        .to_owned();
+        .map_or("unmatched", |m| route_label(m.as_str()));
     let response = next.run(request).await;
     state
         .metrics
@@ -137,6 +137,40 @@ async fn time_request(
         })
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "_OTHER",
+    }
+}
+
+/// The route template as a `'static` label. Templates are the router's
+/// own, a fixed few dozen: each is leaked once, on its first request.
+fn route_label(template: &str) -> &'static str {
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, RwLock};
+    static ROUTES: OnceLock<RwLock<HashMap<String, &'static str>>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(Default::default);
+    if let Some(label) = routes
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(template)
+    {
+        return label;
+    }
+    let mut routes = routes.write().unwrap_or_else(|e| e.into_inner());
+    routes
+        .entry(template.to_owned())
+        .or_insert_with(|| Box::leak(template.to_owned().into_boxed_str()))
 }
 
 async fn count_errors(State(state): State<Arc<AppState>>, response: Response) -> Response {

@@ -87,9 +87,11 @@ pub struct Detector {
     policy: Arc<PolicyEngine>,
     registry: Arc<Registry>,
     metrics: DetectMetrics,
-    /// (credential, address as counted) -> when this replica last wrote
-    /// the sighting to the store.
-    written: Mutex<HashMap<(String, String), Instant>>,
+    /// Credential -> each address (as counted) it was seen from here, and
+    /// when this replica last wrote that sighting to the store. Keyed by
+    /// the credential alone so that a request looks it up without
+    /// allocating.
+    written: Mutex<HashMap<String, Vec<(CountedAddress, Instant)>>>,
     /// Credential -> its recent denials (when, which code), on this
     /// replica.
     denials: Mutex<HashMap<String, Vec<(i64, &'static str)>>>,
@@ -125,17 +127,17 @@ impl Detector {
         }
         let window = Duration::from_secs(policy.sharing_window_seconds);
         let address = counted_address(&policy, usage.address);
-        let pair = (usage.credential.to_owned(), address);
-        if !self.due_for_writing(&pair, window / 4) {
+        if !self.due_for_writing(usage.credential, address, window / 4) {
             return Ok(None);
         }
+        let address = address.to_string();
         let now = now_ms();
         let since = now - window.as_millis() as i64;
         let seen = self
             .store
             .sight_credential(
                 usage.credential,
-                &pair.1,
+                &address,
                 usage.agent.map(AgentName::as_str),
                 now,
                 since,
@@ -262,22 +264,29 @@ impl Detector {
         Ok(Some(record))
     }
 
-    /// Whether this replica should write the pair's sighting now: it has
-    /// not within `refresh` (so that every replica's view of the pair is at
-    /// most that stale).
-    fn due_for_writing(&self, pair: &(String, String), refresh: Duration) -> bool {
+    /// Whether this replica should write the sighting of `credential` from
+    /// `address` now: it has not within `refresh` (so that every
+    /// replica's view of the pair is at most that stale).
+    fn due_for_writing(
+        &self,
+        credential: &str,
+        address: CountedAddress,
+        refresh: Duration,
+    ) -> bool {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if written
-            .get(pair)
-            .is_some_and(|at| now.duration_since(*at) < refresh)
-        {
-            return false;
+        if let Some(seen) = written.get_mut(credential) {
+            match seen.iter_mut().find(|(a, _)| *a == address) {
+                Some((_, at)) if now.duration_since(*at) < refresh => return false,
+                Some((_, at)) => *at = now,
+                None => seen.push((address, now)),
+            }
+            return true;
         }
         if written.len() >= MAX_REMEMBERED_PAIRS {
             written.clear();
         }
-        written.insert(pair.clone(), now);
+        written.insert(credential.to_owned(), vec![(address, now)]);
         true
     }
 
@@ -319,9 +328,26 @@ impl Detector {
     }
 }
 
+/// An address as detection counts it: a shared network it is in, else
+/// itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CountedAddress {
+    Address(IpAddr),
+    Network(ipnet::IpNet),
+}
+
+impl std::fmt::Display for CountedAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Address(a) => a.fmt(f),
+            Self::Network(n) => n.fmt(f),
+        }
+    }
+}
+
 /// The address as detection counts it: the shared network it is in, else
 /// itself (an IPv4-mapped IPv6 address as IPv4).
-fn counted_address(policy: &AnomalyPolicy, address: IpAddr) -> String {
+fn counted_address(policy: &AnomalyPolicy, address: IpAddr) -> CountedAddress {
     let address = match address {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -333,8 +359,9 @@ fn counted_address(policy: &AnomalyPolicy, address: IpAddr) -> String {
         .shared_networks
         .iter()
         .find(|network| network.contains(&address))
-        .map(|network| network.to_string())
-        .unwrap_or_else(|| address.to_string())
+        .map_or(CountedAddress::Address(address), |n| {
+            CountedAddress::Network(*n)
+        })
 }
 
 fn now_ms() -> i64 {
@@ -351,7 +378,7 @@ mod tests {
             shared_networks: vec!["10.1.0.0/16".parse().unwrap()],
             ..AnomalyPolicy::default()
         };
-        let counted = |a: &str| counted_address(&policy, a.parse().unwrap());
+        let counted = |a: &str| counted_address(&policy, a.parse().unwrap()).to_string();
         assert_eq!(counted("10.1.2.3"), counted("10.1.200.7"));
         assert_eq!(counted("10.1.2.3"), "10.1.0.0/16");
         assert_ne!(counted("10.2.0.1"), counted("10.2.0.2"));

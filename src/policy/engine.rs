@@ -110,6 +110,9 @@ struct InForce {
     version: i64,
     /// `None` for the built-in policy.
     document: Option<PolicyDocument>,
+    /// The document's `[anomaly]` (the defaults under the built-in
+    /// policy), shared: the detectors read it on every request.
+    anomaly: Arc<super::document::AnomalyPolicy>,
 }
 
 struct Bucket {
@@ -145,6 +148,7 @@ impl PolicyEngine {
             in_force: RwLock::new(Arc::new(InForce {
                 version: BUILTIN_POLICY_VERSION,
                 document: None,
+                anomaly: Arc::default(),
             })),
             buckets: Mutex::new(HashMap::new()),
         });
@@ -178,6 +182,7 @@ impl PolicyEngine {
             Ok(document) => {
                 *self.in_force.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(InForce {
                     version: record.version,
+                    anomaly: Arc::new(document.anomaly.clone()),
                     document: Some(document),
                 });
                 // Limits may have changed: start every bucket afresh.
@@ -372,12 +377,8 @@ impl PolicyEngine {
 
     /// What the detectors do, under the policy in force (the defaults
     /// under the built-in policy).
-    pub fn anomaly_policy(&self) -> super::document::AnomalyPolicy {
-        self.in_force()
-            .document
-            .as_ref()
-            .map(|d| d.anomaly.clone())
-            .unwrap_or_default()
+    pub fn anomaly_policy(&self) -> Arc<super::document::AnomalyPolicy> {
+        self.in_force().anomaly.clone()
     }
 
     /// How old `roles`' custodial keys may get, under the policy in force.

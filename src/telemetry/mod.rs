@@ -299,10 +299,10 @@ impl PolicyMetrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
+    pub method: &'static str,
     /// The route template (`/v1/agents/{name}/sign`), never the path: a
     /// label per agent name would grow without bound.
-    pub route: String,
+    pub route: &'static str,
     pub status: u16,
 }
 
