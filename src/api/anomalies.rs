@@ -32,11 +32,7 @@ const MAX_PAGE: i64 = 1000;
 /// agent's certificate shared suspends the agent before this request is
 /// served; an admin token is known only once the caller check has run.
 /// Detection never fails a request: a store error is logged.
-pub(super) async fn watch_credentials(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub(super) async fn watch_credentials(state: &AppState, request: Request, next: Next) -> Response {
     let Some(address) = request
         .extensions()
         .get::<ClientAddress>()
@@ -52,7 +48,7 @@ pub(super) async fn watch_credentials(
         _ => None,
     };
     if let Some((credential, agent)) = &certificate {
-        watch(&state, credential, agent.as_ref(), address).await;
+        watch(state, credential, agent.as_ref(), address).await;
     }
     let response = next.run(request).await;
     if let (Some((credential, Some(agent))), Some(ErrorCode(code))) =
@@ -66,7 +62,7 @@ pub(super) async fn watch_credentials(
         if let Some(token) =
             RequestContext::current_credential().filter(|c| c.starts_with("token:"))
         {
-            watch(&state, &token, None, address).await;
+            watch(state, &token, None, address).await;
         }
     }
     response

@@ -99,11 +99,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            anomalies::watch_credentials,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            time_request,
+            observe_request,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(read_body_first))
@@ -112,10 +108,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// What every request is watched for, in one layer (each layer is a boxed
+/// future a request more): its duration, as
 /// `http_server_request_duration_seconds` by method, route template and
-/// status; a path no route matched counts as `unmatched`. The labels are
-/// static strings, so that counting a request allocates nothing.
-async fn time_request(
+/// status (a path no route matched counts as `unmatched`; the labels are
+/// static strings, so counting allocates nothing), and its credential and
+/// source address, for the detectors (`anomalies::watch_credentials`).
+async fn observe_request(
     State(state): State<Arc<AppState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -126,7 +125,7 @@ async fn time_request(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |m| route_label(m.as_str()));
-    let response = next.run(request).await;
+    let response = anomalies::watch_credentials(&state, request, next).await;
     state
         .metrics
         .http_requests
