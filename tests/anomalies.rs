@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,22 +27,12 @@ fn sign_body() -> Value {
 /// The agent's certificate and key in a client that connects from
 /// `address`: a copy of the credential on another host.
 fn client_from(server: &Server, certificate: &Value, key: &Path, address: &str) -> reqwest::Client {
-    let mut identity = certificate["certificate_pem"]
-        .as_str()
-        .unwrap()
-        .as_bytes()
-        .to_vec();
-    identity.extend(std::fs::read(key).unwrap());
-    let ca = std::fs::read(server.path("ca.pem")).unwrap();
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .identity(reqwest::Identity::from_pem(&identity).unwrap())
-        .local_address(address.parse::<IpAddr>().unwrap())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    common::mtls_client_from(
+        server,
+        certificate["certificate_pem"].as_str().unwrap(),
+        key,
+        address,
+    )
 }
 
 async fn sign_at(client: &reqwest::Client, base: &str, agent: &str) -> u16 {
@@ -181,26 +170,13 @@ async fn a_copied_certificate_used_from_a_second_address_on_another_replica_is_q
         )
         .await;
     assert_eq!(suspensions_by_detector, Some(10));
-    let metrics = metrics_text(&server, &replica.url).await;
+    let metrics = common::metrics_text(&server, &replica.url).await;
     assert!(
         metrics.contains(
             r#"keyward_anomalies_total{kind="credential_sharing",response="suspend"} 10"#
         ),
         "{metrics}"
     );
-}
-
-async fn metrics_text(server: &Server, base: &str) -> String {
-    server
-        .client
-        .get(format!("{base}/metrics"))
-        .bearer_auth(server.admin_token.trim())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 async fn an_agent_that_reconnects_or_renews_is_not_flagged(db: Db) {

@@ -421,21 +421,13 @@ async fn anomalies_list_and_kpis_print_what_detection_found() {
         .await;
     assert_eq!(status, 201);
     let (key, certificate) = enrolled_with(&server, "shared", &["worker"]).await;
-    let identity = [
-        certificate["certificate_pem"].as_str().unwrap().as_bytes(),
-        &std::fs::read(&key).unwrap(),
-    ]
-    .concat();
-    let ca = std::fs::read(server.path("ca.pem")).unwrap();
     for address in ["127.0.0.1", "127.0.0.2"] {
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .identity(reqwest::Identity::from_pem(&identity).unwrap())
-            .local_address(address.parse::<std::net::IpAddr>().unwrap())
-            .build()
-            .unwrap();
+        let client = common::mtls_client_from(
+            &server,
+            certificate["certificate_pem"].as_str().unwrap(),
+            &key,
+            address,
+        );
         let (status, _) = post(
             &client,
             &server,

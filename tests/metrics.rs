@@ -8,19 +8,6 @@ use base64::Engine as _;
 use common::{Db, Server};
 use serde_json::json;
 
-async fn metrics(server: &Server) -> String {
-    server
-        .client
-        .get(format!("{}/metrics", server.url))
-        .bearer_auth(server.admin_token.trim())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of the sample named `name` with exactly `labels`.
 fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
     let prefix = format!("{name}{{{labels}}} ");
@@ -61,7 +48,7 @@ async fn requests_decisions_and_authentications_are_counted_by_what_they_were(db
         .unwrap();
     assert_eq!(refused.status().as_u16(), 401);
 
-    let text = metrics(&server).await;
+    let text = common::metrics_text(&server, &server.url).await;
     let sign_route = r#"method="POST",route="/v1/agents/{name}/sign",status="200""#;
     assert_eq!(
         sample(

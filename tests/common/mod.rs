@@ -815,6 +815,17 @@ pub async fn enroll(server: &Server, token: &str, csr: &str) -> (u16, Value) {
 
 /// An HTTPS client presenting `certificate_pem` with `key`.
 pub fn mtls_client(server: &Server, certificate_pem: &str, key: &Path) -> reqwest::Client {
+    mtls_client_from(server, certificate_pem, key, "127.0.0.1")
+}
+
+/// `mtls_client` connecting from the local address `source` (another
+/// loopback address: another host, as keyward sees it).
+pub fn mtls_client_from(
+    server: &Server,
+    certificate_pem: &str,
+    key: &Path,
+    source: &str,
+) -> reqwest::Client {
     let mut identity = certificate_pem.as_bytes().to_vec();
     identity.extend(std::fs::read(key).unwrap());
     let ca = std::fs::read(server.path("ca.pem")).unwrap();
@@ -823,8 +834,24 @@ pub fn mtls_client(server: &Server, certificate_pem: &str, key: &Path) -> reqwes
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .local_address(source.parse::<std::net::IpAddr>().unwrap())
         .timeout(Duration::from_secs(10))
         .build()
+        .unwrap()
+}
+
+/// `GET /metrics` of the server at `base` (this server or a replica), as
+/// an admin.
+pub async fn metrics_text(server: &Server, base: &str) -> String {
+    server
+        .client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(server.admin_token.trim())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
         .unwrap()
 }
 
