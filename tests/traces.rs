@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{https_client, keyward_bin, private_tempdir, Db, TestDatabase};
+use common::{private_tempdir, Db, Server};
 use serde_json::{json, Value};
 
 /// The OTLP receiver, killed on drop.
@@ -56,97 +56,15 @@ impl Drop for Receiver {
     }
 }
 
-/// `keyward serve --otlp-endpoint <endpoint>` on SQLite and its embedded
-/// token, as an operator starts it; killed on drop unless stopped.
-struct Keyward {
-    child: Child,
-    url: String,
-    client: reqwest::Client,
-    token: String,
-    _database: TestDatabase,
-    _data_dir: tempfile::TempDir,
-}
-
-impl Keyward {
-    async fn start(endpoint: &str) -> Self {
-        let data_dir = private_tempdir();
-        let database = TestDatabase::create(Db::Sqlite, data_dir.path()).await;
-        let mut child = Command::new(keyward_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .arg("--database-url")
-            .arg(&database.url)
-            .args(["--otlp-endpoint", endpoint])
-            .env_remove("SOFTHSM2_CONF")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting keyward");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("keyward listening on ")
-            .unwrap_or_else(|| panic!("keyward did not start: {line:?}"))
-            .to_owned();
-        let ca = std::fs::read(data_dir.path().join("ca.pem")).unwrap();
-        let token = std::fs::read_to_string(data_dir.path().join("admin.token")).unwrap();
-        Self {
-            child,
-            url,
-            client: https_client(&ca),
-            token: token.trim().to_owned(),
-            _database: database,
-            _data_dir: data_dir,
-        }
-    }
-
-    async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self
-            .client
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("request reached keyward");
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// SIGTERM, as an operator stops it, and waits for a clean exit: the
-    /// last spans are exported on the way out.
-    async fn stop(&mut self) {
-        let (ok, out) =
-            common::run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
-        assert!(ok, "{out}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(std::time::Instant::now() < deadline, "keyward did not exit");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert!(status.success(), "{status}");
-    }
-}
-
-impl Drop for Keyward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// keyward on SQLite and SoftHSM2, exporting to `endpoint` as its config
+/// file says (`[telemetry] otlp_endpoint`; the flag and the variable are
+/// checked by `config`'s unit tests and the acceptance check).
+async fn keyward_exporting_to(endpoint: &str) -> Server {
+    Server::start_with_config(
+        Db::Sqlite,
+        &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n"),
+    )
+    .await
 }
 
 fn read_spans(file: &Path) -> Vec<Value> {
@@ -165,7 +83,7 @@ async fn a_signing_request_continues_the_callers_trace_with_child_spans() {
     let dir = private_tempdir();
     let spans_file = dir.path().join("spans.jsonl");
     let receiver = Receiver::start(&spans_file);
-    let mut keyward = Keyward::start(&format!("http://127.0.0.1:{}", receiver.port)).await;
+    let mut keyward = keyward_exporting_to(&format!("http://127.0.0.1:{}", receiver.port)).await;
 
     // No traceparent: a trace of its own, whose id the audit entry carries.
     let (status, body) = keyward
@@ -186,7 +104,7 @@ async fn a_signing_request_continues_the_callers_trace_with_child_spans() {
     let response = keyward
         .client
         .post(format!("{}/v1/agents/tracer/sign", keyward.url))
-        .bearer_auth(&keyward.token)
+        .bearer_auth(keyward.admin_token.trim())
         .header("traceparent", format!("00-{trace_id}-{parent_id}-01"))
         .json(&json!({"message_b64": "aGk="}))
         .send()
@@ -203,7 +121,10 @@ async fn a_signing_request_continues_the_callers_trace_with_child_spans() {
     assert_eq!(status, 404, "{body}");
 
     // The graceful stop exports what is still queued.
-    keyward.stop().await;
+    // SIGTERM, as an operator stops it: the last spans are exported on the
+    // way out.
+    let exit = keyward.terminate();
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
     let spans = read_spans(&spans_file);
     let names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
 
@@ -269,7 +190,7 @@ async fn with_the_collector_down_every_request_is_served_and_lost_spans_are_coun
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let keyward = Keyward::start(&format!("http://127.0.0.1:{port}")).await;
+    let keyward = keyward_exporting_to(&format!("http://127.0.0.1:{port}")).await;
     let (status, body) = keyward
         .admin(
             "POST",
@@ -283,7 +204,11 @@ async fn with_the_collector_down_every_request_is_served_and_lost_spans_are_coun
     let client = keyward.client.clone();
     let url = format!("{}/v1/agents/busy/sign", keyward.url);
     for worker in 0..10 {
-        let (client, url, token) = (client.clone(), url.clone(), keyward.token.clone());
+        let (client, url, token) = (
+            client.clone(),
+            url.clone(),
+            keyward.admin_token.trim().to_owned(),
+        );
         tasks.spawn(async move {
             let mut failures = Vec::new();
             for i in 0..50 {

@@ -302,22 +302,24 @@ impl Server {
     }
 
     /// SIGTERM, and up to 10 s for keyward to shut down (it destroys its
-    /// listener's key on the way out); SIGKILL after that.
-    pub fn terminate(&mut self) {
+    /// listener's key on the way out); SIGKILL after that. How it exited,
+    /// when it did by itself.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         if let Some(child) = &mut self.child {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
+                if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    return;
+                    return Some(status);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
         self.stop();
+        None
     }
 
     /// SIGKILL: the process ends at once, as in a crash.
