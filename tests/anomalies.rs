@@ -299,8 +299,16 @@ async fn a_policy_with_a_bad_anomaly_section_is_refused(db: Db) {
         "[anomaly]\nsharing_window_seconds = 86401\n",
         "[anomaly]\nshared_networks = [\"10.0.0.0/33\"]\n",
         "[anomaly]\nunknown = 1\n",
-        // Not detected yet: refused rather than silently ignored.
-        "[anomaly]\nrate_spike = \"alert\"\n",
+        "[anomaly]\nrate_spike = \"sometimes\"\n",
+        "[anomaly]\nrate_spike_factor = 1.5\n",
+        "[anomaly]\nrate_spike_factor = 1001\n",
+        "[anomaly]\nrate_spike_factor = nan\n",
+        "[anomaly]\nrate_spike_floor = 0\n",
+        "[anomaly]\nrate_spike_floor = -3\n",
+        "[anomaly]\nrate_spike_floor = inf\n",
+        "[anomaly]\nrate_baseline_seconds = 59\n",
+        "[anomaly]\nrate_baseline_seconds = 604801\n",
+        "[anomaly]\nrate_baseline_seconds = \"an hour\"\n",
         "[anomaly]\nprobing_denials = 1\n",
         "[anomaly]\nprobing_denials = 1001\n",
     ] {
@@ -344,7 +352,75 @@ async fn an_agent_probing_for_others_is_quarantined_at_the_threshold(db: Db) {
     assert_eq!(status_of(&server, "target").await, "active");
 }
 
+/// Two agents at one request a second for the baseline's warm-up (a
+/// sixth of a minute); then one of them bursts at many times that, above
+/// the floor, and is quarantined; the other, as steady as before, is not.
+async fn an_agent_bursting_far_above_its_own_baseline_is_quarantined(db: Db) {
+    let server = Server::start(db).await;
+    apply(
+        &server,
+        "[roles.worker]\nactions = [\"sign\"]\n\
+         [anomaly]\nrate_spike = \"suspend\"\nrate_spike_floor = 2\n\
+         rate_spike_factor = 5\nrate_baseline_seconds = 60\n",
+    )
+    .await;
+    let (key, certificate) = common::enrolled_with(&server, "burster", &["worker"]).await;
+    let burster = client_from(&server, &certificate, &key, "127.0.0.1");
+    let (key, certificate) = common::enrolled_with(&server, "steady", &["worker"]).await;
+    let steady = client_from(&server, &certificate, &key, "127.0.0.1");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        assert_eq!(sign_at(&burster, &server.url, "burster").await, 200);
+        assert_eq!(sign_at(&steady, &server.url, "steady").await, 200);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // A hundred at once: ten a second over the measuring window, against
+    // a baseline of one.
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let (burster, url) = (burster.clone(), server.url.clone());
+        burst.spawn(async move { sign_at(&burster, &url, "burster").await });
+    }
+    let statuses: Vec<u16> = burst.join_all().await;
+    assert!(
+        statuses.iter().all(|s| [200, 403].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains(&403),
+        "the burst was stopped: {statuses:?}"
+    );
+    assert_eq!(status_of(&server, "burster").await, "suspended");
+    assert_eq!(sign_at(&burster, &server.url, "burster").await, 403);
+    assert_eq!(sign_at(&steady, &server.url, "steady").await, 200);
+    assert_eq!(status_of(&server, "steady").await, "active");
+
+    let (_, listed) = server
+        .admin("GET", "/v1/anomalies?kind=rate_spike", None)
+        .await;
+    let anomalies = listed["anomalies"].as_array().unwrap();
+    assert_eq!(
+        anomalies.len(),
+        1,
+        "one anomaly, for the burster only: {listed}"
+    );
+    let details = &anomalies[0]["details"];
+    assert_eq!(anomalies[0]["agent"], "burster");
+    assert_eq!(anomalies[0]["response"], "suspend");
+    let rate = details["rate_per_second"].as_f64().unwrap();
+    let baseline = details["baseline_per_second"].as_f64().unwrap();
+    assert!(rate > 5.0 * baseline && rate > 2.0, "{details}");
+    assert!((0.3..2.0).contains(&baseline), "{details}");
+    // An admin resumes it, and its steady rate is fine again.
+    let (status, body) = server
+        .admin("POST", "/v1/agents/burster/resume", Some(json!({})))
+        .await;
+    assert!(status < 300, "{status} {body}");
+    assert_eq!(sign_at(&burster, &server.url, "burster").await, 200);
+}
+
 on_both_databases!(
+    an_agent_bursting_far_above_its_own_baseline_is_quarantined,
     an_agent_probing_for_others_is_quarantined_at_the_threshold,
     an_agent_that_reconnects_or_renews_is_not_flagged,
     under_alert_a_shared_credential_is_listed_and_the_agent_keeps_working,

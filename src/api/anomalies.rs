@@ -49,6 +49,11 @@ pub(super) async fn watch_credentials(state: &AppState, request: Request, next: 
     };
     if let Some((credential, agent)) = &certificate {
         watch(state, credential, agent.as_ref(), address).await;
+        if let Some(agent) = agent {
+            if let Err(e) = state.detector.agent_request(credential, agent).await {
+                tracing::error!(error = %e, credential, "anomaly detection failed for a request");
+            }
+        }
     }
     let response = next.run(request).await;
     if let (Some((credential, Some(agent))), Some(ErrorCode(code))) =

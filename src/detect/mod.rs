@@ -38,8 +38,11 @@ pub use crate::store::{AnomalyQuery, AnomalyRecord};
 use crate::store::{NewAnomaly, Store, StoreError};
 use crate::telemetry::DetectMetrics;
 
+mod rate;
+
 pub const CREDENTIAL_SHARING: &str = "credential_sharing";
 pub const CROSS_AGENT_PROBING: &str = "cross_agent_probing";
+pub const RATE_SPIKE: &str = "rate_spike";
 /// The denials that probing is made of: asking for another agent, or for
 /// what the agent's roles do not grant.
 pub const PROBING_DENIALS: [&str; 3] = ["other_agent", "not_in_scope", "intent_not_allowed"];
@@ -95,6 +98,8 @@ pub struct Detector {
     /// Credential -> its recent denials (when, which code), on this
     /// replica.
     denials: Mutex<HashMap<String, Vec<(i64, &'static str)>>>,
+    /// Each agent's request rate and its moving baseline, on this replica.
+    rates: Mutex<rate::RateTracker>,
 }
 
 impl Detector {
@@ -111,6 +116,7 @@ impl Detector {
             metrics,
             written: Mutex::new(HashMap::new()),
             denials: Mutex::new(HashMap::new()),
+            rates: Mutex::new(rate::RateTracker::default()),
         }
     }
 
@@ -221,6 +227,48 @@ impl Detector {
             .await
     }
 
+    /// Counts a request made with `credential`, an agent's certificate;
+    /// a rate far above the agent's own baseline and above the floor is a
+    /// rate spike (see `rate`). Judged per agent, not per credential, so
+    /// that a renewed certificate keeps its agent's baseline.
+    pub async fn agent_request(
+        &self,
+        credential: &str,
+        agent: &AgentName,
+    ) -> Result<Option<AnomalyRecord>, DetectError> {
+        let policy = self.policy.anomaly_policy();
+        if policy.rate_spike == AnomalyResponse::Off {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let spike = self
+            .rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .request(agent.as_str(), now, &policy);
+        let Some(spike) = spike else {
+            return Ok(None);
+        };
+        let anomaly = NewAnomaly {
+            kind: RATE_SPIKE,
+            agent: Some(agent.as_str().to_owned()),
+            credential: credential.to_owned(),
+            response: policy.rate_spike.as_str(),
+            first_offense_ms: spike.since_ms,
+            detected_at_ms: now,
+            details: serde_json::json!({
+                "rate_per_second": round2(spike.rate_per_second),
+                "baseline_per_second": round2(spike.baseline_per_second),
+                "rate_spike_factor": policy.rate_spike_factor,
+                "rate_spike_floor": policy.rate_spike_floor,
+                "measured_over_seconds": rate::SLOT_MS / 1000,
+            }),
+        };
+        let since = now - policy.sharing_window_seconds as i64 * 1000;
+        self.respond(anomaly, policy.rate_spike, since, Some(agent))
+            .await
+    }
+
     async fn respond(
         &self,
         anomaly: NewAnomaly,
@@ -320,10 +368,17 @@ impl Detector {
     }
 
     /// Forgets sightings older than a day, the longest window a policy
-    /// may set.
+    /// may set, and the rates of agents idle for five baseline time
+    /// constants (their baseline is then under 1% of what it was).
     pub async fn prune(&self) -> Result<(), StoreError> {
         let day = crate::policy::document::MAX_SHARING_WINDOW_SECONDS as i64 * 1000;
-        self.store.prune_sightings(now_ms() - day).await?;
+        let now = now_ms();
+        let idle_ms = 5 * self.policy.anomaly_policy().rate_baseline_seconds as i64 * 1000;
+        self.rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prune(now, idle_ms);
+        self.store.prune_sightings(now - day).await?;
         Ok(())
     }
 }
@@ -362,6 +417,11 @@ fn counted_address(policy: &AnomalyPolicy, address: IpAddr) -> CountedAddress {
         .map_or(CountedAddress::Address(address), |n| {
             CountedAddress::Network(*n)
         })
+}
+
+/// Two decimals: what a reader of an anomaly needs of a rate.
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
 }
 
 fn now_ms() -> i64 {

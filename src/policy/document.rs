@@ -11,11 +11,15 @@
 //! [anomaly]                               # what detection does:
 //! credential_sharing = "suspend"          # "off", "alert" (the default)
 //!                                         # or "suspend"
-//! rate_spike = "off"                      # not detected yet: only "off"
+//! rate_spike = "alert"                    # "off" by default
 //! cross_agent_probing = "suspend"         # "alert" by default
 //! sharing_window_seconds = 60             # two addresses within this,
 //! probing_denials = 5                     # or this many denials
 //! shared_networks = ["10.0.0.0/8"]        # addresses behind one NAT or proxy
+//! rate_spike_factor = 10                  # a rate this many times the
+//! rate_spike_floor = 10                   # agent's baseline, and above this
+//!                                         # many requests a second
+//! rate_baseline_seconds = 3600            # how long the baseline remembers
 //! ```
 //!
 //! An agent has the roles named by its scopes. A request is allowed when
@@ -112,8 +116,12 @@ pub struct AnomalyPolicy {
     /// One credential used from two or more source addresses within
     /// `sharing_window_seconds`: the mark of a copied credential.
     pub credential_sharing: AnomalyResponse,
+    /// An agent's request rate far above its own moving baseline and
+    /// above `rate_spike_floor`.
     pub rate_spike: AnomalyResponse,
     pub cross_agent_probing: AnomalyResponse,
+    /// The window of sharing and probing, and the span within which one
+    /// credential's detections of one kind are one anomaly.
     pub sharing_window_seconds: u64,
     /// Denials (`other_agent`, `not_in_scope`, `intent_not_allowed`) of
     /// one credential within the window that make cross-agent probing.
@@ -121,19 +129,33 @@ pub struct AnomalyPolicy {
     /// Networks (CIDR) each of which counts as one address: a NAT or a
     /// pool of proxies that one agent's requests may leave from.
     pub shared_networks: Vec<ipnet::IpNet>,
+    /// How many times its baseline an agent's rate must be to be a spike.
+    pub rate_spike_factor: f64,
+    /// Requests a second (on one replica) below which no rate is a spike,
+    /// however quiet the agent was: an idle agent that wakes is not an
+    /// attack.
+    pub rate_spike_floor: f64,
+    /// The time constant of the moving baseline: how long a rate is
+    /// remembered. An agent is judged once a replica has watched it for a
+    /// sixth of this (ten minutes at the default hour).
+    pub rate_baseline_seconds: u64,
 }
 
 impl Default for AnomalyPolicy {
     fn default() -> Self {
         Self {
             credential_sharing: AnomalyResponse::Alert,
-            // Not detected yet: off, and a policy cannot turn it on (see
-            // `parse`), so that no one believes it is watched for.
+            // Off unless a policy turns it on: what rate is normal is the
+            // deployment's to say (the floor), and a floor that does not
+            // fit alerts on every busy agent.
             rate_spike: AnomalyResponse::Off,
             cross_agent_probing: AnomalyResponse::Alert,
             probing_denials: DEFAULT_PROBING_DENIALS,
             sharing_window_seconds: DEFAULT_SHARING_WINDOW_SECONDS,
             shared_networks: Vec::new(),
+            rate_spike_factor: DEFAULT_RATE_SPIKE_FACTOR,
+            rate_spike_floor: DEFAULT_RATE_SPIKE_FLOOR,
+            rate_baseline_seconds: DEFAULT_RATE_BASELINE_SECONDS,
         }
     }
 }
@@ -145,6 +167,12 @@ pub const MAX_PROBING_DENIALS: u32 = 1000;
 /// looks like a thief.
 pub const MAX_SHARING_WINDOW_SECONDS: u64 = 86_400;
 pub const MAX_SHARED_NETWORKS: usize = 256;
+pub const DEFAULT_RATE_SPIKE_FACTOR: f64 = 10.0;
+pub const DEFAULT_RATE_SPIKE_FLOOR: f64 = 10.0;
+pub const DEFAULT_RATE_BASELINE_SECONDS: u64 = 3600;
+/// Shortest baseline: a minute (its warm-up is then ten seconds, one
+/// measuring slot). Longest: a week.
+pub const RATE_BASELINE_SECONDS: std::ops::RangeInclusive<u64> = 60..=7 * 86_400;
 
 /// What the roles of an agent allow for one kind of request.
 #[derive(Clone, Debug, PartialEq)]
@@ -195,10 +223,20 @@ impl PolicyDocument {
                 "sharing_window_seconds must be 1 to 86400 (a day)",
             ));
         }
-        if anomaly.rate_spike != AnomalyResponse::Off {
+        // NaN fails the range checks too.
+        if !(2.0..=1000.0).contains(&anomaly.rate_spike_factor) {
             return Err(DocumentError::Anomaly(
-                "rate_spike is not detected by this version of keyward yet: only \"off\" \
-                 is accepted",
+                "rate_spike_factor must be 2 to 1000",
+            ));
+        }
+        if !(0.1..=MAX_RATE_PER_SECOND).contains(&anomaly.rate_spike_floor) {
+            return Err(DocumentError::Anomaly(
+                "rate_spike_floor must be 0.1 to 1000000 requests a second",
+            ));
+        }
+        if !RATE_BASELINE_SECONDS.contains(&anomaly.rate_baseline_seconds) {
+            return Err(DocumentError::Anomaly(
+                "rate_baseline_seconds must be 60 to 604800 (a week)",
             ));
         }
         if !(2..=MAX_PROBING_DENIALS).contains(&anomaly.probing_denials) {
