@@ -198,6 +198,12 @@ pub struct ServerFile {
     /// Threads serving HTTP, TLS and the handlers (default: see
     /// [`default_runtime_threads`]).
     pub runtime_threads: Option<usize>,
+    /// Load balancers and proxies (addresses or CIDR networks) whose
+    /// `X-Forwarded-For` names the client: the source in the audit log
+    /// and traces, and the address the detectors count. Empty (the
+    /// default): the header is ignored and the source is the TCP peer.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Overrides from the command line; they win over the file.
@@ -241,6 +247,9 @@ pub struct Config {
     pub status_url: Option<String>,
     pub admin_token_enabled: bool,
     pub runtime_threads: usize,
+    /// See `ServerFile::trusted_proxies`, parsed (an address as its /32
+    /// or /128).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub hook_allowed_hosts: Vec<String>,
     /// See `MaintenanceFile::orphan_key_grace_seconds`.
     pub orphan_key_grace: Duration,
@@ -271,6 +280,32 @@ pub struct AuditConfig {
 /// device, whose workers mostly wait, the number of cores may serve better.
 pub fn default_runtime_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// Each entry an IP network (`10.0.0.0/8`) or address (`192.0.2.1`, as
+/// its /32 or /128); a typo refuses to start rather than trusting less, or
+/// more, than the operator meant.
+fn parse_trusted_proxies(entries: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    const MAX_TRUSTED_PROXIES: usize = 256;
+    if entries.len() > MAX_TRUSTED_PROXIES {
+        return Err(format!(
+            "server.trusted_proxies: at most {MAX_TRUSTED_PROXIES} entries"
+        ));
+    }
+    entries
+        .iter()
+        .map(|entry| {
+            entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| {
+                    format!(
+                        "server.trusted_proxies: {entry:?} is not an IP address or CIDR network"
+                    )
+                })
+        })
+        .collect()
 }
 
 /// An `http(s)://host[:port]` base with no path, query or fragment, so
@@ -526,6 +561,8 @@ impl ConfigFile {
             ca_validity,
             server_dns_names: self.server.dns_names,
             admin_token_enabled: self.server.admin_token.unwrap_or(true),
+            trusted_proxies: parse_trusted_proxies(&self.server.trusted_proxies)
+                .map_err(invalid)?,
             runtime_threads: match self.server.runtime_threads {
                 Some(0) => return Err(invalid("server.runtime_threads must be >= 1".into())),
                 Some(n) => n,
@@ -614,6 +651,37 @@ mod tests {
                     endpoint(file(bad), &Overrides::default()),
                     Err(ConfigError::Invalid(_))
                 ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks_and_a_typo_refuses_to_start() {
+        let proxies = |list: &str| {
+            toml::from_str::<ConfigFile>(&format!("[server]\ntrusted_proxies = {list}\n"))
+                .unwrap()
+                .validate(&Overrides::default())
+                .map(|c| {
+                    c.trusted_proxies
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                })
+        };
+        assert_eq!(
+            proxies(r#"["10.0.0.0/8", "192.0.2.1", "2001:db8::/32", "10.9.8.7/16"]"#).unwrap(),
+            ["10.0.0.0/8", "192.0.2.1/32", "2001:db8::/32", "10.9.0.0/16"]
+        );
+        assert!(proxies("[]").unwrap().is_empty());
+        for bad in [
+            r#"["10.0.0.0/33"]"#,
+            r#"["lb.internal"]"#,
+            r#"[""]"#,
+            r#"["10.0.0.1:80"]"#,
+        ] {
+            assert!(
+                matches!(proxies(bad), Err(ConfigError::Invalid(_))),
                 "{bad}"
             );
         }

@@ -46,6 +46,32 @@ async fn sign_at(client: &reqwest::Client, base: &str, agent: &str) -> u16 {
         .as_u16()
 }
 
+/// Signs through a "load balancer": `client` connects from its address
+/// and says it forwards for `forwarded_for`.
+async fn sign_forwarded(
+    client: &reqwest::Client,
+    base: &str,
+    agent: &str,
+    forwarded_for: &str,
+) -> (u16, Value) {
+    let response = client
+        .post(format!("{base}/v1/agents/{agent}/sign"))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&sign_body())
+        .send()
+        .await
+        .expect("reached keyward");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn addresses_seen(server: &Server, agent: &str) -> Value {
+    let (_, listed) = server
+        .admin("GET", &format!("/v1/anomalies?agent={agent}"), None)
+        .await;
+    listed["anomalies"][0]["details"]["addresses"].clone()
+}
+
 async fn apply(server: &Server, policy: &str) {
     let (status, body) = server
         .admin("POST", "/v1/policies", Some(json!({"content": policy})))
@@ -419,7 +445,86 @@ async fn an_agent_bursting_far_above_its_own_baseline_is_quarantined(db: Db) {
     assert_eq!(sign_at(&burster, &server.url, "burster").await, 200);
 }
 
+/// Behind a load balancer at 127.0.0.1 (`[server] trusted_proxies`), the
+/// client is the address it forwarded for: one certificate forwarded for
+/// two clients is sharing; a connection from elsewhere cannot choose its
+/// address with the header; a header the proxy mangled is refused.
+async fn behind_a_trusted_proxy_the_forwarded_client_is_the_source(db: Db) {
+    let server =
+        Server::start_with_config(db, "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n").await;
+    apply(&server, QUARANTINE_POLICY).await;
+
+    // Forwarded for two clients: a copied certificate behind the proxy.
+    let (key, certificate) = common::enrolled_with(&server, "moved", &["worker"]).await;
+    let proxy = client_from(&server, &certificate, &key, "127.0.0.1");
+    assert_eq!(
+        sign_forwarded(&proxy, &server.url, "moved", "203.0.113.5")
+            .await
+            .0,
+        200
+    );
+    // The client's own entries left of the proxy's are never read.
+    let (status, _) = sign_forwarded(&proxy, &server.url, "moved", "10.6.6.6, 203.0.113.5").await;
+    assert_eq!(status, 200);
+    assert_eq!(status_of(&server, "moved").await, "active");
+    assert_eq!(
+        sign_forwarded(&proxy, &server.url, "moved", "198.51.100.9")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(status_of(&server, "moved").await, "suspended");
+    assert_eq!(
+        addresses_seen(&server, "moved").await,
+        json!(["203.0.113.5", "198.51.100.9"])
+    );
+
+    // From an untrusted address the header is ignored: the copy at
+    // 127.0.0.2 cannot pass for the owner's forwarded address.
+    let (key, certificate) = common::enrolled_with(&server, "spoofed", &["worker"]).await;
+    let proxy = client_from(&server, &certificate, &key, "127.0.0.1");
+    let thief = client_from(&server, &certificate, &key, "127.0.0.2");
+    assert_eq!(
+        sign_forwarded(&proxy, &server.url, "spoofed", "203.0.113.5")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        sign_forwarded(&thief, &server.url, "spoofed", "203.0.113.5")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(status_of(&server, "spoofed").await, "suspended");
+    assert_eq!(
+        addresses_seen(&server, "spoofed").await,
+        json!(["203.0.113.5", "127.0.0.2"])
+    );
+
+    // An entry the trusted proxy wrote that is no address: refused, and
+    // nothing is signed or seen.
+    let (key, certificate) = common::enrolled_with(&server, "mangled", &["worker"]).await;
+    let proxy = client_from(&server, &certificate, &key, "127.0.0.1");
+    let signatures = server.sql("SELECT COUNT(*) FROM signatures").await;
+    for bad in ["unknown", "203.0.113", "203.0.113.5, "] {
+        let (status, body) = sign_forwarded(&proxy, &server.url, "mangled", bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_forwarded_for", "{body}");
+    }
+    assert_eq!(
+        server.sql("SELECT COUNT(*) FROM signatures").await,
+        signatures
+    );
+    assert_eq!(status_of(&server, "mangled").await, "active");
+    let (_, listed) = server
+        .admin("GET", "/v1/anomalies?agent=mangled", None)
+        .await;
+    assert_eq!(listed["anomalies"], json!([]));
+}
+
 on_both_databases!(
+    behind_a_trusted_proxy_the_forwarded_client_is_the_source,
     an_agent_bursting_far_above_its_own_baseline_is_quarantined,
     an_agent_probing_for_others_is_quarantined_at_the_threshold,
     an_agent_that_reconnects_or_renews_is_not_flagged,

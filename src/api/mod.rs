@@ -10,6 +10,7 @@ mod audit;
 mod enrollment;
 pub mod error;
 pub mod extract;
+mod forwarded;
 mod held;
 mod hooks;
 mod messages;
@@ -61,6 +62,9 @@ pub struct AppState {
     pub metrics: Metrics,
     pub audit_log: Arc<crate::transparency::AuditLog>,
     pub detector: Arc<crate::detect::Detector>,
+    /// `[server] trusted_proxies`: connections from these forward for
+    /// their clients (`forwarded`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// Only `/v1/crl` and `/v1/ocsp`: the plain-HTTP status listener.
@@ -73,7 +77,7 @@ pub fn status_router(state: Arc<AppState>) -> Router {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -104,8 +108,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(read_body_first))
         .layer(axum::middleware::from_fn(trace::server_span))
-        .layer(axum::middleware::from_fn(request_id))
-        .with_state(state)
+        .layer(axum::middleware::from_fn(request_id));
+    // Outermost, so the audit context, the span and the detectors all see
+    // the client; no layer at all when no proxy is trusted.
+    let router = if state.trusted_proxies.is_empty() {
+        router
+    } else {
+        router.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forwarded::resolve_client,
+        ))
+    };
+    router.with_state(state)
 }
 
 /// What every request is watched for, in one layer (each layer is a boxed
@@ -195,9 +209,22 @@ async fn count_errors(State(state): State<Arc<AppState>>, response: Response) ->
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
-/// The address a connection comes from, for the audit log.
+/// Where a request comes from: the connection's peer, or the client a
+/// trusted proxy forwarded for (`forwarded`), whose port is not known and
+/// is 0.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddress(pub std::net::SocketAddr);
+
+impl ClientAddress {
+    /// `ip:port`, or the IP alone when the port is not known.
+    pub fn source(&self) -> String {
+        if self.0.port() == 0 {
+            self.0.ip().to_string()
+        } else {
+            self.0.to_string()
+        }
+    }
+}
 
 /// Gives the request its id, and opens the audit context its events carry
 /// (id, W3C trace id, source address; the caller check adds the
@@ -216,7 +243,7 @@ async fn request_id(mut request: axum::extract::Request, next: axum::middleware:
         source: request
             .extensions()
             .get::<ClientAddress>()
-            .map(|a| a.0.to_string()),
+            .map(ClientAddress::source),
         credential: None,
     };
     // `trace_id` when known: the caller's, or the server span's (`trace`).

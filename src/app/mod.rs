@@ -332,6 +332,7 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         metrics,
         audit_log,
         detector,
+        trusted_proxies: config.trusted_proxies.clone(),
     });
     Ok(Keyward {
         state,
