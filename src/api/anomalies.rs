@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -32,13 +31,21 @@ const MAX_PAGE: i64 = 1000;
 /// agent's certificate shared suspends the agent before this request is
 /// served; an admin token is known only once the caller check has run.
 /// Detection never fails a request: a store error is logged.
-pub(super) async fn watch_credentials(state: &AppState, request: Request, next: Next) -> Response {
+pub(super) async fn watch_credentials<F, Fut>(
+    state: &AppState,
+    request: Request,
+    inner: F,
+) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let Some(address) = request
         .extensions()
         .get::<ClientAddress>()
         .map(|a| a.0.ip())
     else {
-        return next.run(request).await;
+        return inner(request).await;
     };
     let certificate = match request.extensions().get::<PeerIdentity>() {
         Some(PeerIdentity::Agent { name, serial, .. }) => {
@@ -55,7 +62,7 @@ pub(super) async fn watch_credentials(state: &AppState, request: Request, next: 
             }
         }
     }
-    let response = next.run(request).await;
+    let response = inner(request).await;
     if let (Some((credential, Some(agent))), Some(ErrorCode(code))) =
         (&certificate, response.extensions().get::<ErrorCode>())
     {

@@ -72,7 +72,7 @@ pub fn status_router(state: Arc<AppState>) -> Router {
     status::router()
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(read_body_first))
+        .layer(axum::middleware::from_fn(read_body_layer))
         .with_state(state)
 }
 
@@ -97,18 +97,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(approvals::router())
         .merge(anomalies::router())
         .fallback(not_found)
-        .layer(axum::middleware::map_response_with_state(
-            state.clone(),
-            count_errors,
-        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            observe_request,
-        ))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(read_body_first))
-        .layer(axum::middleware::from_fn(trace::server_span))
-        .layer(axum::middleware::from_fn(request_id));
+            around_request,
+        ));
     // Outermost, so the audit context, the span and the detectors all see
     // the client; no layer at all when no proxy is trusted.
     let router = if state.trusted_proxies.is_empty() {
@@ -122,34 +115,54 @@ pub fn router(state: Arc<AppState>) -> Router {
     router.with_state(state)
 }
 
-/// What every request is watched for, in one layer (each layer is a boxed
-/// future a request more): its duration, as
-/// `http_server_request_duration_seconds` by method, route template and
-/// status (a path no route matched counts as `unmatched`; the labels are
-/// static strings, so counting allocates nothing), and its credential and
-/// source address, for the detectors (`anomalies::watch_credentials`).
-async fn observe_request(
+/// Everything done around every request, in one layer: each
+/// `from_fn` layer costs a request a clone of the service below it and a
+/// boxed future, which on the signing path was measurable (see
+/// docs/architecture.md, "Detection, metrics and KPIs"). In order:
+///
+/// 1. the request id and the audit context its records carry (`request_id`);
+/// 2. the OpenTelemetry server span, when traces are on (`trace`);
+/// 3. the body, read whole before anything answers (`read_body_first`);
+/// 4. the request's duration, as `http_server_request_duration_seconds`
+///    by method, route template and status (a path no route matched is
+///    `unmatched`; static labels, so counting allocates nothing), and its
+///    credential and source address for the detectors
+///    (`anomalies::watch_credentials`);
+/// 5. the error code of a refusal, counted (`count_errors`).
+async fn around_request(
     State(state): State<Arc<AppState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let started = std::time::Instant::now();
-    let method = method_label(request.method());
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or("unmatched", |m| route_label(m.as_str()));
-    let response = anomalies::watch_credentials(&state, request, next).await;
-    state
-        .metrics
-        .http_requests
-        .get_or_create(&crate::telemetry::RequestLabels {
-            method,
-            route,
-            status: response.status().as_u16(),
+    with_request_id(request, |request| {
+        trace::server_span(request, |request| async {
+            let request = match read_body_first(request).await {
+                Ok(request) => request,
+                Err(refused) => return refused,
+            };
+            let started = std::time::Instant::now();
+            let method = method_label(request.method());
+            let route = request
+                .extensions()
+                .get::<axum::extract::MatchedPath>()
+                .map_or("unmatched", |m| route_label(m.as_str()));
+            let response = anomalies::watch_credentials(&state, request, |request| async {
+                count_errors(&state, next.run(request).await)
+            })
+            .await;
+            state
+                .metrics
+                .http_requests
+                .get_or_create(&crate::telemetry::RequestLabels {
+                    method,
+                    route,
+                    status: response.status().as_u16(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            response
         })
-        .observe(started.elapsed().as_secs_f64());
-    response
+    })
+    .await
 }
 
 fn method_label(method: &axum::http::Method) -> &'static str {
@@ -186,7 +199,7 @@ fn route_label(template: &str) -> &'static str {
         .or_insert_with(|| Box::leak(template.to_owned().into_boxed_str()))
 }
 
-async fn count_errors(State(state): State<Arc<AppState>>, response: Response) -> Response {
+fn count_errors(state: &AppState, response: Response) -> Response {
     if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
         // Partitioning's refusals are decisions the versioned policy never
         // sees (`policy::authorize`); the engine counts its own.
@@ -229,7 +242,11 @@ impl ClientAddress {
 /// Gives the request its id, and opens the audit context its events carry
 /// (id, W3C trace id, source address; the caller check adds the
 /// credential).
-async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn with_request_id<F, Fut>(mut request: axum::extract::Request, inner: F) -> Response
+where
+    F: FnOnce(axum::extract::Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     use tracing::Instrument;
     let id = hex::encode(rand::random::<[u8; 8]>());
     request.extensions_mut().insert(RequestId(id.clone()));
@@ -248,7 +265,7 @@ async fn request_id(mut request: axum::extract::Request, next: axum::middleware:
     };
     // `trace_id` when known: the caller's, or the server span's (`trace`).
     let span = tracing::debug_span!("request", id = %id, method = %request.method(), path = %request.uri().path(), trace_id = context.trace_id.as_deref());
-    let mut response = context.scope(next.run(request)).instrument(span).await;
+    let mut response = context.scope(inner(request)).instrument(span).await;
     if let Ok(value) = header::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
@@ -280,14 +297,14 @@ const MAX_DRAINED_BODY_BYTES: usize = 1024 * 1024;
 /// Bodies are at most 64 KiB, so buffering them costs little.
 async fn read_body_first(
     request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+) -> Result<axum::extract::Request, Response> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             "request body is over 64 KiB",
         )
+        .into_response()
     };
     let declared = request
         .headers()
@@ -295,20 +312,31 @@ async fn read_body_first(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > MAX_DRAINED_BODY_BYTES) {
-        return too_large().into_response();
+        return Err(too_large());
     }
     let (parts, body) = request.into_parts();
     match axum::body::to_bytes(body, MAX_DRAINED_BODY_BYTES).await {
-        Ok(bytes) if bytes.len() <= MAX_BODY_BYTES => {
-            next.run(axum::extract::Request::from_parts(
-                parts,
-                axum::body::Body::from(bytes),
-            ))
-            .await
-        }
-        Ok(_) => too_large().into_response(),
-        Err(_) => ApiError::bad_request("unreadable_body", "the request body could not be read")
-            .into_response(),
+        Ok(bytes) if bytes.len() <= MAX_BODY_BYTES => Ok(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        )),
+        Ok(_) => Err(too_large()),
+        Err(_) => Err(ApiError::bad_request(
+            "unreadable_body",
+            "the request body could not be read",
+        )
+        .into_response()),
+    }
+}
+
+/// `read_body_first` as a layer of its own, for the status listener.
+async fn read_body_layer(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match read_body_first(request).await {
+        Ok(request) => next.run(request).await,
+        Err(refused) => refused,
     }
 }
 

@@ -8,7 +8,6 @@
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::HeaderMap;
-use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TraceContextExt as _;
@@ -20,9 +19,13 @@ use super::error::ErrorCode;
 use super::ClientAddress;
 use crate::telemetry::traces::{self, TARGET};
 
-pub(super) async fn server_span(request: Request, next: Next) -> Response {
+pub(super) async fn server_span<F, Fut>(request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     if !traces::enabled() {
-        return next.run(request).await;
+        return inner(request).await;
     }
     let method = request.method().clone();
     let route = request
@@ -57,7 +60,7 @@ pub(super) async fn server_span(request: Request, next: Next) -> Response {
         keyward.agent = Empty,
     );
     if span.is_disabled() {
-        return next.run(request).await;
+        return inner(request).await;
     }
     if let Some(route) = &route {
         span.record("http.route", route.as_str());
@@ -77,7 +80,7 @@ pub(super) async fn server_span(request: Request, next: Next) -> Response {
     crate::audit::RequestContext::set_trace_id(trace_id.clone());
     tracing::Span::current().record("trace_id", trace_id.as_str());
 
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = inner(request).instrument(span.clone()).await;
 
     let status = response.status();
     // As an i64: the OTel layer records unsigned integers as strings.
