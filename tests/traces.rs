@@ -184,6 +184,64 @@ async fn a_signing_request_continues_the_callers_trace_with_child_spans() {
     drop(receiver);
 }
 
+/// Under `parentbased_always_off`, a request whose caller sampled its
+/// trace is traced, children and all; every other request builds no span
+/// at all, not even a child that would be exported as a trace of its own.
+#[tokio::test]
+async fn only_the_requests_the_sampler_chooses_are_traced_children_and_all() {
+    // The keyward process inherits it; each test is a process of its own.
+    std::env::set_var("OTEL_TRACES_SAMPLER", "parentbased_always_off");
+    let dir = private_tempdir();
+    let spans_file = dir.path().join("spans.jsonl");
+    let receiver = Receiver::start(&spans_file);
+    let mut keyward = keyward_exporting_to(&format!("http://127.0.0.1:{}", receiver.port)).await;
+    let (status, body) = keyward
+        .admin(
+            "POST",
+            "/v1/agents",
+            Some(json!({"name": "sampled", "scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let sign = |flags: &str, trace_id: &str| {
+        keyward
+            .client
+            .post(format!("{}/v1/agents/sampled/sign", keyward.url))
+            .bearer_auth(keyward.admin_token.trim())
+            .header(
+                "traceparent",
+                format!("00-{trace_id}-{}-{flags}", hex::encode([7u8; 8])),
+            )
+            .json(&json!({"message_b64": "aGk="}))
+            .send()
+    };
+    let unsampled = hex::encode(rand::random::<[u8; 16]>());
+    assert_eq!(sign("00", &unsampled).await.unwrap().status(), 200);
+    let sampled = hex::encode(rand::random::<[u8; 16]>());
+    assert_eq!(sign("01", &sampled).await.unwrap().status(), 200);
+    let exit = keyward.terminate();
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+
+    let spans = read_spans(&spans_file);
+    let mut names: Vec<&str> = spans.iter().filter_map(|s| s["name"].as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "POST /v1/agents/{name}/sign",
+            "policy decision",
+            "pool sign",
+            "store commit"
+        ],
+        "only the sampled request's spans: {spans:?}"
+    );
+    assert!(
+        spans.iter().all(|s| s["trace_id"] == sampled.as_str()),
+        "{spans:?}"
+    );
+    drop(receiver);
+}
+
 #[tokio::test]
 async fn with_the_collector_down_every_request_is_served_and_lost_spans_are_counted() {
     // A port nothing listens on.

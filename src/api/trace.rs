@@ -27,6 +27,15 @@ where
     if !traces::enabled() {
         return inner(request).await;
     }
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&Headers(request.headers()))
+    });
+    let caller = parent.span().span_context().clone();
+    let parent_sampled = caller.is_valid().then(|| caller.is_sampled());
+    // Not traced: no span at all, nor any child (`traces::SERVER_SPAN`).
+    if !traces::trace_request(parent_sampled) {
+        return inner(request).await;
+    }
     let method = request.method().clone();
     let route = request
         .extensions()
@@ -46,7 +55,7 @@ where
         .map(|a| a.0.ip());
     let span = tracing::debug_span!(
         target: TARGET,
-        "request",
+        traces::SERVER_SPAN,
         otel.name = %name,
         otel.kind = "server",
         otel.status_code = Empty,
@@ -71,9 +80,6 @@ where
     if let Some(ip) = client {
         span.record("client.address", tracing::field::display(ip));
     }
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&Headers(request.headers()))
-    });
     // Only fails for a span already started, which this one is not.
     let _ = span.set_parent(parent);
     let trace_id = span.context().span().span_context().trace_id().to_string();

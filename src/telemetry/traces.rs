@@ -7,6 +7,13 @@
 //! per-layer filter), so the log output does not change, and with no
 //! endpoint nothing enables them and each costs one cached callsite check.
 //!
+//! Sampling is decided once per request, before any span exists
+//! ([`trace_request`], from the standard `OTEL_TRACES_SAMPLER` and
+//! `OTEL_TRACES_SAMPLER_ARG`): the SDK samples a span only after
+//! tracing-opentelemetry has built it, so an unsampled request would still
+//! pay for building its spans. The SDK then keeps every span it is handed,
+//! and a child span ([`TARGET`]) is built only inside a traced request.
+//!
 //! Off the request path: a finished span goes into the SDK's batch
 //! processor, a bounded queue that its own thread drains, exporting with a
 //! blocking HTTP client. A dead or slow collector only fills that queue;
@@ -48,6 +55,86 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 pub static SPANS_DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+static SAMPLER: OnceLock<RequestSampler> = OnceLock::new();
+
+/// The name of the server span `api::trace` opens; the only [`TARGET`]
+/// span built outside a traced request.
+pub const SERVER_SPAN: &str = "request";
+
+/// Which requests are traced: the standard `OTEL_TRACES_SAMPLER` choices
+/// (`always_on`, `always_off`, `traceidratio`, and the `parentbased_`
+/// three, the default being `parentbased_always_on`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RequestSampler {
+    /// A caller's `traceparent` decides, when there is one.
+    pub parent_based: bool,
+    /// The share of the other requests traced, 0 to 1.
+    pub ratio: f64,
+}
+
+impl RequestSampler {
+    /// From the variables' values, as the OpenTelemetry specification
+    /// reads them: an unknown sampler or a ratio that is not a number from
+    /// 0 to 1 is an error (the caller warns and keeps the default).
+    pub fn parse(sampler: Option<&str>, argument: Option<&str>) -> Result<Self, String> {
+        let ratio = || match argument {
+            None => Ok(1.0),
+            Some(text) => text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .ok_or_else(|| {
+                    format!("OTEL_TRACES_SAMPLER_ARG={text:?} is not a ratio from 0 to 1")
+                }),
+        };
+        let (parent_based, ratio) = match sampler.map(str::trim) {
+            None | Some("parentbased_always_on") => (true, 1.0),
+            Some("parentbased_always_off") => (true, 0.0),
+            Some("parentbased_traceidratio") => (true, ratio()?),
+            Some("always_on") => (false, 1.0),
+            Some("always_off") => (false, 0.0),
+            Some("traceidratio") => (false, ratio()?),
+            Some(other) => {
+                return Err(format!(
+                    "OTEL_TRACES_SAMPLER={other:?} is not a sampler keyward knows"
+                ))
+            }
+        };
+        Ok(Self {
+            parent_based,
+            ratio,
+        })
+    }
+
+    /// Whether to trace a request whose caller's trace was sampled
+    /// (`Some(true)`), was not (`Some(false)`), or that has none.
+    pub fn trace(&self, parent_sampled: Option<bool>) -> bool {
+        match parent_sampled {
+            Some(sampled) if self.parent_based => sampled,
+            _ => self.ratio >= 1.0 || (self.ratio > 0.0 && rand::random::<f64>() < self.ratio),
+        }
+    }
+}
+
+impl Default for RequestSampler {
+    fn default() -> Self {
+        Self {
+            parent_based: true,
+            ratio: 1.0,
+        }
+    }
+}
+
+/// Whether the request is traced (see [`RequestSampler::trace`]) under
+/// the sampler the environment set.
+pub fn trace_request(parent_sampled: Option<bool>) -> bool {
+    SAMPLER
+        .get()
+        .copied()
+        .unwrap_or_default()
+        .trace(parent_sampled)
+}
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 
 /// Whether spans are exported: the one check the request path makes when
@@ -91,7 +178,18 @@ where
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name("keyward");
     }
+    let sampler = RequestSampler::parse(
+        std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+        std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
+    )
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "tracing every request (parentbased_always_on)");
+        RequestSampler::default()
+    });
+    let _ = SAMPLER.set(sampler);
     let provider = SdkTracerProvider::builder()
+        // Sampled already, per request (`trace_request`).
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
         .with_span_processor(BoundedProcessor {
             inner: batch,
             in_flight,
@@ -106,9 +204,21 @@ where
         .set(provider)
         .map_err(|_| anyhow::anyhow!("OTLP traces set up twice"))?;
     ENABLED.store(true, Ordering::Relaxed);
-    let only_ours =
-        tracing_subscriber::filter::filter_fn(|meta| meta.is_span() && meta.target() == TARGET)
-            .with_max_level_hint(tracing::Level::DEBUG);
+    // A child span only inside a traced request: one the sampler passed
+    // over has no server span, and its children are not built either.
+    // Every other callsite is ruled out once, when first hit (the
+    // callsite filter), not each time it runs.
+    let only_ours = tracing_subscriber::filter::dynamic_filter_fn(|meta, cx| {
+        meta.name() == SERVER_SPAN || cx.lookup_current().is_some()
+    })
+    .with_callsite_filter(|meta| {
+        if meta.is_span() && meta.target() == TARGET {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    })
+    .with_max_level_hint(tracing::Level::DEBUG);
     Ok(tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_threads(false)
@@ -247,6 +357,48 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sampler_reads_the_standard_variables() {
+        let parse = |s: Option<&str>, a: Option<&str>| RequestSampler::parse(s, a);
+        assert_eq!(parse(None, None), Ok(RequestSampler::default()));
+        let ratio = parse(Some("parentbased_traceidratio"), Some("0.25")).unwrap();
+        assert!(ratio.parent_based && ratio.ratio == 0.25);
+        let ratio = parse(Some("traceidratio"), Some("0.5")).unwrap();
+        assert!(!ratio.parent_based && ratio.ratio == 0.5);
+        assert_eq!(parse(Some("always_off"), None).unwrap().ratio, 0.0);
+        for (s, a) in [
+            (Some("sometimes"), None),
+            (Some("traceidratio"), Some("1.5")),
+            (Some("traceidratio"), Some("NaN")),
+            (Some("traceidratio"), Some("-0.1")),
+        ] {
+            assert!(parse(s, a).is_err(), "{s:?} {a:?}");
+        }
+    }
+
+    #[test]
+    fn a_parent_based_sampler_follows_the_caller_and_samples_the_rest() {
+        let never_alone = RequestSampler {
+            parent_based: true,
+            ratio: 0.0,
+        };
+        assert!(never_alone.trace(Some(true)));
+        assert!(!never_alone.trace(Some(false)));
+        assert!(!never_alone.trace(None));
+        let always = RequestSampler {
+            parent_based: false,
+            ratio: 1.0,
+        };
+        assert!(always.trace(Some(false)));
+        let tenth = RequestSampler {
+            parent_based: false,
+            ratio: 0.1,
+        };
+        let traced = (0..100_000).filter(|_| tenth.trace(None)).count();
+        // 10,000 expected; 9,400 to 10,600 is over six standard deviations.
+        assert!((9_400..=10_600).contains(&traced), "{traced}");
+    }
 
     #[test]
     fn a_base_endpoint_gets_the_traces_path() {
