@@ -11,7 +11,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -67,6 +67,24 @@ async fn keyward_exporting_to(endpoint: &str) -> Server {
     .await
 }
 
+/// A receiver writing to a spans file, keyward exporting to it, and the
+/// agent `agent` registered.
+async fn traced_keyward_with(agent: &str) -> (tempfile::TempDir, PathBuf, Receiver, Server) {
+    let dir = private_tempdir();
+    let spans_file = dir.path().join("spans.jsonl");
+    let receiver = Receiver::start(&spans_file);
+    let keyward = keyward_exporting_to(&format!("http://127.0.0.1:{}", receiver.port)).await;
+    let (status, body) = keyward
+        .admin(
+            "POST",
+            "/v1/agents",
+            Some(json!({"name": agent, "scopes": []})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    (dir, spans_file, receiver, keyward)
+}
+
 fn read_spans(file: &Path) -> Vec<Value> {
     std::fs::read_to_string(file)
         .unwrap_or_default()
@@ -80,20 +98,8 @@ const SERVER: i64 = 2;
 
 #[tokio::test]
 async fn a_signing_request_continues_the_callers_trace_with_child_spans() {
-    let dir = private_tempdir();
-    let spans_file = dir.path().join("spans.jsonl");
-    let receiver = Receiver::start(&spans_file);
-    let mut keyward = keyward_exporting_to(&format!("http://127.0.0.1:{}", receiver.port)).await;
-
     // No traceparent: a trace of its own, whose id the audit entry carries.
-    let (status, body) = keyward
-        .admin(
-            "POST",
-            "/v1/agents",
-            Some(json!({"name": "tracer", "scopes": []})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let (_dir, spans_file, receiver, mut keyward) = traced_keyward_with("tracer").await;
     let (status, events) = keyward
         .admin("GET", "/v1/audit/events?agent=tracer", None)
         .await;
@@ -191,18 +197,7 @@ async fn a_signing_request_continues_the_callers_trace_with_child_spans() {
 async fn only_the_requests_the_sampler_chooses_are_traced_children_and_all() {
     // The keyward process inherits it; each test is a process of its own.
     std::env::set_var("OTEL_TRACES_SAMPLER", "parentbased_always_off");
-    let dir = private_tempdir();
-    let spans_file = dir.path().join("spans.jsonl");
-    let receiver = Receiver::start(&spans_file);
-    let mut keyward = keyward_exporting_to(&format!("http://127.0.0.1:{}", receiver.port)).await;
-    let (status, body) = keyward
-        .admin(
-            "POST",
-            "/v1/agents",
-            Some(json!({"name": "sampled", "scopes": []})),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    let (_dir, spans_file, receiver, mut keyward) = traced_keyward_with("sampled").await;
     let sign = |flags: &str, trace_id: &str| {
         keyward
             .client
