@@ -296,7 +296,12 @@ impl Detector {
             anomaly.response,
             (anomaly.detected_at_ms - anomaly.first_offense_ms).max(0) as f64 / 1000.0,
         );
+        // The request that made it, when there is one: the ids an operator
+        // finds its trace and audit entries by.
+        let context = crate::audit::RequestContext::current();
         tracing::warn!(
+            request_id = context.request_id.as_deref(),
+            trace_id = context.trace_id.as_deref(),
             kind = anomaly.kind,
             agent = anomaly.agent.as_deref().unwrap_or("-"),
             credential = %anomaly.credential,
