@@ -1,7 +1,7 @@
 #!/bin/bash
 # Two builds side by side in one run: `keyward bench KIND --seconds S
-# --json` alternately from A and B, N pairs, so that the machine's drift
-# (these machines are shared) falls on both alike. One line per run, then
+# --json` from A and B, N pairs, each in a random order, so that the
+# machine's drift (these machines are shared) falls on both alike. One line per run, then
 # each build's medians and B's median ratio to A's, per mode: rates are
 # compared as fractions of the same run's raw C_Sign, and as absolutes;
 # the half-load modes by their p99.
@@ -15,7 +15,9 @@ set -euo pipefail
 A=$1; B=$2; N=${3:-5}; S=${4:-5}; KIND=${5:-sign}
 out=$(mktemp); trap 'rm -f "$out"' EXIT
 for i in $(seq 1 "$N"); do
-  for side in A B; do
+  # Each pair in a random order: in a fixed one, whatever a run leaves
+  # behind (page cache, files being freed) falls on the next side always.
+  for side in $(printf 'A\nB\n' | shuf); do
     bin=$A; [ "$side" = B ] && bin=$B
     "$bin" bench "$KIND" --seconds "$S" --json ${MODES:+--modes "$MODES"} 2>/dev/null | python3 -c "
 import json, sys
