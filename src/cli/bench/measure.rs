@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub custodial_storage: keyward::keys::KeyStorage,
     /// The server's database; `None`: a fresh SQLite file.
     pub database_url: Option<String>,
+    /// A policy applied before measuring; `None`: the built-in one.
+    pub policy: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -573,6 +575,21 @@ async fn start_server(
         pool,
         _shutdown: shutdown,
     };
+    if let Some(policy) = &options.policy {
+        let response = server
+            .setup
+            .post(format!("https://{addr}/v1/policies"))
+            .bearer_auth(&server.token)
+            .json(&serde_json::json!({ "content": policy }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "the policy was refused: {} {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
     server.register(BENCH_AGENT).await?;
     Ok(server)
 }

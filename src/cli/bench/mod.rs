@@ -77,6 +77,11 @@ pub(crate) struct BenchArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+    /// A policy file (as `keyward policy apply`) the server runs under
+    /// while measuring: to compare, in one binary, what a policy's
+    /// settings cost (say, `[anomaly]` detectors on and off).
+    #[arg(long)]
+    policy: Option<PathBuf>,
     /// Use this config's PKCS#11 token instead of a fresh SoftHSM2 token.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -147,6 +152,14 @@ pub(crate) fn bench_command(command: BenchCommand) -> anyhow::Result<()> {
         agents: agents.max(1),
         custodial_storage: args.custodial_storage,
         database_url: args.database_url.clone(),
+        policy: args
+            .policy
+            .as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading the policy {}: {e}", path.display()))
+            })
+            .transpose()?,
     };
     if let BenchCommand::Sign {
         tpm: Some(tcti), ..
