@@ -21,7 +21,7 @@ use crate::approvals::{Approval, ApprovalError, Approvals, HeldRequest};
 use crate::attestation::tpm::{TpmAttestationError, TpmVerifier};
 use crate::identity::AgentName;
 use crate::pki::{CaError, IssuedCertificate};
-use crate::policy::engine::{AgentRequest, Permit, PolicyEngine, RequestedTtl};
+use crate::policy::engine::{decision_of, AgentRequest, Permit, PolicyEngine, RequestedTtl};
 use crate::policy::{Caller, PolicyError};
 use crate::store::{Store, StoreError};
 use crate::telemetry::traces;
@@ -154,16 +154,15 @@ impl AgentRequests {
             .permit(caller, agent, roles, request)
             .instrument(span.clone())
             .await;
-        let (version, decision) = match &decided {
-            Ok(permit) if permit.approvals_required == 0 => (Some(permit.policy_version), "allow"),
-            Ok(permit) => (Some(permit.policy_version), "held"),
+        let version = match &decided {
+            Ok(permit) => Some(permit.policy_version),
             Err(
                 PolicyError::Denied { policy_version, .. }
                 | PolicyError::TtlAboveLimit { policy_version, .. },
-            ) => (Some(*policy_version), "deny"),
-            Err(_) => (None, "deny"),
+            ) => Some(*policy_version),
+            Err(_) => None,
         };
-        span.record("keyward.decision", decision);
+        span.record("keyward.decision", decision_of(&decided).0);
         if let Some(version) = version {
             span.record("keyward.policy_version", version);
             traces::record_policy_version(version);

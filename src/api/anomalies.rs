@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::audit::{checked_filter, unix_ms};
 use super::error::{ApiError, ErrorCode};
-use super::extract::PeerIdentity;
+use super::extract::{certificate_credential, PeerIdentity};
 use super::{AdminOnly, AppState, ClientAddress};
 use crate::audit::RequestContext;
 use crate::detect::{AnomalyQuery, CredentialUse};
@@ -49,9 +49,9 @@ where
     };
     let certificate = match request.extensions().get::<PeerIdentity>() {
         Some(PeerIdentity::Agent { name, serial, .. }) => {
-            Some((format!("cert:{serial}"), Some(name.clone())))
+            Some((certificate_credential(serial), Some(name.clone())))
         }
-        Some(PeerIdentity::Admin { serial, .. }) => Some((format!("cert:{serial}"), None)),
+        Some(PeerIdentity::Admin { serial, .. }) => Some((certificate_credential(serial), None)),
         _ => None,
     };
     if let Some((credential, agent)) = &certificate {

@@ -151,6 +151,12 @@ pub enum PeerIdentity {
     NotAnAgent,
 }
 
+/// How audit records, metrics and the detectors name a client
+/// certificate as a credential: `cert:<serial>`.
+pub(super) fn certificate_credential(serial: &str) -> String {
+    format!("cert:{serial}")
+}
+
 /// Turns a verified client certificate into a [`PeerIdentity`].
 #[derive(Clone)]
 pub struct ClientIdentifier {
@@ -319,7 +325,7 @@ async fn identify(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, Ap
                          POST /v1/renew first",
                     ));
                 }
-                crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
+                crate::audit::RequestContext::set_credential(certificate_credential(&serial));
                 Ok(Caller::Agent(name))
             }
             Some(PeerIdentity::Admin {
@@ -333,10 +339,10 @@ async fn identify(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, Ap
                         "the client certificate has expired",
                     ));
                 }
-                crate::audit::RequestContext::set_credential(format!("cert:{serial}"));
+                crate::audit::RequestContext::set_credential(certificate_credential(&serial));
                 Ok(Caller::Admin(Admin {
                     name,
-                    credential: format!("cert:{serial}"),
+                    credential: certificate_credential(&serial),
                 }))
             }
             Some(PeerIdentity::NotAnAgent) => Err(ApiError::unauthenticated(

@@ -137,6 +137,20 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
+/// A decision as metrics and traces name it: `allow` (reason `granted`),
+/// `held` (`approval_required`) or `deny` (the refusal's reason).
+pub fn decision_of(decided: &Result<Permit, PolicyError>) -> (&'static str, &'static str) {
+    match decided {
+        Ok(permit) if permit.approvals_required > 0 => ("held", "approval_required"),
+        Ok(_) => ("allow", "granted"),
+        Err(PolicyError::Denied { reason, .. }) | Err(PolicyError::Forbidden { reason }) => {
+            ("deny", *reason)
+        }
+        Err(PolicyError::TtlAboveLimit { .. }) => ("deny", "ttl_above_policy"),
+        Err(PolicyError::RateLimited { .. }) => ("deny", "rate_limited"),
+    }
+}
+
 impl PolicyEngine {
     pub async fn load(
         store: Arc<dyn Store>,
@@ -265,15 +279,7 @@ impl PolicyEngine {
     ) -> Result<Permit, PolicyError> {
         let action = request.action_name();
         let decided = self.decide(caller, agent, roles, request).await;
-        let (decision, reason) = match &decided {
-            Ok(permit) if permit.approvals_required > 0 => ("held", "approval_required"),
-            Ok(_) => ("allow", "granted"),
-            Err(PolicyError::Denied { reason, .. }) | Err(PolicyError::Forbidden { reason }) => {
-                ("deny", *reason)
-            }
-            Err(PolicyError::TtlAboveLimit { .. }) => ("deny", "ttl_above_policy"),
-            Err(PolicyError::RateLimited { .. }) => ("deny", "rate_limited"),
-        };
+        let (decision, reason) = decision_of(&decided);
         self.metrics.decided(action, decision, reason);
         decided
     }
