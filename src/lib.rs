@@ -40,6 +40,7 @@ pub mod attestation;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod detect;
 pub mod identity;
 pub mod keys;

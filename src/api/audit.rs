@@ -141,7 +141,7 @@ async fn events(
 }
 
 /// A filter value: what an entry field can hold, nothing longer.
-pub(super) fn checked_filter(value: String) -> Result<String, ApiError> {
+pub(crate) fn checked_filter(value: String) -> Result<String, ApiError> {
     if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "invalid_filter",
@@ -152,7 +152,7 @@ pub(super) fn checked_filter(value: String) -> Result<String, ApiError> {
 }
 
 /// RFC 3339 (`2026-12-06T10:00:00Z`) or Unix seconds, as Unix milliseconds.
-pub(super) fn unix_ms(value: &str) -> Result<i64, ApiError> {
+pub(crate) fn unix_ms(value: &str) -> Result<i64, ApiError> {
     let invalid = || {
         ApiError::bad_request(
             "invalid_time",

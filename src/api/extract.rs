@@ -153,7 +153,7 @@ pub enum PeerIdentity {
 
 /// How audit records, metrics and the detectors name a client
 /// certificate as a credential: `cert:<serial>`.
-pub(super) fn certificate_credential(serial: &str) -> String {
+pub(crate) fn certificate_credential(serial: &str) -> String {
     format!("cert:{serial}")
 }
 

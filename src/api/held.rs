@@ -13,14 +13,14 @@ use crate::agents::requests::HeldResult;
 use crate::approvals::{HeldRequest, Refusal, RunHeld};
 use crate::identity::AgentName;
 
-pub(super) struct HeldRunner<'a> {
+pub(crate) struct HeldRunner<'a> {
     state: &'a AppState,
     /// The approving vote's request, which the run's records name.
     request_id: &'a str,
 }
 
 impl<'a> HeldRunner<'a> {
-    pub(super) fn new(state: &'a AppState, request_id: &'a str) -> Self {
+    pub(crate) fn new(state: &'a AppState, request_id: &'a str) -> Self {
         Self { state, request_id }
     }
 }

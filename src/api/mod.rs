@@ -6,17 +6,17 @@ mod agents;
 mod anomalies;
 mod approvals;
 mod attestation;
-mod audit;
+pub(crate) mod audit;
 mod enrollment;
 pub mod error;
 pub mod extract;
 mod forwarded;
-mod held;
+pub(crate) mod held;
 mod hooks;
 mod messages;
 mod paging;
 mod policies;
-mod revocation;
+pub(crate) mod revocation;
 mod signing;
 mod status;
 mod trace;
@@ -65,6 +65,8 @@ pub struct AppState {
     /// `[server] trusted_proxies`: connections from these forward for
     /// their clients (`forwarded`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The web console's sessions (`crate::console`).
+    pub console_sessions: Arc<dyn crate::store::ConsoleStore>,
 }
 
 /// Only `/v1/crl` and `/v1/ocsp`: the plain-HTTP status listener.
@@ -76,7 +78,9 @@ pub fn status_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The API, and `pages` (the web console, `crate::console`) beside it
+/// under the same request layer.
+pub fn router(state: Arc<AppState>, pages: Router<Arc<AppState>>) -> Router {
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -96,6 +100,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(policies::router())
         .merge(approvals::router())
         .merge(anomalies::router())
+        .merge(pages)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(

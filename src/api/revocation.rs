@@ -36,9 +36,9 @@ const DEFAULT_GRACE_SECS: u64 = 300;
 const DEFAULT_RETENTION_SECS: u64 = 86_400;
 const MAX_RETENTION_SECS: u64 = 30 * 86_400;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RotateInput {
+pub(crate) struct RotateInput {
     /// For the old key's certificates; default `superseded`.
     reason: Option<String>,
     grace_seconds: Option<u64>,
@@ -48,7 +48,7 @@ struct RotateInput {
 }
 
 #[derive(Serialize)]
-struct Rotated {
+pub(crate) struct Rotated {
     name: String,
     old_key_id: String,
     new_key_id: String,
@@ -56,7 +56,7 @@ struct Rotated {
     old_key_signs_until: i64,
     /// When the old key is destroyed on the token.
     old_key_destroyed_after: i64,
-    serial: String,
+    pub(crate) serial: String,
     certificate_pem: String,
     chain_pem: String,
     not_after: i64,
@@ -70,7 +70,20 @@ async fn rotate_key(
 ) -> Result<(axum::http::StatusCode, Json<Rotated>), ApiError> {
     authorize(&caller, Action::Revoke)?;
     let body = body.parse()?;
-    let name = AgentName::parse(&name)?;
+    let rotated = rotate(&state, &caller, &name, body).await?;
+    Ok((axum::http::StatusCode::OK, Json(rotated)))
+}
+
+/// Rotates the agent's key, with the API's defaults for what `body`
+/// leaves out (the console's rotation takes them all).
+pub(crate) async fn rotate(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    body: RotateInput,
+) -> Result<Rotated, ApiError> {
+    authorize(caller, Action::Revoke)?;
+    let name = AgentName::parse(name)?;
     let reason = match body.reason.as_deref() {
         Some(text) => reason(text)?,
         None => RevocationReason::Superseded,
@@ -121,20 +134,17 @@ async fn rotate_key(
         .await?;
     state.hooks.wake();
     let at = time::OffsetDateTime::now_utc().unix_timestamp();
-    Ok((
-        axum::http::StatusCode::OK,
-        Json(Rotated {
-            name: name.to_string(),
-            old_key_id: rotated.old_key_id,
-            new_key_id: rotated.new_key_id,
-            old_key_signs_until: at + grace as i64,
-            old_key_destroyed_after: at + retention as i64,
-            serial: rotated.certificate.serial,
-            certificate_pem: rotated.certificate.pem,
-            chain_pem: authority.chain_pem().to_owned(),
-            not_after: rotated.certificate.not_after,
-        }),
-    ))
+    Ok(Rotated {
+        name: name.to_string(),
+        old_key_id: rotated.old_key_id,
+        new_key_id: rotated.new_key_id,
+        old_key_signs_until: at + grace as i64,
+        old_key_destroyed_after: at + retention as i64,
+        serial: rotated.certificate.serial,
+        certificate_pem: rotated.certificate.pem,
+        chain_pem: authority.chain_pem().to_owned(),
+        not_after: rotated.certificate.not_after,
+    })
 }
 
 #[derive(Deserialize)]
@@ -143,7 +153,7 @@ struct RevokeInput {
     reason: String,
 }
 
-fn reason(text: &str) -> Result<RevocationReason, ApiError> {
+pub(crate) fn reason(text: &str) -> Result<RevocationReason, ApiError> {
     RevocationReason::parse(text).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_reason",
@@ -227,22 +237,23 @@ async fn revoke_certificate(
 }
 
 #[derive(Serialize)]
-struct AgentStatus {
+pub(crate) struct AgentStatus {
     name: String,
     status: &'static str,
     /// False when the agent was already in this state.
-    changed: bool,
+    pub(crate) changed: bool,
     /// Certificates whose revocation state this call changed.
     serials: Vec<String>,
 }
 
-async fn change(
+/// Suspends, resumes or revokes the agent (`status` is what it becomes).
+pub(crate) async fn change(
     state: &AppState,
     caller: &Caller,
     name: &str,
     change: StatusChange,
     status: &'static str,
-) -> Result<Json<AgentStatus>, ApiError> {
+) -> Result<AgentStatus, ApiError> {
     authorize(caller, Action::Revoke)?;
     let name = AgentName::parse(name)?;
     let outcome = state
@@ -259,20 +270,20 @@ async fn change(
             "agent_revoked",
             format!("agent {name} is {current}: a revoked agent stays revoked"),
         )),
-        AgentStatusChange::Unchanged => Ok(Json(AgentStatus {
+        AgentStatusChange::Unchanged => Ok(AgentStatus {
             name: name.to_string(),
             status,
             changed: false,
             serials: Vec::new(),
-        })),
+        }),
         AgentStatusChange::Changed { serials } => {
             state.hooks.wake();
-            Ok(Json(AgentStatus {
+            Ok(AgentStatus {
                 name: name.to_string(),
                 status,
                 changed: true,
                 serials,
-            }))
+            })
         }
     }
 }
@@ -300,6 +311,7 @@ async fn revoke_agent(
         "revoked",
     )
     .await
+    .map(Json)
 }
 
 /// Suspend and resume take no parameters: an empty body or `{}`.
@@ -323,7 +335,9 @@ async fn suspend_agent(
 ) -> Result<Json<AgentStatus>, ApiError> {
     authorize(&caller, Action::Revoke)?;
     no_parameters(&body)?;
-    change(&state, &caller, &name, StatusChange::Suspend, "suspended").await
+    change(&state, &caller, &name, StatusChange::Suspend, "suspended")
+        .await
+        .map(Json)
 }
 
 async fn resume_agent(
@@ -334,5 +348,7 @@ async fn resume_agent(
 ) -> Result<Json<AgentStatus>, ApiError> {
     authorize(&caller, Action::Revoke)?;
     no_parameters(&body)?;
-    change(&state, &caller, &name, StatusChange::Resume, "active").await
+    change(&state, &caller, &name, StatusChange::Resume, "active")
+        .await
+        .map(Json)
 }

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::audit::AuditEvent;
 use crate::identity::AgentName;
 use crate::policy::{Admin, Caller};
-use crate::store::{ApprovalRecord, Store, StoreError, VoteOutcome};
+use crate::store::{ApprovalRecord, ApprovalVote, Store, StoreError, VoteOutcome};
 
 /// How long a request waits for its approval.
 pub const PENDING_LIFETIME_SECS: i64 = 3600;
@@ -336,6 +336,33 @@ impl Approvals {
             .into_iter()
             .map(|r| Approval::from_record(r, now))
             .collect())
+    }
+
+    /// Requests made at or after `since` (Unix seconds), decided or not,
+    /// newest first: for admins only (the console's queue).
+    pub async fn recent(
+        &self,
+        caller: &Caller,
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<Approval>, ApprovalError> {
+        admin_of(caller)?;
+        let now = now();
+        let records = self.store.recent_approvals(since, limit).await?;
+        Ok(records
+            .into_iter()
+            .map(|r| Approval::from_record(r, now))
+            .collect())
+    }
+
+    /// Who has voted on a request, and how: for admins only.
+    pub async fn votes(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Vec<ApprovalVote>, ApprovalError> {
+        admin_of(caller)?;
+        Ok(self.store.approval_votes(id).await?)
     }
 
     /// One request: an admin sees any, an agent only its own (another's is

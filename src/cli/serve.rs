@@ -199,7 +199,9 @@ async fn serve(
             bound.to_string(),
         )?;
         tracing::warn!(%bound, "serving the API over plain HTTP on loopback (--insecure-http)");
-        let app = keyward::api::router(kw.state.clone());
+        // No console here: its cookie is Secure, and its pages are for
+        // the HTTPS listener only.
+        let app = keyward::api::router(kw.state.clone(), axum::Router::new());
         kw.tasks
             .spawn("plain-HTTP listener", move |mut stop| async move {
                 let stopping = async move { stop.stopped().await };

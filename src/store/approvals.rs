@@ -27,6 +27,15 @@ pub struct ApprovalRecord {
     pub decided_at: Option<i64>,
 }
 
+/// One admin's vote on a held request.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct ApprovalVote {
+    pub admin: String,
+    pub approve: bool,
+    pub comment: Option<String>,
+    pub at: i64,
+}
+
 /// What a vote did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VoteOutcome {
@@ -60,6 +69,15 @@ pub trait ApprovalStore: Send + Sync {
         after: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// Requests made at or after `since`, decided or not, newest first, at
+    /// most `limit`.
+    async fn recent_approvals(
+        &self,
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// The votes cast on a request, in the order they were cast.
+    async fn approval_votes(&self, id: &str) -> Result<Vec<ApprovalVote>, StoreError>;
     /// Casts `admin`'s vote: a denial decides at once; enough approvals
     /// approve. One transaction with its audit event.
     async fn vote_on_approval(
@@ -138,6 +156,31 @@ macro_rules! impl_approval_store {
                 .bind(created_at)
                 .bind(id)
                 .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn recent_approvals(
+                &self,
+                since: i64,
+                limit: i64,
+            ) -> Result<Vec<ApprovalRecord>, StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM approvals WHERE created_at >= $1
+                     ORDER BY created_at DESC, id DESC LIMIT $2",
+                )
+                .bind(since)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn approval_votes(&self, id: &str) -> Result<Vec<ApprovalVote>, StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT admin, approve <> 0 AS approve, comment, at FROM approval_votes
+                     WHERE approval_id = $1 ORDER BY at, admin",
+                )
+                .bind(id)
                 .fetch_all(&self.pool)
                 .await?)
             }

@@ -13,6 +13,8 @@
 //! | `enrollment` | [`EnrollmentStore`] | enrollment tokens and TPM challenges | api, app |
 //! | `hooks` | [`HookStore`] | revocation hooks and their outbox | api, revocation |
 //! | `audit` | [`AuditStore`] | the hash-chained audit trail | agents, app, pki, policy, revocation |
+//! | `anomalies` | [`AnomalyStore`] | credential sightings, detections, KPI samples | detect |
+//! | `console` | [`ConsoleStore`] | web console sessions | console |
 //!
 //! A caller needs no `use` of an area trait: Rust resolves the methods of a
 //! trait object's supertraits without the trait in scope, and an import
@@ -38,6 +40,7 @@ mod audit;
 mod authority;
 mod certificate_log;
 mod checkpoint;
+mod console;
 mod enrollment;
 mod hooks;
 mod policy;
@@ -59,10 +62,11 @@ pub use agents::{
     RetiredKey, SignatureRecord,
 };
 pub use anomalies::{AnomalyQuery, AnomalyRecord, AnomalyStore, KpiSamples, NewAnomaly, Sighting};
-pub use approvals::{ApprovalRecord, ApprovalStore, VoteOutcome};
+pub use approvals::{ApprovalRecord, ApprovalStore, ApprovalVote, VoteOutcome};
 pub use audit::{AuditStore, StoredCheckpoint};
 pub use authority::{AuthorityStore, CaRecord, ServiceKeyRecord};
 pub use certificate_log::CertificateLog;
+pub use console::{ConsoleSessionRecord, ConsoleStore};
 pub use enrollment::{EnrollmentStore, NewEnrollmentToken, TpmChallengeRecord, TpmRedemption};
 pub use hooks::{HookDelivery, HookRecord, HookStore};
 pub use policy::{PolicyRecord, PolicyStore};
@@ -107,6 +111,7 @@ pub trait Store:
     + HookStore
     + AuditStore
     + AnomalyStore
+    + ConsoleStore
     + Send
     + Sync
     + 'static

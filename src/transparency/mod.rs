@@ -365,6 +365,11 @@ impl AuditLog {
         }))
     }
 
+    /// The latest signed checkpoint, with its size and when it was signed.
+    pub async fn latest(&self) -> Result<Option<crate::store::StoredCheckpoint>, AuditLogError> {
+        Ok(self.store.latest_checkpoint().await?)
+    }
+
     /// The latest signed checkpoint, as served.
     pub async fn checkpoint(&self) -> Result<String, AuditLogError> {
         Ok(self

@@ -1,0 +1,363 @@
+//! The web console, driven in a real headless Chromium as the people in
+//! the loop use it: sign in, watch a held request arrive, approve it with
+//! two admins, suspend and resume an agent; and the attacks a browser
+//! makes possible (a cross-site form, a form without the session's token,
+//! a session that was signed out) refused with nothing changed.
+
+#[path = "common/browser.rs"]
+mod browser;
+mod common;
+
+use browser::Browser;
+use common::{agent_client, post, Db, Server};
+use serde_json::{json, Value};
+
+const PAYMENTS: &str =
+    "[roles.payments]\nactions = [\"sign\"]\nrequires_approval = true\napprovals_required = 2\n";
+
+async fn apply(server: &Server, content: &str) {
+    let (status, applied) = server
+        .admin("POST", "/v1/policies", Some(json!({"content": content})))
+        .await;
+    assert_eq!(status, 201, "{applied}");
+}
+
+/// "pay 10 to bob"
+fn payment() -> Value {
+    json!({"message_b64": "cGF5IDEwIHRvIGJvYg=="})
+}
+
+async fn agent_status(server: &Server, name: &str) -> String {
+    let (status, agent) = server
+        .admin("GET", &format!("/v1/agents/{name}"), None)
+        .await;
+    assert_eq!(status, 200, "{agent}");
+    agent["status"].as_str().unwrap().to_owned()
+}
+
+async fn audit_actions(server: &Server) -> Vec<(String, String)> {
+    server
+        .store()
+        .await
+        .audit_records(0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.event.actor, r.event.action))
+        .collect()
+}
+
+#[tokio::test]
+async fn two_admins_approve_a_held_payment_in_their_browsers_and_the_agent_collects_the_signature()
+{
+    let server = Server::start(Db::Sqlite).await;
+    let (server, bob_token) = common::with_admin_token(server, "bob").await;
+    apply(&server, PAYMENTS).await;
+    let (alpha, _, _) = agent_client(&server, "alpha", &["payments"]).await;
+
+    let admin = Browser::open(&server.url).await;
+    admin.goto("/ui/").await;
+    admin.wait_for("input[name=token]").await;
+    admin.screenshot("login").await;
+    admin.sign_in(&server.admin_token).await;
+    admin.goto("/ui/approvals").await;
+    admin.wait_for("main[data-page=approvals]").await;
+
+    // The agent asks while the page is open: the row appears without a
+    // reload.
+    let (status, held) = post(&alpha, &server, "/v1/agents/alpha/sign", payment()).await;
+    assert_eq!(status, 202, "{held}");
+    let id = held["id"].as_str().unwrap().to_owned();
+    let row = format!("tr[data-approval-id=\"{id}\"]");
+    admin.wait_for(&format!("{row}[data-status=pending]")).await;
+    let shown = admin.wait_for(&row).await.text().await.unwrap();
+    assert!(
+        shown.contains("pay 10 to bob") && shown.contains("alpha") && shown.contains("0 of 2"),
+        "the row shows what is asked, by whom, and the votes: {shown}"
+    );
+    admin.screenshot("approvals").await;
+
+    admin.click_in(&row, "[data-action=approve]").await;
+    admin.wait_for("[data-notice=approved]").await;
+    admin
+        .wait_for(&format!("{row}[data-status=pending] li[data-voter=admin]"))
+        .await;
+    // One person is one vote, however often they click.
+    admin.click_in(&row, "[data-action=approve]").await;
+    admin.wait_for("main[data-error=already_voted]").await;
+    let (_, pending) = get(&alpha, &server, &format!("/v1/approvals/{id}")).await;
+    assert_eq!(pending["status"], "pending", "{pending}");
+
+    let bob = Browser::open(&server.url).await;
+    bob.sign_in(&bob_token).await;
+    bob.goto("/ui/approvals").await;
+    bob.click_in(&row, "[data-action=approve]").await;
+    bob.wait_for("[data-notice=approved]").await;
+    bob.wait_for(&format!("{row}[data-status=approved]")).await;
+    assert!(bob.has(&format!("{row} li[data-voter=admin]")).await);
+    assert!(bob.has(&format!("{row} li[data-voter=bob]")).await);
+
+    // The agent's poll returns the signature the request would have had.
+    let (status, done) = get(&alpha, &server, &format!("/v1/approvals/{id}")).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["status"], "completed", "{done}");
+    let signature = done["result"]["signature_der_b64"]
+        .as_str()
+        .expect("a signature");
+    assert!(
+        signs(&server, "alpha", b"pay 10 to bob", signature).await,
+        "the signature is alpha's over the payment: {done}"
+    );
+    // Each vote is audited with the admin who cast it, and each sign-in.
+    let actions = audit_actions(&server).await;
+    for expected in [
+        ("admin:admin", "console.login"),
+        ("admin:bob", "console.login"),
+        ("admin:admin", "approval.approve"),
+        ("admin:bob", "approval.approve"),
+    ] {
+        assert!(
+            actions
+                .iter()
+                .any(|(actor, action)| (actor.as_str(), action.as_str()) == expected),
+            "{expected:?} in {actions:?}"
+        );
+    }
+    admin.close().await;
+    bob.close().await;
+}
+
+/// Whether `signature_b64` (DER) is `agent`'s key's ECDSA P-256 signature
+/// over `message`.
+async fn signs(server: &Server, agent: &str, message: &[u8], signature_b64: &str) -> bool {
+    use base64::Engine;
+    use p256::ecdsa::signature::Verifier;
+    use p256::pkcs8::DecodePublicKey;
+    let (_, record) = server
+        .admin("GET", &format!("/v1/agents/{agent}"), None)
+        .await;
+    let key = p256::ecdsa::VerifyingKey::from_public_key_pem(
+        record["public_key_pem"].as_str().expect("a custodial key"),
+    )
+    .unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(signature_b64)
+        .unwrap();
+    let signature = p256::ecdsa::Signature::from_der(&der).unwrap();
+    key.verify(message, &signature).is_ok()
+}
+
+async fn get(client: &reqwest::Client, server: &Server, path: &str) -> (u16, Value) {
+    let response = client
+        .get(format!("{}{path}", server.url))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn an_admin_suspends_resumes_and_revokes_agents_from_the_agents_page() {
+    let server = Server::start(Db::Sqlite).await;
+    let (alpha, _, _) = agent_client(&server, "alpha", &[]).await;
+    common::register_agent(&server, "beta").await;
+    let admin = Browser::open(&server.url).await;
+    admin.sign_in(&server.admin_token).await;
+    admin.screenshot("dashboard").await;
+    admin.goto("/ui/agents").await;
+    let alpha_row = "tr[data-agent=alpha]";
+    admin
+        .wait_for(&format!("{alpha_row}[data-status=active]"))
+        .await;
+    admin.screenshot("agents").await;
+
+    admin.click_in(alpha_row, "[data-action=suspend]").await;
+    admin
+        .wait_for(&format!("{alpha_row}[data-status=suspended]"))
+        .await;
+    assert_eq!(agent_status(&server, "alpha").await, "suspended");
+    let (status, refused) = post(&alpha, &server, "/v1/agents/alpha/sign", payment()).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (403, Some("agent_not_active"))
+    );
+
+    admin.click_in(alpha_row, "[data-action=resume]").await;
+    admin
+        .wait_for(&format!("{alpha_row}[data-status=active]"))
+        .await;
+    let (status, signed) = post(&alpha, &server, "/v1/agents/alpha/sign", payment()).await;
+    assert_eq!(status, 200, "{signed}");
+
+    // Revoking asks for a reason and a confirmation first.
+    admin
+        .click_in("tr[data-agent=beta]", "[data-action=revoke]")
+        .await;
+    let reason = admin.wait_for("select[name=reason]").await;
+    reason
+        .select_by_value("cessationOfOperation")
+        .await
+        .unwrap();
+    assert_eq!(
+        agent_status(&server, "beta").await,
+        "active",
+        "nothing before the confirmation"
+    );
+    admin
+        .click_in("main[data-page=agent-revoke]", "[data-action=confirm]")
+        .await;
+    admin
+        .wait_for("tr[data-agent=beta][data-status=revoked]")
+        .await;
+    assert_eq!(agent_status(&server, "beta").await, "revoked");
+
+    let actions = audit_actions(&server).await;
+    for action in ["agent.suspend", "agent.resume", "agent.revoke"] {
+        assert!(
+            actions
+                .iter()
+                .any(|(actor, a)| actor == "admin:admin" && a == action),
+            "{action} by admin:admin in {actions:?}"
+        );
+    }
+    admin.close().await;
+}
+
+/// A page another site serves, whose form posts to the console, as a
+/// CSRF attack would: on its own plain-HTTP origin.
+async fn attacker_site(target: &str) -> (String, tokio::task::JoinHandle<()>) {
+    let page = format!(
+        "<!DOCTYPE html><html><body><form method=post action=\"{target}/ui/agents/alpha/suspend\">\
+         <input type=hidden name=back value=agents>\
+         <button type=submit id=go>Win a prize</button></form></body></html>"
+    );
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let page = page.clone();
+            async move { axum::response::Html(page) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn forms_from_another_site_or_without_the_session_token_are_refused_and_change_nothing() {
+    let server = Server::start(Db::Sqlite).await;
+    common::register_agent(&server, "alpha").await;
+    let admin = Browser::open(&server.url).await;
+    admin.sign_in(&server.admin_token).await;
+
+    // The signed-in admin visits another site, whose form posts to the
+    // console.
+    let (evil, site) = attacker_site(&server.url).await;
+    admin.client.goto(&evil).await.unwrap();
+    admin.wait_for("#go").await.click().await.unwrap();
+    let refused = admin.wait_for("main[data-error]").await;
+    let code = refused.attr("data-error").await.unwrap().unwrap();
+    assert!(
+        ["console_session_required", "cross_site_request"].contains(&code.as_str()),
+        "{code}"
+    );
+    assert_eq!(agent_status(&server, "alpha").await, "active");
+    site.abort();
+
+    // From the console's own origin, a form without the session's token,
+    // or with a made-up one, is refused too.
+    admin.goto("/ui/agents").await;
+    admin.wait_for("tr[data-agent=alpha]").await;
+    for body in [
+        "back=agents",
+        "back=agents&csrf=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ] {
+        let status = admin
+            .client
+            .execute(
+                "return fetch('/ui/agents/alpha/suspend', {method: 'POST', \
+                   headers: {'Content-Type': 'application/x-www-form-urlencoded'}, \
+                   body: arguments[0]}).then(r => r.status)",
+                vec![json!(body)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, json!(403), "{body}");
+    }
+    assert_eq!(agent_status(&server, "alpha").await, "active");
+    assert!(
+        !audit_actions(&server)
+            .await
+            .iter()
+            .any(|(_, a)| a == "agent.suspend"),
+        "no suspension was recorded"
+    );
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn a_signed_out_session_is_refused_everywhere() {
+    let server = Server::start(Db::Sqlite).await;
+    common::register_agent(&server, "alpha").await;
+    let admin = Browser::open(&server.url).await;
+    admin.sign_in(&server.admin_token).await;
+    admin.goto("/ui/agents").await;
+    let csrf = admin
+        .attribute("tr[data-agent=alpha] input[name=csrf]", "value")
+        .await
+        .unwrap();
+    let cookie = admin
+        .client
+        .get_all_cookies()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name() == "__Host-keyward-console")
+        .expect("the session cookie");
+    assert!(cookie.http_only().unwrap_or(false) && cookie.secure().unwrap_or(false));
+    let cookie = format!("{}={}", cookie.name(), cookie.value());
+
+    admin.click_in("header", "[data-action=logout]").await;
+    admin.wait_for("main[data-login]").await;
+    admin.goto("/ui/agents").await;
+    admin.wait_for("main[data-login]").await;
+    assert!(!admin.has("[data-page]").await);
+    admin.close().await;
+
+    // The cookie kept from before signing out opens nothing.
+    let ca = std::fs::read(server.path("ca.pem")).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = client
+        .get(format!("{}/ui/agents", server.url))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 303);
+    assert_eq!(page.headers()["location"], "/ui/");
+    let origin = server.url.clone();
+    let suspend = client
+        .post(format!("{}/ui/agents/alpha/suspend", server.url))
+        .header("cookie", &cookie)
+        .header("origin", origin)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}&back=agents"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(suspend.status().as_u16(), 401);
+    assert_eq!(agent_status(&server, "alpha").await, "active");
+    let actions = audit_actions(&server).await;
+    assert!(
+        actions.iter().any(|(_, a)| a == "console.logout"),
+        "{actions:?}"
+    );
+}
