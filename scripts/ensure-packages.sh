@@ -23,7 +23,7 @@ ensure_packages() {
 # What building and running the service needs (libtss2 for the TPM backend).
 RUNTIME_PACKAGES=(softhsm2 openssl ca-certificates pkg-config libtss2-dev)
 # What the test suite needs besides: independent PKCS#11, X.509 (Go's crypto/x509, pyca) and TPM tools, swtpm.
-TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-venv python3-cryptography golang-go swtpm swtpm-tools tpm2-tools)
+TEST_PACKAGES=(opensc postgresql-client p11-kit p11-kit-modules python3 python3-venv python3-cryptography golang-go swtpm swtpm-tools tpm2-tools chromium chromium-driver)
 
 # pkilint (PyPI), the RFC 5280 linter the tests hold every certificate kind
 # to, in a virtualenv of its own; its path is exported for the tests.

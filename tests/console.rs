@@ -361,3 +361,299 @@ async fn a_signed_out_session_is_refused_everywhere() {
         "{actions:?}"
     );
 }
+
+/// A console session held by a plain HTTP client (no browser): its
+/// cookie and the form token read from a page, with redirects not
+/// followed so that each answer is seen as sent.
+struct Session {
+    client: reqwest::Client,
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+fn plain_client(server: &Server, identity: Option<reqwest::Identity>) -> reqwest::Client {
+    let ca = std::fs::read(server.path("ca.pem")).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    builder.build().unwrap()
+}
+
+fn identity(certificate_pem: &str, key: &std::path::Path) -> reqwest::Identity {
+    let mut pem = std::fs::read(key).unwrap();
+    pem.extend_from_slice(certificate_pem.as_bytes());
+    reqwest::Identity::from_pem(&pem).unwrap()
+}
+
+fn session_cookie(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("__Host-keyward-console=") && !v.contains("Max-Age=0"))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+}
+
+impl Session {
+    async fn sign_in(server: &Server, client: reqwest::Client, form: &[(&str, &str)]) -> Self {
+        let response = client
+            .post(format!("{}/ui/login", server.url))
+            .form(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 303);
+        let cookie = session_cookie(&response).expect("a session cookie");
+        let mut session = Session {
+            client,
+            base: server.url.clone(),
+            cookie,
+            csrf: String::new(),
+        };
+        let (status, page) = session.get("/ui/approvals").await;
+        assert_eq!(status, 200, "{page}");
+        let at = page.find("name=\"csrf\" value=\"").expect("a form token") + 19;
+        session.csrf = page[at..at + 43].to_owned();
+        session
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+
+    /// Posts `form` with this session's token, from the console's origin.
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+        let mut fields = vec![("csrf", self.csrf.as_str())];
+        fields.extend_from_slice(form);
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("origin", &self.base)
+            .form(&fields)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    }
+}
+
+/// The machine-readable code of a refusal page.
+fn refusal(page: &str) -> Option<&str> {
+    let at = page.find("data-error=\"")? + 12;
+    page[at..].split('"').next()
+}
+
+#[tokio::test]
+async fn an_agents_client_certificate_opens_nothing_in_the_console() {
+    let server = Server::start(Db::Sqlite).await;
+    let (_, key, issued) = agent_client(&server, "alpha", &[]).await;
+    let agent = plain_client(
+        &server,
+        Some(identity(issued["certificate_pem"].as_str().unwrap(), &key)),
+    );
+    let page = agent
+        .get(format!("{}/ui/agents", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 303, "to the sign-in form");
+    let login = agent
+        .post(format!("{}/ui/login", server.url))
+        .form(&[("method", "certificate")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 401);
+    assert!(session_cookie(&login).is_none());
+    assert_eq!(
+        server.sql("SELECT COUNT(*) FROM console_sessions").await,
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn an_admin_certificate_signs_in_and_its_session_lasts_only_with_that_certificate() {
+    let mut server = Server::start(Db::Sqlite).await;
+    let out = server.path("ops");
+    let (ok, text) = server
+        .operator_beside(["admin", "cert-issue", "ops", "--out", out.to_str().unwrap()])
+        .await;
+    assert!(ok, "{text}");
+    let certificate = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    let ops = plain_client(&server, Some(identity(&certificate, &out.join("key.pem"))));
+    let form = ops.get(format!("{}/ui/", server.url)).send().await.unwrap();
+    assert!(form
+        .text()
+        .await
+        .unwrap()
+        .contains("Sign in as ops (client certificate)"));
+    let session = Session::sign_in(&server, ops, &[("method", "certificate")]).await;
+    let (status, page) = session.get("/ui/agents").await;
+    assert!(
+        status == 200 && page.contains("data-page=\"agents\""),
+        "{status}"
+    );
+    // The cookie without the certificate is nobody.
+    let stolen = plain_client(&server, None)
+        .get(format!("{}/ui/agents", server.url))
+        .header("cookie", &session.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stolen.status().as_u16(), 303);
+    let records = server.store().await.audit_records(0, 1000).await.unwrap();
+    let login = records
+        .iter()
+        .find(|r| r.event.action == "console.login")
+        .expect("the sign-in is audited");
+    assert_eq!(login.event.actor, "admin:ops");
+    assert_eq!(login.event.details["method"], "certificate");
+}
+
+#[tokio::test]
+async fn bad_console_input_is_refused_with_a_code_and_writes_nothing() {
+    let server = Server::start(Db::Sqlite).await;
+    apply(&server, PAYMENTS).await;
+    let (alpha, _, _) = agent_client(&server, "alpha", &["payments"]).await;
+    let (_, held) = post(&alpha, &server, "/v1/agents/alpha/sign", payment()).await;
+    let id = held["id"].as_str().unwrap().to_owned();
+    let anonymous = plain_client(&server, None);
+    for (form, status) in [
+        (vec![("token", "not-an-admin-token")], 401),
+        (vec![("token", "")], 401),
+    ] {
+        let response = anonymous
+            .post(format!("{}/ui/login", server.url))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{form:?}");
+        assert!(session_cookie(&response).is_none());
+    }
+    let garbage = anonymous
+        .post(format!("{}/ui/login", server.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=%ZZ%")
+        .send()
+        .await
+        .unwrap();
+    assert!(garbage.status().is_client_error());
+
+    let session = Session::sign_in(
+        &server,
+        plain_client(&server, None),
+        &[("token", server.admin_token.trim())],
+    )
+    .await;
+    let entries = server.sql("SELECT COUNT(*) FROM audit_entries").await;
+    let vote = format!("/ui/approvals/{id}/vote");
+    let long_comment = "x".repeat(2000);
+    let cases: Vec<(String, Vec<(&str, &str)>, u16, &str)> = vec![
+        (
+            vote.clone(),
+            vec![("decision", "maybe")],
+            400,
+            "invalid_decision",
+        ),
+        (vote.clone(), vec![], 400, "invalid_form"),
+        (
+            vote.clone(),
+            vec![("decision", "approve"), ("comment", &long_comment)],
+            400,
+            "invalid_comment",
+        ),
+        (
+            "/ui/approvals/0123/vote".into(),
+            vec![("decision", "approve")],
+            404,
+            "approval_not_found",
+        ),
+        ("/ui/agents/alpha/explode".into(), vec![], 404, "not_found"),
+        (
+            "/ui/agents/nobody/suspend".into(),
+            vec![],
+            404,
+            "agent_not_found",
+        ),
+        (
+            "/ui/agents/Not%20A%20Name/suspend".into(),
+            vec![],
+            400,
+            "invalid_agent_name",
+        ),
+        (
+            "/ui/agents/alpha/revoke".into(),
+            vec![("reason", "bored")],
+            400,
+            "invalid_reason",
+        ),
+        (
+            "/ui/agents/alpha/revoke".into(),
+            vec![("reason", "certificateHold")],
+            400,
+            "invalid_reason",
+        ),
+        (
+            "/ui/agents/alpha/revoke".into(),
+            vec![],
+            400,
+            "invalid_form",
+        ),
+        (
+            "/ui/policy/rollback".into(),
+            vec![("version", "abc")],
+            400,
+            "invalid_version",
+        ),
+        (
+            "/ui/policy/rollback".into(),
+            vec![("version", "99")],
+            404,
+            "policy_not_found",
+        ),
+    ];
+    for (path, form, status, code) in &cases {
+        let (got, page) = session.post(path, form).await;
+        assert_eq!(
+            (got, refusal(&page)),
+            (*status, Some(*code)),
+            "{path} {form:?}"
+        );
+    }
+    for (path, status, code) in [
+        ("/ui/audit/entries/x", 400, "invalid_index"),
+        ("/ui/audit/entries/999999", 404, "entry_not_found"),
+        ("/ui/audit?since=yesterday", 400, "invalid_time"),
+        ("/ui/audit?actor=%01", 400, "invalid_filter"),
+        ("/ui/policy/diff?from=0&to=1", 400, "invalid_version"),
+        ("/ui/agents/nobody/revoke", 404, "agent_not_found"),
+        ("/ui/static/secrets.txt", 404, "not_found"),
+    ] {
+        let (got, page) = session.get(path).await;
+        assert_eq!((got, refusal(&page)), (status, Some(code)), "{path}");
+    }
+    assert_eq!(
+        server.sql("SELECT COUNT(*) FROM audit_entries").await,
+        entries,
+        "nothing was written"
+    );
+    assert_eq!(agent_status(&server, "alpha").await, "active");
+    let (_, still) = server
+        .admin("GET", &format!("/v1/approvals/{id}"), None)
+        .await;
+    assert_eq!(still["status"], "pending");
+}

@@ -11,10 +11,10 @@ use common::{private_tempdir, Db, TestDatabase};
 use keyward::audit::{verify_sequence, AuditEvent};
 use keyward::store::{
     AgentRecord, AgentStatusChange, AgentTransition, ApprovalRecord, AttestationRecord, CaRecord,
-    CertificateInsert, CertificateLog, CertificateRecord, CertificateRevocation, KeyRotation,
-    KeyRotationOutcome, NewCertificate, NewEnrollmentToken, RevokedCertificate, SignatureLog,
-    SignatureRecord, Store, StoreError, TpmChallengeRecord, TpmRedemption, VoteOutcome,
-    KEY_COMPROMISE,
+    CertificateInsert, CertificateLog, CertificateRecord, CertificateRevocation,
+    ConsoleSessionRecord, KeyRotation, KeyRotationOutcome, NewCertificate, NewEnrollmentToken,
+    RevokedCertificate, SignatureLog, SignatureRecord, Store, StoreError, TpmChallengeRecord,
+    TpmRedemption, VoteOutcome, KEY_COMPROMISE,
 };
 
 /// A time all the tests' rows are relative to: certificates valid around
@@ -949,6 +949,106 @@ async fn one_issuing_ca_is_active_and_a_replaced_one_stays_previous(db: Db) {
     );
 }
 
+/// A console session is found while it is used within the idle timeout
+/// and younger than the absolute one; signing out ends it for good; a new
+/// sign-in forgets the expired ones; each change has its audit entry.
+async fn a_console_session_lives_until_idle_absolute_or_signed_out(db: Db) {
+    let opened = open(db).await;
+    let store = &*opened.store;
+    let ms = |s: i64| s * 1000;
+    let session = |id: &str, at: i64| ConsoleSessionRecord {
+        id_sha256: id.into(),
+        admin: "alice".into(),
+        credential: "token:0a1b2c3d".into(),
+        created_ms: ms(at),
+        last_seen_ms: ms(at),
+    };
+    let idle = 15 * 60;
+    let absolute = 8 * 3600;
+    // Touching at `now` finds a session used since `now - idle` and made
+    // since `now - absolute`.
+    let touch = |id: &'static str, now: i64| async move {
+        store
+            .touch_console_session(id, ms(now), ms(now - idle), ms(now - absolute))
+            .await
+            .unwrap()
+    };
+    store
+        .create_console_session(&session("a", T), 0, 0, &event("console.login", "alice"))
+        .await
+        .unwrap();
+    let found = touch("a", T + 60).await.expect("in use");
+    assert_eq!(
+        (found.admin.as_str(), found.credential.as_str()),
+        ("alice", "token:0a1b2c3d")
+    );
+    assert_eq!(
+        found.last_seen_ms,
+        ms(T + 60),
+        "a use moves the idle deadline"
+    );
+    // Used every ten minutes, it lasts until eight hours after sign-in.
+    let mut at = T + 60;
+    while at + 600 < T + absolute {
+        at += 600;
+        assert!(touch("a", at).await.is_some(), "at +{}s", at - T);
+    }
+    assert!(
+        touch("a", T + absolute + 1).await.is_none(),
+        "past eight hours"
+    );
+    // Idle for more than fifteen minutes, it is over.
+    store
+        .create_console_session(&session("b", T), 0, 0, &event("console.login", "alice"))
+        .await
+        .unwrap();
+    assert!(touch("b", T + idle + 1).await.is_none());
+    assert!(touch("b", T + idle + 600).await.is_none(), "and stays over");
+    // Signed out, it is gone; signing out twice writes nothing.
+    store
+        .create_console_session(&session("c", T), 0, 0, &event("console.login", "alice"))
+        .await
+        .unwrap();
+    let logout = event("console.logout", "alice");
+    assert!(store.end_console_session("c", &logout).await.unwrap());
+    assert!(!store.end_console_session("c", &logout).await.unwrap());
+    assert!(touch("c", T + 1).await.is_none());
+    assert!(!store.end_console_session("nobody", &logout).await.unwrap());
+    let actions: Vec<String> = store
+        .audit_records(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "console.login",
+            "console.login",
+            "console.login",
+            "console.logout"
+        ]
+    );
+    // A sign-in prunes what has expired, and keeps the rest.
+    store
+        .create_console_session(
+            &session("d", T + absolute),
+            ms(T + 10),
+            ms(T + 10),
+            &event("console.login", "alice"),
+        )
+        .await
+        .unwrap();
+    let rows = opened
+        .store
+        .touch_console_session("a", ms(T + absolute), 0, 0)
+        .await
+        .unwrap();
+    assert!(rows.is_none(), "the expired session was pruned");
+    assert!(touch("d", T + absolute + 5).await.is_some());
+}
+
 on_both_databases!(
     an_agent_is_read_back_as_registered_and_registered_once,
     an_agents_certificates_page_newest_first_then_by_serial,
@@ -964,4 +1064,5 @@ on_both_databases!(
     one_issuing_ca_is_active_and_a_replaced_one_stays_previous,
     a_write_that_reads_first_waits_for_other_writers_instead_of_failing,
     concurrent_applies_take_consecutive_versions_without_a_conflict,
+    a_console_session_lives_until_idle_absolute_or_signed_out,
 );

@@ -44,7 +44,7 @@ fn actions(admin: &ConsoleAdmin, agent: &str, status: &str, back: &str) -> Marku
     let form = |action: &str, label: &str, class: &str| {
         html! {
             form.inline method="post" action={ "/ui/agents/" (agent) "/" (action) } {
-                (view::csrf(admin))
+                (admin.csrf_field())
                 input type="hidden" name="back" value=(back);
                 button.(class) type="submit" data-action=(action) { (label) }
             }
@@ -144,7 +144,7 @@ async fn render(
             }
         }
     };
-    Ok(view::page(admin, "agents", "Agents", body))
+    Ok(admin.page("agents", "Agents", body))
 }
 
 #[derive(Deserialize)]
@@ -227,7 +227,7 @@ pub async fn confirm_revoke(
         section.confirm {
             p { "Revoking " strong { (record.name) } " (now " (status_badge(&record.status)) ") revokes every certificate it holds and cannot be undone: the agent never signs or authenticates again." }
             form method="post" action={ "/ui/agents/" (record.name) "/revoke" } {
-                (view::csrf(&admin))
+                (admin.csrf_field())
                 label for="reason" { "Reason" }
                 select #reason name="reason" required {
                     @for (value, label) in REVOCATION_REASONS { option value=(value) { (label) } }
@@ -237,7 +237,7 @@ pub async fn confirm_revoke(
             p { a href="/ui/agents" { "Cancel" } }
         }
     };
-    view::page(&admin, "agent-revoke", "Revoke an agent", body)
+    admin.page("agent-revoke", "Revoke an agent", body)
 }
 
 #[derive(Deserialize)]
@@ -381,7 +381,7 @@ async fn render_anomalies(
         } }
         @if found.is_empty() { p.muted { "No anomaly has been detected." } }
     };
-    Ok(view::page(admin, "anomalies", "Anomalies", body))
+    Ok(admin.page("anomalies", "Anomalies", body))
 }
 
 /// An anomaly's details (addresses, rates, denials), one line a field.

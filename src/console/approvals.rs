@@ -106,7 +106,7 @@ fn row(admin: &ConsoleAdmin, approval: &Approval, votes: &[ApprovalVote]) -> Mar
                 span class={ "status status-" (approval.status) } { (approval.status) }
                 @if approval.status == "pending" {
                     form.inline method="post" action={ "/ui/approvals/" (approval.id) "/vote" } {
-                        (view::csrf(admin))
+                        (admin.csrf_field())
                         input type="text" name="comment" maxlength="1024" placeholder="Comment (optional)" aria-label="Comment";
                         button type="submit" name="decision" value="approve" data-action="approve" { "Approve" }
                         button type="submit" name="decision" value="deny" data-action="deny" { "Deny" }
@@ -159,7 +159,7 @@ pub async fn page(
         } }
         p.muted #approvals-empty hidden[!empty] { "No request is held." }
     };
-    view::page(&admin, "approvals", "Approvals", body)
+    admin.page("approvals", "Approvals", body)
 }
 
 /// `GET /ui/approvals/rows`: the table's rows alone, for the live update.

@@ -87,7 +87,7 @@ async fn checkpoint_section(state: &AppState, admin: &ConsoleAdmin) -> Result<Ma
             }
         }
         form.inline method="post" action="/ui/audit/verify" {
-            (view::csrf(admin))
+            (admin.csrf_field())
             button type="submit" data-action="verify" { "Verify the stored log against it" }
         }
     })
@@ -162,7 +162,7 @@ async fn render(
         @if let Some(link) = next_link { p { a href=(link) { "Next page" } } }
         (checkpoint)
     };
-    Ok(view::page(admin, "audit", "Audit", body))
+    Ok(admin.page("audit", "Audit", body))
 }
 
 /// `GET /ui/audit/entries/{index}`: one entry, as its leaf holds it.
@@ -209,7 +209,7 @@ pub async fn entry(
         pre data-audit-entry=(index) { (pretty) }
         p { a href="/ui/audit" { "Back to the search" } }
     };
-    view::page(&admin, "audit-entry", &format!("Audit entry {index}"), body)
+    admin.page("audit-entry", &format!("Audit entry {index}"), body)
 }
 
 /// `POST /ui/audit/verify`: recomputes the stored log and compares it with

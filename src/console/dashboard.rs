@@ -117,5 +117,5 @@ async fn render(state: &crate::api::AppState, admin: &ConsoleAdmin) -> Result<Re
             } }
         }
     };
-    Ok(view::page(admin, "dashboard", "Dashboard", body))
+    Ok(admin.page("dashboard", "Dashboard", body))
 }

@@ -22,12 +22,15 @@ mod view;
 
 use std::sync::Arc;
 
-use axum::http::{header, HeaderValue};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Redirect, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::api::extract::PeerIdentity;
 use crate::api::AppState;
+use session::{ConsoleAdmin, NotSignedIn};
 
 /// `default-src 'self'` and nothing inline: a script injected into a page
 /// would not run, and no other site may frame the console (clickjacking).
@@ -38,7 +41,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
-        .route("/ui/", get(session::home))
+        .route("/ui/", get(home))
         .route("/ui/login", post(session::login))
         .route("/ui/logout", post(session::logout))
         .route("/ui/approvals", get(approvals::page))
@@ -62,6 +65,25 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         .route("/ui/static/{file}", get(assets::serve))
         .layer(axum::middleware::map_response(security_headers))
+}
+
+/// `GET /ui/`: the dashboard when signed in, else the sign-in form (which
+/// offers the admin certificate the browser presented, if any).
+async fn home(
+    state: State<Arc<AppState>>,
+    admin: Result<ConsoleAdmin, NotSignedIn>,
+    peer: Option<axum::Extension<PeerIdentity>>,
+) -> Response {
+    match admin {
+        Ok(admin) => dashboard::page(state, admin).await,
+        Err(_) => {
+            let certificate = match peer.map(|p| p.0) {
+                Some(PeerIdentity::Admin { name, .. }) => Some(name.to_string()),
+                _ => None,
+            };
+            view::login(None, certificate.as_deref(), StatusCode::OK)
+        }
+    }
 }
 
 async fn security_headers(mut response: Response) -> Response {

@@ -72,7 +72,7 @@ pub async fn page(
             } }
         }
     };
-    view::page(&admin, "policy", "Policy", body)
+    admin.page("policy", "Policy", body)
 }
 
 fn version_select(name: &str, versions: &[PolicyRecord], selected: Option<i64>) -> Markup {
@@ -150,7 +150,7 @@ async fn diff_page(
         (line_diff(&old, &new))
         p { a href="/ui/policy" { "Back to the versions" } }
     };
-    Ok(view::page(admin, "policy-diff", "Policy difference", body))
+    Ok(admin.page("policy-diff", "Policy difference", body))
 }
 
 pub async fn diff(
@@ -190,19 +190,14 @@ pub async fn confirm_rollback(
                 p { "Rolling back makes version " strong { (version) } "'s content the next version, in force at once on every replica. What changes from version " (in_force) ":" }
                 (line_diff(&current, &target))
                 form method="post" action="/ui/policy/rollback" {
-                    (view::csrf(&admin))
+                    (admin.csrf_field())
                     input type="hidden" name="version" value=(version);
                     button.danger type="submit" data-action="confirm" { "Roll back to version " (version) }
                 }
                 p { a href="/ui/policy" { "Cancel" } }
             }
         };
-        Ok::<_, Refused>(view::page(
-            &admin,
-            "policy-rollback",
-            "Roll back the policy",
-            body,
-        ))
+        Ok::<_, Refused>(admin.page("policy-rollback", "Roll back the policy", body))
     };
     shown.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -84,6 +84,18 @@ pub struct ConsoleAdmin {
     id_hash: String,
 }
 
+impl ConsoleAdmin {
+    /// A console page for this admin (`view::page`).
+    pub fn page(&self, page: &str, title: &str, body: maud::Markup) -> Response {
+        view::page(&self.name, &self.csrf, page, title, body)
+    }
+
+    /// The hidden form-token field of this admin's forms.
+    pub fn csrf_field(&self) -> maud::Markup {
+        view::csrf(&self.csrf)
+    }
+}
+
 /// Why a request has no signed-in admin: a page is sent to the sign-in
 /// form; a script's request, or a form post, is told 401.
 pub struct NotSignedIn {
@@ -258,25 +270,6 @@ pub struct LoginForm {
     /// `certificate`: sign in as the admin the browser's client
     /// certificate names.
     method: Option<String>,
-}
-
-/// `GET /ui/`: the dashboard when signed in, else the sign-in form (which
-/// offers the admin certificate the browser presented, if any).
-pub async fn home(
-    state: State<Arc<AppState>>,
-    admin: Result<ConsoleAdmin, NotSignedIn>,
-    peer: Option<axum::Extension<PeerIdentity>>,
-) -> Response {
-    match admin {
-        Ok(admin) => super::dashboard::page(state, admin).await,
-        Err(_) => {
-            let certificate = match peer.map(|p| p.0) {
-                Some(PeerIdentity::Admin { name, .. }) => Some(name.to_string()),
-                _ => None,
-            };
-            view::login(None, certificate.as_deref(), StatusCode::OK)
-        }
-    }
 }
 
 /// `POST /ui/login`: a form-encoded `token=`, or `method=certificate`.

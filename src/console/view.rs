@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, DOCTYPE};
 
-use super::session::ConsoleAdmin;
 use crate::api::error::{ApiError, ErrorCode};
 
 /// The pages, as the navigation names them: (`data-page`, path, label).
@@ -32,8 +31,9 @@ fn head(title: &str) -> Markup {
     }
 }
 
-/// A page of the signed-in console. `page` is the root's `data-page`.
-pub fn page(admin: &ConsoleAdmin, page: &str, title: &str, body: Markup) -> Response {
+/// A page of the signed-in console, for the admin `who`, whose session's
+/// form token is `csrf`. `page` is the root's `data-page`.
+pub fn page(who: &str, csrf_token: &str, page: &str, title: &str, body: Markup) -> Response {
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -47,8 +47,8 @@ pub fn page(admin: &ConsoleAdmin, page: &str, title: &str, body: Markup) -> Resp
                         }
                     }
                     form.signout method="post" action="/ui/logout" {
-                        (csrf(admin))
-                        span.who { "admin " strong { (admin.name) } }
+                        (csrf(csrf_token))
+                        span.who { "admin " strong { (who) } }
                         button type="submit" data-action="logout" { "Sign out" }
                     }
                 }
@@ -63,8 +63,8 @@ pub fn page(admin: &ConsoleAdmin, page: &str, title: &str, body: Markup) -> Resp
 }
 
 /// The hidden field every form of a signed-in page carries.
-pub fn csrf(admin: &ConsoleAdmin) -> Markup {
-    html! { input type="hidden" name="csrf" value=(admin.csrf); }
+pub fn csrf(token: &str) -> Markup {
+    html! { input type="hidden" name="csrf" value=(token); }
 }
 
 /// The sign-in page. Deliberately without `data-page`: only a signed-in
