@@ -164,7 +164,6 @@ async fn an_admin_suspends_resumes_and_revokes_agents_from_the_agents_page() {
     common::register_agent(&server, "beta").await;
     let admin = Browser::open(&server.url).await;
     admin.sign_in(&server.admin_token).await;
-    admin.screenshot("dashboard").await;
     admin.goto("/ui/agents").await;
     let alpha_row = "tr[data-agent=alpha]";
     admin
@@ -562,7 +561,9 @@ async fn bad_console_input_is_refused_with_a_code_and_writes_nothing() {
     let entries = server.sql("SELECT COUNT(*) FROM audit_entries").await;
     let vote = format!("/ui/approvals/{id}/vote");
     let long_comment = "x".repeat(2000);
-    let cases: Vec<(String, Vec<(&str, &str)>, u16, &str)> = vec![
+    // (path, form fields, status, code)
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vote.clone(),
             vec![("decision", "maybe")],
@@ -656,4 +657,107 @@ async fn bad_console_input_is_refused_with_a_code_and_writes_nothing() {
         .admin("GET", &format!("/v1/approvals/{id}"), None)
         .await;
     assert_eq!(still["status"], "pending");
+}
+
+#[tokio::test]
+async fn every_page_serves_its_work_anomalies_resumed_audit_verified_policy_rolled_back() {
+    let server = Server::start(Db::Sqlite).await;
+    let first =
+        format!("{PAYMENTS}\n[anomaly]\ncross_agent_probing = \"suspend\"\nprobing_denials = 3\n");
+    apply(&server, &first).await;
+    apply(
+        &server,
+        &format!("{first}\n[roles.reports]\nactions = [\"sign\"]\n"),
+    )
+    .await;
+    let (alpha, _, _) = agent_client(&server, "alpha", &["payments"]).await;
+    common::register_agent(&server, "beta").await;
+    let (status, _) = post(&alpha, &server, "/v1/agents/alpha/sign", payment()).await;
+    assert_eq!(status, 202);
+    // alpha tries beta's key until the prober is quarantined.
+    for _ in 0..3 {
+        post(&alpha, &server, "/v1/agents/beta/sign", payment()).await;
+    }
+    assert_eq!(agent_status(&server, "alpha").await, "suspended");
+
+    let admin = Browser::open(&server.url).await;
+    admin.sign_in(&server.admin_token).await;
+    assert!(admin.has("[data-kpi=pending_approvals]").await);
+    admin.screenshot("dashboard").await;
+
+    admin.goto("/ui/anomalies").await;
+    let probing = "tr[data-kind=cross_agent_probing][data-anomaly-agent=alpha]";
+    admin.wait_for(probing).await;
+    admin.screenshot("anomalies").await;
+    admin.click_in(probing, "[data-action=resume]").await;
+    admin.wait_for("[data-notice=resumed]").await;
+    assert_eq!(agent_status(&server, "alpha").await, "active");
+
+    admin.goto("/ui/audit?action=agent.resume").await;
+    let row = "tr[data-audit-index]";
+    admin.wait_for(row).await;
+    admin.screenshot("audit").await;
+    admin.click_in(row, "a").await;
+    let entry = admin
+        .wait_for("pre[data-audit-entry]")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        entry.contains("agent.resume") && entry.contains("admin:admin"),
+        "{entry}"
+    );
+    admin.goto("/ui/audit").await;
+    admin
+        .click_in("main[data-page=audit]", "[data-action=verify]")
+        .await;
+    admin.wait_for("[data-notice=verified]").await;
+
+    admin.goto("/ui/policy").await;
+    admin.wait_for("tr[data-policy-version=\"2\"]").await;
+    admin.screenshot("policy").await;
+    admin
+        .click_in("main[data-page=policy]", "[data-action=diff]")
+        .await;
+    let diff = admin.wait_for("pre[data-diff]").await.text().await.unwrap();
+    assert!(diff.contains("+ [roles.reports]"), "{diff}");
+    admin.goto("/ui/policy").await;
+    admin
+        .click_in("tr[data-policy-version=\"1\"]", "[data-action=rollback]")
+        .await;
+    admin
+        .wait_for("main[data-page=policy-rollback] pre[data-diff]")
+        .await;
+    admin.screenshot("policy-rollback").await;
+    admin
+        .click_in("main[data-page=policy-rollback]", "[data-action=confirm]")
+        .await;
+    admin.wait_for("[data-notice=rolled_back]").await;
+    let (_, versions) = server.admin("GET", "/v1/policies", None).await;
+    let newest = versions["versions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (newest["version"].as_i64(), newest["in_force"].as_bool()),
+        (Some(3), Some(true))
+    );
+    let (_, third) = server.admin("GET", "/v1/policies/3", None).await;
+    assert_eq!(
+        third["content"].as_str(),
+        Some(first.as_str()),
+        "version 1's content"
+    );
+
+    // At phone width the queue is still usable.
+    admin.client.set_window_size(390, 844).await.unwrap();
+    admin.goto("/ui/approvals").await;
+    admin
+        .wait_for("tr[data-approval-id] [data-action=approve]")
+        .await;
+    admin.screenshot("approvals-phone").await;
+    admin.close().await;
 }

@@ -48,7 +48,7 @@ pub fn page(who: &str, csrf_token: &str, page: &str, title: &str, body: Markup) 
                     }
                     form.signout method="post" action="/ui/logout" {
                         (csrf(csrf_token))
-                        span.who { "admin " strong { (who) } }
+                        span.who { "Signed in as " strong { (who) } }
                         button type="submit" data-action="logout" { "Sign out" }
                     }
                 }
