@@ -65,8 +65,6 @@ pub struct AppState {
     /// `[server] trusted_proxies`: connections from these forward for
     /// their clients (`forwarded`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
-    /// The web console's sessions (`crate::console`).
-    pub console_sessions: Arc<dyn crate::store::ConsoleStore>,
 }
 
 /// Only `/v1/crl` and `/v1/ocsp`: the plain-HTTP status listener.

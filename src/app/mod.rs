@@ -333,7 +333,6 @@ pub async fn start(config: &Config, keys: &KeyStoreConfig) -> anyhow::Result<Key
         audit_log,
         detector,
         trusted_proxies: config.trusted_proxies.clone(),
-        console_sessions: store.clone(),
     });
     Ok(Keyward {
         state,
@@ -661,7 +660,10 @@ pub async fn serve(
     let acceptor =
         tokio_rustls::TlsAcceptor::from(identity.rustls_config(&keyward.authority.roots())?);
     let identify = api::extract::ClientIdentifier::new(&keyward.authority);
-    let app = api::router(keyward.state.clone(), crate::console::router());
+    let app = api::router(
+        keyward.state.clone(),
+        crate::console::router(keyward.store.clone()),
+    );
     let renewing = identity.clone();
     let authority = keyward.authority.clone();
     keyward

@@ -38,7 +38,8 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
      style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; \
      frame-ancestors 'none'; base-uri 'none'; object-src 'none'";
 
-pub fn router() -> Router<Arc<AppState>> {
+/// The console's routes, with `sessions` where its sessions are kept.
+pub fn router(sessions: Arc<dyn crate::store::ConsoleStore>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
         .route("/ui/", get(home))
@@ -64,6 +65,7 @@ pub fn router() -> Router<Arc<AppState>> {
             get(policy::confirm_rollback).post(policy::rollback),
         )
         .route("/ui/static/{file}", get(assets::serve))
+        .layer(axum::Extension(session::Sessions(sessions)))
         .layer(axum::middleware::map_response(security_headers))
 }
 

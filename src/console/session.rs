@@ -16,6 +16,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::Extension;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::de::DeserializeOwned;
@@ -29,7 +30,7 @@ use crate::api::AppState;
 use crate::audit::{AuditEvent, RequestContext};
 use crate::identity::AgentName;
 use crate::policy::{Admin, Caller};
-use crate::store::ConsoleSessionRecord;
+use crate::store::{ConsoleSessionRecord, ConsoleStore};
 
 /// `__Host-`: the browser keeps it only if it is Secure, has no Domain
 /// and has Path=/, so no other host or path can set or shadow it.
@@ -73,6 +74,12 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
+
+/// Where sessions are kept: the console's one table, which it reads
+/// itself. A session is an HTTP matter (a cookie standing for an admin
+/// credential), so no domain module owns it; the API never sees it.
+#[derive(Clone)]
+pub struct Sessions(pub Arc<dyn ConsoleStore>);
 
 /// A signed-in admin.
 #[derive(Clone)]
@@ -121,7 +128,7 @@ impl FromRequestParts<Arc<AppState>> for ConsoleAdmin {
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &Arc<AppState>,
+        _state: &Arc<AppState>,
     ) -> Result<Self, NotSignedIn> {
         let navigation = parts.method == axum::http::Method::GET
             && parts
@@ -132,8 +139,11 @@ impl FromRequestParts<Arc<AppState>> for ConsoleAdmin {
         let id = session_id(&parts.headers).ok_or(NotSignedIn { navigation })?;
         let hash = id_hash(id);
         let now = now_ms();
-        let session = state
-            .console_sessions
+        let Some(Sessions(sessions)) = parts.extensions.get::<Sessions>() else {
+            tracing::error!("the console's routes were built without their session store");
+            return Err(refused);
+        };
+        let session = sessions
             .touch_console_session(&hash, now, now - IDLE_TIMEOUT_MS, now - ABSOLUTE_TIMEOUT_MS)
             .await
             .map_err(|e| {
@@ -277,6 +287,7 @@ pub struct LoginForm {
 /// the authentication metric counts it.
 pub async fn login(
     State(state): State<Arc<AppState>>,
+    Extension(Sessions(sessions)): Extension<Sessions>,
     peer: Option<axum::Extension<PeerIdentity>>,
     uri: axum::http::Uri,
     headers: HeaderMap,
@@ -357,8 +368,7 @@ pub async fn login(
     let audit = AuditEvent::new(caller.audit_name(), "console.login", record.admin.clone())
         .with("credential", record.credential.clone())
         .with("method", method.trim_start_matches("console_"));
-    let stored = state
-        .console_sessions
+    let stored = sessions
         .create_console_session(
             &record,
             now - IDLE_TIMEOUT_MS,
@@ -381,18 +391,17 @@ pub struct NoFields {}
 
 /// `POST /ui/logout`: ends the session in the store, so the cookie is
 /// worthless even if the browser kept it.
-pub async fn logout(State(state): State<Arc<AppState>>, checked: Checked<NoFields>) -> Response {
+pub async fn logout(
+    Extension(Sessions(sessions)): Extension<Sessions>,
+    checked: Checked<NoFields>,
+) -> Response {
     let admin = checked.admin;
     let audit = AuditEvent::new(
         admin.caller.audit_name(),
         "console.logout",
         admin.name.clone(),
     );
-    if let Err(e) = state
-        .console_sessions
-        .end_console_session(&admin.id_hash, &audit)
-        .await
-    {
+    if let Err(e) = sessions.end_console_session(&admin.id_hash, &audit).await {
         return Refused(crate::api::error::ApiError::internal(e)).into_response();
     }
     let mut response = Redirect::to("/ui/").into_response();
