@@ -35,6 +35,13 @@ async fn agent_status(server: &Server, name: &str) -> String {
     agent["status"].as_str().unwrap().to_owned()
 }
 
+async fn agent_key(server: &Server, name: &str) -> String {
+    let (_, agent) = server
+        .admin("GET", &format!("/v1/agents/{name}"), None)
+        .await;
+    agent["key_id"].as_str().unwrap().to_owned()
+}
+
 async fn audit_actions(server: &Server) -> Vec<(String, String)> {
     server
         .store()
@@ -189,6 +196,12 @@ async fn an_admin_suspends_resumes_and_revokes_agents_from_the_agents_page() {
     let (status, signed) = post(&alpha, &server, "/v1/agents/alpha/sign", payment()).await;
     assert_eq!(status, 200, "{signed}");
 
+    // A rotation gives alpha a new custodial key.
+    let key_before = agent_key(&server, "alpha").await;
+    admin.click_in(alpha_row, "[data-action=rotate]").await;
+    admin.wait_for("[data-notice=rotated]").await;
+    assert_ne!(agent_key(&server, "alpha").await, key_before);
+
     // Revoking asks for a reason and a confirmation first.
     admin
         .click_in("tr[data-agent=beta]", "[data-action=revoke]")
@@ -212,7 +225,12 @@ async fn an_admin_suspends_resumes_and_revokes_agents_from_the_agents_page() {
     assert_eq!(agent_status(&server, "beta").await, "revoked");
 
     let actions = audit_actions(&server).await;
-    for action in ["agent.suspend", "agent.resume", "agent.revoke"] {
+    for action in [
+        "agent.suspend",
+        "agent.resume",
+        "agent.rotate_key",
+        "agent.revoke",
+    ] {
         assert!(
             actions
                 .iter()
@@ -542,6 +560,11 @@ async fn bad_console_input_is_refused_with_a_code_and_writes_nothing() {
             .unwrap();
         assert_eq!(response.status().as_u16(), status, "{form:?}");
         assert!(session_cookie(&response).is_none());
+        let page = response.text().await.unwrap();
+        assert!(
+            !page.contains("not-an-admin-token"),
+            "a token is never shown back"
+        );
     }
     let garbage = anonymous
         .post(format!("{}/ui/login", server.url))
@@ -683,6 +706,11 @@ async fn every_page_serves_its_work_anomalies_resumed_audit_verified_policy_roll
     let admin = Browser::open(&server.url).await;
     admin.sign_in(&server.admin_token).await;
     assert!(admin.has("[data-kpi=pending_approvals]").await);
+    let page = admin.client.source().await.unwrap();
+    assert!(
+        !page.contains(server.admin_token.trim()),
+        "no secret is rendered"
+    );
     admin.screenshot("dashboard").await;
 
     admin.goto("/ui/anomalies").await;

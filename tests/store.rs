@@ -977,6 +977,21 @@ async fn a_console_session_lives_until_idle_absolute_or_signed_out(db: Db) {
         .create_console_session(&session("a", T), 0, 0, &event("console.login", "alice"))
         .await
         .unwrap();
+    // A background read finds it without moving its last use.
+    let read = store
+        .console_session("a", ms(T + 60 - idle), ms(T + 60 - absolute))
+        .await
+        .unwrap()
+        .expect("in use");
+    assert_eq!(read.last_seen_ms, ms(T));
+    assert!(
+        store
+            .console_session("a", ms(T + idle + 1 - idle), 0)
+            .await
+            .unwrap()
+            .is_none(),
+        "reads alone do not keep it alive"
+    );
     let found = touch("a", T + 60).await.expect("in use");
     assert_eq!(
         (found.admin.as_str(), found.credential.as_str()),

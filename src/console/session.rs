@@ -143,9 +143,21 @@ impl FromRequestParts<Arc<AppState>> for ConsoleAdmin {
             tracing::error!("the console's routes were built without their session store");
             return Err(refused);
         };
-        let session = sessions
-            .touch_console_session(&hash, now, now - IDLE_TIMEOUT_MS, now - ABSOLUTE_TIMEOUT_MS)
-            .await
+        // A page's background refresh (a script's GET) reads the session
+        // without moving its last use: an open page left alone still
+        // times out. Anything a person does moves it.
+        let background = parts.method == axum::http::Method::GET && !navigation;
+        let (idle_since, created_since) = (now - IDLE_TIMEOUT_MS, now - ABSOLUTE_TIMEOUT_MS);
+        let found = if background {
+            sessions
+                .console_session(&hash, idle_since, created_since)
+                .await
+        } else {
+            sessions
+                .touch_console_session(&hash, now, idle_since, created_since)
+                .await
+        };
+        let session = found
             .map_err(|e| {
                 tracing::error!(error = %e, "reading a console session failed");
                 NotSignedIn { navigation }

@@ -44,6 +44,16 @@ pub trait ConsoleStore: Send + Sync {
         created_since_ms: i64,
     ) -> Result<Option<ConsoleSessionRecord>, StoreError>;
 
+    /// The session, under the same conditions, without moving its last
+    /// use: what a page's background refresh reads, so that a page left
+    /// open does not keep its session alive.
+    async fn console_session(
+        &self,
+        id_sha256: &str,
+        idle_since_ms: i64,
+        created_since_ms: i64,
+    ) -> Result<Option<ConsoleSessionRecord>, StoreError>;
+
     /// Ends the session with its audit event; false (nothing written) when
     /// there was none.
     async fn end_console_session(
@@ -103,6 +113,24 @@ macro_rules! impl_console_store {
                 )
                 .bind(id_sha256)
                 .bind(now_ms)
+                .bind(idle_since_ms)
+                .bind(created_since_ms)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn console_session(
+                &self,
+                id_sha256: &str,
+                idle_since_ms: i64,
+                created_since_ms: i64,
+            ) -> Result<Option<ConsoleSessionRecord>, StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT id_sha256, admin, credential, created_ms, last_seen_ms
+                     FROM console_sessions
+                     WHERE id_sha256 = $1 AND last_seen_ms >= $2 AND created_ms >= $3",
+                )
+                .bind(id_sha256)
                 .bind(idle_since_ms)
                 .bind(created_since_ms)
                 .fetch_optional(&self.pool)
