@@ -392,10 +392,14 @@ async fn ocsp_answers_come_from_a_delegated_responder_and_a_flood_signs_nothing(
             post_ocsp(&server, request.clone(), "application/ocsp-request").await;
         assert_eq!((status, &answer), (200, &first), "the same signed answer");
     }
-    assert_eq!(
-        token_signatures(&server).await,
-        signed_before,
-        "the flood cost no signature"
+    // Background work signs too (the audit log's checkpoint, sealed each
+    // second while there are new entries; a TLS handshake if the client
+    // reconnects): at most a couple. Answers signed per request would be
+    // 50.
+    let signed_during = token_signatures(&server).await - signed_before;
+    assert!(
+        signed_during <= 2,
+        "the flood cost {signed_during} signatures"
     );
 }
 
