@@ -396,6 +396,9 @@ fn details(details: &serde_json::Value) -> Markup {
                 serde_json::Value::Array(items) => {
                     @for item in items { code { (view::value(item)) } br; }
                 }
+                serde_json::Value::Object(counts) => {
+                    @for (name, n) in counts { code { (name) } ": " (view::value(n)) br; }
+                }
                 other => code { (view::value(other)) },
             } }
         } }
