@@ -789,3 +789,74 @@ async fn every_page_serves_its_work_anomalies_resumed_audit_verified_policy_roll
     admin.screenshot("approvals-phone").await;
     admin.close().await;
 }
+
+/// The CSP forbids inline script and style, so a page that had any would
+/// break in the browser: none has, on any page.
+#[tokio::test]
+async fn no_page_has_inline_script_style_or_event_handlers() {
+    let server = Server::start(Db::Sqlite).await;
+    apply(&server, PAYMENTS).await;
+    apply(
+        &server,
+        &format!("{PAYMENTS}\n[roles.reports]\nactions = [\"sign\"]\n"),
+    )
+    .await;
+    let (alpha, _, _) = agent_client(&server, "alpha", &["payments"]).await;
+    let (_, held) = post(&alpha, &server, "/v1/agents/alpha/sign", payment()).await;
+    assert!(held["id"].is_string(), "{held}");
+    let session = Session::sign_in(
+        &server,
+        plain_client(&server, None),
+        &[("token", server.admin_token.trim())],
+    )
+    .await;
+    for path in [
+        "/ui/",
+        "/ui/approvals",
+        "/ui/approvals/rows",
+        "/ui/agents",
+        "/ui/agents/alpha/revoke",
+        "/ui/anomalies",
+        "/ui/audit",
+        "/ui/audit/entries/0",
+        "/ui/policy",
+        "/ui/policy/diff?from=1&to=2",
+        "/ui/policy/rollback?version=1",
+    ] {
+        let (status, page) = session.get(path).await;
+        assert_eq!(status, 200, "{path}");
+        let lower = page.to_ascii_lowercase();
+        assert!(!lower.contains(" style="), "{path}: a style attribute");
+        assert!(!lower.contains("<style"), "{path}: a style element");
+        assert!(!lower.contains("javascript:"), "{path}: a javascript: URL");
+        for at in lower.match_indices("<script").map(|(i, _)| i) {
+            let tag = &lower[at..at + lower[at..].find('>').unwrap()];
+            assert!(tag.contains(" src="), "{path}: an inline script");
+        }
+        let handler = event_handler_attribute(&lower);
+        assert!(handler.is_none(), "{path}: an event handler {handler:?}");
+    }
+}
+
+/// An `on...=` attribute inside a tag, if any.
+fn event_handler_attribute(page: &str) -> Option<String> {
+    let mut in_tag = false;
+    let bytes = page.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        match b {
+            b'<' => in_tag = true,
+            b'>' => in_tag = false,
+            b' ' if in_tag && page[i + 1..].starts_with("on") => {
+                let name: String = page[i + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphabetic())
+                    .collect();
+                if page[i + 1 + name.len()..].starts_with('=') {
+                    return Some(name);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
