@@ -29,7 +29,7 @@ firefox = subprocess.Popen(["firefox-esr", "--headless", "--marionette", "--no-r
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 m = Marionette(host="127.0.0.1", port=port)
 try:
-    m.wait_for_port(timeout=60)
+    m.raise_for_port(timeout=60)
     m.start_session()
     m.set_window_rect(width=1400, height=1000)
 
