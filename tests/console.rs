@@ -860,3 +860,35 @@ fn event_handler_attribute(page: &str) -> Option<String> {
     }
     None
 }
+
+#[tokio::test]
+async fn signing_in_again_ends_the_session_the_browser_had() {
+    let server = Server::start(Db::Sqlite).await;
+    let token = server.admin_token.trim().to_owned();
+    let first = Session::sign_in(&server, plain_client(&server, None), &[("token", &token)]).await;
+    let again = first
+        .client
+        .post(format!("{}/ui/login", server.url))
+        .header("cookie", &first.cookie)
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 303);
+    let second = session_cookie(&again).expect("a new session");
+    assert_ne!(second, first.cookie, "a new id, never the old one");
+    let (status, _) = first.get("/ui/agents").await;
+    assert_eq!(status, 303, "the old session is over");
+    let fresh = first
+        .client
+        .get(format!("{}/ui/agents", server.url))
+        .header("cookie", &second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.status().as_u16(), 200);
+    assert_eq!(
+        server.sql("SELECT COUNT(*) FROM console_sessions").await,
+        Some(1)
+    );
+}

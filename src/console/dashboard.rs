@@ -13,6 +13,8 @@ use crate::detect::AnomalyQuery;
 use crate::transparency::LogHealth;
 
 const DAY_SECONDS: i64 = 86_400;
+/// The dashboard counts detections up to this many (then says `100+`).
+const ANOMALIES_READ: i64 = 100;
 
 pub async fn page(State(state): State<Arc<crate::api::AppState>>, admin: ConsoleAdmin) -> Response {
     match render(&state, &admin).await {
@@ -35,7 +37,7 @@ async fn render(state: &crate::api::AppState, admin: &ConsoleAdmin) -> Result<Re
             kind: None,
             since_ms: Some((now - DAY_SECONDS) * 1000),
             before: None,
-            limit: 100,
+            limit: ANOMALIES_READ,
         })
         .await?;
     let kpis = state
@@ -53,7 +55,8 @@ async fn render(state: &crate::api::AppState, admin: &ConsoleAdmin) -> Result<Re
                 div.n { (pending.len()) } div.l { "requests waiting for approval" }
             }
             a.card href="/ui/anomalies" data-kpi="anomalies" {
-                div.n { (anomalies.len()) } div.l { "anomalies in the last 24 h" }
+                div.n { (anomalies.len()) @if anomalies.len() as i64 == ANOMALIES_READ { "+" } }
+                div.l { "anomalies in the last 24 h" }
             }
             div.card data-kpi="policy_compliant_ratio" {
                 div.n { (ratio(kpis.policy_compliant_ratio)) } div.l { "requests within policy (24 h)" }

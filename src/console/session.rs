@@ -380,6 +380,18 @@ pub async fn login(
     let audit = AuditEvent::new(caller.audit_name(), "console.login", record.admin.clone())
         .with("credential", record.credential.clone())
         .with("method", method.trim_start_matches("console_"));
+    // A browser that signs in again gives up the session it had: it is
+    // ended, not left to expire.
+    if let Some(previous) = session_id(&headers) {
+        let ended = AuditEvent::new(caller.audit_name(), "console.logout", record.admin.clone())
+            .with("reason", "signed in again");
+        if let Err(e) = sessions
+            .end_console_session(&id_hash(previous), &ended)
+            .await
+        {
+            return Refused(crate::api::error::ApiError::internal(e)).into_response();
+        }
+    }
     let stored = sessions
         .create_console_session(
             &record,
