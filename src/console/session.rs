@@ -105,6 +105,7 @@ impl ConsoleAdmin {
 
 /// Why a request has no signed-in admin: a page is sent to the sign-in
 /// form; a script's request, or a form post, is told 401.
+#[derive(Clone, Copy)]
 pub struct NotSignedIn {
     navigation: bool,
 }
@@ -136,7 +137,7 @@ impl FromRequestParts<Arc<AppState>> for ConsoleAdmin {
                 .get("sec-fetch-mode")
                 .is_none_or(|m| m.as_bytes() == b"navigate");
         let refused = NotSignedIn { navigation };
-        let id = session_id(&parts.headers).ok_or(NotSignedIn { navigation })?;
+        let id = session_id(&parts.headers).ok_or(refused)?;
         let hash = id_hash(id);
         let now = now_ms();
         let Some(Sessions(sessions)) = parts.extensions.get::<Sessions>() else {
@@ -160,7 +161,7 @@ impl FromRequestParts<Arc<AppState>> for ConsoleAdmin {
         let session = found
             .map_err(|e| {
                 tracing::error!(error = %e, "reading a console session failed");
-                NotSignedIn { navigation }
+                refused
             })?
             .ok_or(refused)?;
         // A session signed in with a certificate lasts only while the
@@ -171,10 +172,10 @@ impl FromRequestParts<Arc<AppState>> for ConsoleAdmin {
             let same = matches!(presented, Some(PeerIdentity::Admin { serial: s, not_after, .. })
                 if s == serial && time::OffsetDateTime::now_utc().unix_timestamp() < *not_after);
             if !same {
-                return Err(NotSignedIn { navigation });
+                return Err(refused);
             }
         }
-        let name = AgentName::parse(&session.admin).map_err(|_| NotSignedIn { navigation })?;
+        let name = AgentName::parse(&session.admin).map_err(|_| refused)?;
         RequestContext::set_credential(session.credential.clone());
         Ok(ConsoleAdmin {
             caller: Caller::Admin(Admin {
