@@ -85,18 +85,7 @@ impl Swtpm {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let (port, mut ctrl) = free_port_pair();
-        if ctrl_elsewhere {
-            // Far from port + 1, and free when probed.
-            ctrl = loop {
-                let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-                let candidate = probe.local_addr().unwrap().port();
-                if candidate.abs_diff(port) > 1 {
-                    break candidate;
-                }
-            };
-        }
-        let child = spawn(&state, port, ctrl);
+        let (child, port, ctrl) = spawn_on_free_ports(&state, ctrl_elsewhere);
         Self {
             child,
             port,
@@ -111,10 +100,10 @@ impl Swtpm {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (port, ctrl) = free_port_pair();
+        let (child, port, ctrl) = spawn_on_free_ports(&self.dir.path().join("state"), false);
         self.port = port;
         self.ctrl = ctrl;
-        self.child = spawn(&self.dir.path().join("state"), port, ctrl);
+        self.child = child;
     }
 
     pub fn tcti(&self) -> String {
@@ -146,7 +135,30 @@ impl Swtpm {
     }
 }
 
-fn spawn(state: &Path, port: u16, ctrl: u16) -> Child {
+/// Starts swtpm on ports free a moment ago. Another test can take one in
+/// between (swtpm then exits at once): it is started again on others.
+fn spawn_on_free_ports(state: &Path, ctrl_elsewhere: bool) -> (Child, u16, u16) {
+    for _ in 0..5 {
+        let (port, mut ctrl) = free_port_pair();
+        if ctrl_elsewhere {
+            // Far from port + 1, and free when probed.
+            ctrl = loop {
+                let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+                let candidate = probe.local_addr().unwrap().port();
+                if candidate.abs_diff(port) > 1 {
+                    break candidate;
+                }
+            };
+        }
+        if let Some(child) = spawn(state, port, ctrl) {
+            return (child, port, ctrl);
+        }
+    }
+    panic!("swtpm exited at start five times: are its ports being taken?");
+}
+
+/// swtpm listening on `port`, or `None` if it exited first.
+fn spawn(state: &Path, port: u16, ctrl: u16) -> Option<Child> {
     let child = Command::new("swtpm")
         .arg("socket")
         .arg("--tpm2")
@@ -161,12 +173,16 @@ fn spawn(state: &Path, port: u16, ctrl: u16) -> Child {
         .stdin(Stdio::null())
         .spawn()
         .expect("swtpm is installed");
+    let mut child = child;
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
         assert!(Instant::now() < deadline, "swtpm did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    Some(child)
 }
 
 impl Drop for Swtpm {
