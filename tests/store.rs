@@ -623,6 +623,31 @@ async fn an_approval_is_decided_by_enough_approvals_or_one_denial(db: Db) {
         .await
         .unwrap()
         .is_empty());
+    // The recent ones, decided or not, and every vote on them in the
+    // order cast (the console's queue).
+    let since = store.approval("denied").await.unwrap().unwrap().created_at;
+    let recent = store.recent_approvals(since, 10).await.unwrap();
+    assert_eq!(recent.len(), 3);
+    assert!(store
+        .recent_approvals(since + 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let votes: Vec<(String, String, bool)> = store
+        .recent_approval_votes(since)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, v)| (id, v.admin, v.approve))
+        .collect();
+    assert_eq!(
+        votes,
+        [
+            ("denied".to_owned(), "ann".to_owned(), false),
+            ("two-needed".to_owned(), "ann".to_owned(), true),
+            ("two-needed".to_owned(), "bob".to_owned(), true),
+        ]
+    );
 }
 
 /// The certificate serial a delivery's event is about.

@@ -355,14 +355,26 @@ impl Approvals {
             .collect())
     }
 
-    /// Who has voted on a request, and how: for admins only.
-    pub async fn votes(
+    /// `recent`, each request with its votes (two reads in all).
+    pub async fn recent_with_votes(
         &self,
         caller: &Caller,
-        id: &str,
-    ) -> Result<Vec<ApprovalVote>, ApprovalError> {
-        admin_of(caller)?;
-        Ok(self.store.approval_votes(id).await?)
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<(Approval, Vec<ApprovalVote>)>, ApprovalError> {
+        let approvals = self.recent(caller, since, limit).await?;
+        let mut votes: std::collections::HashMap<String, Vec<ApprovalVote>> =
+            std::collections::HashMap::new();
+        for (id, vote) in self.store.recent_approval_votes(since).await? {
+            votes.entry(id).or_default().push(vote);
+        }
+        Ok(approvals
+            .into_iter()
+            .map(|a| {
+                let cast = votes.remove(&a.id).unwrap_or_default();
+                (a, cast)
+            })
+            .collect())
     }
 
     /// One request: an admin sees any, an agent only its own (another's is

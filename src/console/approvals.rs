@@ -124,16 +124,11 @@ async fn rendered_rows(state: &AppState, admin: &ConsoleAdmin) -> Result<Markup,
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut approvals = state
         .approvals
-        .recent(&admin.caller, now - LISTED_SECONDS, LISTED_MAX)
+        .recent_with_votes(&admin.caller, now - LISTED_SECONDS, LISTED_MAX)
         .await?;
     // Waiting first, then the decided, newest first within each.
-    approvals.sort_by_key(|a| (a.status != "pending", -a.created_at));
-    let mut rows = Vec::with_capacity(approvals.len());
-    for approval in &approvals {
-        let votes = state.approvals.votes(&admin.caller, &approval.id).await?;
-        rows.push(row(admin, approval, &votes));
-    }
-    Ok(html! { @for r in rows { (r) } })
+    approvals.sort_by_key(|(a, _)| (a.status != "pending", -a.created_at));
+    Ok(html! { @for (approval, votes) in &approvals { (row(admin, approval, votes)) } })
 }
 
 pub async fn page(

@@ -36,6 +36,16 @@ pub struct ApprovalVote {
     pub at: i64,
 }
 
+/// A vote with the request it is on.
+#[derive(sqlx::FromRow)]
+struct RecentVote {
+    approval_id: String,
+    admin: String,
+    approve: bool,
+    comment: Option<String>,
+    at: i64,
+}
+
 /// What a vote did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VoteOutcome {
@@ -76,8 +86,13 @@ pub trait ApprovalStore: Send + Sync {
         since: i64,
         limit: i64,
     ) -> Result<Vec<ApprovalRecord>, StoreError>;
-    /// The votes cast on a request, in the order they were cast.
-    async fn approval_votes(&self, id: &str) -> Result<Vec<ApprovalVote>, StoreError>;
+    /// The votes on every request made at or after `since`, with the
+    /// request's id, in the order they were cast: one read for a page of
+    /// `recent_approvals`.
+    async fn recent_approval_votes(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(String, ApprovalVote)>, StoreError>;
     /// Casts `admin`'s vote: a denial decides at once; enough approvals
     /// approve. One transaction with its audit event.
     async fn vote_on_approval(
@@ -175,14 +190,32 @@ macro_rules! impl_approval_store {
                 .await?)
             }
 
-            async fn approval_votes(&self, id: &str) -> Result<Vec<ApprovalVote>, StoreError> {
-                Ok(sqlx::query_as(
-                    "SELECT admin, approve <> 0 AS approve, comment, at FROM approval_votes
-                     WHERE approval_id = $1 ORDER BY at, admin",
+            async fn recent_approval_votes(
+                &self,
+                since: i64,
+            ) -> Result<Vec<(String, ApprovalVote)>, StoreError> {
+                let rows: Vec<RecentVote> = sqlx::query_as(
+                    "SELECT v.approval_id, v.admin, v.approve <> 0 AS approve, v.comment, v.at
+                     FROM approval_votes v JOIN approvals a ON a.id = v.approval_id
+                     WHERE a.created_at >= $1 ORDER BY v.at, v.approval_id, v.admin",
                 )
-                .bind(id)
+                .bind(since)
                 .fetch_all(&self.pool)
-                .await?)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r.approval_id,
+                            ApprovalVote {
+                                admin: r.admin,
+                                approve: r.approve,
+                                comment: r.comment,
+                                at: r.at,
+                            },
+                        )
+                    })
+                    .collect())
             }
 
             async fn vote_on_approval(
