@@ -63,7 +63,7 @@ fn forwarded_client(
     headers: &HeaderMap,
 ) -> Result<Option<IpAddr>, &'static str> {
     let is_trusted = |address: IpAddr| trusted.iter().any(|net| net.contains(&address));
-    if !is_trusted(canonical(peer)) {
+    if !is_trusted(peer.to_canonical()) {
         return Ok(None);
     }
     let mut nearest = None;
@@ -104,15 +104,8 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
                 .and_then(|e| e.strip_suffix(']'))
                 .and_then(|e| e.parse::<IpAddr>().ok())
         })?;
-    Some(canonical(address))
-}
-
-/// An IPv4-mapped IPv6 address as IPv4, as a dual-stack listener sees it.
-fn canonical(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-        v4 => v4,
-    }
+    // An IPv4-mapped IPv6 address as IPv4, as a dual-stack listener sees it.
+    Some(address.to_canonical())
 }
 
 #[cfg(test)]

@@ -408,13 +408,7 @@ impl std::fmt::Display for CountedAddress {
 /// The address as detection counts it: the shared network it is in, else
 /// itself (an IPv4-mapped IPv6 address as IPv4).
 fn counted_address(policy: &AnomalyPolicy, address: IpAddr) -> CountedAddress {
-    let address = match address {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
+    let address = address.to_canonical();
     policy
         .shared_networks
         .iter()
