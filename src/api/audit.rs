@@ -79,16 +79,50 @@ async fn tile(
         .into_response())
 }
 
-#[derive(Deserialize)]
+/// An audit search as sent, not yet checked (the API's query string, the
+/// console's form).
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
-    agent: Option<String>,
-    action: Option<String>,
-    actor: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-    after: Option<String>,
-    limit: Option<String>,
+pub(crate) struct EventsQuery {
+    pub agent: Option<String>,
+    pub action: Option<String>,
+    pub actor: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<String>,
+}
+
+impl EventsQuery {
+    /// The search, each field checked (`invalid_limit`, `invalid_after`,
+    /// `invalid_filter`, `invalid_time`).
+    pub(crate) fn checked(self) -> Result<AuditQuery, ApiError> {
+        let limit = match self.limit.as_deref() {
+            None => 100,
+            Some(l) => l
+                .parse::<u32>()
+                .ok()
+                .filter(|l| (1..=crate::transparency::MAX_EVENTS_PAGE).contains(l))
+                .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit is 1 to 1000"))?,
+        };
+        let after = self
+            .after
+            .as_deref()
+            .map(|a| {
+                a.parse::<u64>()
+                    .map_err(|_| ApiError::bad_request("invalid_after", "after is an entry index"))
+            })
+            .transpose()?;
+        Ok(AuditQuery {
+            agent: self.agent.map(checked_filter).transpose()?,
+            action: self.action.map(checked_filter).transpose()?,
+            actor: self.actor.map(checked_filter).transpose()?,
+            since_ms: self.since.as_deref().map(unix_ms).transpose()?,
+            until_ms: self.until.as_deref().map(unix_ms).transpose()?,
+            after,
+            limit,
+        })
+    }
 }
 
 /// `GET /v1/audit/events`: entries oldest first, each as its leaf's JSON,
@@ -100,31 +134,8 @@ async fn events(
 ) -> Result<Response, ApiError> {
     let raw: EventsQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or_default())
         .map_err(|e| ApiError::bad_request("invalid_query", e.to_string()))?;
-    let limit = match raw.limit.as_deref() {
-        None => 100,
-        Some(l) => l
-            .parse::<u32>()
-            .ok()
-            .filter(|l| (1..=crate::transparency::MAX_EVENTS_PAGE).contains(l))
-            .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit is 1 to 1000"))?,
-    };
-    let after = raw
-        .after
-        .as_deref()
-        .map(|a| {
-            a.parse::<u64>()
-                .map_err(|_| ApiError::bad_request("invalid_after", "after is an entry index"))
-        })
-        .transpose()?;
-    let query = AuditQuery {
-        agent: raw.agent.map(checked_filter).transpose()?,
-        action: raw.action.map(checked_filter).transpose()?,
-        actor: raw.actor.map(checked_filter).transpose()?,
-        since_ms: raw.since.as_deref().map(unix_ms).transpose()?,
-        until_ms: raw.until.as_deref().map(unix_ms).transpose()?,
-        after,
-        limit,
-    };
+    let query = raw.checked()?;
+    let limit = query.limit;
     let records = state.audit_log.events(&caller, query).await?;
     let next = (records.len() == limit as usize)
         .then(|| records.last().map(|r| r.index))

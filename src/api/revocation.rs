@@ -56,7 +56,7 @@ pub(crate) struct Rotated {
     old_key_signs_until: i64,
     /// When the old key is destroyed on the token.
     old_key_destroyed_after: i64,
-    pub(crate) serial: String,
+    serial: String,
     certificate_pem: String,
     chain_pem: String,
     not_after: i64,
@@ -153,7 +153,7 @@ struct RevokeInput {
     reason: String,
 }
 
-pub(crate) fn reason(text: &str) -> Result<RevocationReason, ApiError> {
+fn reason(text: &str) -> Result<RevocationReason, ApiError> {
     RevocationReason::parse(text).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_reason",
@@ -161,6 +161,19 @@ pub(crate) fn reason(text: &str) -> Result<RevocationReason, ApiError> {
              cessationOfOperation)",
         )
     })
+}
+
+/// The reason for revoking an agent: any RFC 5280 name but
+/// certificateHold, which is what suspending an agent sets.
+pub(crate) fn agent_revocation_reason(text: &str) -> Result<RevocationReason, ApiError> {
+    match reason(text)? {
+        RevocationReason::CertificateHold => Err(ApiError::bad_request(
+            "invalid_reason",
+            "certificateHold is a suspension: suspend the agent \
+             (POST /v1/agents/{name}/suspend) instead",
+        )),
+        reason => Ok(reason),
+    }
 }
 
 /// keyward's serials are 16 bytes, written as lower-case hex; any case is
@@ -296,13 +309,7 @@ async fn revoke_agent(
 ) -> Result<Json<AgentStatus>, ApiError> {
     authorize(&caller, Action::Revoke)?;
     let body = body.parse()?;
-    let reason = reason(&body.reason)?;
-    if reason == RevocationReason::CertificateHold {
-        return Err(ApiError::bad_request(
-            "invalid_reason",
-            "certificateHold is set by POST /v1/agents/{name}/suspend",
-        ));
-    }
+    let reason = agent_revocation_reason(&body.reason)?;
     change(
         &state,
         &caller,

@@ -19,7 +19,6 @@ use crate::api::revocation::{self, RotateInput};
 use crate::api::AppState;
 use crate::detect::AnomalyQuery;
 use crate::identity::AgentName;
-use crate::pki::crl::RevocationReason;
 use crate::policy::{authorize, Action};
 use crate::store::{AgentRecord, CertificateRecord};
 
@@ -252,14 +251,7 @@ pub async fn revoke(
     checked: Checked<RevokeForm>,
 ) -> Response {
     let Checked { admin, form } = checked;
-    let reason = match revocation::reason(&form.reason) {
-        Ok(RevocationReason::CertificateHold) => Err(ApiError::bad_request(
-            "invalid_reason",
-            "certificateHold is a suspension: use Suspend",
-        )),
-        other => other,
-    };
-    let done = match reason {
+    let done = match revocation::agent_revocation_reason(&form.reason) {
         Ok(reason) => {
             revocation::change(
                 &state,

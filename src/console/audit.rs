@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::session::{Checked, ConsoleAdmin, NoFields};
 use super::view::{self, Refused};
-use crate::api::audit::{checked_filter, unix_ms};
+use crate::api::audit::EventsQuery;
 use crate::api::error::ApiError;
 use crate::api::AppState;
 use crate::audit::AuditQuery;
@@ -37,28 +37,25 @@ fn given(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
+/// The form as the API's search (empty fields are absent), from an hour
+/// ago when neither a time nor a position is given.
 fn to_query(search: &SearchQuery) -> Result<AuditQuery, ApiError> {
-    let filter = |v: &Option<String>| given(v).map(|v| checked_filter(v.to_owned())).transpose();
-    let after = given(&search.after)
-        .map(|a| {
-            a.parse::<u64>()
-                .map_err(|_| ApiError::bad_request("invalid_after", "after is an entry index"))
-        })
-        .transpose()?;
-    let mut since_ms = given(&search.since).map(unix_ms).transpose()?;
-    if since_ms.is_none() && after.is_none() {
-        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-        since_ms = Some(now - DEFAULT_SPAN_MS);
+    let field = |v: &Option<String>| given(v).map(str::to_owned);
+    let mut query = EventsQuery {
+        agent: field(&search.agent),
+        action: field(&search.action),
+        actor: field(&search.actor),
+        since: field(&search.since),
+        until: field(&search.until),
+        after: field(&search.after),
+        limit: Some(PAGE_SIZE.to_string()),
     }
-    Ok(AuditQuery {
-        agent: filter(&search.agent)?,
-        action: filter(&search.action)?,
-        actor: filter(&search.actor)?,
-        since_ms,
-        until_ms: given(&search.until).map(unix_ms).transpose()?,
-        after,
-        limit: PAGE_SIZE,
-    })
+    .checked()?;
+    if query.since_ms.is_none() && query.after.is_none() {
+        let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        query.since_ms = Some(now - DEFAULT_SPAN_MS);
+    }
+    Ok(query)
 }
 
 async fn checkpoint_section(state: &AppState, admin: &ConsoleAdmin) -> Result<Markup, Refused> {

@@ -159,7 +159,7 @@ fn spawn_on_free_ports(state: &Path, ctrl_elsewhere: bool) -> (Child, u16, u16) 
 
 /// swtpm listening on `port`, or `None` if it exited first.
 fn spawn(state: &Path, port: u16, ctrl: u16) -> Option<Child> {
-    let child = Command::new("swtpm")
+    let mut child = Command::new("swtpm")
         .arg("socket")
         .arg("--tpm2")
         .arg("--tpmstate")
@@ -173,7 +173,6 @@ fn spawn(state: &Path, port: u16, ctrl: u16) -> Option<Child> {
         .stdin(Stdio::null())
         .spawn()
         .expect("swtpm is installed");
-    let mut child = child;
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if child.try_wait().ok().flatten().is_some() {
